@@ -1,0 +1,30 @@
+"""convnext-d2: ConvNeXt checkpoints into Detectron2 files that provably load.
+
+Importing this package never imports detectron2, timm or transformers; the
+Detectron2 backbone lives in `conversion.d2`.
+"""
+from .convert import ConversionReport, convert
+from .errors import (
+    ContainerError,
+    ConversionError,
+    DestinationError,
+    NotConvNeXt,
+    UnreadableCheckpoint,
+    UnsafeCheckpoint,
+    VerificationFailed,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConversionError",
+    "ConversionReport",
+    "ContainerError",
+    "DestinationError",
+    "NotConvNeXt",
+    "UnreadableCheckpoint",
+    "UnsafeCheckpoint",
+    "VerificationFailed",
+    "convert",
+    "__version__",
+]

@@ -1,0 +1,201 @@
+"""ConvNeXt architectures: what a variant is, and how to read one off a state dict.
+
+A *variant* is data (depths and dims), never a code path.  All shape knowledge of
+the canonical (official facebookresearch) names lives in `canonical_shapes`; the
+recogniser, the validator and the test strategies all derive from it, so they
+cannot disagree.  Facts from LAYOUTS.md / facebookresearch/ConvNeXt models/convnext.py.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+from .errors import NotConvNeXt
+
+Shape = Tuple[int, ...]
+
+NUM_STAGES = 4
+# Depthwise kernel 7, stem patch 4, downsample 2 (official ConvNeXt V1 and V2).
+DWCONV_KERNEL = 7
+STEM_PATCH = 4
+DOWNSAMPLE_KERNEL = 2
+MLP_RATIO = 4
+
+# Released variants as (depths, dims).  V1 names from the official repo plus timm's
+# small ones; V2 from facebookresearch/ConvNeXt-V2 (it has no "small").
+_V1_VARIANTS: Dict[str, Tuple[Tuple[int, ...], Tuple[int, ...]]] = {
+    "convnext_atto": ((2, 2, 6, 2), (40, 80, 160, 320)),
+    "convnext_femto": ((2, 2, 6, 2), (48, 96, 192, 384)),
+    "convnext_pico": ((2, 2, 6, 2), (64, 128, 256, 512)),
+    "convnext_nano": ((2, 2, 8, 2), (80, 160, 320, 640)),
+    "convnext_tiny": ((3, 3, 9, 3), (96, 192, 384, 768)),
+    "convnext_small": ((3, 3, 27, 3), (96, 192, 384, 768)),
+    "convnext_base": ((3, 3, 27, 3), (128, 256, 512, 1024)),
+    "convnext_large": ((3, 3, 27, 3), (192, 384, 768, 1536)),
+    "convnext_xlarge": ((3, 3, 27, 3), (256, 512, 1024, 2048)),
+    "convnext_xxlarge": ((3, 4, 30, 3), (384, 768, 1536, 3072)),
+}
+_V2_VARIANTS: Dict[str, Tuple[Tuple[int, ...], Tuple[int, ...]]] = {
+    "convnextv2_atto": ((2, 2, 6, 2), (40, 80, 160, 320)),
+    "convnextv2_femto": ((2, 2, 6, 2), (48, 96, 192, 384)),
+    "convnextv2_pico": ((2, 2, 6, 2), (64, 128, 256, 512)),
+    "convnextv2_nano": ((2, 2, 8, 2), (80, 160, 320, 640)),
+    "convnextv2_tiny": ((3, 3, 9, 3), (96, 192, 384, 768)),
+    "convnextv2_base": ((3, 3, 27, 3), (128, 256, 512, 1024)),
+    "convnextv2_large": ((3, 3, 27, 3), (192, 384, 768, 1536)),
+    "convnextv2_huge": ((3, 3, 27, 3), (352, 704, 1408, 2816)),
+}
+RELEASED_VARIANTS = {1: _V1_VARIANTS, 2: _V2_VARIANTS}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One ConvNeXt network, as far as its weights tell.
+
+    Attributes:
+        depths: blocks per stage (4 stages).
+        dims: channels per stage.
+        version: 1 (layer scale `gamma`) or 2 (GRN).
+        layer_scale: whether V1 blocks carry `gamma` (absent when trained with scale 0).
+        num_classes: classifier width, or None when the dict has no `head`.
+        output_norms: stages whose detection output norm `norm{i}` the dict already holds.
+    """
+
+    depths: Tuple[int, ...]
+    dims: Tuple[int, ...]
+    version: int = 1
+    layer_scale: bool = True
+    num_classes: Optional[int] = None
+    classifier_norm: bool = False
+    output_norms: Tuple[int, ...] = field(default_factory=tuple)
+
+    @property
+    def variant(self) -> Optional[str]:
+        """The released name (e.g. `convnext_tiny`) when depths and dims match one."""
+        for name, (depths, dims) in RELEASED_VARIANTS[self.version].items():
+            if depths == self.depths and dims == self.dims:
+                return name
+        return None
+
+    def describe(self) -> str:
+        name = self.variant or "custom"
+        return f"{name} (V{self.version}, depths {list(self.depths)}, dims {list(self.dims)})"
+
+
+def canonical_shapes(arch: Architecture) -> Dict[str, Shape]:
+    """Every canonical (official) name the architecture's weights have, with its shape.
+
+    Ordered as the official model's `state_dict()` orders them.  Classifier entries
+    (`norm.*`, `head.*`) and detection output norms appear only when `arch` says so.
+    """
+    d = arch.dims
+    shapes: Dict[str, Shape] = {
+        "downsample_layers.0.0.weight": (d[0], 3, STEM_PATCH, STEM_PATCH),
+        "downsample_layers.0.0.bias": (d[0],),
+        "downsample_layers.0.1.weight": (d[0],),
+        "downsample_layers.0.1.bias": (d[0],),
+    }
+    for i in range(1, NUM_STAGES):
+        shapes[f"downsample_layers.{i}.0.weight"] = (d[i - 1],)
+        shapes[f"downsample_layers.{i}.0.bias"] = (d[i - 1],)
+        shapes[f"downsample_layers.{i}.1.weight"] = (d[i], d[i - 1], DOWNSAMPLE_KERNEL, DOWNSAMPLE_KERNEL)
+        shapes[f"downsample_layers.{i}.1.bias"] = (d[i],)
+    for s, depth in enumerate(arch.depths):
+        c, e = d[s], MLP_RATIO * d[s]
+        for b in range(depth):
+            p = f"stages.{s}.{b}."
+            if arch.version == 1 and arch.layer_scale:
+                shapes[p + "gamma"] = (c,)
+            shapes[p + "dwconv.weight"] = (c, 1, DWCONV_KERNEL, DWCONV_KERNEL)
+            shapes[p + "dwconv.bias"] = (c,)
+            shapes[p + "norm.weight"] = (c,)
+            shapes[p + "norm.bias"] = (c,)
+            shapes[p + "pwconv1.weight"] = (e, c)
+            shapes[p + "pwconv1.bias"] = (e,)
+            if arch.version == 2:
+                shapes[p + "grn.gamma"] = (1, 1, 1, e)
+                shapes[p + "grn.beta"] = (1, 1, 1, e)
+            shapes[p + "pwconv2.weight"] = (c, e)
+            shapes[p + "pwconv2.bias"] = (c,)
+    for i in arch.output_norms:
+        shapes[f"norm{i}.weight"] = (d[i],)
+        shapes[f"norm{i}.bias"] = (d[i],)
+    if arch.classifier_norm:
+        shapes["norm.weight"] = (d[-1],)
+        shapes["norm.bias"] = (d[-1],)
+    if arch.num_classes is not None:
+        shapes["head.weight"] = (arch.num_classes, d[-1])
+        shapes["head.bias"] = (arch.num_classes,)
+    return shapes
+
+
+CLASSIFIER_KEYS = ("norm.weight", "norm.bias", "head.weight", "head.bias")
+
+_BLOCK_KEY = re.compile(r"^stages\.(\d+)\.(\d+)\.")
+_OUTPUT_NORM_KEY = re.compile(r"^norm(\d)\.(weight|bias)$")
+
+
+def infer_architecture(shapes: Mapping[str, Sequence[int]]) -> Architecture:
+    """Read depths, dims and version off canonical names and shapes, then check every tensor.
+
+    Raises:
+        NotConvNeXt: naming every missing, unexpected or wrongly shaped tensor, sorted.
+    """
+    stem = shapes.get("downsample_layers.0.0.weight")
+    if stem is None or len(stem) != 4:
+        raise NotConvNeXt(
+            "not a ConvNeXt state dict: no stem convolution 'downsample_layers.0.0.weight' "
+            "(a 4-d [C, 3, 4, 4] tensor).",
+            "Pass a ConvNeXt checkpoint; see `python -m conversion inspect` for what a file holds.",
+        )
+    depths: List[int] = []
+    for s in range(NUM_STAGES):
+        b = 0
+        while f"stages.{s}.{b}.dwconv.weight" in shapes:
+            b += 1
+        depths.append(b)
+    missing_stages = [s for s, n in enumerate(depths) if n == 0]
+    if missing_stages:
+        raise NotConvNeXt(
+            f"truncated ConvNeXt: stage(s) {missing_stages} have no blocks "
+            f"('stages.S.0.dwconv.weight' missing); a ConvNeXt has {NUM_STAGES} stages.",
+            "The file is incomplete or not a hierarchical ConvNeXt; convert the full checkpoint.",
+        )
+    dims = tuple(int(shapes[f"stages.{s}.0.dwconv.weight"][0]) for s in range(NUM_STAGES))
+    version = 2 if any(k.endswith(".grn.gamma") for k in shapes) else 1
+    layer_scale = any(k.endswith(".gamma") and ".grn." not in k for k in shapes)
+    head = shapes.get("head.weight")
+    output_norms = tuple(
+        sorted({int(m.group(1)) for m in map(_OUTPUT_NORM_KEY.match, shapes) if m and int(m.group(1)) < NUM_STAGES})
+    )
+    arch = Architecture(
+        depths=tuple(depths),
+        dims=dims,
+        version=version,
+        layer_scale=layer_scale,
+        num_classes=int(head[0]) if head is not None and len(head) >= 1 else None,
+        classifier_norm="norm.weight" in shapes or "norm.bias" in shapes,
+        output_norms=output_norms,
+    )
+    check_shapes(shapes, arch)
+    return arch
+
+
+def check_shapes(shapes: Mapping[str, Sequence[int]], arch: Architecture) -> None:
+    """Raise NotConvNeXt listing every difference between `shapes` and what `arch` needs."""
+    expected = canonical_shapes(arch)
+    problems = []
+    for name in sorted(set(expected) - set(shapes)):
+        problems.append(f"missing {name} {list(expected[name])}")
+    for name in sorted(set(shapes) - set(expected)):
+        problems.append(f"unexpected {name} {list(shapes[name])}")
+    for name in sorted(set(shapes) & set(expected)):
+        if tuple(shapes[name]) != expected[name]:
+            problems.append(f"{name} has shape {list(shapes[name])}, expected {list(expected[name])}")
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise NotConvNeXt(
+            f"inconsistent ConvNeXt ({arch.describe()}): {shown}.",
+            "The file is damaged or mixes architectures; re-export it from the model that trained it.",
+        )

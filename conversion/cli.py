@@ -1,0 +1,104 @@
+"""Command line: parse arguments, call the library, print.  Nothing else lives here.
+
+Exit status (DESIGN.md): 0 success, 1 a verification found a problem, 2 unusable input
+or arguments.  Errors are one or two plain lines on stderr; `--debug` shows the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List, Optional, Sequence
+
+from . import __version__
+from .convert import ConversionReport, convert
+from .errors import ConversionError
+from .target import DEFAULT_PREFIX
+
+EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse exits 2 already; keep its usage line short
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="convnext-d2", description="ConvNeXt checkpoints into Detectron2 files that provably load.")
+    parser.add_argument("--version", action="version", version=f"convnext-d2 {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show a traceback on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    c = sub.add_parser("convert", parents=[common], help="convert a ConvNeXt checkpoint into a Detectron2 .pth or .pkl")
+    c.add_argument("src", metavar="SRC", help="checkpoint to read (.pth, .pt, .pkl, ...)")
+    c.add_argument("dst", metavar="DST", help="file to write; .pth/.pt = torch file, .pkl = Detectron2 model zoo")
+    c.add_argument("--ema", action="store_true", help="take the EMA weights of a training checkpoint (model_ema)")
+    c.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"prepended to every name (default {DEFAULT_PREFIX!r}; '' for none)")
+    c.add_argument("--from", dest="layout", metavar="LAYOUT", help="read names as this layout instead of recognising it")
+    c.add_argument("--force", action="store_true", help="overwrite DST if it exists")
+    c.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    return parser
+
+
+def _human_size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000  # type: ignore[assignment]
+    return str(n)
+
+
+def format_report(r: ConversionReport) -> str:
+    name = r.variant or "custom variant"
+    lines = [
+        f"converted {r.source}",
+        f"  layout     {r.layout}" + (f" (container '{r.container}')" if r.container else " (bare state dict)")
+        + (f", source prefix '{r.source_prefix}' removed" if r.source_prefix else ""),
+        f"  variant    {name}, ConvNeXt V{r.version}, depths {r.depths}, dims {r.dims}",
+        f"  kept       {r.kept} tensors, {r.parameters / 1e6:.2f} M parameters, names prefixed '{r.prefix}'",
+    ]
+    if r.dropped:
+        lines.append(f"  dropped    {len(r.dropped)} classifier tensors: {', '.join(r.dropped)}")
+    if r.renamed:
+        lines.append(f"  renamed    {len(r.renamed)} tensors from {r.layout} names")
+    for old, new in r.dtype_changes.items():
+        lines.append(f"  dtype      {old} stored as {new} (numpy has no {old})")
+    if r.fresh:
+        modules = sorted({key.rsplit(".", 1)[0] for key in r.fresh})
+        lines.append(f"  fresh      {len(r.fresh)} output-norm tensors not in any ImageNet file, "
+                     f"initialised by the backbone: {', '.join(modules)}")
+    fmt = "torch file" if r.format == "torch" else "Detectron2 model-zoo pickle"
+    lines.append(f"  wrote      {r.destination} ({_human_size(r.bytes_written)}, {fmt})")
+    return "\n".join(lines)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "convert":
+        report = convert(args.src, args.dst, ema=args.ema, prefix=args.prefix, layout=args.layout, force=args.force)
+        print(json.dumps(report.to_dict(), indent=2, sort_keys=True) if args.json else format_report(report))
+        return EXIT_OK
+    raise AssertionError(f"unhandled command {args.command}")  # argparse restricts the choices
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except ConversionError as err:
+        if args.debug:
+            raise
+        print(f"convnext-d2: error: {err.message}", file=sys.stderr)
+        if err.hint:
+            print(f"convnext-d2: {err.hint}", file=sys.stderr)
+        return err.exit_status
+    except Exception as err:  # a bug, not the user's fault: say so without a traceback
+        if args.debug:
+            raise
+        print(f"convnext-d2: internal error: {type(err).__name__}: {err}", file=sys.stderr)
+        print("convnext-d2: rerun with --debug and report the traceback.", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("convnext-d2: interrupted; nothing was written.", file=sys.stderr)
+        return 130

@@ -1,0 +1,128 @@
+"""The conversion pipeline: read -> canonical -> architecture -> target -> write.
+
+`convert` is the one public entry; each step is a pure function in its own module,
+so tests can exercise any step alone and the CLI only formats the report.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import torch
+
+from .architecture import Architecture, infer_architecture
+from .layouts import to_canonical
+from .read import load_checkpoint, select_state_dict
+from .target import ALL_OUTPUTS, DEFAULT_PREFIX, fresh_output_norms, to_target
+from .write import output_format, stored_dtype, write_checkpoint
+
+
+@dataclass
+class ConversionReport:
+    """What a conversion did, for people (CLI summary) and machines (`--json`)."""
+
+    source: str
+    destination: str
+    layout: str
+    container: Optional[str]
+    source_prefix: str
+    variant: Optional[str]
+    version: int
+    depths: List[int]
+    dims: List[int]
+    num_classes: Optional[int]
+    prefix: str
+    format: str
+    kept: int
+    parameters: int
+    dropped: List[str]
+    renamed: Dict[str, str]  # target name -> source name, where the layout renamed (not just prefixed)
+    fresh: List[str]  # target keys the backbone initialises itself
+    dtypes: Dict[str, int]  # dtype -> tensor count, as written
+    dtype_changes: Dict[str, str] = field(default_factory=dict)  # e.g. bfloat16 -> float32 in .pkl
+    bytes_written: int = 0
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def prepare(
+    state_dict: Mapping[str, Any], *, prefix: str = DEFAULT_PREFIX, layout: Optional[str] = None
+) -> Tuple[Architecture, Any, Any]:
+    """Pure part of the pipeline: (architecture, canonical, target) for an in-memory state dict."""
+    canonical = to_canonical(state_dict, forced=layout)
+    arch = infer_architecture({k: tuple(v.shape) for k, v in canonical.state_dict.items()})
+    return arch, canonical, to_target(canonical.state_dict, prefix=prefix)
+
+
+def convert(
+    src: str,
+    dst: str,
+    *,
+    ema: bool = False,
+    prefix: str = DEFAULT_PREFIX,
+    layout: Optional[str] = None,
+    force: bool = False,
+) -> ConversionReport:
+    """Convert the ConvNeXt checkpoint at `src` into a Detectron2 file at `dst`.
+
+    Args:
+        src: any checkpoint file holding ConvNeXt weights (bare or in a container).
+        dst: output path; `.pth`/`.pt` writes a torch file, `.pkl` a Detectron2 model-zoo pickle.
+        ema: take the EMA weights (`model_ema`) of a training checkpoint.
+        prefix: prepended to every name; `backbone.` matches Detectron2 meta-architectures.
+        layout: skip recognition and read names as this layout (e.g. "official").
+        force: overwrite an existing `dst`.
+
+    Returns:
+        A ConversionReport: what was kept, dropped and renamed, and what was written.
+
+    Raises:
+        ConversionError: any unusable input or destination (nothing is written).
+
+    Example:
+        >>> report = convert("convnext_tiny_22k_1k_224.pth", "convnext_tiny_d2.pth")  # doctest: +SKIP
+        >>> report.kept, report.dropped  # doctest: +SKIP
+        (178, ['head.bias', 'head.weight', 'norm.bias', 'norm.weight'])
+    """
+    fmt = output_format(dst)  # refuse a bad extension before reading a large file
+    state_dict, container = select_state_dict(load_checkpoint(src), ema=ema)
+    arch, canonical, target = prepare(state_dict, prefix=prefix, layout=layout)
+    _, nbytes = write_checkpoint(dst, target.state_dict, force=force, source=src)
+    dtypes: Dict[str, int] = {}
+    changes: Dict[str, str] = {}
+    for tensor in target.state_dict.values():
+        written = stored_dtype(tensor.dtype, fmt)
+        dtypes[_dtype_name(written)] = dtypes.get(_dtype_name(written), 0) + 1
+        if written != tensor.dtype:
+            changes[_dtype_name(tensor.dtype)] = _dtype_name(written)
+    renamed = {
+        t: canonical.source_names[c] for t, c in target.renamed.items() if canonical.source_names[c] != c
+    }
+    return ConversionReport(
+        source=os.path.abspath(src),
+        destination=os.path.abspath(dst),
+        layout=canonical.layout,
+        container=container,
+        source_prefix=canonical.prefix,
+        variant=arch.variant,
+        version=arch.version,
+        depths=list(arch.depths),
+        dims=list(arch.dims),
+        num_classes=arch.num_classes,
+        prefix=prefix,
+        format=fmt,
+        kept=len(target.state_dict),
+        parameters=sum(t.numel() for t in target.state_dict.values()),
+        dropped=[canonical.source_names[c] for c in target.dropped],
+        renamed=renamed,
+        fresh=fresh_output_norms(arch, ALL_OUTPUTS, prefix),
+        dtypes=dtypes,
+        dtype_changes=changes,
+        bytes_written=nbytes,
+    )

@@ -1,0 +1,50 @@
+"""Error types of convnext-d2.
+
+Every failure a user can cause is one of these.  Each carries the two things the
+CLI prints: what happened and what to do about it.  The CLI maps them to exit
+status 2 (unusable input or arguments); nothing here prints or exits.
+"""
+from __future__ import annotations
+
+
+class ConversionError(Exception):
+    """Base class: a problem with the user's input, reported without a traceback.
+
+    Args:
+        message: what happened, naming the file or key involved.
+        hint: what the user can do about it (one line).
+    """
+
+    exit_status = 2
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:  # keeps `str(err)` useful in logs and tests
+        return self.message if not self.hint else f"{self.message}\n{self.hint}"
+
+
+class UnreadableCheckpoint(ConversionError):
+    """The source file cannot be read as a checkpoint at all."""
+
+
+class UnsafeCheckpoint(UnreadableCheckpoint):
+    """The file asks the unpickler to build an object we do not allow (code could run)."""
+
+
+class ContainerError(ConversionError):
+    """The checkpoint holds no state dict we can use (or not the one asked for)."""
+
+
+class NotConvNeXt(ConversionError):
+    """The state dict is not a (consistent) ConvNeXt."""
+
+
+class DestinationError(ConversionError):
+    """The destination path cannot or must not be written."""
+
+
+class VerificationFailed(ConversionError):
+    """A written file does not read back equal to what was meant to be written."""

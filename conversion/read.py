@@ -1,0 +1,196 @@
+"""Read a checkpoint file without running code from it, and find the state dict inside.
+
+Which reader applies is decided by the file's bytes, not its name: a torch zip
+archive is read by `torch.load(weights_only=True)` whatever it is called, and a
+plain pickle by a restricted unpickler that rebuilds only arrays, tensors and
+plain containers.  Detectron2 itself decides by extension (LAYOUTS.md), which is
+why a torch archive named `.pkl` breaks it; `describe_d2_reader` says what it would do.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import inspect
+import io
+import os
+import pickle
+import zipfile
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import torch
+
+from .errors import ContainerError, UnreadableCheckpoint, UnsafeCheckpoint
+
+ZIP_MAGIC = b"PK\x03\x04"
+# First record of a legacy (pre-1.6, non-zip) torch.save file: this pickled int.
+_LEGACY_TORCH_MAGIC = 0x1950A86A20F9469CFC6C
+_TORCH_HAS_WEIGHTS_ONLY = "weights_only" in inspect.signature(torch.load).parameters
+
+# Globals a plain-pickle checkpoint may name.  Anything else stops the read.
+# numpy moved its internals to numpy._core in 2.0; both spellings appear in files.
+_NUMPY_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+}
+_PLAIN_GLOBALS = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("builtins", "bytearray"): bytearray,
+    ("argparse", "Namespace"): argparse.Namespace,  # training args: inert attribute bag
+}
+
+
+def _safe_bytes_to_storage(data: bytes) -> Any:
+    """Replacement for torch.storage._load_from_bytes: the inner archive is read safely too."""
+    return _torch_load(io.BytesIO(data), "<tensor inside pickle>")
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Rebuilds numpy arrays, pickled torch tensors and plain containers; refuses all else."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _PLAIN_GLOBALS:
+            return _PLAIN_GLOBALS[(module, name)]
+        if (module, name) in _NUMPY_GLOBALS:
+            import numpy  # only files that hold arrays need numpy
+
+            target: Any = numpy
+            for part in module.split(".")[1:] + [name]:
+                target = getattr(target, part)
+            return target
+        if (module, name) == ("torch.storage", "_load_from_bytes"):
+            return _safe_bytes_to_storage
+        if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_parameter"):
+            return getattr(torch._utils, name)
+        raise UnsafeCheckpoint(
+            f"refusing to load: the file asks to build '{module}.{name}', which is not tensor data.",
+            "Only checkpoints made of tensors, arrays and plain containers are read; "
+            "re-save the weights with torch.save(model.state_dict()).",
+        )
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise UnsafeCheckpoint(
+            "refusing to load: a plain pickle refers to external storage (persistent id).",
+            "Re-save the weights with torch.save or as numpy arrays.",
+        )
+
+
+def _torch_load(f: Any, name: str) -> Any:
+    if not _TORCH_HAS_WEIGHTS_ONLY:  # torch < 1.13: no safe loader; issue 4 adds one
+        raise UnreadableCheckpoint(
+            f"{name}: this torch ({torch.__version__}) cannot read archives safely.",
+            "Convert with torch >= 1.13.",
+        )
+    add = getattr(torch.serialization, "safe_globals", None)
+    try:
+        if add is not None:
+            with add([argparse.Namespace]):
+                return torch.load(f, map_location="cpu", weights_only=True)
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise UnsafeCheckpoint(
+            f"{name}: refusing to load objects that are not tensor data ({first[:200]}).",
+            "Only tensors, arrays and plain containers are read; re-save with torch.save(state_dict).",
+        ) from None
+
+
+def load_checkpoint(path: str) -> Any:
+    """Read the file at `path` into Python objects, never executing code from it.
+
+    Raises:
+        UnreadableCheckpoint: missing, a directory, empty, or not a pickle/torch file.
+        UnsafeCheckpoint: the file names something other than tensor data.
+    """
+    if not os.path.exists(path):
+        raise UnreadableCheckpoint(f"{path}: no such file.", "Check the path.")
+    if os.path.isdir(path):
+        raise UnreadableCheckpoint(f"{path}: is a directory, not a checkpoint file.", "Pass the .pth/.pkl file inside it.")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+            f.seek(0)
+            if not head:
+                raise UnreadableCheckpoint(f"{path}: file is empty (0 bytes).", "Re-download or re-save the checkpoint.")
+            if head == ZIP_MAGIC:
+                if not zipfile.is_zipfile(path):
+                    raise UnreadableCheckpoint(f"{path}: truncated or corrupt torch archive.", "Re-download or re-save it.")
+                return _torch_load(f, path)
+            obj = _RestrictedUnpickler(f, encoding="latin1").load()
+            if isinstance(obj, int) and obj == _LEGACY_TORCH_MAGIC:
+                f.seek(0)
+                return _torch_load(f, path)
+            return obj
+    except (UnreadableCheckpoint, OSError) as err:
+        if isinstance(err, UnreadableCheckpoint):
+            raise
+        raise UnreadableCheckpoint(f"{path}: cannot read ({err.strerror or err}).", "Check the path and permissions.") from None
+    except Exception as err:  # any parse failure of foreign bytes is the same user-facing fact
+        raise UnreadableCheckpoint(
+            f"{path}: not a readable checkpoint ({type(err).__name__}: {str(err)[:160]}).",
+            "Expected a torch.save file (.pth/.pt) or a Detectron2 .pkl; the file may be truncated or corrupt.",
+        ) from None
+
+
+# Container keys, in the order tried.  Released official files use `model` (EMA files
+# too); training checkpoints add `model_ema`; mmpretrain and others use `state_dict`.
+_WEIGHT_CONTAINERS = ("model", "state_dict", "module")
+_EMA_CONTAINERS = ("model_ema", "state_dict_ema")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel, torch.compile
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(k, str) for k in obj) and any(
+        _is_array(v) for v in obj.values()
+    )
+
+
+def _is_array(v: Any) -> bool:
+    return isinstance(v, torch.Tensor) or type(v).__name__ == "ndarray"
+
+
+def select_state_dict(obj: Any, ema: bool = False) -> Tuple[Dict[str, Any], Optional[str]]:
+    """Find the weights inside a loaded checkpoint.
+
+    Returns the state dict (wrapper prefixes stripped, non-array entries dropped) and
+    the container key it came from (None for a bare state dict).
+
+    Raises:
+        ContainerError: no state dict, or `ema` asked for and none present.
+    """
+    if not isinstance(obj, Mapping):
+        raise ContainerError(
+            f"checkpoint holds a {type(obj).__name__}, not a dict of weights.",
+            "Save the weights with torch.save(model.state_dict()) or {'model': state_dict}.",
+        )
+    keys = _EMA_CONTAINERS if ema else _WEIGHT_CONTAINERS
+    for key in keys:
+        if key in obj and _is_state_dict(obj[key]):
+            return strip_wrapper_prefixes(obj[key]), key
+    if ema:
+        raise ContainerError(
+            f"--ema asked for EMA weights but the checkpoint has none (top-level keys: {sorted(map(str, obj))[:10]}).",
+            "Released '_ema' files keep their EMA weights under 'model': convert without --ema.",
+        )
+    if _is_state_dict(obj):
+        return strip_wrapper_prefixes(obj), None
+    raise ContainerError(
+        f"no state dict found; top-level keys: {sorted(map(str, obj))[:10]}.",
+        "Expected a bare state dict or one under 'model', 'state_dict' or 'model_ema' (with --ema).",
+    )
+
+
+def strip_wrapper_prefixes(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
+    """Drop non-array entries and any wrapper prefix that every key carries."""
+    sd = {k: v for k, v in state_dict.items() if _is_array(v)}
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if sd and all(k.startswith(prefix) for k in sd):
+                sd = {k[len(prefix):]: v for k, v in sd.items()}
+                changed = True
+    return sd

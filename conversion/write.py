@@ -1,0 +1,168 @@
+"""Write a Detectron2 checkpoint, atomically, in the format its extension names.
+
+- `.pth` / `.pt`: `torch.save({"model": tensors, "__author__": ...})`.  Only tensors and
+  plain containers, so `torch.load(weights_only=True)` (Detectron2 on torch >= 2.6) reads it.
+- `.pkl`: Detectron2 model-zoo format, plain `pickle` of numpy arrays with `__author__`
+  (without it Detectron2 takes the dict for Caffe2 blobs; see BACKGROUND.md).
+
+The bytes go to a temporary file beside the destination, are synced, read back and
+compared tensor by tensor, and only then renamed over the destination: a failure at any
+point leaves the destination as it was.
+"""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tempfile
+from typing import Any, Dict, Mapping, Tuple
+
+import torch
+
+from .errors import DestinationError, VerificationFailed
+
+AUTHOR = "convnext-d2"
+TORCH_EXTENSIONS = (".pth", ".pt")
+PICKLE_EXTENSIONS = (".pkl",)
+# Protocol 4 reads on every Python 3 Detectron2 supports (3.4+) and stores large arrays.
+PICKLE_PROTOCOL = 4
+# numpy has no bfloat16: a .pkl stores bf16 tensors as float32 (exact, every bf16 is a float32).
+_PKL_UPCAST = {torch.bfloat16: torch.float32}
+
+
+def output_format(path: str) -> str:
+    """'torch' or 'pickle' by extension; anything else is refused."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext in TORCH_EXTENSIONS:
+        return "torch"
+    if ext in PICKLE_EXTENSIONS:
+        return "pickle"
+    raise DestinationError(
+        f"{path}: unsupported destination extension '{ext or '(none)'}'.",
+        "Detectron2 picks its reader by extension: name the output .pth (torch) or .pkl (model zoo).",
+    )
+
+
+def stored_dtype(dtype: torch.dtype, fmt: str) -> torch.dtype:
+    """The dtype a tensor of `dtype` has once written in `fmt`."""
+    return _PKL_UPCAST.get(dtype, dtype) if fmt == "pickle" else dtype
+
+
+class _ModelZooPickler(pickle.Pickler):
+    """Pickles numpy arrays as `numpy.ndarray(shape, dtype, bytearray)`.
+
+    numpy 2 pickles arrays through `numpy._core.multiarray._reconstruct`, which numpy
+    < 1.26 cannot import; numpy 1 uses `numpy.core...`, which numpy 2 reads only through a
+    deprecated alias.  The `ndarray` constructor is spelled the same in every numpy, and a
+    bytearray buffer keeps the loaded array writable (torch.from_numpy warns otherwise).
+    """
+
+    def reducer_override(self, obj: Any) -> Any:
+        import numpy as np
+
+        if type(obj) is np.ndarray:
+            arr = np.ascontiguousarray(obj)
+            return np.ndarray, (arr.shape, arr.dtype.str, bytearray(arr.tobytes()))
+        return NotImplemented
+
+
+def _tensor_to_numpy(t: torch.Tensor) -> Any:
+    t = t.detach().cpu()
+    return t.to(stored_dtype(t.dtype, "pickle")).contiguous().numpy()
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """A tensor that owns exactly its bytes: torch.save writes whole storages, views included."""
+    t = t.detach().cpu()
+    storage = t.untyped_storage() if hasattr(t, "untyped_storage") else t.storage()
+    owns = t.is_contiguous() and t.storage_offset() == 0 and storage.nbytes() == t.numel() * t.element_size()
+    return t if owns else t.clone(memory_format=torch.contiguous_format)
+
+
+def encode(state_dict: Mapping[str, torch.Tensor], fmt: str) -> bytes:
+    """The exact bytes of the checkpoint file (deterministic: same input, same bytes)."""
+    buf = io.BytesIO()
+    if fmt == "torch":
+        # A file object (not a path) keeps the archive's inner folder name fixed ("archive").
+        torch.save({"model": {k: _compact(v) for k, v in state_dict.items()}, "__author__": AUTHOR}, buf)
+    else:
+        payload = {"model": {k: _tensor_to_numpy(v) for k, v in state_dict.items()}, "__author__": AUTHOR}
+        _ModelZooPickler(buf, protocol=PICKLE_PROTOCOL).dump(payload)
+    return buf.getvalue()
+
+
+def _check_written(path: str, state_dict: Mapping[str, torch.Tensor], fmt: str) -> None:
+    from .read import load_checkpoint  # read back exactly as a user's file would be read
+
+    data = load_checkpoint(path)
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict) or data.get("__author__") != AUTHOR or set(model) != set(state_dict):
+        raise VerificationFailed(f"{path}: written file does not read back with the expected keys.", "Report this as a bug.")
+    bad = []
+    for name, src in state_dict.items():
+        got = model[name] if isinstance(model[name], torch.Tensor) else torch.from_numpy(model[name])
+        want = src.detach().cpu().to(stored_dtype(src.dtype, fmt))
+        if got.dtype != want.dtype or got.shape != want.shape or not torch.equal(got, want):
+            bad.append(name)
+    if bad:
+        raise VerificationFailed(f"{path}: {len(bad)} tensor(s) differ after reading back: {', '.join(sorted(bad)[:5])}.", "Report this as a bug.")
+
+
+def write_checkpoint(path: str, state_dict: Mapping[str, torch.Tensor], *, force: bool = False, source: str = "") -> Tuple[str, int]:
+    """Write `state_dict` to `path` atomically; return (format, bytes written).
+
+    Raises:
+        DestinationError: bad extension, destination exists (without `force`), is the
+            source, or its directory is missing or not writable.
+        VerificationFailed: the file did not read back equal (nothing is left behind).
+    """
+    fmt = output_format(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    if source and (os.path.abspath(source) == os.path.abspath(path) or _same_file(source, path)):
+        raise DestinationError(f"{path}: destination is the source file.", "Write to a new file name.")
+    if os.path.isdir(path):
+        raise DestinationError(f"{path}: destination is a directory.", "Give a file name ending in .pth or .pkl.")
+    if os.path.exists(path) and not force:
+        raise DestinationError(f"{path}: destination exists.", "Pass --force to overwrite it, or choose another name.")
+    if not os.path.isdir(directory):
+        raise DestinationError(f"{path}: directory {directory} does not exist.", "Create it first.")
+    data = encode(state_dict, fmt)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".convnext-d2-", suffix=os.path.splitext(path)[1], dir=directory)
+    except OSError as err:
+        raise DestinationError(f"{path}: cannot write in {directory} ({err.strerror}).", "Choose a writable directory.") from None
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint is an ordinary file
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        _check_written(tmp, state_dict, fmt)
+        os.replace(tmp, path)
+    except OSError as err:
+        _unlink_quietly(tmp)
+        raise DestinationError(f"{path}: write failed ({err.strerror or err}).", "Check free space and permissions.") from None
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    return fmt, len(data)
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
