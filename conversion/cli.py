@@ -71,6 +71,7 @@ def format_report(r: ConversionReport) -> str:
                      f"initialised by the backbone: {', '.join(modules)}")
     fmt = "torch file" if r.format == "torch" else "Detectron2 model-zoo pickle"
     lines.append(f"  wrote      {r.destination} ({_human_size(r.bytes_written)}, {fmt})")
+    lines += [f"  note       source as given: {note}" for note in r.notes]
     return "\n".join(lines)
 
 

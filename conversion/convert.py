@@ -11,7 +11,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from .architecture import Architecture, infer_architecture
+from .architecture import Architecture, canonical_shapes, infer_architecture
+from .diagnose import d2_reader_problems
 from .layouts import to_canonical
 from .read import load_checkpoint, select_state_dict
 from .target import ALL_OUTPUTS, DEFAULT_PREFIX, fresh_output_norms, to_target
@@ -42,6 +43,7 @@ class ConversionReport:
     dtypes: Dict[str, int]  # dtype -> tensor count, as written
     dtype_changes: Dict[str, str] = field(default_factory=dict)  # e.g. bfloat16 -> float32 in .pkl
     bytes_written: int = 0
+    notes: List[str] = field(default_factory=list)  # what Detectron2 would have made of the source as it was
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -54,10 +56,15 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def prepare(
     state_dict: Mapping[str, Any], *, prefix: str = DEFAULT_PREFIX, layout: Optional[str] = None
 ) -> Tuple[Architecture, Any, Any]:
-    """Pure part of the pipeline: (architecture, canonical, target) for an in-memory state dict."""
+    """Pure part of the pipeline: (architecture, canonical, target) for an in-memory state dict.
+
+    The target is ordered as the official model orders its parameters, whatever the
+    source order, so the same weights always give the same bytes.
+    """
     canonical = to_canonical(state_dict, forced=layout)
     arch = infer_architecture({k: tuple(v.shape) for k, v in canonical.state_dict.items()})
-    return arch, canonical, to_target(canonical.state_dict, prefix=prefix)
+    ordered = {name: canonical.state_dict[name] for name in canonical_shapes(arch)}
+    return arch, canonical, to_target(ordered, prefix=prefix)
 
 
 def convert(
@@ -91,7 +98,8 @@ def convert(
         (178, ['head.bias', 'head.weight', 'norm.bias', 'norm.weight'])
     """
     fmt = output_format(dst)  # refuse a bad extension before reading a large file
-    state_dict, container = select_state_dict(load_checkpoint(src), ema=ema)
+    loaded = load_checkpoint(src)
+    state_dict, container = select_state_dict(loaded, ema=ema)
     arch, canonical, target = prepare(state_dict, prefix=prefix, layout=layout)
     _, nbytes = write_checkpoint(dst, target.state_dict, force=force, source=src)
     dtypes: Dict[str, int] = {}
@@ -125,4 +133,5 @@ def convert(
         dtypes=dtypes,
         dtype_changes=changes,
         bytes_written=nbytes,
+        notes=d2_reader_problems(src, loaded),
     )

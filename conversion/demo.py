@@ -1,0 +1,151 @@
+"""Demo: the main job end to end on an embedded default, ConvNeXt-Tiny.
+
+1. Build a deterministic ConvNeXt-Tiny checkpoint in the official layout (random
+   weights: nothing can be downloaded), saved as released files are (`{"model": ...}`).
+2. Convert it to `.pth` and `.pkl`.
+3. Load each through Detectron2's real `DetectionCheckpointer` into the backbone, and
+   require: only the fresh output norms missing, nothing unexpected, nothing skipped.
+4. Compare every stage output with timm's ConvNeXt, loaded from the same official file
+   through timm's own official->timm remapping.
+
+Run: `tox -e demo` or `python -m conversion.demo [--keep DIR]`.  Needs detectron2 and timm.
+Exit 0 when every check passes, 1 otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from typing import Dict, List, Sequence
+
+import torch
+
+from .architecture import RELEASED_VARIANTS, Architecture
+from .cli import format_report
+from .convert import convert
+from .synthetic import random_state_dict
+
+VARIANT = "convnext_tiny"
+IMAGE_SIZE = 224
+SEED = 0
+# fp32 on CPU, same operations in the same order on both sides: differences come only from
+# LayerNorm implementation details, ~1e-6 of the activations' scale.  1e-4 leaves margin.
+MAX_RELATIVE_DIFFERENCE = 1e-4
+
+
+def _d2_model(arch: Architecture) -> torch.nn.Module:
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_backbone
+
+    from .d2 import BACKBONE_NAME, add_convnext_config
+
+    cfg = get_cfg()
+    add_convnext_config(cfg)
+    cfg.MODEL.BACKBONE.NAME = BACKBONE_NAME
+    cfg.MODEL.CONVNEXT.DEPTHS = list(arch.depths)
+    cfg.MODEL.CONVNEXT.DIMS = list(arch.dims)
+    model = torch.nn.Module()
+    model.backbone = build_backbone(cfg)
+    return model.eval()
+
+
+def _load(model: torch.nn.Module, path: str):
+    """The real DetectionCheckpointer.load, observed: returns its incompatible-keys result."""
+    import logging
+
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    checkpointer = DetectionCheckpointer(model)
+    seen = {}
+    real = checkpointer._load_model
+
+    def observe(checkpoint):
+        seen["incompatible"] = real(checkpoint)
+        return seen["incompatible"]
+
+    checkpointer._load_model = observe
+    quiet = logging.getLogger("fvcore")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # the demo prints its own account of missing keys
+    try:
+        checkpointer.load(path)
+    finally:
+        quiet.setLevel(level)
+    return seen["incompatible"]
+
+
+def _timm_model(arch: Architecture, official: Dict[str, torch.Tensor]) -> torch.nn.Module:
+    from timm.models.convnext import ConvNeXt, checkpoint_filter_fn
+
+    model = ConvNeXt(depths=arch.depths, dims=arch.dims, num_classes=arch.num_classes or 0)
+    model.load_state_dict(checkpoint_filter_fn({"model": official}, model), strict=True)
+    return model.eval()
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def run(workdir: str, out=sys.stdout) -> bool:
+    started = time.perf_counter()
+    depths, dims = RELEASED_VARIANTS[1][VARIANT]
+    arch = Architecture(depths=depths, dims=dims, num_classes=1000, classifier_norm=True)
+    official = random_state_dict(arch, seed=SEED)
+    src = os.path.join(workdir, "convnext_tiny_1k_224.pth")
+    torch.save({"model": official}, src)
+    print(f"built {src}: {len(official)} tensors in the official layout (random weights, seed {SEED})\n", file=out)
+
+    timm_model = _timm_model(arch, official)
+    image = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(SEED))
+    with torch.no_grad():
+        reference: List[torch.Tensor] = timm_model.forward_intermediates(image, intermediates_only=True)
+
+    ok = True
+    for ext in (".pth", ".pkl"):
+        dst = os.path.join(workdir, "convnext_tiny_1k_224_d2" + ext)
+        report = convert(src, dst)
+        print(format_report(report), file=out)
+        model = _d2_model(arch)
+        incompatible = _load(model, dst)
+        missing_ok = sorted(incompatible.missing_keys) == sorted(report.fresh)
+        clean = missing_ok and not incompatible.unexpected_keys and not incompatible.incorrect_shapes
+        ok &= clean
+        print(
+            f"  detectron2 DetectionCheckpointer: {len(incompatible.missing_keys)} missing "
+            f"({'only the fresh output norms' if missing_ok else 'UNEXPECTED: ' + str(incompatible.missing_keys)}), "
+            f"{len(incompatible.unexpected_keys)} unexpected, {len(incompatible.incorrect_shapes)} shape-skipped",
+            file=out,
+        )
+        with torch.no_grad():
+            ours = model.backbone.stage_outputs(image)
+        diffs = [_relative(a, b) for a, b in zip(ours, reference)]
+        worst = max(diffs)
+        ok &= worst <= MAX_RELATIVE_DIFFERENCE
+        stages = ", ".join(f"res{i + 2} {d:.1e}" for i, d in enumerate(diffs))
+        print(f"  features vs timm (max |diff| / max |timm|, limit {MAX_RELATIVE_DIFFERENCE:.0e}): {stages}\n", file=out)
+    verdict = "PASS" if ok else "FAIL"
+    print(f"{verdict}: both files load cleanly and match timm ({time.perf_counter() - started:.1f} s)", file=out)
+    return ok
+
+
+def main(argv: Sequence[str] = ()) -> int:
+    parser = argparse.ArgumentParser(prog="python -m conversion.demo", description=__doc__.split("\n")[0])
+    parser.add_argument("--keep", metavar="DIR", help="write the files into DIR (kept) instead of a temporary directory")
+    args = parser.parse_args(list(argv))
+    try:
+        import detectron2  # noqa: F401
+        import timm  # noqa: F401
+    except ImportError as err:
+        print(f"demo: needs detectron2 and timm ({err}); run it with `tox -e demo`.", file=sys.stderr)
+        return 2
+    if args.keep:
+        os.makedirs(args.keep, exist_ok=True)
+        return 0 if run(args.keep) else 1
+    with tempfile.TemporaryDirectory(prefix="convnext-d2-demo-") as tmp:
+        return 0 if run(tmp) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
