@@ -15,7 +15,7 @@ from .convert import ConversionReport, convert
 from .errors import ConversionError
 from .target import DEFAULT_PREFIX
 
-EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 3
 
 
 class _Parser(argparse.ArgumentParser):

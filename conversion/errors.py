@@ -47,4 +47,6 @@ class DestinationError(ConversionError):
 
 
 class VerificationFailed(ConversionError):
-    """A written file does not read back equal to what was meant to be written."""
+    """A written file does not read back equal to what was meant to be written (exit status 1)."""
+
+    exit_status = 1
