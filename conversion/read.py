@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import importlib
 import inspect
 import io
 import os
@@ -48,6 +49,21 @@ def _safe_bytes_to_storage(data: bytes) -> Any:
     return _torch_load(io.BytesIO(data), "<tensor inside pickle>")
 
 
+def _numpy_multiarray() -> Any:
+    """numpy's multiarray module under its current name (numpy 2 moved numpy.core to numpy._core)."""
+    import numpy as np  # only files that hold arrays need numpy
+
+    major = int(np.__version__.split(".")[0])
+    return importlib.import_module("numpy._core.multiarray" if major >= 2 else "numpy.core.multiarray")
+
+
+def _numpy_global(module: str, name: str) -> Any:
+    """Resolve an allowed numpy global; both spellings of multiarray map to the installed one."""
+    import numpy as np
+
+    return getattr(np if module == "numpy" else _numpy_multiarray(), name)
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     """Rebuilds numpy arrays, pickled torch tensors and plain containers; refuses all else."""
 
@@ -55,12 +71,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if (module, name) in _PLAIN_GLOBALS:
             return _PLAIN_GLOBALS[(module, name)]
         if (module, name) in _NUMPY_GLOBALS:
-            import numpy  # only files that hold arrays need numpy
-
-            target: Any = numpy
-            for part in module.split(".")[1:] + [name]:
-                target = getattr(target, part)
-            return target
+            return _numpy_global(module, name)
         if (module, name) == ("torch.storage", "_load_from_bytes"):
             return _safe_bytes_to_storage
         if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_parameter"):
@@ -78,6 +89,23 @@ class _RestrictedUnpickler(pickle.Unpickler):
         )
 
 
+def _torch_safe_globals() -> list:
+    """What a weights_only read may build beyond tensors: training args and numpy arrays.
+
+    Some tools save numpy arrays inside .pth files; torch >= 2.6 refuses them by default
+    (and so does Detectron2 on it), but they are data, so we read them.
+    """
+    allowed: list = [argparse.Namespace]
+    try:
+        import numpy as np
+    except ImportError:
+        return allowed
+    allowed += [np.ndarray, np.dtype]
+    allowed += [type(np.dtype(c)) for c in "?bBhHiIlLqQefdgFDG"]  # numpy >= 1.25 pickles dtype classes
+    allowed.append(_numpy_multiarray()._reconstruct)
+    return allowed
+
+
 def _torch_load(f: Any, name: str) -> Any:
     if not _TORCH_HAS_WEIGHTS_ONLY:  # torch < 1.13: no safe loader; issue 4 adds one
         raise UnreadableCheckpoint(
@@ -87,7 +115,7 @@ def _torch_load(f: Any, name: str) -> Any:
     add = getattr(torch.serialization, "safe_globals", None)
     try:
         if add is not None:
-            with add([argparse.Namespace]):
+            with add(_torch_safe_globals()):
                 return torch.load(f, map_location="cpu", weights_only=True)
         return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:

@@ -121,13 +121,12 @@ def test_namespace_in_pth_breaks_detectron2_on_torch_2_6_but_converts(tmp_path, 
     _assert_our_conversion_loads(tmp_path, path, official)
 
 
-def test_numpy_arrays_in_pth_break_detectron2_on_torch_2_6_our_pth_holds_tensors(tmp_path, official):
-    """A .pth of numpy arrays is refused by weights_only loading; ours holds tensors only."""
+def test_numpy_arrays_in_pth_break_detectron2_on_torch_2_6_but_convert(tmp_path, official):
+    """A .pth of numpy arrays is refused by weights_only loading; we read it and write tensors only."""
     path = tmp_path / "numpy.pth"
     torch.save({"model": {k: v.numpy() for k, v in _d2_names(official).items()}}, path)
     with pytest.raises(pickle.UnpicklingError):
         load_with_detectron2(build_d2_model(ARCH), str(path))
-    torch.save({"model": official}, tmp_path / "src.pth")
-    convert(str(tmp_path / "src.pth"), str(tmp_path / "ours.pth"))
-    data = torch.load(tmp_path / "ours.pth", weights_only=True)
+    _assert_our_conversion_loads(tmp_path, path, official)
+    data = torch.load(tmp_path / "fixed.pth", weights_only=True)
     assert all(type(v) is torch.Tensor for v in data["model"].values())
