@@ -1,21 +1,24 @@
 """Command line: parse arguments, call the library, print.  Nothing else lives here.
 
 Exit status (DESIGN.md): 0 success, 1 a verification found a problem, 2 unusable input
-or arguments.  Errors are one or two plain lines on stderr; `--debug` shows the traceback.
+or arguments.  Errors are one or two plain lines on stderr; `--debug` adds the traceback.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from typing import List, Optional, Sequence
+import traceback
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from . import __version__
 from .convert import ConversionReport, convert
 from .errors import ConversionError
+from .inspection import InspectReport, inspect_checkpoint
+from .layouts import LAYOUTS
 from .target import DEFAULT_PREFIX
 
-EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 3
+EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
 
 
 class _Parser(argparse.ArgumentParser):
@@ -24,30 +27,43 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
+def _layout_help() -> str:
+    names = ", ".join(LAYOUTS)
+    return f"read names as this layout instead of recognising it ({names}; add -v1/-v2 to pin the version)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="convnext-d2", description="ConvNeXt checkpoints into Detectron2 files that provably load.")
     parser.add_argument("--version", action="version", version=f"convnext-d2 {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show a traceback on errors")
+    common.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     c = sub.add_parser("convert", parents=[common], help="convert a ConvNeXt checkpoint into a Detectron2 .pth or .pkl")
-    c.add_argument("src", metavar="SRC", help="checkpoint to read (.pth, .pt, .pkl, ...)")
+    c.add_argument("src", metavar="SRC", help="checkpoint to read (.pth, .pt, .bin, .pkl, .safetensors, ...)")
     c.add_argument("dst", metavar="DST", help="file to write; .pth/.pt = torch file, .pkl = Detectron2 model zoo")
     c.add_argument("--ema", action="store_true", help="take the EMA weights of a training checkpoint (model_ema)")
     c.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"prepended to every name (default {DEFAULT_PREFIX!r}; '' for none)")
-    c.add_argument("--from", dest="layout", metavar="LAYOUT", help="read names as this layout instead of recognising it")
+    c.add_argument("--from", dest="layout", metavar="LAYOUT", help=_layout_help())
     c.add_argument("--force", action="store_true", help="overwrite DST if it exists")
-    c.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    i = sub.add_parser("inspect", parents=[common], help="say what a checkpoint holds and what Detectron2 would make of it")
+    i.add_argument("src", metavar="SRC", help="checkpoint to read")
+    i.add_argument("--from", dest="layout", metavar="LAYOUT", help=_layout_help())
     return parser
 
 
-def _human_size(n: int) -> str:
+def _human_size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000  # type: ignore[assignment]
+        n /= 1000
     return str(n)
+
+
+def _summarise_names(names: List[str], limit: int = 6) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def format_report(r: ConversionReport) -> str:
@@ -60,25 +76,65 @@ def format_report(r: ConversionReport) -> str:
         f"  kept       {r.kept} tensors, {r.parameters / 1e6:.2f} M parameters, names prefixed '{r.prefix}'",
     ]
     if r.dropped:
-        lines.append(f"  dropped    {len(r.dropped)} classifier tensors: {', '.join(r.dropped)}")
+        reasons: Dict[str, List[str]] = {}
+        for key in r.dropped:
+            reasons.setdefault(r.drop_reasons.get(key, "left out"), []).append(key)
+        for reason, keys in reasons.items():
+            lines.append(f"  dropped    {len(keys)} tensors, {reason}: {_summarise_names(keys)}")
     if r.renamed:
-        lines.append(f"  renamed    {len(r.renamed)} tensors from {r.layout} names")
+        lines.append(f"  renamed    {len(r.renamed)} tensors from {r.layout} names to official names")
+    fixes = sorted(set(r.reshaped.values()))
+    if fixes:
+        lines.append(f"  reshaped   {len(r.reshaped)} tensors ({'; '.join(fixes)}), values unchanged")
     for old, new in r.dtype_changes.items():
-        lines.append(f"  dtype      {old} stored as {new} (numpy has no {old})")
+        lines.append(f"  dtype      {old} stored as {new} (numpy has no {old}; exact)")
     if r.fresh:
         modules = sorted({key.rsplit(".", 1)[0] for key in r.fresh})
         lines.append(f"  fresh      {len(r.fresh)} output-norm tensors not in any ImageNet file, "
                      f"initialised by the backbone: {', '.join(modules)}")
     fmt = "torch file" if r.format == "torch" else "Detectron2 model-zoo pickle"
     lines.append(f"  wrote      {r.destination} ({_human_size(r.bytes_written)}, {fmt})")
-    lines += [f"  note       source as given: {note}" for note in r.notes]
+    lines += [f"  note       the source as given: {note}" for note in r.notes]
     return "\n".join(lines)
+
+
+def format_inspection(r: InspectReport) -> str:
+    where = f"under '{r.container}'" if r.container else "bare state dict"
+    lines = [
+        f"{r.path}",
+        f"  file       {_human_size(r.file_bytes)}, {r.format}; weights {where}"
+        + (f"; top-level keys {', '.join(r.container_keys)}" if r.container_keys else "")
+        + ("; has EMA weights (--ema)" if r.has_ema else ""),
+        f"  layout     {r.layout}: {r.layout_description}" + (f"; prefix '{r.source_prefix}'" if r.source_prefix else ""),
+        f"  variant    {r.variant or 'custom variant'}, ConvNeXt V{r.version}, depths {r.depths}, dims {r.dims}"
+        + (f", classifier {r.num_classes} classes" if r.num_classes else ", no classifier"),
+        f"  tensors    {r.tensors} ({r.parameters / 1e6:.2f} M parameters); dtypes "
+        + ", ".join(f"{k} x{v}" for k, v in sorted(r.dtypes.items())),
+    ]
+    if r.reshaped:
+        lines.append(f"  reshaped   {len(r.reshaped)} tensors on conversion ({'; '.join(sorted(set(r.reshaped.values())))})")
+    if r.left_out:
+        lines.append(f"  left out   {len(r.left_out)} tensors on conversion: {_summarise_names(sorted(r.left_out))}")
+    if r.problems:
+        lines.append("  Detectron2 loading this file as it is:")
+        lines += [f"    - {p}" for p in r.problems]
+        lines.append("  fix: convnext-d2 convert SRC DST.pth")
+    else:
+        lines.append("  Detectron2 loading this file as it is: no problem found")
+    return "\n".join(lines)
+
+
+def _emit(args: argparse.Namespace, report: Any, human: Callable[[Any], str]) -> None:
+    print(json.dumps(report.to_dict(), indent=2, sort_keys=True) if args.json else human(report))
 
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "convert":
         report = convert(args.src, args.dst, ema=args.ema, prefix=args.prefix, layout=args.layout, force=args.force)
-        print(json.dumps(report.to_dict(), indent=2, sort_keys=True) if args.json else format_report(report))
+        _emit(args, report, format_report)
+        return EXIT_OK
+    if args.command == "inspect":
+        _emit(args, inspect_checkpoint(args.src, layout=args.layout), format_inspection)
         return EXIT_OK
     raise AssertionError(f"unhandled command {args.command}")  # argparse restricts the choices
 
@@ -89,17 +145,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _run(args)
     except ConversionError as err:
         if args.debug:
-            raise
+            traceback.print_exc()
         print(f"convnext-d2: error: {err.message}", file=sys.stderr)
         if err.hint:
             print(f"convnext-d2: {err.hint}", file=sys.stderr)
         return err.exit_status
-    except Exception as err:  # a bug, not the user's fault: say so without a traceback
-        if args.debug:
-            raise
-        print(f"convnext-d2: internal error: {type(err).__name__}: {err}", file=sys.stderr)
-        print("convnext-d2: rerun with --debug and report the traceback.", file=sys.stderr)
-        return EXIT_USAGE
     except KeyboardInterrupt:
         print("convnext-d2: interrupted; nothing was written.", file=sys.stderr)
         return 130
+    except Exception as err:  # a bug, not the user's fault: say so without a traceback
+        if args.debug:
+            traceback.print_exc()
+        print(f"convnext-d2: internal error: {type(err).__name__}: {err}", file=sys.stderr)
+        print("convnext-d2: rerun with --debug and report the traceback.", file=sys.stderr)
+        return EXIT_USAGE

@@ -6,15 +6,17 @@ so tests can exercise any step alone and the CLI only formats the report.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
 from .architecture import Architecture, canonical_shapes, infer_architecture
-from .diagnose import d2_reader_problems
-from .layouts import to_canonical
-from .read import load_checkpoint, select_state_dict
+from .diagnose import d2_problems
+from .errors import NotConvNeXt
+from .layouts import LAYOUTS, to_canonical
+from .read import read_checkpoint, select_state_dict
 from .target import ALL_OUTPUTS, DEFAULT_PREFIX, fresh_output_norms, to_target
 from .write import output_format, stored_dtype, write_checkpoint
 
@@ -37,7 +39,9 @@ class ConversionReport:
     format: str
     kept: int
     parameters: int
-    dropped: List[str]
+    dropped: List[str]  # source names left out: the classifier, and layout-specific extras
+    drop_reasons: Dict[str, str]  # source name -> why it was left out
+    reshaped: Dict[str, str]  # target name -> shape fix applied (e.g. torchvision layer scale [C,1,1] -> [C])
     renamed: Dict[str, str]  # target name -> source name, where the layout renamed (not just prefixed)
     fresh: List[str]  # target keys the backbone initialises itself
     dtypes: Dict[str, int]  # dtype -> tensor count, as written
@@ -53,6 +57,14 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+def _parse_forced_layout(layout: Optional[str]) -> Tuple[Optional[str], Optional[int]]:
+    """`--from` accepts a layout name, optionally pinned to a version: `official-v1`, `timm-v2`."""
+    if layout is None:
+        return None, None
+    m = re.fullmatch(r"(.+)-v([12])", layout)
+    return (m.group(1), int(m.group(2))) if m and m.group(1) in LAYOUTS else (layout, None)
+
+
 def prepare(
     state_dict: Mapping[str, Any], *, prefix: str = DEFAULT_PREFIX, layout: Optional[str] = None
 ) -> Tuple[Architecture, Any, Any]:
@@ -61,8 +73,15 @@ def prepare(
     The target is ordered as the official model orders its parameters, whatever the
     source order, so the same weights always give the same bytes.
     """
-    canonical = to_canonical(state_dict, forced=layout)
+    name, version = _parse_forced_layout(layout)
+    canonical = to_canonical(state_dict, forced=name)
     arch = infer_architecture({k: tuple(v.shape) for k, v in canonical.state_dict.items()})
+    if version is not None and arch.version != version:
+        evidence = next((canonical.source_names[k] for k in canonical.state_dict if ".grn." in k), "no GRN tensors")
+        raise NotConvNeXt(
+            f"--from {layout}: the weights are ConvNeXt V{arch.version} (evidence: {evidence}), not V{version}.",
+            f"Use --from {name}-v{arch.version}, or drop --from.",
+        )
     ordered = {name: canonical.state_dict[name] for name in canonical_shapes(arch)}
     return arch, canonical, to_target(ordered, prefix=prefix)
 
@@ -98,7 +117,7 @@ def convert(
         (178, ['head.bias', 'head.weight', 'norm.bias', 'norm.weight'])
     """
     fmt = output_format(dst)  # refuse a bad extension before reading a large file
-    loaded = load_checkpoint(src)
+    loaded, source_format = read_checkpoint(src)
     state_dict, container = select_state_dict(loaded, ema=ema)
     arch, canonical, target = prepare(state_dict, prefix=prefix, layout=layout)
     _, nbytes = write_checkpoint(dst, target.state_dict, force=force, source=src)
@@ -127,11 +146,16 @@ def convert(
         format=fmt,
         kept=len(target.state_dict),
         parameters=sum(t.numel() for t in target.state_dict.values()),
-        dropped=[canonical.source_names[c] for c in target.dropped],
+        dropped=sorted([canonical.source_names[c] for c in target.dropped] + list(canonical.dropped)),
+        drop_reasons={
+            **{canonical.source_names[c]: "classifier only (a detection backbone has no pooled norm or head)" for c in target.dropped},
+            **canonical.dropped,
+        },
+        reshaped={prefix + c: fix for c, fix in canonical.reshaped.items()},
         renamed=renamed,
         fresh=fresh_output_norms(arch, ALL_OUTPUTS, prefix),
         dtypes=dtypes,
         dtype_changes=changes,
         bytes_written=nbytes,
-        notes=d2_reader_problems(src, loaded),
+        notes=d2_problems(src, source_format, loaded, canonical.layout, canonical.prefix, list(canonical.state_dict)),
     )

@@ -1,33 +1,85 @@
 """What Detectron2 would make of a file as it is (LAYOUTS.md, "How Detectron2 reads MODEL.WEIGHTS").
 
-Detectron2 picks its reader by extension: `.pkl` goes through plain `pickle.load`
-and needs `model` *and* `__author__` to be taken as-is; anything else goes through
-`torch.load`.  These notes explain the two documented failures of hand-made files
-(BACKGROUND.md) when such a file is given to us as a source.
+Detectron2 picks its reader by extension: `.pkl` goes through plain `pickle.load` and
+needs `model` *and* `__author__` to be taken as-is; anything else goes through
+`torch.load` (with `weights_only=True` from torch 2.6), and a dict without `model` is
+wrapped whole.  Then names must equal the model's (`backbone.` + official names for a
+ConvNeXt backbone), or they are skipped with a warning.  Each problem below is one
+documented way a file fails loudly or, worse, silently (BACKGROUND.md).
 """
 from __future__ import annotations
 
+import argparse
 import os
-from typing import Any, List
+from typing import Any, Iterator, List, Mapping, Optional, Tuple
 
-from .read import ZIP_MAGIC
+import torch
+
+from .architecture import CLASSIFIER_KEYS
+
+D2_PREFIX = "backbone."
 
 
-def d2_reader_problems(path: str, loaded: Any) -> List[str]:
-    """Problems Detectron2's `DetectionCheckpointer` would hit reading `path` directly."""
-    if not path.lower().endswith(".pkl"):
-        return []
-    with open(path, "rb") as f:
-        is_torch_archive = f.read(4) == ZIP_MAGIC
-    name = os.path.basename(path)
-    if is_torch_archive:
+def _walk(obj: Any, path: str = "") -> Iterator[Tuple[str, Any]]:
+    yield path, obj
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            yield from _walk(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _walk(v, f"{path}[{i}]")
+
+
+def _reader_problems(name: str, fmt: str, loaded: Any) -> List[str]:
+    is_pkl = name.lower().endswith(".pkl")
+    if is_pkl and fmt in ("torch-zip", "torch-legacy"):
         return [
-            f"{name} is a torch.save archive under a .pkl name: Detectron2 reads .pkl with pickle.load and fails "
+            f"a torch.save archive under a .pkl name: Detectron2 reads .pkl with pickle.load and fails "
             "('UnpicklingError: A load persistent id instruction was encountered...')."
         ]
-    if isinstance(loaded, dict) and "model" in loaded and "__author__" not in loaded:
+    if is_pkl and isinstance(loaded, Mapping) and not ("model" in loaded and "__author__" in loaded):
+        what = "'model' but no '__author__'" if "model" in loaded else "no 'model' and '__author__'"
         return [
-            f"{name} has 'model' but no '__author__': Detectron2 takes it for Caffe2 blobs and fails "
-            "('ValueError: Unsupported type found in checkpoint! model: <class 'dict'>')."
+            f"a .pkl with {what}: Detectron2 takes it for Caffe2 blobs and fails "
+            f"('ValueError: Unsupported type found in checkpoint! ...: <class 'dict'>') or renames by heuristics."
         ]
-    return []
+    if fmt == "safetensors":
+        return ["a safetensors file: Detectron2's checkpointer cannot read it (it calls torch.load)."]
+    problems = []
+    if not is_pkl and isinstance(loaded, Mapping) and "model" not in loaded:
+        odd = next((f"{k}: {type(v).__name__}" for k, v in loaded.items() if not isinstance(v, torch.Tensor)), None)
+        if odd:
+            problems.append(
+                f"no top-level 'model': Detectron2 wraps the whole dict as the model and fails "
+                f"('Unsupported type found in checkpoint! {odd}')."
+            )
+    if not is_pkl:
+        unsafe = sorted({type(v).__name__ for _, v in _walk(loaded) if isinstance(v, argparse.Namespace) or type(v).__name__ == "ndarray"})
+        if unsafe:
+            problems.append(
+                f"holds {', '.join(unsafe)} objects: torch >= 2.6 loads with weights_only=True, as Detectron2 "
+                "calls it, and refuses them ('Weights only load failed')."
+            )
+    return problems
+
+
+def d2_problems(path: str, fmt: str, loaded: Any, layout: Optional[str] = None, source_prefix: Optional[str] = None, canonical_names: Optional[List[str]] = None) -> List[str]:
+    """Problems Detectron2's `DetectionCheckpointer` would hit loading `path` into a ConvNeXt backbone as it is."""
+    problems = _reader_problems(os.path.basename(path), fmt, loaded)
+    if layout is not None and layout != "official":
+        problems.append(
+            f"names are in the {layout} layout: a Detectron2 ConvNeXt with official names loads none of them "
+            "(every weight missing, training starts from random init)."
+        )
+    elif source_prefix is not None and source_prefix != D2_PREFIX:
+        problems.append(
+            f"names start with '{source_prefix}' instead of '{D2_PREFIX}': Detectron2 loads none of them "
+            "(only log warnings; training starts from random init)."
+        )
+    classifier = sorted(k for k in (canonical_names or []) if k in CLASSIFIER_KEYS)
+    if classifier:
+        problems.append(
+            f"classifier tensors {', '.join(classifier)} are unused by a detection backbone; under "
+            "matching_heuristics the pooled 'norm.weight' suffix-matches every '*.norm.weight' in the model."
+        )
+    return problems

@@ -1,25 +1,173 @@
 """Source layouts: who wrote the names, and how they map to canonical (official) names.
 
-A layout is a small declarative table of anchored rename rules (source -> canonical)
-with their inverse (canonical -> source), so tests can build a source dict from a
-canonical one and check that the round trip is the identity.  Every mapping is
-checked for collisions and for keys that no rule claims.
+A layout is a table of *pairs*: a source-name template and the canonical template it
+corresponds to, plus an optional shape fix.  Templates name their fields, so one pair
+serves both directions and every layout is invertible by construction (tests build a
+source dict from a canonical one with `from_canonical` and check the round trip):
 
-A checkpoint may carry its layout behind a prefix (`backbone.` in a Detectron2
-file, `encoder.` or anything else a wrapper added): recognition finds the prefix
-from the layout's marker key and strips it.
+    "stages.{s}.blocks.{b}.conv_dw.{p}"  <->  "stages.{s}.{b}.dwconv.{p}"
+
+A field is `{name}` (digits), `{name|codec}` (digits transformed, e.g. torchvision's
+stage `s` lives at `features.{2s+1}`), or `{name=a|b}` (one of the words); `{p}` is
+`weight` or `bias`.  Facts (names, shapes) from LAYOUTS.md and each library's code.
+
+Recognition: each layout has marker keys only it writes; the prefix in front of the
+first marker (`backbone.`, `convnext.`, `visual.trunk.`, `module.`...) is found and
+stripped.  When two layouts claim a dict the more specific one (more markers, or a
+fixed prefix) wins; a tie is an error naming both.
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from .errors import NotConvNeXt
 
-Rule = Tuple[str, str]  # (anchored regex, replacement)
+# ---------------------------------------------------------------- templates
+
+
+def _odd(value: int, to_source: bool) -> Optional[int]:
+    """torchvision: stage s is features[2s+1]."""
+    if to_source:
+        return 2 * value + 1
+    return (value - 1) // 2 if value % 2 == 1 else None
+
+
+def _even(value: int, to_source: bool) -> Optional[int]:
+    """torchvision: the downsample before stage i is features[2i] (i=0: the stem)."""
+    if to_source:
+        return 2 * value
+    return value // 2 if value % 2 == 0 else None
+
+
+def _plus1(value: int, to_source: bool) -> Optional[int]:
+    """Hugging Face Backbone: output norm i is hidden_states_norms.stage{i+1}."""
+    if to_source:
+        return value + 1
+    return value - 1 if value >= 1 else None
+
+
+_CODECS: Dict[str, Callable[[int, bool], Optional[int]]] = {"odd": _odd, "even": _even, "plus1": _plus1}
+_FIELD = re.compile(r"\{(\w+)(?:\|(\w+)|=([\w|]+))?\}")
+
+
+class Template:
+    """A name pattern with named fields, matchable and formattable."""
+
+    def __init__(self, text: str, words_of: Optional[Mapping[str, str]] = None) -> None:
+        self.text = text
+        self.codecs: Dict[str, Optional[str]] = {}
+        self.words: Dict[str, str] = {}
+        pattern, pos = "", 0
+        for m in _FIELD.finditer(text):
+            name, codec, words = m.group(1), m.group(2), m.group(3)
+            if name == "p" and words is None:
+                words = "weight|bias"
+            words = words or (words_of or {}).get(name)
+            if words:
+                self.words[name] = words
+            pattern += re.escape(text[pos:m.start()])
+            pattern += f"(?P<{name}>{words})" if words else f"(?P<{name}>\\d+)"
+            self.codecs[name] = codec if not words else "word"
+            pos = m.end()
+        self.regex = re.compile("^" + pattern + re.escape(text[pos:]) + "$")
+
+    def match(self, key: str, to_source: bool) -> Optional[Dict[str, Any]]:
+        """Field values in canonical terms (codecs undone when reading a source name)."""
+        m = self.regex.match(key)
+        if m is None:
+            return None
+        values: Dict[str, Any] = {}
+        for name, raw in m.groupdict().items():
+            codec = self.codecs[name]
+            if codec == "word":
+                values[name] = raw
+            elif codec is None:
+                values[name] = int(raw)
+            else:
+                decoded = _CODECS[codec](int(raw), False) if not to_source else int(raw)
+                if decoded is None:
+                    return None
+                values[name] = decoded
+        return values
+
+    def format(self, values: Mapping[str, Any], to_source: bool) -> str:
+        def field_value(m: "re.Match[str]") -> str:
+            name, codec = m.group(1), m.group(2)
+            value = values[name]
+            return str(_CODECS[codec](value, True) if (codec and to_source) else value)
+
+        return _FIELD.sub(field_value, self.text)
+
+
+# ---------------------------------------------------------------- shape fixes
+# Each is (to canonical, to source); both are views, so values stay bit-identical.
+
+
+def _squeeze_1x1(t: torch.Tensor) -> torch.Tensor:
+    """timm conv-MLP models store Linear weights as 1x1 convs [out, in, 1, 1]."""
+    return t.reshape(t.shape[0], t.shape[1]) if t.ndim == 4 else t
+
+
+def _unsqueeze_1x1(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], t.shape[1], 1, 1) if t.ndim == 2 else t
+
+
+def _grn_4d(t: torch.Tensor) -> torch.Tensor:
+    """Official GRN parameters are [1, 1, 1, E]; timm and mmpretrain store [E]."""
+    return t.reshape(1, 1, 1, -1)
+
+
+def _grn_1d(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1)
+
+
+def _layer_scale_1d(t: torch.Tensor) -> torch.Tensor:
+    """torchvision layer scale is [C, 1, 1]; official `gamma` is [C]."""
+    return t.reshape(-1)
+
+
+def _layer_scale_3d(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, 1, 1)
+
+
+@dataclass(frozen=True)
+class Fix:
+    name: str
+    to_canonical: Callable[[torch.Tensor], torch.Tensor]
+    to_source: Callable[[torch.Tensor], torch.Tensor]
+
+
+SQUEEZE_1X1 = Fix("[out,in,1,1] -> [out,in]", _squeeze_1x1, _unsqueeze_1x1)
+GRN_VECTOR = Fix("[E] -> [1,1,1,E]", _grn_4d, _grn_1d)
+LAYER_SCALE_3D = Fix("[C,1,1] -> [C]", _layer_scale_1d, _layer_scale_3d)
+# The conv-MLP fix is optional in the source direction: only conv-MLP models need it.
+NO_FIX = Fix("", lambda t: t, lambda t: t)
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One source template and its canonical template (plus a shape fix)."""
+
+    source: Template
+    canonical: Template
+    fix: Fix = NO_FIX
+    outside_prefix: bool = False  # the source key carries no layout prefix (HF `classifier`)
+
+
+def _pairs(*rows: Tuple[Any, ...]) -> Tuple[Pair, ...]:
+    out = []
+    for row in rows:
+        source, canonical = row[0], row[1]
+        fix = row[2] if len(row) > 2 and row[2] is not None else NO_FIX
+        outside = len(row) > 3 and bool(row[3])
+        source_template = Template(source)
+        # The canonical side names the same word fields ({m}); it inherits their alternatives.
+        out.append(Pair(source_template, Template(canonical, source_template.words), fix, outside))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -28,40 +176,193 @@ class Layout:
 
     Attributes:
         name: stable identifier used by `--from` and in reports.
-        marker: a source-side key (without prefix) that only this layout has.
-        to_canonical: rules applied in order; the first whose pattern matches renames the key.
-        from_canonical: the inverse rules.
+        markers: source keys (after the prefix) that together identify the layout.
+        pairs: the mapping table (first matching pair wins, in both directions).
+        drops: source templates of tensors deliberately left out, with the reason.
+        prefixes: the only prefixes this layout comes with (None: any).
+        describe: one line for reports and `--from` help.
     """
 
     name: str
-    marker: str
-    to_canonical: Tuple[Rule, ...]
-    from_canonical: Tuple[Rule, ...]
+    markers: Tuple[str, ...]
+    pairs: Tuple[Pair, ...]
+    describe: str
+    drops: Tuple[Tuple[Template, str], ...] = ()
+    drop_outside_prefix: Optional[str] = None  # reason to drop every key outside the prefix
+    prefixes: Optional[Tuple[str, ...]] = None
+    post: Optional[Callable[[Dict[str, torch.Tensor], Dict[str, str]], None]] = None  # layout-specific renames
 
-    def rename(self, key: str, inverse: bool = False) -> Optional[str]:
-        for pattern, repl in self.from_canonical if inverse else self.to_canonical:
-            new, n = re.subn(pattern, repl, key)
-            if n:
-                return new
+    @property
+    def specificity(self) -> int:
+        return len(self.markers) + (1 if self.prefixes is not None else 0)
+
+    def rename(self, key: str, inverse: bool = False, outside: bool = False) -> Optional[Tuple[str, Fix]]:
+        """(new name, fix) for one key, or None when no pair applies."""
+        for pair in self.pairs:
+            if pair.outside_prefix != outside:
+                continue
+            frm, to = (pair.canonical, pair.source) if inverse else (pair.source, pair.canonical)
+            values = frm.match(key, to_source=inverse)
+            if values is not None:
+                return to.format(values, to_source=inverse), pair.fix
+        return None
+
+    def drop_reason(self, key: str) -> Optional[str]:
+        for template, reason in self.drops:
+            if template.match(key, to_source=False) is not None:
+                return reason
         return None
 
 
-# Official facebookresearch names *are* the canonical names: every key of the model
-# (and of detection backbones derived from it: `norm{i}` output norms) maps to itself.
-_OFFICIAL_KEYS = (
-    r"^(downsample_layers\.[0-3]\.[01]\.(?:weight|bias))$",
-    r"^(stages\.\d+\.\d+\.(?:gamma|(?:dwconv|norm|pwconv1|pwconv2)\.(?:weight|bias)|grn\.(?:gamma|beta)))$",
-    r"^(norm[0-3]?\.(?:weight|bias))$",
-    r"^(head\.(?:weight|bias))$",
-)
-OFFICIAL = Layout(
-    name="official",
-    marker="downsample_layers.0.0.weight",
-    to_canonical=tuple((p, r"\1") for p in _OFFICIAL_KEYS),
-    from_canonical=tuple((p, r"\1") for p in _OFFICIAL_KEYS),
+# ---------------------------------------------------------------- the layouts
+
+_OFFICIAL_PAIRS = _pairs(
+    ("downsample_layers.{i}.{j}.{p}", "downsample_layers.{i}.{j}.{p}"),
+    ("stages.{s}.{b}.gamma", "stages.{s}.{b}.gamma"),
+    ("stages.{s}.{b}.{m=dwconv|norm|pwconv1|pwconv2}.{p}", "stages.{s}.{b}.{m}.{p}"),
+    ("stages.{s}.{b}.grn.{g=gamma|beta}", "stages.{s}.{b}.grn.{g}"),
+    ("norm{i}.{p}", "norm{i}.{p}"),
+    ("norm.{p}", "norm.{p}"),
+    ("head.{p}", "head.{p}"),
 )
 
-LAYOUTS: Dict[str, Layout] = {layout.name: layout for layout in (OFFICIAL,)}
+OFFICIAL = Layout(
+    name="official",
+    markers=("stages.0.0.dwconv.weight",),
+    pairs=_OFFICIAL_PAIRS,
+    describe="facebookresearch ConvNeXt / ConvNeXt-V2 (also FCMAE dense files and Detectron2 files)",
+)
+
+_TIMM_ROWS = (
+    ("stem.{j}.{p}", "downsample_layers.0.{j}.{p}"),
+    ("stages.{i}.downsample.{j}.{p}", "downsample_layers.{i}.{j}.{p}"),
+    ("stages.{s}.blocks.{b}.conv_dw.{p}", "stages.{s}.{b}.dwconv.{p}"),
+    ("stages.{s}.blocks.{b}.norm.{p}", "stages.{s}.{b}.norm.{p}"),
+    ("stages.{s}.blocks.{b}.mlp.fc1.{p}", "stages.{s}.{b}.pwconv1.{p}", SQUEEZE_1X1),
+    ("stages.{s}.blocks.{b}.mlp.fc2.{p}", "stages.{s}.{b}.pwconv2.{p}", SQUEEZE_1X1),
+    ("stages.{s}.blocks.{b}.gamma", "stages.{s}.{b}.gamma"),
+    ("stages.{s}.blocks.{b}.mlp.grn.weight", "stages.{s}.{b}.grn.gamma", GRN_VECTOR),
+    ("stages.{s}.blocks.{b}.mlp.grn.bias", "stages.{s}.{b}.grn.beta", GRN_VECTOR),
+    ("head.norm.{p}", "norm.{p}"),
+    ("head.fc.{p}", "head.{p}"),
+)
+_TIMM_DROPS = (
+    (Template("norm_pre.{p}"), "classifier-side norm of a head-norm-first (_hnf) model"),
+    (Template("head.pre_logits.fc.{p}"), "classifier MLP (pre-logits)"),
+)
+
+TIMM = Layout(
+    name="timm",
+    markers=("stages.0.blocks.0.conv_dw.weight",),
+    pairs=_pairs(*_TIMM_ROWS),
+    drops=_TIMM_DROPS,
+    describe="timm convnext_* / convnextv2_* (incl. conv-MLP models), hub and safetensors files",
+)
+
+
+def _features_only(text: str) -> str:
+    # timm's FeatureListNet flattens top-level module names: stem.0 -> stem_0, stages.1 -> stages_1.
+    return re.sub(r"^(stem|stages)\.(\{\w+\}|\d+)", r"\1_\2", text)
+
+
+TIMM_FEATURES = Layout(
+    name="timm-features",
+    markers=("stages_0.blocks.0.conv_dw.weight",),
+    pairs=_pairs(*[(_features_only(r[0]),) + tuple(r[1:]) for r in _TIMM_ROWS[:9]]),
+    describe="timm features_only models (stem_0, stages_0, ...)",
+)
+
+OPEN_CLIP = Layout(
+    name="open_clip",
+    markers=TIMM.markers,
+    pairs=TIMM.pairs,
+    drops=_TIMM_DROPS,
+    drop_outside_prefix="OpenCLIP tensors outside the image trunk (projection head, text tower)",
+    prefixes=("visual.trunk.",),
+    describe="OpenCLIP ConvNeXt towers (timm trunk under visual.trunk.)",
+)
+
+HUGGINGFACE = Layout(
+    name="huggingface",
+    markers=("encoder.stages.0.layers.0.dwconv.weight",),
+    pairs=_pairs(
+        ("embeddings.patch_embeddings.{p}", "downsample_layers.0.0.{p}"),
+        ("embeddings.layernorm.{p}", "downsample_layers.0.1.{p}"),
+        ("encoder.stages.{i}.downsampling_layer.{j}.{p}", "downsample_layers.{i}.{j}.{p}"),
+        ("encoder.stages.{s}.layers.{b}.dwconv.{p}", "stages.{s}.{b}.dwconv.{p}"),
+        ("encoder.stages.{s}.layers.{b}.layernorm.{p}", "stages.{s}.{b}.norm.{p}"),
+        ("encoder.stages.{s}.layers.{b}.{m=pwconv1|pwconv2}.{p}", "stages.{s}.{b}.{m}.{p}"),
+        ("encoder.stages.{s}.layers.{b}.layer_scale_parameter", "stages.{s}.{b}.gamma"),
+        ("encoder.stages.{s}.layers.{b}.grn.weight", "stages.{s}.{b}.grn.gamma"),
+        ("encoder.stages.{s}.layers.{b}.grn.bias", "stages.{s}.{b}.grn.beta"),
+        ("hidden_states_norms.stage{i|plus1}.{p}", "norm{i}.{p}"),
+        ("layernorm.{p}", "norm.{p}"),
+        ("classifier.{p}", "head.{p}", None, True),
+    ),
+    describe="Hugging Face ConvNext* / ConvNextV2* (ForImageClassification, Model, Backbone)",
+)
+
+TORCHVISION = Layout(
+    name="torchvision",
+    markers=("features.1.0.block.0.weight",),
+    pairs=_pairs(
+        ("features.{i|even}.{j}.{p}", "downsample_layers.{i}.{j}.{p}"),
+        ("features.{s|odd}.{b}.block.0.{p}", "stages.{s}.{b}.dwconv.{p}"),
+        ("features.{s|odd}.{b}.block.2.{p}", "stages.{s}.{b}.norm.{p}"),
+        ("features.{s|odd}.{b}.block.3.{p}", "stages.{s}.{b}.pwconv1.{p}"),
+        ("features.{s|odd}.{b}.block.5.{p}", "stages.{s}.{b}.pwconv2.{p}"),
+        ("features.{s|odd}.{b}.layer_scale", "stages.{s}.{b}.gamma", LAYER_SCALE_3D),
+        ("classifier.0.{p}", "norm.{p}"),
+        ("classifier.2.{p}", "head.{p}"),
+    ),
+    describe="torchvision convnext_tiny/small/base/large",
+)
+
+
+def _mmpretrain_final_norm(canonical: Dict[str, torch.Tensor], names: Dict[str, str]) -> None:
+    """mmpretrain classifiers keep the pooled norm as `norm3` (gap_before_final_norm): it is `norm`."""
+    others = [k for k in canonical if re.match(r"^norm[0-2]\.", k)]
+    if "head.weight" in canonical and "norm3.weight" in canonical and not others:
+        for p in ("weight", "bias"):
+            if f"norm3.{p}" in canonical:
+                canonical[f"norm.{p}"] = canonical.pop(f"norm3.{p}")
+                names[f"norm.{p}"] = names.pop(f"norm3.{p}")
+
+
+MMPRETRAIN = Layout(
+    name="mmpretrain",
+    markers=("stages.0.0.depthwise_conv.weight",),
+    pairs=_pairs(
+        ("downsample_layers.{i}.{j}.{p}", "downsample_layers.{i}.{j}.{p}"),
+        ("stages.{s}.{b}.depthwise_conv.{p}", "stages.{s}.{b}.dwconv.{p}"),
+        ("stages.{s}.{b}.norm.{p}", "stages.{s}.{b}.norm.{p}"),
+        ("stages.{s}.{b}.pointwise_conv1.{p}", "stages.{s}.{b}.pwconv1.{p}"),
+        ("stages.{s}.{b}.pointwise_conv2.{p}", "stages.{s}.{b}.pwconv2.{p}"),
+        ("stages.{s}.{b}.gamma", "stages.{s}.{b}.gamma"),
+        ("stages.{s}.{b}.grn.{g=gamma|beta}", "stages.{s}.{b}.grn.{g}", GRN_VECTOR),
+        # Reading, `norm{i}` claims norm3 first and `_mmpretrain_final_norm` decides what it is;
+        # writing, the classifier's `norm` goes back to `norm3` through the second row.
+        ("norm{i}.{p}", "norm{i}.{p}"),
+        ("norm3.{p}", "norm.{p}"),
+        ("head.fc.{p}", "head.{p}", None, True),
+    ),
+    describe="mmpretrain / mmcls ConvNeXt (backbone. prefix, state_dict container)",
+    post=_mmpretrain_final_norm,
+)
+
+DINOV3 = Layout(
+    name="dinov3",
+    markers=OFFICIAL.markers + ("norms.3.weight",),
+    pairs=_OFFICIAL_PAIRS,
+    drops=((Template("norms.{i}.{p}"), "DINOv3 alias of norm (the same tensor)"),),
+    describe="DINOv3 ConvNeXt (official names plus the norms.3 alias of norm)",
+)
+
+LAYOUTS: Dict[str, Layout] = {
+    layout.name: layout for layout in (OFFICIAL, TIMM, TIMM_FEATURES, OPEN_CLIP, HUGGINGFACE, TORCHVISION, MMPRETRAIN, DINOV3)
+}
+
+# ---------------------------------------------------------------- recognition and mapping
 
 
 @dataclass(frozen=True)
@@ -72,67 +373,121 @@ class Canonical:
     layout: str
     prefix: str
     source_names: Dict[str, str]  # canonical name -> name in the source dict
+    dropped: Dict[str, str] = field(default_factory=dict)  # source name -> why it was left out
+    reshaped: Dict[str, str] = field(default_factory=dict)  # canonical name -> shape fix applied
 
 
 def _as_tensor(value: Any) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value
-    import numpy as np  # numpy arrays come only from .pkl files
+    import numpy as np  # numpy arrays come only from .pkl (and some .pth) files
 
     return torch.from_numpy(np.ascontiguousarray(value))
 
 
+def _claims(layout: Layout, keys: Sequence[str]) -> List[str]:
+    """Prefixes under which all of the layout's markers appear."""
+    first = layout.markers[0]
+    prefixes = {k[: -len(first)] for k in keys if k.endswith(first)}
+    prefixes = {p for p in prefixes if p == "" or p.endswith(".")}
+    if layout.prefixes is not None:
+        prefixes &= set(layout.prefixes)
+    keyset = set(keys)
+    return sorted(p for p in prefixes if all(p + m in keyset for m in layout.markers))
+
+
+def _refuse_known_non_targets(keys: Sequence[str]) -> None:
+    kernels = sorted(k for k in keys if k.endswith(".kernel"))
+    if kernels:
+        raise NotConvNeXt(
+            f"sparse ConvNeXt-V2 FCMAE checkpoint (MinkowskiEngine kernels such as '{kernels[0]}'): "
+            "its convolutions are stored as (k*k, in, out) sparse kernels.",
+            "Densify it first: load it into the official dense ConvNeXt-V2 model (the FCMAE repo's "
+            "remap to dense weights), or use the released dense *_fcmae.pt file.",
+        )
+    if any(re.match(r"^(.*\.)?blocks\.0\.dwconv\.weight$", k) for k in keys) and not any(".stages." in "." + k for k in keys):
+        raise NotConvNeXt(
+            "isotropic ConvNeXt (one stage of 'blocks.N', no downsampling pyramid): it has no res2..res5 outputs.",
+            "Detectron2 ConvNeXt backbones need the hierarchical ConvNeXt (stages 0-3).",
+        )
+
+
 def recognise(keys: Sequence[str], forced: Optional[str] = None) -> Tuple[Layout, str]:
-    """Pick the layout whose marker the keys carry, and the prefix in front of it.
+    """Pick the layout whose markers the keys carry, and the prefix in front of them.
 
     Raises:
-        NotConvNeXt: no layout (or not the forced one) matches, naming what was looked for.
+        NotConvNeXt: no layout (or not the forced one) matches, or two match equally; the
+            message names the markers looked for and a sample of the keys.
     """
-    candidates = [LAYOUTS[forced]] if forced else list(LAYOUTS.values())
-    found = []
-    for layout in candidates:
-        prefixes = {k[: -len(layout.marker)] for k in keys if k.endswith(layout.marker)}
-        prefixes = {p for p in prefixes if p == "" or p.endswith(".")}
-        if len(prefixes) == 1:
-            found.append((layout, prefixes.pop()))
+    if forced is not None:
+        layout = LAYOUTS[forced]
+        prefixes = _claims(layout, keys)
+        if len(prefixes) != 1:
+            raise NotConvNeXt(
+                f"--from {forced}: the keys do not carry its marker '{layout.markers[0]}' "
+                f"({'under several prefixes: ' + ', '.join(prefixes) if prefixes else 'anywhere'}); "
+                f"keys such as {', '.join(sorted(keys)[:4])}.",
+                "Drop --from to let the layout be recognised.",
+            )
+        return layout, prefixes[0]
+    _refuse_known_non_targets(keys)
+    found = [(layout, p) for layout in LAYOUTS.values() for p in _claims(layout, keys)]
+    if found:
+        best = max(layout.specificity for layout, _ in found)
+        found = [(layout, p) for layout, p in found if layout.specificity == best]
     if len(found) == 1:
         return found[0]
-    sample = ", ".join(sorted(keys)[:5])
     if not found:
-        markers = ", ".join(f"'{layout.marker}' ({layout.name})" for layout in candidates)
+        markers = "; ".join(f"{layout.name}: '{layout.markers[0]}'" for layout in LAYOUTS.values())
         raise NotConvNeXt(
-            f"not a ConvNeXt checkpoint this tool knows: no key ends with {markers}; "
-            f"{len(keys)} keys such as {sample}.",
-            "Pass a ConvNeXt checkpoint (official names such as 'stages.0.0.dwconv.weight').",
+            f"not a ConvNeXt checkpoint this tool knows: no key ends with a layout marker ({markers}); "
+            f"{len(keys)} keys such as {', '.join(sorted(keys)[:5])}.",
+            "Pass a ConvNeXt checkpoint; `convnext-d2 inspect FILE` shows what a file holds.",
         )
     names = ", ".join(f"{layout.name} (prefix '{prefix}')" for layout, prefix in found)
-    raise NotConvNeXt(f"the keys match several layouts: {names}.", "Say which with --from LAYOUT.")
+    raise NotConvNeXt(f"the keys match several layouts equally: {names}.", "Say which with --from LAYOUT.")
 
 
 def to_canonical(state_dict: Mapping[str, Any], forced: Optional[str] = None) -> Canonical:
-    """Rename a source state dict to canonical names.
+    """Rename a source state dict to canonical names and shapes.
 
-    Every key must be claimed by the layout's rules; two keys may never land on one name.
+    Every key must be claimed by the layout's pairs or drops; two keys may never land on
+    one name.
 
     Raises:
         NotConvNeXt: listing every unclaimed or colliding key.
     """
     if forced is not None and forced not in LAYOUTS:
-        raise NotConvNeXt(f"unknown layout '{forced}'.", f"Known layouts: {', '.join(sorted(LAYOUTS))}.")
+        raise NotConvNeXt(f"unknown layout '{forced}'.", f"Known layouts: {', '.join(LAYOUTS)}.")
     layout, prefix = recognise(list(state_dict), forced)
     out: Dict[str, torch.Tensor] = {}
     names: Dict[str, str] = {}
+    dropped: Dict[str, str] = {}
+    reshaped: Dict[str, str] = {}
     unclaimed: List[str] = []
     collisions: List[str] = []
     for key, value in state_dict.items():
-        new = layout.rename(key[len(prefix):]) if key.startswith(prefix) else None
-        if new is None:
-            unclaimed.append(key)
-        elif new in out:
+        inside = key.startswith(prefix)
+        hit = layout.rename(key[len(prefix):]) if inside else None
+        if hit is None:
+            hit = layout.rename(key, outside=True)
+        if hit is None:
+            reason = layout.drop_reason(key[len(prefix):]) if inside else layout.drop_outside_prefix
+            if reason:
+                dropped[key] = reason
+            else:
+                unclaimed.append(key)
+            continue
+        new, fix = hit
+        if new in out:
             collisions.append(f"{names[new]} and {key} -> {new}")
-        else:
-            out[new] = _as_tensor(value)
-            names[new] = key
+            continue
+        tensor = _as_tensor(value)
+        fixed = fix.to_canonical(tensor)
+        if fixed.shape != tensor.shape:
+            reshaped[new] = fix.name
+        out[new] = fixed
+        names[new] = key
     if unclaimed or collisions:
         parts = []
         if unclaimed:
@@ -143,16 +498,33 @@ def to_canonical(state_dict: Mapping[str, Any], forced: Optional[str] = None) ->
             f"mixed or unknown naming ({'; '.join(parts)}).",
             "The dict mixes naming schemes or holds non-ConvNeXt weights; convert the backbone's own state dict.",
         )
-    return Canonical(state_dict=out, layout=layout.name, prefix=prefix, source_names=names)
+    if layout.post is not None:
+        layout.post(out, names)
+    return Canonical(out, layout.name, prefix, names, dropped, reshaped)
 
 
-def from_canonical(state_dict: Mapping[str, Any], layout: str, prefix: str = "") -> Dict[str, Any]:
-    """Inverse of `to_canonical`: write canonical names in `layout`'s naming behind `prefix`."""
+def from_canonical(
+    state_dict: Mapping[str, Any], layout: str, prefix: str = "", *, conv_mlp: bool = False
+) -> Dict[str, Any]:
+    """Inverse of `to_canonical`: canonical names and shapes in `layout`'s naming behind `prefix`.
+
+    `conv_mlp` writes timm's conv-MLP form (`[out, in, 1, 1]` MLP weights).
+    """
     rules = LAYOUTS[layout]
-    out = {}
+    out: Dict[str, Any] = {}
     for key, value in state_dict.items():
-        new = rules.rename(key, inverse=True)
-        if new is None:
+        hit = rules.rename(key, inverse=True)
+        outside = False
+        if hit is None:
+            hit, outside = rules.rename(key, inverse=True, outside=True), True
+        if hit is None:
             raise NotConvNeXt(f"'{key}' has no name in the {layout} layout.", "")
-        out[prefix + new] = value
+        new, fix = hit
+        if fix is SQUEEZE_1X1 and not conv_mlp:
+            fix = NO_FIX
+        out[new if outside else prefix + new] = fix.to_source(value)
+    if layout == "dinov3":
+        for p in ("weight", "bias"):
+            if prefix + f"norm.{p}" in out:
+                out[prefix + f"norms.3.{p}"] = out[prefix + f"norm.{p}"]
     return out

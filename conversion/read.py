@@ -119,15 +119,45 @@ def _torch_load(f: Any, name: str) -> Any:
                 return torch.load(f, map_location="cpu", weights_only=True)
         return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+        # torch's message ends with generic advice; the line naming the refused global is the cause.
+        first = next((line for line in lines if "Unsupported" in line or "WeightsUnpickler" in line), lines[-1])
         raise UnsafeCheckpoint(
             f"{name}: refusing to load objects that are not tensor data ({first[:200]}).",
             "Only tensors, arrays and plain containers are read; re-save with torch.save(state_dict).",
         ) from None
 
 
+def _looks_like_safetensors(f: Any) -> bool:
+    """safetensors: an 8-byte little-endian header length, then a JSON object."""
+    start = f.read(9)
+    f.seek(0)
+    if len(start) < 9 or start[8:9] != b"{":
+        return False
+    size = int.from_bytes(start[:8], "little")
+    return 2 <= size <= 100_000_000
+
+
+def _load_safetensors(path: str) -> Dict[str, Any]:
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise UnreadableCheckpoint(
+            f"{path}: a safetensors file, and the safetensors package is not installed.",
+            "pip install safetensors",
+        ) from None
+    return dict(load_file(path, device="cpu"))
+
+
 def load_checkpoint(path: str) -> Any:
-    """Read the file at `path` into Python objects, never executing code from it.
+    """Read the file at `path` into Python objects, never executing code from it."""
+    return read_checkpoint(path)[0]
+
+
+def read_checkpoint(path: str) -> Tuple[Any, str]:
+    """Read the file at `path`, never executing code from it; return (objects, format).
+
+    The format is decided by the bytes: "safetensors", "torch-zip", "torch-legacy" or "pickle".
 
     Raises:
         UnreadableCheckpoint: missing, a directory, empty, or not a pickle/torch file.
@@ -143,15 +173,21 @@ def load_checkpoint(path: str) -> Any:
             f.seek(0)
             if not head:
                 raise UnreadableCheckpoint(f"{path}: file is empty (0 bytes).", "Re-download or re-save the checkpoint.")
+            if _looks_like_safetensors(f):
+                return _load_safetensors(path), "safetensors"
             if head == ZIP_MAGIC:
                 if not zipfile.is_zipfile(path):
                     raise UnreadableCheckpoint(f"{path}: truncated or corrupt torch archive.", "Re-download or re-save it.")
-                return _torch_load(f, path)
+                return _torch_load(f, path), "torch-zip"
             obj = _RestrictedUnpickler(f, encoding="latin1").load()
             if isinstance(obj, int) and obj == _LEGACY_TORCH_MAGIC:
                 f.seek(0)
-                return _torch_load(f, path)
-            return obj
+                return _torch_load(f, path), "torch-legacy"
+            return obj, "pickle"
+    except UnsafeCheckpoint as err:
+        if err.message.startswith(path):
+            raise
+        raise UnsafeCheckpoint(f"{path}: {err.message}", err.hint) from None
     except (UnreadableCheckpoint, OSError) as err:
         if isinstance(err, UnreadableCheckpoint):
             raise

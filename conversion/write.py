@@ -91,21 +91,28 @@ def encode(state_dict: Mapping[str, torch.Tensor], fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def _check_written(path: str, state_dict: Mapping[str, torch.Tensor], fmt: str) -> None:
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Exact equality in which NaN equals NaN (a checkpoint may legitimately hold NaN)."""
+    if torch.equal(a, b):
+        return True
+    return a.is_floating_point() and bool(((a == b) | (torch.isnan(a) & torch.isnan(b))).all())
+
+
+def _check_written(path: str, state_dict: Mapping[str, torch.Tensor], fmt: str, shown_as: str = "") -> None:
     from .read import load_checkpoint  # read back exactly as a user's file would be read
 
     data = load_checkpoint(path)
     model = data.get("model") if isinstance(data, dict) else None
     if not isinstance(model, dict) or data.get("__author__") != AUTHOR or set(model) != set(state_dict):
-        raise VerificationFailed(f"{path}: written file does not read back with the expected keys.", "Report this as a bug.")
+        raise VerificationFailed(f"{shown_as or path}: written file does not read back with the expected keys.", "Report this as a bug.")
     bad = []
     for name, src in state_dict.items():
         got = model[name] if isinstance(model[name], torch.Tensor) else torch.from_numpy(model[name])
         want = src.detach().cpu().to(stored_dtype(src.dtype, fmt))
-        if got.dtype != want.dtype or got.shape != want.shape or not torch.equal(got, want):
+        if got.dtype != want.dtype or got.shape != want.shape or not _same_values(got, want):
             bad.append(name)
     if bad:
-        raise VerificationFailed(f"{path}: {len(bad)} tensor(s) differ after reading back: {', '.join(sorted(bad)[:5])}.", "Report this as a bug.")
+        raise VerificationFailed(f"{shown_as or path}: {len(bad)} tensor(s) differ after reading back: {', '.join(sorted(bad)[:5])}.", "Report this as a bug.")
 
 
 def write_checkpoint(path: str, state_dict: Mapping[str, torch.Tensor], *, force: bool = False, source: str = "") -> Tuple[str, int]:
@@ -137,7 +144,7 @@ def write_checkpoint(path: str, state_dict: Mapping[str, torch.Tensor], *, force
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        _check_written(tmp, state_dict, fmt)
+        _check_written(tmp, state_dict, fmt, shown_as=path)
         os.replace(tmp, path)
     except OSError as err:
         _unlink_quietly(tmp)

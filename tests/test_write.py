@@ -121,7 +121,7 @@ def test_a_failed_read_back_leaves_no_file_at_all(tmp_path, monkeypatch):
     """If the read-back check fails, neither the destination nor a temporary file remains."""
     import conversion.write as write
 
-    def corrupt(path, *args):
+    def corrupt(path, *args, **kwargs):
         raise VerificationFailed(f"{path}: simulated mismatch", "")
 
     monkeypatch.setattr(write, "_check_written", corrupt)
@@ -135,7 +135,7 @@ def test_a_failed_read_back_leaves_an_existing_destination_untouched(tmp_path, m
 
     dst = tmp_path / "a.pkl"
     dst.write_bytes(b"previous")
-    monkeypatch.setattr(write, "_check_written", lambda *a: (_ for _ in ()).throw(VerificationFailed("x", "")))
+    monkeypatch.setattr(write, "_check_written", lambda *a, **k: (_ for _ in ()).throw(VerificationFailed("x", "")))
     with pytest.raises(VerificationFailed):
         write_checkpoint(str(dst), SD, force=True)
     assert dst.read_bytes() == b"previous" and os.listdir(tmp_path) == ["a.pkl"]
@@ -157,3 +157,12 @@ def test_read_back_catches_a_changed_tensor(tmp_path, monkeypatch):
     with pytest.raises(VerificationFailed, match="differ after reading back"):
         write_checkpoint(str(tmp_path / "a.pth"), SD)
     assert os.listdir(tmp_path) == []
+
+
+def test_nan_weights_are_written_and_verified(tmp_path):
+    """NaN is data too: the read-back treats NaN as equal to NaN instead of failing the conversion."""
+    sd = dict(SD)
+    name = next(iter(sd))
+    sd[name] = torch.full_like(sd[name], float("nan"))
+    write_checkpoint(str(tmp_path / "nan.pth"), sd)
+    assert torch.isnan(torch.load(tmp_path / "nan.pth", weights_only=True)["model"][name]).all()

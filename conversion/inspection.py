@@ -1,0 +1,78 @@
+"""`inspect`: what a checkpoint file is, and what Detectron2 would make of it as it is."""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Mapping, Optional
+
+from .architecture import infer_architecture
+from .diagnose import d2_problems
+from .layouts import LAYOUTS, to_canonical
+from .read import read_checkpoint, select_state_dict
+
+
+@dataclass
+class InspectReport:
+    """Everything `inspect` tells about a file (also its `--json` output)."""
+
+    path: str
+    file_bytes: int
+    format: str  # torch-zip, torch-legacy, pickle, safetensors
+    container_keys: List[str]  # top-level keys of the file
+    container: Optional[str]  # where the weights are (None: a bare state dict)
+    has_ema: bool
+    layout: str
+    layout_description: str
+    source_prefix: str
+    version: int
+    variant: Optional[str]
+    depths: List[int]
+    dims: List[int]
+    num_classes: Optional[int]
+    tensors: int
+    parameters: int
+    dtypes: Dict[str, int]
+    reshaped: Dict[str, str] = field(default_factory=dict)
+    left_out: Dict[str, str] = field(default_factory=dict)  # source name -> why a conversion leaves it out
+    problems: List[str] = field(default_factory=list)  # what Detectron2 would hit loading the file as is
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def inspect_checkpoint(path: str, *, layout: Optional[str] = None) -> InspectReport:
+    """Read, recognise and diagnose `path` without writing anything.
+
+    Raises:
+        ConversionError: unreadable, no state dict, or not a ConvNeXt this tool knows.
+    """
+    loaded, fmt = read_checkpoint(path)
+    state_dict, container = select_state_dict(loaded)
+    canonical = to_canonical(state_dict, forced=layout)
+    arch = infer_architecture({k: tuple(v.shape) for k, v in canonical.state_dict.items()})
+    dtypes: Dict[str, int] = {}
+    for tensor in canonical.state_dict.values():
+        name = str(tensor.dtype).replace("torch.", "")
+        dtypes[name] = dtypes.get(name, 0) + 1
+    return InspectReport(
+        path=os.path.abspath(path),
+        file_bytes=os.path.getsize(path),
+        format=fmt,
+        container_keys=sorted(map(str, loaded)) if isinstance(loaded, Mapping) and container else [],
+        container=container,
+        has_ema=isinstance(loaded, Mapping) and any(k in loaded for k in ("model_ema", "state_dict_ema")),
+        layout=canonical.layout,
+        layout_description=LAYOUTS[canonical.layout].describe,
+        source_prefix=canonical.prefix,
+        version=arch.version,
+        variant=arch.variant,
+        depths=list(arch.depths),
+        dims=list(arch.dims),
+        num_classes=arch.num_classes,
+        tensors=len(state_dict),
+        parameters=sum(t.numel() for t in canonical.state_dict.values()),
+        dtypes=dtypes,
+        reshaped={canonical.source_names[k]: fix for k, fix in canonical.reshaped.items()},
+        left_out=dict(canonical.dropped),
+        problems=d2_problems(path, fmt, loaded, canonical.layout, canonical.prefix, list(canonical.state_dict)),
+    )

@@ -1,0 +1,425 @@
+"""Bad input: every malformed or hostile source and every unusable destination ends in exit
+status 2 and a message naming the problem; nothing from the file runs; nothing is written,
+not even half (DESIGN.md, "Bad input").
+
+The cases are one table.  Each builds its files in a fresh folder that is also the working
+directory of the run, so paths in arguments and messages are short and relative.  The table
+runs in-process through `conversion.cli.main` (fast); a few cases run again as a real process
+to prove the exit status the shell sees and that no traceback escapes.
+"""
+from __future__ import annotations
+
+import errno
+import functools
+import hashlib
+import io
+import os
+import pickle
+import random
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Sequence, Tuple
+
+import pytest
+import torch
+
+from conversion import write
+from conversion.architecture import Architecture
+from conversion.cli import main
+
+from .support import random_canonical_state_dict, require
+from .test_cli import assert_plain_error, run_cli
+
+EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+TEMP_PREFIX = ".convnext-d2-"  # write.py's temporary files beside the destination
+SMALL = Architecture(depths=(1, 1, 2, 1), dims=(8, 8, 16, 16), num_classes=3, classifier_norm=True)
+GOOD = "in/good.pth"  # a valid source every destination case converts
+DST = "out/model_d2.pth"  # the default destination; `out/` exists and is empty
+SENTINEL = "SENTINEL"  # what a hostile pickle would create if its code ran
+
+
+# ---------------------------------------------------------------- the table
+
+
+@dataclass(frozen=True)
+class BadInput:
+    """One bad invocation: the arguments after `convert`, and what the error must name."""
+
+    args: Tuple[str, ...]
+    says: Tuple[str, ...]
+
+
+Maker = Callable[[Path], BadInput]  # builds the case's files under the folder, returns the invocation
+
+
+def _folders(root: Path) -> None:
+    (root / "in").mkdir(exist_ok=True)
+    (root / "out").mkdir(exist_ok=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _good_state_dict() -> Dict[str, torch.Tensor]:
+    return random_canonical_state_dict(SMALL)
+
+
+def _good_bytes() -> bytes:
+    buf = io.BytesIO()
+    torch.save({"model": _good_state_dict()}, buf)
+    return buf.getvalue()
+
+
+def _source(root: Path, name: str, data: bytes) -> str:
+    _folders(root)
+    (root / "in" / name).write_bytes(data)
+    return f"in/{name}"
+
+
+def _saved(obj: object) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+@functools.lru_cache(maxsize=None)
+def _resnet50_bytes() -> bytes:
+    torchvision = require("torchvision")
+    return _saved(torchvision.models.resnet50(weights=None).state_dict())
+
+
+class _RunsCode:
+    """Pickles as a call to os.system: what a hostile checkpoint carries."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def _touch_sentinel(root: Path) -> _RunsCode:
+    return _RunsCode(f"touch {shlex.quote(str(root / SENTINEL))}")
+
+
+# Sources -----------------------------------------------------------------------------
+
+
+def missing_source(root: Path) -> BadInput:
+    _folders(root)
+    return BadInput(("in/missing.pth", DST), ("in/missing.pth", "no such file"))
+
+
+def directory_source(root: Path) -> BadInput:
+    _folders(root)
+    (root / "in" / "checkpoints").mkdir()
+    return BadInput(("in/checkpoints", DST), ("in/checkpoints", "directory"))
+
+
+def empty_source(root: Path) -> BadInput:
+    return BadInput((_source(root, "empty.pth", b""), DST), ("in/empty.pth", "empty"))
+
+
+def random_bytes_source(root: Path) -> BadInput:
+    src = _source(root, "noise.pth", random.Random(0).randbytes(4096))
+    return BadInput((src, DST), (src, "not a readable checkpoint"))
+
+
+def truncated_torch_file(root: Path) -> BadInput:
+    data = _good_bytes()
+    src = _source(root, "half.pth", data[: len(data) // 2])
+    return BadInput((src, DST), (src, "truncated"))
+
+
+def list_instead_of_dict(root: Path) -> BadInput:
+    src = _source(root, "list.pth", _saved([torch.zeros(2), torch.ones(2)]))
+    return BadInput((src, DST), ("list", "not a dict of weights"))
+
+
+def dict_without_tensors(root: Path) -> BadInput:
+    src = _source(root, "meta.pth", _saved({"epoch": 299, "best_acc": 82.1}))
+    return BadInput((src, DST), ("no state dict", "epoch"))
+
+
+def resnet50_state_dict(root: Path) -> BadInput:
+    src = _source(root, "resnet50.pth", _resnet50_bytes())
+    return BadInput((src, DST), ("not a ConvNeXt",))
+
+
+def one_tensor_transposed(root: Path) -> BadInput:
+    sd = dict(_good_state_dict())
+    sd["stages.2.1.pwconv1.weight"] = sd["stages.2.1.pwconv1.weight"].t().contiguous()
+    src = _source(root, "transposed.pth", _saved({"model": sd}))
+    return BadInput((src, DST), ("stages.2.1.pwconv1.weight", "shape"))
+
+
+def stage_3_removed(root: Path) -> BadInput:
+    sd = {k: v for k, v in _good_state_dict().items() if not k.startswith("stages.3.")}
+    src = _source(root, "three_stages.pth", _saved({"model": sd}))
+    return BadInput((src, DST), ("truncated ConvNeXt", "[3]"))
+
+
+def official_keys_plus_foreign_ones(root: Path) -> BadInput:
+    sd = dict(_good_state_dict(), **{"foo.weight": torch.zeros(3), "fc.bias": torch.zeros(5)})
+    src = _source(root, "mixed.pth", _saved({"model": sd}))
+    return BadInput((src, DST), ("foo.weight", "fc.bias"))  # every foreign key named, at once
+
+
+def pickle_that_runs_code(root: Path) -> BadInput:
+    src = _source(root, "evil.pkl", pickle.dumps({"model": _touch_sentinel(root)}))
+    return BadInput((src, DST), ("refusing", "system"))
+
+
+def torch_file_that_runs_code(root: Path) -> BadInput:
+    src = _source(root, "evil.pth", _saved({"model": _good_state_dict(), "extra": _touch_sentinel(root)}))
+    return BadInput((src, DST), ("refusing", src))
+
+
+# Destinations ------------------------------------------------------------------------
+
+
+def _good(root: Path) -> str:
+    return _source(root, "good.pth", _good_bytes())
+
+
+def destination_exists(root: Path) -> BadInput:
+    _good(root)
+    (root / DST).write_bytes(b"someone else's weights")
+    return BadInput((GOOD, DST), (DST, "exists", "--force"))
+
+
+# Each spelling of "the source itself" is tried with --force: without the check, --force would overwrite it.
+def destination_is_the_source(root: Path) -> BadInput:
+    return BadInput((_good(root), GOOD, "--force"), (GOOD, "destination is the source"))
+
+
+def destination_is_the_source_by_absolute_path(root: Path) -> BadInput:
+    return BadInput((_good(root), str(root / GOOD), "--force"), ("destination is the source",))
+
+
+def destination_is_the_source_through_dot_dot(root: Path) -> BadInput:
+    return BadInput((_good(root), "./out/../in/good.pth", "--force"), ("destination is the source",))
+
+
+def destination_is_a_symlink_to_the_source(root: Path) -> BadInput:
+    _good(root)
+    (root / "out" / "link.pth").symlink_to(Path("..") / GOOD)
+    return BadInput((GOOD, "out/link.pth", "--force"), ("out/link.pth", "destination is the source"))
+
+
+def destination_is_a_hard_link_to_the_source(root: Path) -> BadInput:
+    _good(root)
+    os.link(root / GOOD, root / "out" / "hard.pth")
+    return BadInput((GOOD, "out/hard.pth", "--force"), ("out/hard.pth", "destination is the source"))
+
+
+def unsupported_extension(name: str) -> Maker:
+    def make(root: Path) -> BadInput:
+        return BadInput((_good(root), f"out/{name}"), (f"out/{name}", ".pth", ".pkl"))
+
+    return make
+
+
+def destination_folder_missing(root: Path) -> BadInput:
+    return BadInput((_good(root), "out/nowhere/model.pth"), ("out/nowhere", "does not exist"))
+
+
+def destination_is_a_directory(root: Path) -> BadInput:
+    _good(root)
+    (root / DST).mkdir()
+    return BadInput((GOOD, DST), (DST, "directory"))
+
+
+CASES: Dict[str, Maker] = {
+    "missing-source": missing_source,
+    "directory-as-source": directory_source,
+    "empty-file": empty_source,
+    "random-bytes": random_bytes_source,
+    "truncated-torch-file": truncated_torch_file,
+    "list-not-dict": list_instead_of_dict,
+    "dict-without-tensors": dict_without_tensors,
+    "resnet50": resnet50_state_dict,
+    "tensor-transposed": one_tensor_transposed,
+    "stage-3-removed": stage_3_removed,
+    "foreign-keys": official_keys_plus_foreign_ones,
+    "pickle-runs-code": pickle_that_runs_code,
+    "torch-file-runs-code": torch_file_that_runs_code,
+    "destination-exists": destination_exists,
+    "destination-is-source": destination_is_the_source,
+    "destination-is-source-absolute": destination_is_the_source_by_absolute_path,
+    "destination-is-source-dot-dot": destination_is_the_source_through_dot_dot,
+    "destination-symlink-to-source": destination_is_a_symlink_to_the_source,
+    "destination-hard-link-to-source": destination_is_a_hard_link_to_the_source,
+    "extension-.bin": unsupported_extension("model.bin"),
+    "extension-.safetensors": unsupported_extension("model.safetensors"),
+    "no-extension": unsupported_extension("model"),
+    "destination-folder-missing": destination_folder_missing,
+    "destination-is-directory": destination_is_a_directory,
+}
+# Run again as real processes: one per kind of failure (read, unsafe, recognise, destination).
+IN_A_REAL_PROCESS = [
+    "missing-source",
+    "random-bytes",
+    "pickle-runs-code",
+    "torch-file-runs-code",
+    "foreign-keys",
+    "destination-exists",
+    "destination-symlink-to-source",
+]
+
+
+# ---------------------------------------------------------------- observing the disk
+
+
+def snapshot(root: Path) -> Dict[str, str]:
+    """Every path under `root` with what it is: file content hash, directory, or link target."""
+    seen = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(folder) / name
+            rel = path.relative_to(root).as_posix()
+            if path.is_symlink():
+                seen[rel] = f"link to {os.readlink(path)}"
+            elif path.is_dir():
+                seen[rel] = "directory"
+            else:
+                seen[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return seen
+
+
+def assert_disk_unchanged(root: Path, before: Dict[str, str]) -> None:
+    """Nothing written, nothing half-written, nothing replaced, no code run."""
+    after = snapshot(root)
+    assert not (root / SENTINEL).exists(), "code from the checkpoint ran: the sentinel file exists"
+    temporaries = sorted(p for p in after if Path(p).name.startswith(TEMP_PREFIX))
+    assert temporaries == [], f"temporary files left behind: {temporaries}"
+    added = sorted(set(after) - set(before))
+    removed = sorted(set(before) - set(after))
+    changed = sorted(p for p in set(before) & set(after) if before[p] != after[p])
+    assert (added, removed, changed) == ([], [], []), f"disk changed: added {added}, removed {removed}, changed {changed}"
+
+
+def assert_says(stderr: str, fragments: Sequence[str]) -> None:
+    missing = [f for f in fragments if f not in stderr]
+    assert missing == [], f"the error should name {missing}:\n{stderr}"
+
+
+@pytest.fixture(params=list(CASES.values()), ids=list(CASES))
+def bad(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> BadInput:
+    """One case of the table, built in `tmp_path`, which is also the working directory."""
+    monkeypatch.chdir(tmp_path)
+    return request.param(tmp_path)
+
+
+# ---------------------------------------------------------------- in-process: the whole table
+
+
+def test_bad_input_exits_2_with_one_or_two_lines_naming_the_problem(bad: BadInput, capsys):
+    status = main(["convert", *bad.args])
+
+    out, err = capsys.readouterr()
+    assert status == EXIT_USAGE, f"exit status {status}, stderr:\n{err}"
+    assert_says(err, bad.says)
+    assert_plain_error(err)
+    assert out == "", f"nothing belongs on stdout after an error:\n{out}"
+
+
+def test_bad_input_leaves_the_disk_as_it_was(bad: BadInput, tmp_path: Path, capsys):
+    before = snapshot(tmp_path)
+
+    main(["convert", *bad.args])
+
+    assert_disk_unchanged(tmp_path, before)
+
+
+# ---------------------------------------------------------------- real processes
+
+
+@pytest.mark.parametrize("case", IN_A_REAL_PROCESS)
+def test_bad_input_exits_2_without_a_traceback_in_a_real_process(case: str, tmp_path: Path):
+    bad = CASES[case](tmp_path)
+    before = snapshot(tmp_path)
+
+    result = run_cli("convert", *bad.args, cwd=tmp_path)
+
+    assert result.returncode == EXIT_USAGE, f"exit status {result.returncode}, stderr:\n{result.stderr}"
+    assert_plain_error(result.stderr)
+    assert_says(result.stderr, bad.says)
+    assert_disk_unchanged(tmp_path, before)
+
+
+# ---------------------------------------------------------------- --force and failures while writing
+
+
+def test_force_replaces_an_existing_destination(tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    _good(tmp_path)
+    (tmp_path / DST).write_bytes(b"someone else's weights")
+
+    status = main(["convert", GOOD, DST, "--force"])
+
+    assert status == EXIT_OK, capsys.readouterr().err
+    model = torch.load(tmp_path / DST, map_location="cpu", weights_only=True)["model"]
+    assert "backbone.stages.0.0.dwconv.weight" in model, "the old file was not replaced by the conversion"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model_d2.pth"], "temporary files left behind"
+
+
+@pytest.fixture(params=[False, True], ids=["new-destination", "force-over-existing"])
+def destination(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> List[str]:
+    """The arguments of a valid conversion, over an existing file (with --force) or not."""
+    monkeypatch.chdir(tmp_path)
+    _good(tmp_path)
+    if request.param:
+        (tmp_path / DST).write_bytes(b"someone else's weights")
+        return [GOOD, DST, "--force"]
+    return [GOOD, DST]
+
+
+def test_a_failed_rename_leaves_neither_the_destination_nor_a_temporary_file(destination, tmp_path, monkeypatch, capsys):
+    real_replace = os.replace
+
+    def disk_full(src, dst, *args, **kwargs):
+        if Path(dst).name == Path(DST).name:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", disk_full)
+    before = snapshot(tmp_path)
+
+    status = main(["convert", *destination])
+
+    err = capsys.readouterr().err
+    assert status == EXIT_USAGE, err
+    assert_says(err, [DST, "write failed"])
+    assert_disk_unchanged(tmp_path, before)
+
+
+def test_a_file_that_reads_back_different_is_never_installed(destination, tmp_path, monkeypatch, capsys):
+    real_encode = write.encode
+
+    def corrupting_encode(state_dict, fmt):  # the bytes on disk hold other values than were meant
+        return real_encode({k: v + 1 for k, v in state_dict.items()}, fmt)
+
+    monkeypatch.setattr(write, "encode", corrupting_encode)
+    before = snapshot(tmp_path)
+
+    status = main(["convert", *destination])
+
+    err = capsys.readouterr().err
+    assert status == EXIT_PROBLEM, f"a failed read-back is a verification problem (exit 1), got {status}:\n{err}"
+    assert_says(err, ["differ"])
+    assert_disk_unchanged(tmp_path, before)
+
+
+def test_an_interrupted_write_leaves_nothing_behind(destination, tmp_path, monkeypatch, capsys):
+    def interrupt(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", interrupt)
+    before = snapshot(tmp_path)
+
+    status = main(["convert", *destination])
+
+    err = capsys.readouterr().err
+    assert status == EXIT_INTERRUPTED, err
+    assert_says(err, ["interrupted"])
+    assert_disk_unchanged(tmp_path, before)
