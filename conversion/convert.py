@@ -15,7 +15,7 @@ import torch
 from .architecture import Architecture, canonical_shapes, infer_architecture
 from .diagnose import d2_problems
 from .errors import NotConvNeXt
-from .layouts import LAYOUTS, to_canonical
+from .layouts import LAYOUTS, classifier_names, to_canonical
 from .read import read_checkpoint, select_state_dict
 from .target import ALL_OUTPUTS, DEFAULT_PREFIX, fresh_output_norms, to_target
 from .write import output_format, stored_dtype, write_checkpoint
@@ -157,5 +157,5 @@ def convert(
         dtypes=dtypes,
         dtype_changes=changes,
         bytes_written=nbytes,
-        notes=d2_problems(src, source_format, loaded, canonical.layout, canonical.prefix, list(canonical.state_dict)),
+        notes=d2_problems(src, source_format, loaded, canonical.layout, canonical.prefix, classifier_names(canonical)),
     )

@@ -15,7 +15,6 @@ from typing import Any, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
-from .architecture import CLASSIFIER_KEYS
 
 D2_PREFIX = "backbone."
 
@@ -63,8 +62,18 @@ def _reader_problems(name: str, fmt: str, loaded: Any) -> List[str]:
     return problems
 
 
-def d2_problems(path: str, fmt: str, loaded: Any, layout: Optional[str] = None, source_prefix: Optional[str] = None, canonical_names: Optional[List[str]] = None) -> List[str]:
-    """Problems Detectron2's `DetectionCheckpointer` would hit loading `path` into a ConvNeXt backbone as it is."""
+def d2_problems(
+    path: str,
+    fmt: str,
+    loaded: Any,
+    layout: Optional[str] = None,
+    source_prefix: Optional[str] = None,
+    classifier_names: Optional[List[str]] = None,
+) -> List[str]:
+    """Problems Detectron2's `DetectionCheckpointer` would hit loading `path` into a ConvNeXt backbone as it is.
+
+    `classifier_names` are the source's names of the classifier tensors (`head.*`, pooled `norm.*`).
+    """
     problems = _reader_problems(os.path.basename(path), fmt, loaded)
     if layout is not None and layout != "official":
         problems.append(
@@ -72,11 +81,11 @@ def d2_problems(path: str, fmt: str, loaded: Any, layout: Optional[str] = None, 
             "(every weight missing, training starts from random init)."
         )
     elif source_prefix is not None and source_prefix != D2_PREFIX:
+        spelled = f"start with '{source_prefix}' instead of '{D2_PREFIX}'" if source_prefix else f"lack the '{D2_PREFIX}' prefix"
         problems.append(
-            f"names start with '{source_prefix}' instead of '{D2_PREFIX}': Detectron2 loads none of them "
-            "(only log warnings; training starts from random init)."
+            f"names {spelled}: Detectron2 loads none of them (only log warnings; training starts from random init)."
         )
-    classifier = sorted(k for k in (canonical_names or []) if k in CLASSIFIER_KEYS)
+    classifier = sorted(classifier_names or [])
     if classifier:
         problems.append(
             f"classifier tensors {', '.join(classifier)} are unused by a detection backbone; under "

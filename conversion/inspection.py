@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from .architecture import infer_architecture
 from .diagnose import d2_problems
-from .layouts import LAYOUTS, to_canonical
+from .layouts import LAYOUTS, classifier_names, to_canonical
 from .read import read_checkpoint, select_state_dict
 
 
@@ -74,5 +74,5 @@ def inspect_checkpoint(path: str, *, layout: Optional[str] = None) -> InspectRep
         dtypes=dtypes,
         reshaped={canonical.source_names[k]: fix for k, fix in canonical.reshaped.items()},
         left_out=dict(canonical.dropped),
-        problems=d2_problems(path, fmt, loaded, canonical.layout, canonical.prefix, list(canonical.state_dict)),
+        problems=d2_problems(path, fmt, loaded, canonical.layout, canonical.prefix, classifier_names(canonical)),
     )

@@ -377,6 +377,13 @@ class Canonical:
     reshaped: Dict[str, str] = field(default_factory=dict)  # canonical name -> shape fix applied
 
 
+def classifier_names(canonical: "Canonical") -> List[str]:
+    """The source's names of the classifier tensors (`head.*` and the pooled `norm.*`)."""
+    from .architecture import CLASSIFIER_KEYS
+
+    return sorted(canonical.source_names[k] for k in CLASSIFIER_KEYS if k in canonical.state_dict)
+
+
 def _as_tensor(value: Any) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value
