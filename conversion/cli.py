@@ -12,7 +12,7 @@ import traceback
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from . import __version__
-from .convert import ConversionReport, convert
+from .convert import ConversionReport, RepairReport, convert, repair
 from .errors import ConversionError
 from .inspection import InspectReport, inspect_checkpoint
 from .layouts import LAYOUTS
@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"prepended to every name (default {DEFAULT_PREFIX!r}; '' for none)")
     c.add_argument("--from", dest="layout", metavar="LAYOUT", help=_layout_help())
     c.add_argument("--force", action="store_true", help="overwrite DST if it exists")
+    r = sub.add_parser("repair", parents=[common], help="diagnose a Detectron2 file that fails to load and write a fixed one")
+    r.add_argument("src", metavar="SRC", help="the broken (or suspect) file")
+    r.add_argument("dst", metavar="DST", help="file to write; .pth/.pt = torch file, .pkl = Detectron2 model zoo")
+    r.add_argument("--force", action="store_true", help="overwrite DST if it exists")
     i = sub.add_parser("inspect", parents=[common], help="say what a checkpoint holds and what Detectron2 would make of it")
     i.add_argument("src", metavar="SRC", help="checkpoint to read")
     i.add_argument("--from", dest="layout", metavar="LAYOUT", help=_layout_help())
@@ -124,6 +128,17 @@ def format_inspection(r: InspectReport) -> str:
     return "\n".join(lines)
 
 
+def format_repair(r: RepairReport) -> str:
+    if not r.repaired:
+        return f"{r.source}\n  fine: Detectron2 loads it as it is; nothing to repair, {r.destination} not written"
+    lines = [f"{r.source}", f"  {len(r.causes)} cause(s) found:"]
+    lines += [f"    - {cause}" for cause in r.causes]
+    assert r.conversion is not None
+    lines.append("  repaired by converting:")
+    lines += ["  " + line for line in format_report(r.conversion).splitlines()[1:] if "note " not in line]
+    return "\n".join(lines)
+
+
 def _emit(args: argparse.Namespace, report: Any, human: Callable[[Any], str]) -> None:
     print(json.dumps(report.to_dict(), indent=2, sort_keys=True) if args.json else human(report))
 
@@ -132,6 +147,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "convert":
         report = convert(args.src, args.dst, ema=args.ema, prefix=args.prefix, layout=args.layout, force=args.force)
         _emit(args, report, format_report)
+        return EXIT_OK
+    if args.command == "repair":
+        _emit(args, repair(args.src, args.dst, force=args.force), format_repair)
         return EXIT_OK
     if args.command == "inspect":
         _emit(args, inspect_checkpoint(args.src, layout=args.layout), format_inspection)

@@ -116,8 +116,24 @@ def convert(
         >>> report.kept, report.dropped  # doctest: +SKIP
         (178, ['head.bias', 'head.weight', 'norm.bias', 'norm.weight'])
     """
-    fmt = output_format(dst)  # refuse a bad extension before reading a large file
+    output_format(dst)  # refuse a bad extension before reading a large file
     loaded, source_format = read_checkpoint(src)
+    return convert_loaded(src, loaded, source_format, dst, ema=ema, prefix=prefix, layout=layout, force=force)
+
+
+def convert_loaded(
+    src: str,
+    loaded: Any,
+    source_format: str,
+    dst: str,
+    *,
+    ema: bool = False,
+    prefix: str = DEFAULT_PREFIX,
+    layout: Optional[str] = None,
+    force: bool = False,
+) -> ConversionReport:
+    """`convert` for a source already read with `read_checkpoint` (used by `repair`)."""
+    fmt = output_format(dst)
     state_dict, container = select_state_dict(loaded, ema=ema)
     arch, canonical, target = prepare(state_dict, prefix=prefix, layout=layout)
     _, nbytes = write_checkpoint(dst, target.state_dict, force=force, source=src)
@@ -129,7 +145,9 @@ def convert(
         if written != tensor.dtype:
             changes[_dtype_name(tensor.dtype)] = _dtype_name(written)
     renamed = {
-        t: canonical.source_names[c] for t, c in target.renamed.items() if canonical.source_names[c] != c
+        t: canonical.source_names[c]
+        for t, c in target.renamed.items()
+        if canonical.source_names[c] != canonical.prefix + c  # a prefix alone is not a rename
     }
     return ConversionReport(
         source=os.path.abspath(src),
@@ -159,3 +177,43 @@ def convert(
         bytes_written=nbytes,
         notes=d2_problems(src, source_format, loaded, canonical.layout, canonical.prefix, classifier_names(canonical)),
     )
+
+
+@dataclass
+class RepairReport:
+    """What `repair` found wrong with a Detectron2 file, and what it wrote."""
+
+    source: str
+    destination: str
+    causes: List[str]  # empty: the file already loads cleanly, nothing was written
+    conversion: Optional[ConversionReport] = None
+
+    @property
+    def repaired(self) -> bool:
+        return self.conversion is not None
+
+    def to_dict(self) -> Dict[str, Any]:
+        out = asdict(self)
+        out["repaired"] = self.repaired
+        return out
+
+
+def repair(src: str, dst: str, *, force: bool = False) -> RepairReport:
+    """Diagnose why Detectron2 cannot (or silently does not) load `src`, and write a fixed `dst`.
+
+    Each documented failure (BACKGROUND.md) is named as a cause; the fix is a conversion, so the
+    output has exact `backbone.` names, no classifier, and the format its extension names.  A file
+    that already loads cleanly is reported fine and nothing is written.
+
+    Raises:
+        ConversionError: unusable input or destination (nothing is written).
+    """
+    output_format(dst)
+    loaded, source_format = read_checkpoint(src)
+    state_dict, container = select_state_dict(loaded)
+    _, canonical, _ = prepare(state_dict)
+    causes = d2_problems(src, source_format, loaded, canonical.layout, canonical.prefix, classifier_names(canonical))
+    if not causes:
+        return RepairReport(os.path.abspath(src), os.path.abspath(dst), [])
+    report = convert_loaded(src, loaded, source_format, dst, force=force)
+    return RepairReport(os.path.abspath(src), os.path.abspath(dst), causes, report)

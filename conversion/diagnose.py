@@ -29,7 +29,25 @@ def _walk(obj: Any, path: str = "") -> Iterator[Tuple[str, Any]]:
             yield from _walk(v, f"{path}[{i}]")
 
 
-def _reader_problems(name: str, fmt: str, loaded: Any) -> List[str]:
+def _has_arrays(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and any(isinstance(v, torch.Tensor) or type(v).__name__ == "ndarray" for v in obj.values())
+
+
+def _mentions(path: str, needle: bytes, chunk: int = 1 << 20) -> bool:
+    """Whether the file's bytes contain `needle` (read in chunks: files can be gigabytes)."""
+    tail = b""
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                return False
+            if needle in tail + block:
+                return True
+            tail = block[-len(needle):]
+
+
+def _reader_problems(path: str, fmt: str, loaded: Any) -> List[str]:
+    name = os.path.basename(path)
     is_pkl = name.lower().endswith(".pkl")
     if is_pkl and fmt in ("torch-zip", "torch-legacy"):
         return [
@@ -45,6 +63,16 @@ def _reader_problems(name: str, fmt: str, loaded: Any) -> List[str]:
     if fmt == "safetensors":
         return ["a safetensors file: Detectron2's checkpointer cannot read it (it calls torch.load)."]
     problems = []
+    if is_pkl and fmt == "pickle" and _mentions(path, b"numpy._core"):
+        problems.append(
+            "pickled by numpy >= 2 (it names numpy._core): numpy < 1.26, as in older Detectron2 stacks, "
+            "cannot read it ('No module named numpy._core')."
+        )
+    if isinstance(loaded, Mapping) and isinstance(loaded.get("model"), Mapping) and not _has_arrays(loaded["model"]):
+        problems.append(
+            "'model' holds another container, not the weights (e.g. {'model': {'model': ...}}): Detectron2 fails "
+            "('Unsupported type found in checkpoint! model: <class 'dict'>')."
+        )
     if not is_pkl and isinstance(loaded, Mapping) and "model" not in loaded:
         odd = next((f"{k}: {type(v).__name__}" for k, v in loaded.items() if not isinstance(v, torch.Tensor)), None)
         if odd:
@@ -74,7 +102,7 @@ def d2_problems(
 
     `classifier_names` are the source's names of the classifier tensors (`head.*`, pooled `norm.*`).
     """
-    problems = _reader_problems(os.path.basename(path), fmt, loaded)
+    problems = _reader_problems(path, fmt, loaded)
     if layout is not None and layout != "official":
         problems.append(
             f"names are in the {layout} layout: a Detectron2 ConvNeXt with official names loads none of them "

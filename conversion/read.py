@@ -16,7 +16,7 @@ import io
 import os
 import pickle
 import zipfile
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -216,11 +216,28 @@ def _is_array(v: Any) -> bool:
     return isinstance(v, torch.Tensor) or type(v).__name__ == "ndarray"
 
 
+# Hand-made files sometimes nest the container: {"model": {"model": state_dict}}.
+_MAX_NESTING = 3
+
+
+def _find_in_container(obj: Any, depth: int) -> Optional[Tuple[Mapping[str, Any], List[str]]]:
+    """The state dict at `obj`, or under its own `model`/`state_dict` key (nested containers)."""
+    if _is_state_dict(obj):
+        return obj, []
+    if depth == 0 or not isinstance(obj, Mapping):
+        return None
+    for key in _WEIGHT_CONTAINERS:
+        found = _find_in_container(obj.get(key), depth - 1)
+        if found is not None:
+            return found[0], [key] + found[1]
+    return None
+
+
 def select_state_dict(obj: Any, ema: bool = False) -> Tuple[Dict[str, Any], Optional[str]]:
     """Find the weights inside a loaded checkpoint.
 
     Returns the state dict (wrapper prefixes stripped, non-array entries dropped) and
-    the container key it came from (None for a bare state dict).
+    the container key it came from (None for a bare state dict; "model.model" when nested).
 
     Raises:
         ContainerError: no state dict, or `ema` asked for and none present.
@@ -232,8 +249,10 @@ def select_state_dict(obj: Any, ema: bool = False) -> Tuple[Dict[str, Any], Opti
         )
     keys = _EMA_CONTAINERS if ema else _WEIGHT_CONTAINERS
     for key in keys:
-        if key in obj and _is_state_dict(obj[key]):
-            return strip_wrapper_prefixes(obj[key]), key
+        found = _find_in_container(obj.get(key), depth=_MAX_NESTING)
+        if found is not None:
+            sd, path = found
+            return strip_wrapper_prefixes(sd), ".".join([key] + path)
     if ema:
         raise ContainerError(
             f"--ema asked for EMA weights but the checkpoint has none (top-level keys: {sorted(map(str, obj))[:10]}).",
