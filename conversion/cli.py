@@ -51,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("src", metavar="SRC", help="the broken (or suspect) file")
     r.add_argument("dst", metavar="DST", help="file to write; .pth/.pt = torch file, .pkl = Detectron2 model zoo")
     r.add_argument("--force", action="store_true", help="overwrite DST if it exists")
+    v = sub.add_parser("verify", parents=[common], help="load a checkpoint as train_net.py would and fail on anything but fresh output norms")
+    v.add_argument("ckpt", metavar="CKPT", help="the Detectron2 checkpoint (a '?matching_heuristics=True' suffix is honoured)")
+    v.add_argument("--config", metavar="YAML", help="the training config (default: this project's backbone, shaped like CKPT)")
+    v.add_argument("--import", dest="imports", metavar="MODULE", action="append", default=[],
+                   help="import this module first (registers your backbone, e.g. DI-MaskDINO's); repeatable")
+    v.add_argument("--source", metavar="SRC", help="also compare features with the backbone given SRC's weights")
     i = sub.add_parser("inspect", parents=[common], help="say what a checkpoint holds and what Detectron2 would make of it")
     i.add_argument("src", metavar="SRC", help="checkpoint to read")
     i.add_argument("--from", dest="layout", metavar="LAYOUT", help=_layout_help())
@@ -139,6 +145,25 @@ def format_repair(r: RepairReport) -> str:
     return "\n".join(lines)
 
 
+def format_verification(r: Any) -> str:
+    head = "verify: OK" if r.ok else f"verify: FAIL: {r.problems[0]}"
+    lines = [head, f"  checkpoint {r.checkpoint}", f"  backbone   {r.backbone}" + (f" from {r.config}" if r.config else " (this project's, shaped like the checkpoint)")]
+    if r.error is None:
+        lines.append(f"  loaded     {r.loaded} tensors" + (" (names matched by matching_heuristics)" if r.heuristics else " (exact names)"))
+        lines.append(f"  fresh      {len(r.fresh)} output-norm tensors initialised by the backbone (expected)")
+        lines.append(f"  missing    {len(r.missing)}; unexpected {len(r.unexpected)}; shape-skipped {len(r.shape_skipped)}")
+    if r.renamed:
+        lines.append(f"  renamed    {len(r.renamed)} by matching_heuristics")
+    for change, count in r.dtype_changes.items():
+        lines.append(f"  dtype      {count} tensors cast {change} on load")
+    if r.feature_difference is not None:
+        lines.append(f"  features   max relative difference to --source {r.feature_difference:.1e}")
+    lines += [f"  problem    {p}" for p in r.problems[1:]]
+    if not r.ok:
+        lines.append("  fix        convnext-d2 repair CKPT FIXED.pth (or convert the original checkpoint again)")
+    return "\n".join(lines)
+
+
 def _emit(args: argparse.Namespace, report: Any, human: Callable[[Any], str]) -> None:
     print(json.dumps(report.to_dict(), indent=2, sort_keys=True) if args.json else human(report))
 
@@ -151,6 +176,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "repair":
         _emit(args, repair(args.src, args.dst, force=args.force), format_repair)
         return EXIT_OK
+    if args.command == "verify":
+        from .verify import verify
+
+        report = verify(args.ckpt, config=args.config, imports=args.imports, source=args.source)
+        _emit(args, report, format_verification)
+        return EXIT_OK if report.ok else EXIT_PROBLEM
     if args.command == "inspect":
         _emit(args, inspect_checkpoint(args.src, layout=args.layout), format_inspection)
         return EXIT_OK

@@ -228,3 +228,106 @@ def build_convnext_d2_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> ConvNeXt
 
 # The registry keys builders by function name; this is the value for MODEL.BACKBONE.NAME.
 BACKBONE_NAME = build_convnext_d2_backbone.__name__
+
+
+# ---------------------------------------------------------------- loading as train_net.py does
+
+
+class BackboneHolder(nn.Module):
+    """The smallest Detectron2-style model: the backbone at `.backbone`, so names are `backbone.*`
+    as in every meta-architecture (GeneralizedRCNN, MaskFormer, MaskDINO, ...)."""
+
+    def __init__(self, backbone: Backbone) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+
+def config_for(config_file: Optional[str] = None, **convnext: object) -> CfgNode:
+    """A config for the backbone: the user's YAML (unknown keys allowed, as their project adds its
+    own) or this project's backbone with `convnext` overrides (DEPTHS=..., DIMS=..., USE_GRN=...)."""
+    from detectron2.config import get_cfg
+
+    cfg = get_cfg()
+    add_convnext_config(cfg)
+    if config_file:
+        cfg.set_new_allowed(True)  # DI-MaskDINO/MaskDINO YAMLs carry their own sections
+        cfg.merge_from_file(config_file)
+    else:
+        cfg.MODEL.BACKBONE.NAME = BACKBONE_NAME
+        cfg.MODEL.BACKBONE.FREEZE_AT = 0
+        for key, value in convnext.items():
+            cfg.MODEL.CONVNEXT[key] = value
+    return cfg
+
+
+def build_holder(cfg: CfgNode) -> BackboneHolder:
+    """Build the backbone `cfg.MODEL.BACKBONE.NAME` names, in eval mode, at `.backbone`."""
+    from detectron2.modeling import build_backbone
+
+    return BackboneHolder(build_backbone(cfg)).eval()
+
+
+class LoadObservation:
+    """What `DetectionCheckpointer.resume_or_load` did, seen from the outside.
+
+    Attributes:
+        checkpoint_shapes / checkpoint_dtypes: of the state dict Detectron2 read from the file.
+        heuristics: whether the file (or a `?matching_heuristics=True` path) asked for them.
+        incompatible: fvcore's (missing_keys, unexpected_keys, incorrect_shapes).
+        records: every record the fvcore/detectron2 loggers emitted.
+        error: the exception Detectron2 raised, if any.
+    """
+
+    def __init__(self) -> None:
+        self.checkpoint_shapes: Dict[str, tuple] = {}
+        self.checkpoint_dtypes: Dict[str, str] = {}
+        self.heuristics = False
+        self.incompatible = None
+        self.records: list = []
+        self.error: Optional[BaseException] = None
+
+
+def load_observed(holder: nn.Module, path: str) -> LoadObservation:
+    """Load `path` exactly as Detectron2's train_net.py does (`resume_or_load(path, resume=False)`),
+    recording what happened; nothing about the load itself is changed."""
+    import logging
+
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    seen = LoadObservation()
+    checkpointer = DetectionCheckpointer(holder)
+    real_load_model = checkpointer._load_model
+
+    def observe(checkpoint):
+        model = checkpoint.get("model", {})
+        for k, v in model.items():
+            if hasattr(v, "shape"):
+                seen.checkpoint_shapes[k] = tuple(v.shape)
+                seen.checkpoint_dtypes[k] = str(v.dtype).replace("torch.", "")
+        seen.heuristics = bool(checkpoint.get("matching_heuristics", False))
+        seen.incompatible = real_load_model(checkpoint)
+        return seen.incompatible
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.records.append(record)
+
+    handler = _Collect(level=logging.DEBUG)
+    loggers = [logging.getLogger(n) for n in ("fvcore", "detectron2")]
+    levels = [lg.level for lg in loggers]
+    propagate = [lg.propagate for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.setLevel(logging.DEBUG)
+        lg.propagate = False  # the report says what happened; keep the console clean
+    checkpointer._load_model = observe
+    try:
+        checkpointer.resume_or_load(path, resume=False)
+    except Exception as err:  # Detectron2's own failures are findings, reported by the caller
+        seen.error = err
+    finally:
+        for lg, level, prop in zip(loggers, levels, propagate):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
+            lg.propagate = prop
+    return seen
