@@ -1,0 +1,113 @@
+"""Detectron2's matching_heuristics, proven: our ahead-of-time assignment equals what Detectron2's
+own `align_and_update_state_dicts` does, on a synthetic DI-MaskDINO-like model (ConvNeXt backbone
+plus a decoder with 256-wide norms), for Tiny through Large widths; and both documented traps are
+detected before loading."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from conversion.architecture import RELEASED_VARIANTS, Architecture, canonical_shapes
+from conversion.heuristics import heuristic_assignment
+from conversion.target import to_target
+
+from .support import capture_checkpointer_logs, require
+
+require("detectron2")
+from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts  # noqa: E402
+
+DECODER_WIDTH = 256  # MaskDINO / DI-MaskDINO transformer hidden dim
+DECODER_LAYERS = 9
+
+
+def dimaskdino_like_model_shapes(arch: Architecture) -> dict:
+    """Key -> shape of a detector: `backbone.` ConvNeXt (norm0..3) plus decoder modules named `norm`."""
+    trunk = Architecture(arch.depths, arch.dims, arch.version, arch.layer_scale, output_norms=(0, 1, 2, 3))
+    shapes = {"backbone." + k: v for k, v in canonical_shapes(trunk).items()}
+    for i in range(DECODER_LAYERS):
+        base = f"sem_seg_head.predictor.decoder.layers.{i}."
+        shapes[base + "norm.weight"] = (DECODER_WIDTH,)  # a module literally called `norm`
+        shapes[base + "norm.bias"] = (DECODER_WIDTH,)
+        shapes[base + "linear1.weight"] = (2048, DECODER_WIDTH)
+    shapes["sem_seg_head.predictor.decoder_norm.weight"] = (DECODER_WIDTH,)
+    shapes["sem_seg_head.pixel_decoder.transformer.encoder.layers.0.norm1.weight"] = (DECODER_WIDTH,)
+    return shapes
+
+
+def _meta(shapes):
+    return {k: torch.empty(v, device="meta") for k, v in shapes.items()}
+
+
+def _detectron2_assignment(model_shapes, ckpt_shapes):
+    """Run Detectron2's real matcher on shape-only (meta) tensors; return (model->ckpt, shape warnings, error)."""
+    ckpt = _meta(ckpt_shapes)
+    ids = {id(v): k for k, v in ckpt.items()}
+    with capture_checkpointer_logs() as records:
+        try:
+            result = align_and_update_state_dicts(_meta(model_shapes), dict(ckpt), c2_conversion=False)
+        except ValueError as err:
+            return None, records, err
+    taken = {k: ids[id(v)] for k, v in result.items() if k in model_shapes and id(v) in ids}
+    skipped = sorted(r.getMessage().split(" ")[2] for r in records if r.levelno == logging.WARNING and r.getMessage().startswith("Shape of"))
+    return taken, skipped, None
+
+
+VARIANTS = ["convnext_tiny", "convnext_small", "convnext_base", "convnext_large"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_heuristic_assignment_equals_detectron2s_and_exact_names_for_a_converted_file(variant):
+    """Our converted names under heuristics: every model key takes its own name; nothing is skipped."""
+    depths, dims = RELEASED_VARIANTS[1][variant]
+    arch = Architecture(depths, dims, num_classes=1000, classifier_norm=True)
+    ckpt = {k: tuple(t.shape) for k, t in to_target(_meta(canonical_shapes(arch))).state_dict.items()}
+    model = dimaskdino_like_model_shapes(arch)
+    ours = heuristic_assignment(model, ckpt)
+    theirs, skipped, error = _detectron2_assignment(model, ckpt)
+    assert error is None and ours.taken == theirs and sorted(k for k, _ in ours.shape_skipped) == skipped == []
+    assert ours.taken == {k: k for k in ckpt}, "heuristics must reduce to exact names for a converted file"
+    assert not ours.ambiguous
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_trap_classifier_norm_floods_decoder_norms_detected_ahead(variant):
+    """A raw official dict (the Mask2Former/MaskDINO converters' output): the pooled `norm.weight`
+    suffix-matches every decoder `*.norm.weight`; widths differ, so each is a shape warning."""
+    depths, dims = RELEASED_VARIANTS[1][variant]
+    arch = Architecture(depths, dims, num_classes=1000, classifier_norm=True)
+    raw = dict(canonical_shapes(arch))
+    model = dimaskdino_like_model_shapes(arch)
+    ours = heuristic_assignment(model, raw)
+    theirs, skipped, error = _detectron2_assignment(model, raw)
+    assert error is None and ours.taken == theirs
+    flooded = sorted(m for m, c in ours.shape_skipped if c in ("norm.weight", "norm.bias"))
+    assert len(flooded) == 2 * DECODER_LAYERS, flooded
+    assert sorted(m for m, _ in ours.shape_skipped) == sorted(
+        m for m in model if m.startswith("sem_seg_head") and m.endswith((".norm.weight", ".norm.bias"))
+    )
+    assert len(skipped) == len(ours.shape_skipped), "Detectron2 warns once per skipped pair, as predicted"
+    # The backbone itself still maps exactly: heuristics equal exact names for its keys.
+    assert all(ours.taken[k] == k[len("backbone."):] for k in model if k.startswith("backbone.stages"))
+
+
+def test_trap_one_checkpoint_key_matching_two_model_keys_detected_ahead():
+    """When the classifier width equals the decoder's (a 256-wide last stage), `norm.weight` is claimed by
+    every decoder norm and Detectron2 aborts; the assignment predicts exactly that."""
+    arch = Architecture((1, 1, 1, 1), (32, 64, 128, DECODER_WIDTH), num_classes=10, classifier_norm=True)
+    raw = dict(canonical_shapes(arch))
+    model = dimaskdino_like_model_shapes(arch)
+    ours = heuristic_assignment(model, raw)
+    _, _, error = _detectron2_assignment(model, raw)
+    assert error is not None and "Cannot match one checkpoint key to multiple keys" in str(error)
+    assert set(ours.ambiguous) == {"norm.weight", "norm.bias"}
+    assert len(ours.ambiguous["norm.weight"]) == DECODER_LAYERS
+
+
+def test_longest_suffix_wins_and_dotted_boundaries_are_respected():
+    model = {"backbone.res2.conv1.weight": (1,), "backbone.conv1.weight": (1,), "backbone.xconv1.weight": (1,)}
+    ckpt = {"res2.conv1.weight": (1,), "conv1.weight": (1,)}
+    got = heuristic_assignment(model, ckpt)
+    assert got.taken == {"backbone.res2.conv1.weight": "res2.conv1.weight", "backbone.conv1.weight": "conv1.weight"}
+    assert got.ambiguous == {}
