@@ -22,6 +22,15 @@ settings.register_profile("nightly", max_examples=400, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("convnext-d2 gate", "run the round-trip gate against your own files")
+    group.addoption("--checkpoint", metavar="PATH", help="a converted Detectron2 checkpoint to gate (enables the gate tests)")
+    group.addoption("--d2-config", metavar="YAML", help="the training config whose backbone the checkpoint is for")
+    group.addoption("--import", dest="d2_import", metavar="MODULE", action="append", default=[],
+                    help="module that registers your backbone (e.g. DI-MaskDINO's); repeatable")
+    group.addoption("--source", metavar="PATH", help="the original checkpoint: also compare features")
+
+
 def pytest_report_header(config: pytest.Config) -> str:
     import torch
 
