@@ -36,44 +36,9 @@ MAX_RELATIVE_DIFFERENCE = 1e-4
 
 
 def _d2_model(arch: Architecture) -> torch.nn.Module:
-    from detectron2.config import get_cfg
-    from detectron2.modeling import build_backbone
+    from .d2 import build_holder, config_for
 
-    from .d2 import BACKBONE_NAME, add_convnext_config
-
-    cfg = get_cfg()
-    add_convnext_config(cfg)
-    cfg.MODEL.BACKBONE.NAME = BACKBONE_NAME
-    cfg.MODEL.CONVNEXT.DEPTHS = list(arch.depths)
-    cfg.MODEL.CONVNEXT.DIMS = list(arch.dims)
-    model = torch.nn.Module()
-    model.backbone = build_backbone(cfg)
-    return model.eval()
-
-
-def _load(model: torch.nn.Module, path: str):
-    """The real DetectionCheckpointer.load, observed: returns its incompatible-keys result."""
-    import logging
-
-    from detectron2.checkpoint import DetectionCheckpointer
-
-    checkpointer = DetectionCheckpointer(model)
-    seen = {}
-    real = checkpointer._load_model
-
-    def observe(checkpoint):
-        seen["incompatible"] = real(checkpoint)
-        return seen["incompatible"]
-
-    checkpointer._load_model = observe
-    quiet = logging.getLogger("fvcore")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # the demo prints its own account of missing keys
-    try:
-        checkpointer.load(path)
-    finally:
-        quiet.setLevel(level)
-    return seen["incompatible"]
+    return build_holder(config_for(None, DEPTHS=list(arch.depths), DIMS=list(arch.dims)))
 
 
 def _timm_model(arch: Architecture, official: Dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -108,7 +73,12 @@ def run(workdir: str, out=sys.stdout) -> bool:
         report = convert(src, dst)
         print(format_report(report), file=out)
         model = _d2_model(arch)
-        incompatible = _load(model, dst)
+        from .d2 import load_observed
+
+        seen = load_observed(model, dst)
+        if seen.error is not None:
+            raise seen.error
+        incompatible = seen.incompatible
         missing_ok = sorted(incompatible.missing_keys) == sorted(report.fresh)
         clean = missing_ok and not incompatible.unexpected_keys and not incompatible.incorrect_shapes
         ok &= clean
