@@ -9,6 +9,7 @@ why a torch archive named `.pkl` breaks it; `describe_d2_reader` says what it wo
 from __future__ import annotations
 
 import argparse
+import codecs
 import collections
 import importlib
 import inspect
@@ -41,6 +42,8 @@ _PLAIN_GLOBALS = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("builtins", "bytearray"): bytearray,
     ("argparse", "Namespace"): argparse.Namespace,  # training args: inert attribute bag
+    # Protocol-2 pickles (torch.save's default) spell bytes as codecs.encode(str, "latin1").
+    ("_codecs", "encode"): codecs.encode,
 }
 
 
@@ -64,8 +67,8 @@ def _numpy_global(module: str, name: str) -> Any:
     return getattr(np if module == "numpy" else _numpy_multiarray(), name)
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Rebuilds numpy arrays, pickled torch tensors and plain containers; refuses all else."""
+class _AllowlistUnpickler(pickle.Unpickler):
+    """Rebuilds numpy arrays, pickled torch tensors and plain containers; refuses every other global."""
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _PLAIN_GLOBALS:
@@ -81,6 +84,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
             "Only checkpoints made of tensors, arrays and plain containers are read; "
             "re-save the weights with torch.save(model.state_dict()).",
         )
+
+
+class _RestrictedUnpickler(_AllowlistUnpickler):
+    """For plain pickles: a persistent id has no meaning there, so it is refused too."""
 
     def persistent_load(self, pid: Any) -> Any:
         raise UnsafeCheckpoint(
@@ -106,18 +113,54 @@ def _torch_safe_globals() -> list:
     return allowed
 
 
+# Storage classes a torch archive names in its persistent ids (torch 1.x and 2.x alike).
+_TORCH_STORAGES = {
+    f"{kind}Storage"
+    for kind in ("Float", "Half", "BFloat16", "Double", "Long", "Int", "Short", "Char", "Byte", "Bool", "ComplexFloat", "ComplexDouble", "Untyped")
+}
+_TORCH_REBUILDERS = {"_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_parameter"}
+
+
+class _TorchArchiveUnpickler(_AllowlistUnpickler):
+    """The restricted unpickler plus what torch.load's own records need: storages and tensor rebuilders.
+
+    Used where torch has no usable `weights_only` (torch < 2.4 cannot allowlist training `args`):
+    torch.load then unpickles with this class and supplies storages through its persistent_load.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch" and name in _TORCH_STORAGES and hasattr(torch, name):
+            return getattr(torch, name)
+        if module == "torch.storage" and name == "UntypedStorage" and hasattr(torch.storage, name):
+            return torch.storage.UntypedStorage
+        if module == "torch._utils" and name in _TORCH_REBUILDERS and hasattr(torch._utils, name):
+            return getattr(torch._utils, name)
+        return super().find_class(module, name)
+    # No persistent_load here: torch.load assigns its own (storages), which a method would shadow.
+
+
+class _TorchArchivePickleModule:
+    """The `pickle_module` torch.load is given on old torch: only `Unpickler` and `load` are used."""
+
+    __name__ = "convnext_d2_restricted_pickle"
+    Unpickler = _TorchArchiveUnpickler
+
+    @staticmethod
+    def load(f: Any, **kwargs: Any) -> Any:
+        return _TorchArchiveUnpickler(f, **kwargs).load()
+
+
+# torch >= 2.4 can allowlist globals for weights_only; older torch uses the restricted pickle module.
+_TORCH_HAS_SAFE_GLOBALS = _TORCH_HAS_WEIGHTS_ONLY and hasattr(torch.serialization, "safe_globals")
+
+
 def _torch_load(f: Any, name: str) -> Any:
-    if not _TORCH_HAS_WEIGHTS_ONLY:  # torch < 1.13: no safe loader; issue 4 adds one
-        raise UnreadableCheckpoint(
-            f"{name}: this torch ({torch.__version__}) cannot read archives safely.",
-            "Convert with torch >= 1.13.",
-        )
-    add = getattr(torch.serialization, "safe_globals", None)
     try:
-        if add is not None:
-            with add(_torch_safe_globals()):
+        if _TORCH_HAS_SAFE_GLOBALS:
+            with torch.serialization.safe_globals(_torch_safe_globals()):
                 return torch.load(f, map_location="cpu", weights_only=True)
-        return torch.load(f, map_location="cpu", weights_only=True)
+        extra = {"weights_only": False} if _TORCH_HAS_WEIGHTS_ONLY else {}
+        return torch.load(f, map_location="cpu", pickle_module=_TorchArchivePickleModule, **extra)
     except pickle.UnpicklingError as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
         # torch's message ends with generic advice; the line naming the refused global is the cause.

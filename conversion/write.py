@@ -74,8 +74,11 @@ def _tensor_to_numpy(t: torch.Tensor) -> Any:
 def _compact(t: torch.Tensor) -> torch.Tensor:
     """A tensor that owns exactly its bytes: torch.save writes whole storages, views included."""
     t = t.detach().cpu()
-    storage = t.untyped_storage() if hasattr(t, "untyped_storage") else t.storage()
-    owns = t.is_contiguous() and t.storage_offset() == 0 and storage.nbytes() == t.numel() * t.element_size()
+    if hasattr(t, "untyped_storage"):
+        storage_bytes = t.untyped_storage().nbytes()
+    else:  # torch < 2.0: typed storages count elements
+        storage_bytes = t.storage().size() * t.element_size()
+    owns = t.is_contiguous() and t.storage_offset() == 0 and storage_bytes == t.numel() * t.element_size()
     return t if owns else t.clone(memory_format=torch.contiguous_format)
 
 

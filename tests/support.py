@@ -35,6 +35,17 @@ def require(module: str) -> Any:
 # ---------------------------------------------------------------- building checkpoints
 
 
+TORCH_HAS_WEIGHTS_ONLY = "weights_only" in __import__("inspect").signature(torch.load).parameters
+
+
+def torch_load_weights_only(path: Any) -> Any:
+    """Read a written .pth as Detectron2 does on torch >= 2.6 (`weights_only=True`); older torch
+    (the legacy environment) has no such mode and reads it plainly."""
+    if TORCH_HAS_WEIGHTS_ONLY:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(path, map_location="cpu")
+
+
 # Tests build their sources with the package's own generator (also used by the demo).
 random_canonical_state_dict = random_state_dict
 

@@ -28,7 +28,7 @@ from conversion import write
 from conversion.architecture import Architecture
 from conversion.cli import main
 
-from .support import random_canonical_state_dict, require
+from .support import random_canonical_state_dict, require, torch_load_weights_only
 from .test_cli import assert_plain_error, run_cli
 
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -120,7 +120,7 @@ def empty_source(root: Path) -> BadInput:
 
 
 def random_bytes_source(root: Path) -> BadInput:
-    src = _source(root, "noise.pth", random.Random(0).randbytes(4096))
+    src = _source(root, "noise.pth", bytes(random.Random(0).getrandbits(8) for _ in range(4096)))
     return BadInput((src, DST), (src, "not a readable checkpoint"))
 
 
@@ -358,7 +358,7 @@ def test_force_replaces_an_existing_destination(tmp_path: Path, monkeypatch, cap
     status = main(["convert", GOOD, DST, "--force"])
 
     assert status == EXIT_OK, capsys.readouterr().err
-    model = torch.load(tmp_path / DST, map_location="cpu", weights_only=True)["model"]
+    model = torch_load_weights_only(tmp_path / DST)["model"]
     assert "backbone.stages.0.0.dwconv.weight" in model, "the old file was not replaced by the conversion"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model_d2.pth"], "temporary files left behind"
 

@@ -24,7 +24,7 @@ from conversion.architecture import RELEASED_VARIANTS, Architecture
 from conversion.layouts import LAYOUTS
 
 from .strategies import wrap
-from .support import random_canonical_state_dict
+from .support import random_canonical_state_dict, torch_load_weights_only
 
 ROOT = Path(__file__).resolve().parents[1]
 PROG = "convnext-d2:"
@@ -83,7 +83,7 @@ def kept_names(sd: Dict[str, torch.Tensor], prefix: str = "backbone.") -> List[s
 
 def written_model(path: Path) -> Dict[str, torch.Tensor]:
     """The `model` dict of a written .pth, read the way Detectron2 on torch >= 2.6 reads it."""
-    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+    return torch_load_weights_only(path)["model"]
 
 
 def summary_field(stdout: str, label: str) -> str:

@@ -17,6 +17,17 @@ from conversion.synthetic import random_state_dict
 SD = random_state_dict(Architecture((1, 1, 1, 1), (4, 4, 4, 4)), seed=3)
 
 
+@pytest.fixture(params=["weights-only", "restricted-pickle-module"])
+def torch_reader(request, monkeypatch):
+    """Both ways torch archives are read: torch's weights_only (torch >= 2.4) and our restricted
+    pickle module (older torch, e.g. the 1.9 DI-MaskDINO documents), forced here on this torch."""
+    import conversion.read as read
+
+    if request.param == "restricted-pickle-module":
+        monkeypatch.setattr(read, "_TORCH_HAS_SAFE_GLOBALS", False)
+    return request.param
+
+
 def _same(a, b):
     assert list(a) == list(b)
     for k in a:
@@ -34,7 +45,7 @@ def _same(a, b):
     ],
 )
 @pytest.mark.parametrize("name", ["weights.pth", "weights.pkl", "weights.bin"])
-def test_every_pickle_based_format_reads_whatever_its_name(tmp_path, writer, name):
+def test_every_pickle_based_format_reads_whatever_its_name(tmp_path, torch_reader, writer, name):
     """torch zip, legacy torch, pickled tensors and pickled numpy all read, under any extension."""
     path = tmp_path / name
     with open(path, "wb") as f:
@@ -42,10 +53,13 @@ def test_every_pickle_based_format_reads_whatever_its_name(tmp_path, writer, nam
     _same(load_checkpoint(str(path))["model"], SD)
 
 
-def test_training_checkpoint_args_namespace_is_read_as_data(tmp_path):
-    torch.save({"model": SD, "args": argparse.Namespace(lr=0.004, model="convnext_tiny")}, tmp_path / "ckpt.pth")
+def test_training_checkpoint_args_and_numpy_are_read_as_data(tmp_path, torch_reader):
+    import numpy as np
+
+    torch.save({"model": SD, "args": argparse.Namespace(lr=0.004, model="convnext_tiny"), "mean": np.ones(3)}, tmp_path / "ckpt.pth")
     loaded = load_checkpoint(str(tmp_path / "ckpt.pth"))
-    assert loaded["args"].model == "convnext_tiny"
+    assert loaded["args"].model == "convnext_tiny" and loaded["mean"].tolist() == [1.0, 1.0, 1.0]
+    _same(loaded["model"], SD)
 
 
 class _Boom:
@@ -53,12 +67,17 @@ class _Boom:
         return (os.system, ("touch SENTINEL_SHOULD_NOT_EXIST",))
 
 
-@pytest.mark.parametrize("how", ["pickle", "torch"])
-def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path, monkeypatch, how):
+@pytest.mark.parametrize("how", ["pickle", "torch", "torch-legacy"])
+def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path, monkeypatch, torch_reader, how):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "evil.pkl"
+    save = {
+        "pickle": pickle.dump,
+        "torch": torch.save,
+        "torch-legacy": lambda obj, f: torch.save(obj, f, _use_new_zipfile_serialization=False),
+    }[how]
     with open(path, "wb") as f:
-        (pickle.dump if how == "pickle" else torch.save)({"model": SD, "x": _Boom()}, f)
+        save({"model": SD, "x": _Boom()}, f)
     with pytest.raises(UnsafeCheckpoint, match="refusing"):
         load_checkpoint(str(path))
     assert not (tmp_path / "SENTINEL_SHOULD_NOT_EXIST").exists()

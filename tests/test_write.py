@@ -20,6 +20,7 @@ from conversion.synthetic import random_state_dict
 from conversion.write import AUTHOR, encode, output_format, write_checkpoint
 
 from . import strategies as S
+from .support import TORCH_HAS_WEIGHTS_ONLY, torch_load_weights_only
 
 SMALL = Architecture((1, 1, 2, 1), (4, 8, 4, 8))
 SD = {"backbone." + k: v for k, v in random_state_dict(SMALL, seed=5).items()}
@@ -63,6 +64,7 @@ def test_pkl_loads_with_plain_pickle_into_writable_arrays():
         assert torch.equal(torch.from_numpy(arr), SD[name]), name
 
 
+@pytest.mark.skipif(not TORCH_HAS_WEIGHTS_ONLY, reason="this torch has no weights_only mode (torch < 1.13)")
 def test_pth_loads_under_weights_only_with_no_allowlist(tmp_path):
     """Only tensors and plain containers: torch >= 2.6 defaults (what Detectron2 gets) read it."""
     write_checkpoint(str(tmp_path / "a.pth"), SD)
@@ -114,7 +116,7 @@ def test_existing_destination_needs_force(tmp_path):
         write_checkpoint(str(dst), SD)
     assert dst.read_bytes() == b"keep me"
     write_checkpoint(str(dst), SD, force=True)
-    assert torch.load(dst, weights_only=True)["__author__"] == AUTHOR
+    assert torch_load_weights_only(dst)["__author__"] == AUTHOR
 
 
 def test_a_failed_read_back_leaves_no_file_at_all(tmp_path, monkeypatch):
@@ -165,4 +167,4 @@ def test_nan_weights_are_written_and_verified(tmp_path):
     name = next(iter(sd))
     sd[name] = torch.full_like(sd[name], float("nan"))
     write_checkpoint(str(tmp_path / "nan.pth"), sd)
-    assert torch.isnan(torch.load(tmp_path / "nan.pth", weights_only=True)["model"][name]).all()
+    assert torch.isnan(torch_load_weights_only(tmp_path / "nan.pth")["model"][name]).all()
