@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -202,6 +203,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("convnext-d2: interrupted; nothing was written.", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `convnext-d2 ... | head`: the reader left; the work itself is done
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (silence the flush at exit)
+        return EXIT_OK
     except Exception as err:  # a bug, not the user's fault: say so without a traceback
         if args.debug:
             traceback.print_exc()

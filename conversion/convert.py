@@ -10,15 +10,20 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-import torch
-
 from .architecture import Architecture, canonical_shapes, infer_architecture
 from .diagnose import d2_problems
 from .errors import NotConvNeXt
-from .layouts import LAYOUTS, classifier_names, to_canonical
-from .read import read_checkpoint, select_state_dict
-from .target import ALL_OUTPUTS, DEFAULT_PREFIX, fresh_output_norms, to_target
-from .write import output_format, stored_dtype, write_checkpoint
+from .layouts import LAYOUTS, Canonical, classifier_names, to_canonical
+from .containers import select_state_dict
+from .formats import AUTHOR, is_torch_zip, output_format
+from .target import ALL_OUTPUTS, DEFAULT_PREFIX, Target, fresh_output_norms, to_target
+
+# torch archive -> .pth copies tensor bytes instead of loading them (see stream.py); tests switch
+# this off to run the same properties through the load-and-save path.
+STREAM_TORCH_ARCHIVES = True
+
+# Reading and writing tensors needs torch (~640 MB resident just to import); they are imported
+# only on the paths that need them, so a streamed conversion runs without torch at all.
 
 
 @dataclass
@@ -48,13 +53,20 @@ class ConversionReport:
     dtype_changes: Dict[str, str] = field(default_factory=dict)  # e.g. bfloat16 -> float32 in .pkl
     bytes_written: int = 0
     notes: List[str] = field(default_factory=list)  # what Detectron2 would have made of the source as it was
+    streamed: bool = False  # tensor bytes copied as they are (torch archive to .pth), not loaded and saved
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def _dtype_name(dtype: Any) -> str:
     return str(dtype).replace("torch.", "")
+
+
+def _stored_dtype(dtype: Any, fmt: str) -> Any:
+    from .write import stored_dtype
+
+    return stored_dtype(dtype, fmt)
 
 
 def _parse_forced_layout(layout: Optional[str]) -> Tuple[Optional[str], Optional[int]]:
@@ -116,9 +128,31 @@ def convert(
         >>> report.kept, report.dropped  # doctest: +SKIP
         (178, ['head.bias', 'head.weight', 'norm.bias', 'norm.weight'])
     """
-    output_format(dst)  # refuse a bad extension before reading a large file
+    fmt = output_format(dst)  # refuse a bad extension before reading a large file
+    if STREAM_TORCH_ARCHIVES and fmt == "torch" and is_torch_zip(src):
+        from .stream import NotStreamable
+
+        try:
+            return _convert_streamed(src, dst, ema=ema, prefix=prefix, layout=layout, force=force)
+        except NotStreamable:
+            pass  # an archive the streamed path does not handle: load and save it instead
+    from .read import read_checkpoint
+
     loaded, source_format = read_checkpoint(src)
     return convert_loaded(src, loaded, source_format, dst, ema=ema, prefix=prefix, layout=layout, force=force)
+
+
+def _convert_streamed(src: str, dst: str, *, ema: bool, prefix: str, layout: Optional[str], force: bool) -> ConversionReport:
+    """torch archive -> .pth without loading a tensor: a new index, the storages copied as bytes."""
+    from .stream import read_index, write_streamed
+
+    index = read_index(src)
+    state_dict, container = select_state_dict(index.objects, ema=ema)
+    arch, canonical, target = prepare(state_dict, prefix=prefix, layout=layout)
+    payload = {"model": dict(target.state_dict), "__author__": AUTHOR}
+    keep = sorted({ref.storage.key for ref in target.state_dict.values()})
+    nbytes = write_streamed(dst, index, payload, keep, force=force, source=src)
+    return _report(src, dst, "torch", index.objects, "torch-zip", container, arch, canonical, target, nbytes, prefix, streamed=True)
 
 
 def convert_loaded(
@@ -133,14 +167,33 @@ def convert_loaded(
     force: bool = False,
 ) -> ConversionReport:
     """`convert` for a source already read with `read_checkpoint` (used by `repair`)."""
+    from .write import write_checkpoint
+
     fmt = output_format(dst)
     state_dict, container = select_state_dict(loaded, ema=ema)
     arch, canonical, target = prepare(state_dict, prefix=prefix, layout=layout)
     _, nbytes = write_checkpoint(dst, target.state_dict, force=force, source=src)
+    return _report(src, dst, fmt, loaded, source_format, container, arch, canonical, target, nbytes, prefix)
+
+
+def _report(
+    src: str,
+    dst: str,
+    fmt: str,
+    loaded: Any,
+    source_format: str,
+    container: Optional[str],
+    arch: Architecture,
+    canonical: Canonical,
+    target: Target,
+    nbytes: int,
+    prefix: str,
+    streamed: bool = False,
+) -> ConversionReport:
     dtypes: Dict[str, int] = {}
     changes: Dict[str, str] = {}
     for tensor in target.state_dict.values():
-        written = stored_dtype(tensor.dtype, fmt)
+        written = tensor.dtype if streamed else _stored_dtype(tensor.dtype, fmt)
         dtypes[_dtype_name(written)] = dtypes.get(_dtype_name(written), 0) + 1
         if written != tensor.dtype:
             changes[_dtype_name(tensor.dtype)] = _dtype_name(written)
@@ -176,6 +229,7 @@ def convert_loaded(
         dtype_changes=changes,
         bytes_written=nbytes,
         notes=d2_problems(src, source_format, loaded, canonical.layout, canonical.prefix, classifier_names(canonical)),
+        streamed=streamed,
     )
 
 
@@ -208,6 +262,8 @@ def repair(src: str, dst: str, *, force: bool = False) -> RepairReport:
     Raises:
         ConversionError: unusable input or destination (nothing is written).
     """
+    from .read import read_checkpoint
+
     output_format(dst)
     loaded, source_format = read_checkpoint(src)
     state_dict, container = select_state_dict(loaded)

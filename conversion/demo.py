@@ -14,6 +14,7 @@ Exit 0 when every check passes, 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import tempfile
@@ -104,11 +105,9 @@ def main(argv: Sequence[str] = ()) -> int:
     parser = argparse.ArgumentParser(prog="python -m conversion.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--keep", metavar="DIR", help="write the files into DIR (kept) instead of a temporary directory")
     args = parser.parse_args(list(argv))
-    try:
-        import detectron2  # noqa: F401
-        import timm  # noqa: F401
-    except ImportError as err:
-        print(f"demo: needs detectron2 and timm ({err}); run it with `tox -e demo`.", file=sys.stderr)
+    missing = [name for name in ("detectron2", "timm") if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"demo: needs {' and '.join(missing)}; run it with `tox -e demo`.", file=sys.stderr)
         return 2
     if args.keep:
         os.makedirs(args.keep, exist_ok=True)

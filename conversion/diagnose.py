@@ -13,7 +13,7 @@ import argparse
 import os
 from typing import Any, Iterator, List, Mapping, Optional, Tuple
 
-import torch
+from .containers import is_array
 
 
 D2_PREFIX = "backbone."
@@ -30,7 +30,7 @@ def _walk(obj: Any, path: str = "") -> Iterator[Tuple[str, Any]]:
 
 
 def _has_arrays(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and any(isinstance(v, torch.Tensor) or type(v).__name__ == "ndarray" for v in obj.values())
+    return isinstance(obj, Mapping) and any(is_array(v) for v in obj.values())
 
 
 def _mentions(path: str, needle: bytes, chunk: int = 1 << 20) -> bool:
@@ -51,7 +51,7 @@ def _reader_problems(path: str, fmt: str, loaded: Any) -> List[str]:
     is_pkl = name.lower().endswith(".pkl")
     if is_pkl and fmt in ("torch-zip", "torch-legacy"):
         return [
-            f"a torch.save archive under a .pkl name: Detectron2 reads .pkl with pickle.load and fails "
+            "a torch.save archive under a .pkl name: Detectron2 reads .pkl with pickle.load and fails "
             "('UnpicklingError: A load persistent id instruction was encountered...')."
         ]
     if is_pkl and isinstance(loaded, Mapping) and not ("model" in loaded and "__author__" in loaded):
@@ -74,7 +74,7 @@ def _reader_problems(path: str, fmt: str, loaded: Any) -> List[str]:
             "('Unsupported type found in checkpoint! model: <class 'dict'>')."
         )
     if not is_pkl and isinstance(loaded, Mapping) and "model" not in loaded:
-        odd = next((f"{k}: {type(v).__name__}" for k, v in loaded.items() if not isinstance(v, torch.Tensor)), None)
+        odd = next((f"{k}: {type(v).__name__}" for k, v in loaded.items() if not (is_array(v) and type(v).__name__ != "ndarray")), None)
         if odd:
             problems.append(
                 f"no top-level 'model': Detectron2 wraps the whole dict as the model and fails "

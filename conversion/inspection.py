@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from .architecture import infer_architecture
 from .diagnose import d2_problems
 from .layouts import LAYOUTS, classifier_names, to_canonical
-from .read import read_checkpoint, select_state_dict
+from .containers import select_state_dict
+from .formats import is_torch_zip
 
 
 @dataclass
@@ -35,9 +36,27 @@ class InspectReport:
     reshaped: Dict[str, str] = field(default_factory=dict)
     left_out: Dict[str, str] = field(default_factory=dict)  # source name -> why a conversion leaves it out
     problems: List[str] = field(default_factory=list)  # what Detectron2 would hit loading the file as is
+    bytes_read: Optional[int] = None  # of the file, when only a torch archive's index was read
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
+
+
+def _read(path: str) -> Tuple[Any, str, Optional[int]]:
+    """(objects, format, bytes read): a torch archive's index only when possible (tensor bytes are
+    never needed to inspect), else the whole file."""
+    if is_torch_zip(path):
+        from .stream import NotStreamable, read_index
+
+        try:
+            index = read_index(path)
+            return index.objects, "torch-zip", index.bytes_read
+        except NotStreamable:
+            pass
+    from .read import read_checkpoint
+
+    loaded, fmt = read_checkpoint(path)
+    return loaded, fmt, None
 
 
 def inspect_checkpoint(path: str, *, layout: Optional[str] = None) -> InspectReport:
@@ -46,7 +65,7 @@ def inspect_checkpoint(path: str, *, layout: Optional[str] = None) -> InspectRep
     Raises:
         ConversionError: unreadable, no state dict, or not a ConvNeXt this tool knows.
     """
-    loaded, fmt = read_checkpoint(path)
+    loaded, fmt, bytes_read = _read(path)
     state_dict, container = select_state_dict(loaded)
     canonical = to_canonical(state_dict, forced=layout)
     arch = infer_architecture({k: tuple(v.shape) for k, v in canonical.state_dict.items()})
@@ -75,4 +94,5 @@ def inspect_checkpoint(path: str, *, layout: Optional[str] = None) -> InspectRep
         reshaped={canonical.source_names[k]: fix for k, fix in canonical.reshaped.items()},
         left_out=dict(canonical.dropped),
         problems=d2_problems(path, fmt, loaded, canonical.layout, canonical.prefix, classifier_names(canonical)),
+        bytes_read=bytes_read,
     )

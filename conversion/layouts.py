@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .errors import NotConvNeXt
+
+if TYPE_CHECKING:
+    import torch
 
 # ---------------------------------------------------------------- templates
 
@@ -107,38 +108,38 @@ class Template:
 # Each is (to canonical, to source); both are views, so values stay bit-identical.
 
 
-def _squeeze_1x1(t: torch.Tensor) -> torch.Tensor:
+def _squeeze_1x1(t: "torch.Tensor") -> "torch.Tensor":
     """timm conv-MLP models store Linear weights as 1x1 convs [out, in, 1, 1]."""
     return t.reshape(t.shape[0], t.shape[1]) if t.ndim == 4 else t
 
 
-def _unsqueeze_1x1(t: torch.Tensor) -> torch.Tensor:
+def _unsqueeze_1x1(t: "torch.Tensor") -> "torch.Tensor":
     return t.reshape(t.shape[0], t.shape[1], 1, 1) if t.ndim == 2 else t
 
 
-def _grn_4d(t: torch.Tensor) -> torch.Tensor:
+def _grn_4d(t: "torch.Tensor") -> "torch.Tensor":
     """Official GRN parameters are [1, 1, 1, E]; timm and mmpretrain store [E]."""
     return t.reshape(1, 1, 1, -1)
 
 
-def _grn_1d(t: torch.Tensor) -> torch.Tensor:
+def _grn_1d(t: "torch.Tensor") -> "torch.Tensor":
     return t.reshape(-1)
 
 
-def _layer_scale_1d(t: torch.Tensor) -> torch.Tensor:
+def _layer_scale_1d(t: "torch.Tensor") -> "torch.Tensor":
     """torchvision layer scale is [C, 1, 1]; official `gamma` is [C]."""
     return t.reshape(-1)
 
 
-def _layer_scale_3d(t: torch.Tensor) -> torch.Tensor:
+def _layer_scale_3d(t: "torch.Tensor") -> "torch.Tensor":
     return t.reshape(-1, 1, 1)
 
 
 @dataclass(frozen=True)
 class Fix:
     name: str
-    to_canonical: Callable[[torch.Tensor], torch.Tensor]
-    to_source: Callable[[torch.Tensor], torch.Tensor]
+    to_canonical: Callable[["torch.Tensor"], "torch.Tensor"]
+    to_source: Callable[["torch.Tensor"], "torch.Tensor"]
 
 
 SQUEEZE_1X1 = Fix("[out,in,1,1] -> [out,in]", _squeeze_1x1, _unsqueeze_1x1)
@@ -190,7 +191,7 @@ class Layout:
     drops: Tuple[Tuple[Template, str], ...] = ()
     drop_outside_prefix: Optional[str] = None  # reason to drop every key outside the prefix
     prefixes: Optional[Tuple[str, ...]] = None
-    post: Optional[Callable[[Dict[str, torch.Tensor], Dict[str, str]], None]] = None  # layout-specific renames
+    post: Optional[Callable[[Dict[str, "torch.Tensor"], Dict[str, str]], None]] = None  # layout-specific renames
 
     @property
     def specificity(self) -> int:
@@ -319,7 +320,7 @@ TORCHVISION = Layout(
 )
 
 
-def _mmpretrain_final_norm(canonical: Dict[str, torch.Tensor], names: Dict[str, str]) -> None:
+def _mmpretrain_final_norm(canonical: Dict[str, "torch.Tensor"], names: Dict[str, str]) -> None:
     """mmpretrain classifiers keep the pooled norm as `norm3` (gap_before_final_norm): it is `norm`."""
     others = [k for k in canonical if re.match(r"^norm[0-2]\.", k)]
     if "head.weight" in canonical and "norm3.weight" in canonical and not others:
@@ -369,7 +370,7 @@ LAYOUTS: Dict[str, Layout] = {
 class Canonical:
     """A state dict in canonical names, and where each entry came from."""
 
-    state_dict: Dict[str, torch.Tensor]
+    state_dict: Dict[str, "torch.Tensor"]
     layout: str
     prefix: str
     source_names: Dict[str, str]  # canonical name -> name in the source dict
@@ -384,10 +385,12 @@ def classifier_names(canonical: "Canonical") -> List[str]:
     return sorted(canonical.source_names[k] for k in CLASSIFIER_KEYS if k in canonical.state_dict)
 
 
-def _as_tensor(value: Any) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
+def _as_tensor(value: Any) -> "torch.Tensor":
+    """numpy arrays (from .pkl files) become tensors; tensors and streamed references stay as they are."""
+    if type(value).__name__ != "ndarray":
         return value
-    import numpy as np  # numpy arrays come only from .pkl (and some .pth) files
+    import numpy as np
+    import torch
 
     return torch.from_numpy(np.ascontiguousarray(value))
 
@@ -467,7 +470,7 @@ def to_canonical(state_dict: Mapping[str, Any], forced: Optional[str] = None) ->
     if forced is not None and forced not in LAYOUTS:
         raise NotConvNeXt(f"unknown layout '{forced}'.", f"Known layouts: {', '.join(LAYOUTS)}.")
     layout, prefix = recognise(list(state_dict), forced)
-    out: Dict[str, torch.Tensor] = {}
+    out: Dict[str, "torch.Tensor"] = {}
     names: Dict[str, str] = {}
     dropped: Dict[str, str] = {}
     reshaped: Dict[str, str] = {}

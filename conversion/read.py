@@ -17,13 +17,13 @@ import io
 import os
 import pickle
 import zipfile
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 import torch
 
-from .errors import ContainerError, UnreadableCheckpoint, UnsafeCheckpoint
+from .errors import UnreadableCheckpoint, UnsafeCheckpoint
+from .formats import ZIP_MAGIC
 
-ZIP_MAGIC = b"PK\x03\x04"
 # First record of a legacy (pre-1.6, non-zip) torch.save file: this pickled int.
 _LEGACY_TORCH_MAGIC = 0x1950A86A20F9469CFC6C
 _TORCH_HAS_WEIGHTS_ONLY = "weights_only" in inspect.signature(torch.load).parameters
@@ -240,83 +240,3 @@ def read_checkpoint(path: str) -> Tuple[Any, str]:
             f"{path}: not a readable checkpoint ({type(err).__name__}: {str(err)[:160]}).",
             "Expected a torch.save file (.pth/.pt) or a Detectron2 .pkl; the file may be truncated or corrupt.",
         ) from None
-
-
-# Container keys, in the order tried.  Released official files use `model` (EMA files
-# too); training checkpoints add `model_ema`; mmpretrain and others use `state_dict`.
-_WEIGHT_CONTAINERS = ("model", "state_dict", "module")
-_EMA_CONTAINERS = ("model_ema", "state_dict_ema")
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel, torch.compile
-
-
-def _is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(k, str) for k in obj) and any(
-        _is_array(v) for v in obj.values()
-    )
-
-
-def _is_array(v: Any) -> bool:
-    return isinstance(v, torch.Tensor) or type(v).__name__ == "ndarray"
-
-
-# Hand-made files sometimes nest the container: {"model": {"model": state_dict}}.
-_MAX_NESTING = 3
-
-
-def _find_in_container(obj: Any, depth: int) -> Optional[Tuple[Mapping[str, Any], List[str]]]:
-    """The state dict at `obj`, or under its own `model`/`state_dict` key (nested containers)."""
-    if _is_state_dict(obj):
-        return obj, []
-    if depth == 0 or not isinstance(obj, Mapping):
-        return None
-    for key in _WEIGHT_CONTAINERS:
-        found = _find_in_container(obj.get(key), depth - 1)
-        if found is not None:
-            return found[0], [key] + found[1]
-    return None
-
-
-def select_state_dict(obj: Any, ema: bool = False) -> Tuple[Dict[str, Any], Optional[str]]:
-    """Find the weights inside a loaded checkpoint.
-
-    Returns the state dict (wrapper prefixes stripped, non-array entries dropped) and
-    the container key it came from (None for a bare state dict; "model.model" when nested).
-
-    Raises:
-        ContainerError: no state dict, or `ema` asked for and none present.
-    """
-    if not isinstance(obj, Mapping):
-        raise ContainerError(
-            f"checkpoint holds a {type(obj).__name__}, not a dict of weights.",
-            "Save the weights with torch.save(model.state_dict()) or {'model': state_dict}.",
-        )
-    keys = _EMA_CONTAINERS if ema else _WEIGHT_CONTAINERS
-    for key in keys:
-        found = _find_in_container(obj.get(key), depth=_MAX_NESTING)
-        if found is not None:
-            sd, path = found
-            return strip_wrapper_prefixes(sd), ".".join([key] + path)
-    if ema:
-        raise ContainerError(
-            f"--ema asked for EMA weights but the checkpoint has none (top-level keys: {sorted(map(str, obj))[:10]}).",
-            "Released '_ema' files keep their EMA weights under 'model': convert without --ema.",
-        )
-    if _is_state_dict(obj):
-        return strip_wrapper_prefixes(obj), None
-    raise ContainerError(
-        f"no state dict found; top-level keys: {sorted(map(str, obj))[:10]}.",
-        "Expected a bare state dict or one under 'model', 'state_dict' or 'model_ema' (with --ema).",
-    )
-
-
-def strip_wrapper_prefixes(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
-    """Drop non-array entries and any wrapper prefix that every key carries."""
-    sd = {k: v for k, v in state_dict.items() if _is_array(v)}
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _WRAPPER_PREFIXES:
-            if sd and all(k.startswith(prefix) for k in sd):
-                sd = {k[len(prefix):]: v for k, v in sd.items()}
-                changed = True
-    return sd

@@ -9,9 +9,7 @@ never renamed onto the output norms (they normalise a pooled vector, not a map).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Sequence, Tuple
-
-import torch
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 from .architecture import CLASSIFIER_KEYS, NUM_STAGES, Architecture
 
@@ -23,14 +21,14 @@ ALL_OUTPUTS = tuple(f"res{i + 2}" for i in range(NUM_STAGES))
 class Target:
     """The state dict to write, and what the mapping did."""
 
-    state_dict: Dict[str, torch.Tensor]
+    state_dict: Dict[str, Any]
     renamed: Dict[str, str]  # target name -> canonical name
     dropped: Tuple[str, ...]  # canonical names left out (classifier only)
 
 
-def to_target(canonical: Mapping[str, torch.Tensor], prefix: str = DEFAULT_PREFIX) -> Target:
+def to_target(canonical: Mapping[str, Any], prefix: str = DEFAULT_PREFIX) -> Target:
     """Prefix every backbone tensor; drop the classifier's `norm.*` and `head.*`."""
-    kept: Dict[str, torch.Tensor] = {}
+    kept: Dict[str, Any] = {}
     renamed: Dict[str, str] = {}
     dropped: List[str] = []
     for name, tensor in canonical.items():

@@ -22,7 +22,8 @@ from .architecture import infer_architecture
 from .errors import ConversionError
 from .heuristics import heuristic_assignment
 from .layouts import to_canonical
-from .read import read_checkpoint, select_state_dict
+from .containers import select_state_dict
+from .read import read_checkpoint
 from .target import to_target
 
 FRESH_OUTPUT_NORM = re.compile(r"^backbone\.norm\d+\.(weight|bias)$")

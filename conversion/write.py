@@ -14,33 +14,17 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import tempfile
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Mapping, Tuple
 
 import torch
 
 from .errors import DestinationError, VerificationFailed
+from .formats import AUTHOR, check_destination, output_format, temp_beside, unlink_quietly  # noqa: F401  (re-exported)
 
-AUTHOR = "convnext-d2"
-TORCH_EXTENSIONS = (".pth", ".pt")
-PICKLE_EXTENSIONS = (".pkl",)
 # Protocol 4 reads on every Python 3 Detectron2 supports (3.4+) and stores large arrays.
 PICKLE_PROTOCOL = 4
 # numpy has no bfloat16: a .pkl stores bf16 tensors as float32 (exact, every bf16 is a float32).
 _PKL_UPCAST = {torch.bfloat16: torch.float32}
-
-
-def output_format(path: str) -> str:
-    """'torch' or 'pickle' by extension; anything else is refused."""
-    ext = os.path.splitext(path)[1].lower()
-    if ext in TORCH_EXTENSIONS:
-        return "torch"
-    if ext in PICKLE_EXTENSIONS:
-        return "pickle"
-    raise DestinationError(
-        f"{path}: unsupported destination extension '{ext or '(none)'}'.",
-        "Detectron2 picks its reader by extension: name the output .pth (torch) or .pkl (model zoo).",
-    )
 
 
 def stored_dtype(dtype: torch.dtype, fmt: str) -> torch.dtype:
@@ -127,22 +111,10 @@ def write_checkpoint(path: str, state_dict: Mapping[str, torch.Tensor], *, force
         VerificationFailed: the file did not read back equal (nothing is left behind).
     """
     fmt = output_format(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    if source and (os.path.abspath(source) == os.path.abspath(path) or _same_file(source, path)):
-        raise DestinationError(f"{path}: destination is the source file.", "Write to a new file name.")
-    if os.path.isdir(path):
-        raise DestinationError(f"{path}: destination is a directory.", "Give a file name ending in .pth or .pkl.")
-    if os.path.exists(path) and not force:
-        raise DestinationError(f"{path}: destination exists.", "Pass --force to overwrite it, or choose another name.")
-    if not os.path.isdir(directory):
-        raise DestinationError(f"{path}: directory {directory} does not exist.", "Create it first.")
+    directory = check_destination(path, force=force, source=source)
     data = encode(state_dict, fmt)
+    fd, tmp = temp_beside(path, directory)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".convnext-d2-", suffix=os.path.splitext(path)[1], dir=directory)
-    except OSError as err:
-        raise DestinationError(f"{path}: cannot write in {directory} ({err.strerror}).", "Choose a writable directory.") from None
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint is an ordinary file
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -150,29 +122,9 @@ def write_checkpoint(path: str, state_dict: Mapping[str, torch.Tensor], *, force
         _check_written(tmp, state_dict, fmt, shown_as=path)
         os.replace(tmp, path)
     except OSError as err:
-        _unlink_quietly(tmp)
+        unlink_quietly(tmp)
         raise DestinationError(f"{path}: write failed ({err.strerror or err}).", "Check free space and permissions.") from None
     except BaseException:
-        _unlink_quietly(tmp)
+        unlink_quietly(tmp)
         raise
     return fmt, len(data)
-
-
-def _same_file(a: str, b: str) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import functools
 import hashlib
+import importlib
 import io
 import os
 import pickle
@@ -400,6 +401,8 @@ def test_a_file_that_reads_back_different_is_never_installed(destination, tmp_pa
         return real_encode({k: v + 1 for k, v in state_dict.items()}, fmt)
 
     monkeypatch.setattr(write, "encode", corrupting_encode)
+    # This is the load-and-save writer's check; the streamed path has its own test below.
+    monkeypatch.setattr(importlib.import_module("conversion.convert"), "STREAM_TORCH_ARCHIVES", False)
     before = snapshot(tmp_path)
 
     status = main(["convert", *destination])
@@ -407,6 +410,27 @@ def test_a_file_that_reads_back_different_is_never_installed(destination, tmp_pa
     err = capsys.readouterr().err
     assert status == EXIT_PROBLEM, f"a failed read-back is a verification problem (exit 1), got {status}:\n{err}"
     assert_says(err, ["differ"])
+    assert_disk_unchanged(tmp_path, before)
+
+
+def test_a_streamed_copy_that_reads_back_different_is_never_installed(destination, tmp_path, monkeypatch, capsys):
+    """The streamed path copies tensor bytes; a copy that went wrong fails its CRC read-back (exit 1)."""
+    from conversion import stream
+
+    real_copy = stream._copy_range
+
+    def corrupting_copy(src_fd, dst_fd, src_offset, count):
+        real_copy(src_fd, dst_fd, src_offset, count)
+        last = os.lseek(dst_fd, 0, os.SEEK_CUR) - 1
+        os.pwrite(dst_fd, bytes([os.pread(dst_fd, 1, last)[0] ^ 0xFF]), last)  # flip the record's last byte
+
+    monkeypatch.setattr(stream, "_copy_range", corrupting_copy)
+    before = snapshot(tmp_path)
+
+    status = main(["convert", *destination])
+
+    err = capsys.readouterr().err
+    assert status == EXIT_PROBLEM, f"a failed read-back is a verification problem (exit 1), got {status}:\n{err}"
     assert_disk_unchanged(tmp_path, before)
 
 

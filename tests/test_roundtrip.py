@@ -7,6 +7,7 @@ warning, and (b) every tensor of the model equal to the source.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import tempfile
 
@@ -32,8 +33,19 @@ from .support import (
 
 require("detectron2")
 
+
+@pytest.fixture(autouse=True, params=["streamed", "loaded"])
+def conversion_path(request, monkeypatch):
+    """Every round trip runs twice: torch archives -> .pth streamed (bytes copied) and loaded-and-saved."""
+    monkeypatch.setattr(importlib.import_module("conversion.convert"), "STREAM_TORCH_ARCHIVES", request.param == "streamed")
+    return request.param
+
 SMALL = Architecture((2, 1, 3, 1), (8, 16, 24, 32), num_classes=5, classifier_norm=True)
 FORMATS = (".pth", ".pkl", ".pt")
+
+
+def _streaming_on():
+    return importlib.import_module("conversion.convert").STREAM_TORCH_ARCHIVES
 
 
 def _expected_model_state(sd, prefix="backbone."):
@@ -45,6 +57,7 @@ def _roundtrip(tmpdir, arch, container_obj, source_weights, ext, *, ema=False, o
     torch.save(container_obj, src)
     dst = os.path.join(tmpdir, "converted" + ext)
     report = convert(src, dst, ema=ema)
+    assert report.streamed == (ext != ".pkl" and _streaming_on()), "the path under test was not taken"
     model = build_d2_model(arch, out_features)
     fill_with_sentinel(model)
     result = load_with_detectron2(model, dst)

@@ -1,0 +1,85 @@
+"""File formats and destinations, without torch: which format a name asks for, what a file's
+bytes are, and whether a destination may be written (both writers share these rules)."""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Tuple
+
+from .errors import DestinationError
+
+AUTHOR = "convnext-d2"  # the `__author__` of every file written (Detectron2 needs one in a .pkl)
+ZIP_MAGIC = b"PK\x03\x04"
+TORCH_EXTENSIONS = (".pth", ".pt")
+PICKLE_EXTENSIONS = (".pkl",)
+
+
+def output_format(path: str) -> str:
+    """'torch' or 'pickle' by extension (as Detectron2 picks its reader); anything else is refused."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext in TORCH_EXTENSIONS:
+        return "torch"
+    if ext in PICKLE_EXTENSIONS:
+        return "pickle"
+    raise DestinationError(
+        f"{path}: unsupported destination extension '{ext or '(none)'}'.",
+        "Detectron2 picks its reader by extension: name the output .pth (torch) or .pkl (model zoo).",
+    )
+
+
+def is_torch_zip(path: str) -> bool:
+    """Whether the file starts like a torch.save zip archive (cheap: four bytes)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == ZIP_MAGIC
+    except OSError:
+        return False
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_destination(path: str, *, force: bool, source: str = "") -> str:
+    """Refuse a destination that must not be written; return its directory.
+
+    Raises:
+        DestinationError: the source itself, a directory, an existing file without `force`,
+            or a missing directory.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    if source and (os.path.abspath(source) == os.path.abspath(path) or _same_file(source, path)):
+        raise DestinationError(f"{path}: destination is the source file.", "Write to a new file name.")
+    if os.path.isdir(path):
+        raise DestinationError(f"{path}: destination is a directory.", "Give a file name ending in .pth or .pkl.")
+    if os.path.exists(path) and not force:
+        raise DestinationError(f"{path}: destination exists.", "Pass --force to overwrite it, or choose another name.")
+    if not os.path.isdir(directory):
+        raise DestinationError(f"{path}: directory {directory} does not exist.", "Create it first.")
+    return directory
+
+
+def temp_beside(path: str, directory: str) -> Tuple[int, str]:
+    """A temporary file in the destination's directory (so the final rename is atomic), mode per umask."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".convnext-d2-", suffix=os.path.splitext(path)[1], dir=directory)
+    except OSError as err:
+        raise DestinationError(f"{path}: cannot write in {directory} ({err.strerror}).", "Choose a writable directory.") from None
+    os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; a checkpoint is an ordinary file
+    return fd, tmp
+
+
+def umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

@@ -1,0 +1,402 @@
+"""Streaming conversion of torch archives: rewrite the small pickled index, copy the tensor bytes.
+
+A `torch.save` file is a zip archive: `<folder>/data.pkl` (the pickled dict, where each tensor
+is a reference to a storage record) plus one stored (uncompressed) record per storage,
+`<folder>/data/<key>`.  Renaming keys and dropping the classifier changes only `data.pkl`, so
+the storages are copied byte for byte (`os.copy_file_range`, in the kernel) and only the index
+is rebuilt.  Nothing here imports torch (importing it alone costs ~640 MB of resident memory);
+memory stays at the size of the index whatever the checkpoint's size.
+
+The index is read with an allowlisting unpickler that builds *references* instead of tensors,
+so nothing in the file executes and no tensor byte is read.  The new index is written with the
+same opcodes torch uses (protocol 2, `torch._utils._rebuild_tensor_v2`, typed-storage persistent
+ids), records are 64-byte aligned as torch aligns them, and the result is read back: every copied
+record's CRC-32 is checked against the source's and the new index is parsed and compared.
+
+Anything unusual (compressed records, big-endian data, tensors that are not plain references)
+raises `NotStreamable`, and the caller falls back to the ordinary load-and-save path.
+"""
+from __future__ import annotations
+
+import argparse
+import codecs
+import collections
+import io
+import os
+import pickle
+import struct
+import zipfile
+import zlib
+from dataclasses import dataclass, replace
+from typing import Any, Dict, List, Optional, Tuple
+
+from .errors import DestinationError, UnreadableCheckpoint, UnsafeCheckpoint, VerificationFailed
+from .formats import check_destination, temp_beside, unlink_quietly
+
+ALIGNMENT = 64  # torch's PyTorchStreamWriter aligns record data to 64 bytes (mmap-able)
+_COPY_CHUNK = 1 << 24
+
+# Storage class names in persistent ids -> dtype names (torch/storage.py, _utils.py).
+STORAGE_DTYPES = {
+    "FloatStorage": "float32",
+    "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16",
+    "DoubleStorage": "float64",
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "BoolStorage": "bool",
+}
+_ITEM_SIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1}
+
+
+class NotStreamable(Exception):
+    """This archive needs the ordinary path (not an error: the caller falls back)."""
+
+
+@dataclass(frozen=True)
+class StorageRef:
+    """One storage record of the archive: its key, element type and length."""
+
+    key: str
+    storage_type: str  # e.g. "FloatStorage"
+    numel: int
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A tensor as the index describes it: where its elements are, never the elements."""
+
+    storage: StorageRef
+    offset: int
+    shape: Tuple[int, ...]
+    stride: Tuple[int, ...]
+
+    @property
+    def dtype(self) -> str:
+        return STORAGE_DTYPES[self.storage.storage_type]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    def is_contiguous(self) -> bool:
+        return self.stride == _contiguous_stride(self.shape)
+
+    def reshape(self, *shape: int) -> "TensorRef":
+        """A view with another shape (the layouts' shape fixes); only for contiguous references."""
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = tuple(shape[0])
+        shape = tuple(shape)
+        if -1 in shape:
+            known = 1
+            for d in shape:
+                known *= d if d != -1 else 1
+            shape = tuple(self.numel() // known if d == -1 else d for d in shape)
+        if not self.is_contiguous():
+            raise NotStreamable("reshape of a non-contiguous tensor")
+        return replace(self, shape=shape, stride=_contiguous_stride(shape))
+
+
+def _contiguous_stride(shape: Tuple[int, ...]) -> Tuple[int, ...]:
+    stride, acc = [], 1
+    for d in reversed(shape):
+        stride.append(acc)
+        acc *= d
+    return tuple(reversed(stride))
+
+
+def _rebuild_tensor(storage: StorageRef, offset: int, size: Any, stride: Any, *_: Any) -> TensorRef:
+    return TensorRef(storage, int(offset), tuple(int(x) for x in size), tuple(int(x) for x in stride))
+
+
+def _rebuild_parameter(data: Any, *_: Any) -> Any:
+    return data
+
+
+class _StorageType:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+class _IndexUnpickler(pickle.Unpickler):
+    """Reads `data.pkl` into references; allows only what a state dict index contains."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch" and name in STORAGE_DTYPES:
+            return _StorageType(name)
+        if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
+            return _rebuild_tensor
+        if module == "torch._utils" and name == "_rebuild_parameter":
+            return _rebuild_parameter
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if (module, name) == ("argparse", "Namespace"):
+            return argparse.Namespace
+        if (module, name) == ("_codecs", "encode"):
+            return codecs.encode
+        if module.startswith("numpy"):
+            raise NotStreamable("numpy objects in the index")  # the ordinary path reads them
+        raise UnsafeCheckpoint(
+            f"refusing to load: the file asks to build '{module}.{name}', which is not tensor data.",
+            "Only checkpoints made of tensors, arrays and plain containers are read; "
+            "re-save the weights with torch.save(model.state_dict()).",
+        )
+
+    def persistent_load(self, pid: Any) -> Any:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
+            raise NotStreamable(f"unexpected persistent id {pid!r:.80}")
+        return StorageRef(str(pid[2]), pid[1].name, int(pid[4]))
+
+
+@dataclass
+class ArchiveIndex:
+    """What an archive holds, read without its tensor bytes."""
+
+    path: str
+    folder: str  # the archive's top folder ("archive" for files torch.save wrote to a handle)
+    objects: Any  # the unpickled index (dicts with TensorRef leaves)
+    records: Dict[str, zipfile.ZipInfo]  # name inside the folder -> zip entry
+    bytes_read: int = 0
+
+
+class _CountingFile(io.RawIOBase):
+    """Counts the bytes actually read from a file (the 'reads at most 1 MiB' promise of inspect)."""
+
+    def __init__(self, f: Any) -> None:
+        self._f, self.count = f, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def readinto(self, b: Any) -> int:
+        n = self._f.readinto(b)
+        self.count += n or 0
+        return n
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self.count += len(data)
+        return data
+
+
+def read_index(path: str) -> ArchiveIndex:
+    """Parse a torch zip archive's central directory and `data.pkl`; tensor bytes are not read.
+
+    Raises:
+        NotStreamable: a valid archive this module does not handle (numpy inside, big-endian...).
+        UnsafeCheckpoint: the index names something other than tensor data.
+        UnreadableCheckpoint: not a readable zip archive.
+    """
+    with open(path, "rb") as raw:
+        counting = _CountingFile(raw)
+        try:
+            zf = zipfile.ZipFile(counting)
+        except zipfile.BadZipFile as err:
+            raise UnreadableCheckpoint(f"{path}: truncated or corrupt torch archive ({err}).", "Re-download or re-save it.") from None
+        with zf:
+            names = [i.filename for i in zf.infolist()]
+            pkl = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
+            if len(pkl) != 1:
+                raise NotStreamable("no single <folder>/data.pkl")
+            folder = pkl[0].split("/", 1)[0]
+            records = {i.filename[len(folder) + 1:]: i for i in zf.infolist() if i.filename.startswith(folder + "/")}
+            if any(i.compress_type != zipfile.ZIP_STORED for i in records.values()):
+                raise NotStreamable("compressed records")
+            if "byteorder" in records and zf.read(folder + "/byteorder").strip() != b"little":
+                raise NotStreamable("big-endian archive")
+            data = zf.read(pkl[0])
+        try:
+            objects = _IndexUnpickler(io.BytesIO(data), encoding="latin1").load()
+        except NotStreamable:
+            raise
+        except UnsafeCheckpoint as err:
+            raise UnsafeCheckpoint(f"{path}: {err.message}", err.hint) from None
+        except Exception as err:
+            raise UnreadableCheckpoint(f"{path}: corrupt index ({type(err).__name__}: {err}).", "Re-download or re-save it.") from None
+        return ArchiveIndex(path, folder, objects, records, counting.count)
+
+
+# ---------------------------------------------------------------- writing
+
+
+class _Global:
+    """A global the new index names (written as a GLOBAL opcode without importing its module)."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module, self.name = module, name
+
+    def __call__(self, *args: Any) -> Any:  # the pickler requires a callable in a reduce tuple
+        raise TypeError(f"{self.module}.{self.name} is only a name to write")
+
+
+_REBUILD = _Global("torch._utils", "_rebuild_tensor_v2")
+
+
+class _IndexPickler(pickle._Pickler):  # the pure-Python pickler: its dispatch table can be extended
+    """Writes the new index with the opcodes torch.save uses for a state dict (protocol 2)."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def _save_global_ref(self, obj: _Global) -> None:
+        self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode("utf-8"))
+        self.memoize(obj)
+
+    dispatch[_Global] = _save_global_ref
+
+    def __init__(self, f: Any) -> None:
+        super().__init__(f, protocol=2)
+        self._types: Dict[str, _Global] = {}
+
+    def persistent_id(self, obj: Any) -> Any:
+        if isinstance(obj, StorageRef):
+            kind = self._types.setdefault(obj.storage_type, _Global("torch", obj.storage_type))
+            return ("storage", kind, obj.key, "cpu", obj.numel)
+        return None
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, TensorRef):
+            return _REBUILD, (obj.storage, obj.offset, obj.shape, obj.stride, False, collections.OrderedDict())
+        return NotImplemented
+
+
+def encode_index(payload: Any) -> bytes:
+    buf = io.BytesIO()
+    _IndexPickler(buf).dump(payload)
+    return buf.getvalue()
+
+
+def _aligned_info(name: str, offset: int, size: int, crc: int) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+    info.compress_type = zipfile.ZIP_STORED
+    info.file_size = info.compress_size = size
+    info.CRC = crc
+    info.header_offset = offset
+    # Pad the local header's extra field so the data starts on a 64-byte boundary (torch uses id "FB").
+    base = offset + 30 + len(name.encode("utf-8")) + 4
+    pad = (-base) % ALIGNMENT
+    info.extra = struct.pack("<HH", 0x4246, pad) + b"Z" * pad
+    info.create_system = 0
+    info.flag_bits = 0
+    return info
+
+
+def _data_offset(f: Any, info: zipfile.ZipInfo) -> int:
+    """Where an entry's bytes start: after its *local* header (whose extra field may differ)."""
+    f.seek(info.header_offset)
+    header = f.read(30)
+    if header[:4] != b"PK\x03\x04":
+        raise UnreadableCheckpoint(f"corrupt archive entry {info.filename}", "Re-download or re-save it.")
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    return info.header_offset + 30 + name_len + extra_len
+
+
+def _copy_range(src_fd: int, dst_fd: int, src_offset: int, count: int) -> None:
+    """Copy `count` bytes from src at src_offset to dst's current position, in the kernel when possible."""
+    dst_offset = os.lseek(dst_fd, 0, os.SEEK_CUR)
+    done = 0
+    use_kernel = hasattr(os, "copy_file_range")
+    while done < count:
+        n = min(_COPY_CHUNK, count - done)
+        copied = 0
+        if use_kernel:
+            try:
+                copied = os.copy_file_range(src_fd, dst_fd, n, src_offset + done, dst_offset + done)
+            except OSError:
+                use_kernel = False
+        if not use_kernel or copied == 0:
+            block = os.pread(src_fd, n, src_offset + done)
+            if not block:
+                raise UnreadableCheckpoint("source archive is truncated", "Re-download or re-save it.")
+            os.pwrite(dst_fd, block, dst_offset + done)
+            copied = len(block)
+        done += copied
+    os.lseek(dst_fd, dst_offset + count, os.SEEK_SET)
+
+
+def write_archive(dst_file: Any, index: ArchiveIndex, payload: Any, keep: List[str]) -> None:
+    """Write a torch archive: the new index `payload`, the source's small records, and the storage
+    records named in `keep` copied byte for byte.  `dst_file` is an open binary file."""
+    small = [n for n in (".format_version", ".storage_alignment", "byteorder", "version", ".data/serialization_id") if n in index.records]
+    with open(index.path, "rb") as src, zipfile.ZipFile(dst_file, "w") as zf:
+        entries: List[Tuple[str, Optional[bytes], Optional[zipfile.ZipInfo]]] = [("data.pkl", encode_index(payload), None)]
+        for name in small:
+            entries.append((name, None, index.records[name]))
+        for key in keep:
+            entries.append((f"data/{key}", None, index.records[f"data/{key}"]))
+        for name, data, source in entries:
+            full = f"archive/{name}"
+            offset = dst_file.tell()
+            if data is not None:
+                info = _aligned_info(full, offset, len(data), zlib.crc32(data))
+            else:
+                assert source is not None
+                info = _aligned_info(full, offset, source.file_size, source.CRC)
+            dst_file.write(info.FileHeader(zip64=False))
+            if data is not None:
+                dst_file.write(data)
+            else:
+                dst_file.flush()  # hand over to the fd: the copy happens in the kernel
+                _copy_range(src.fileno(), dst_file.fileno(), _data_offset(src, source), source.file_size)
+                dst_file.seek(offset + len(info.FileHeader(zip64=False)) + source.file_size)
+            # Hand the entry to zipfile so it writes the central directory (and zip64 records if needed).
+            zf.filelist.append(info)
+            zf.NameToInfo[info.filename] = info
+            zf.start_dir = dst_file.tell()
+
+
+def check_archive(path: str, expected: Any, copied_crcs: Dict[str, int]) -> None:
+    """Read the written archive back: every record's bytes against its CRC (zipfile checks it on a
+    full read), copied records' CRCs against the source's, and the index against what was meant."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                with zf.open(info) as f:  # raises BadZipFile on a CRC mismatch
+                    while f.read(_COPY_CHUNK):
+                        pass
+                key = info.filename[len("archive/"):]
+                if key in copied_crcs and copied_crcs[key] != info.CRC:
+                    raise VerificationFailed(f"{path}: record {key} differs from the source's.", "Report this as a bug.")
+    except zipfile.BadZipFile as err:
+        raise VerificationFailed(f"{path}: written archive does not read back ({err}).", "Report this as a bug.") from None
+    got = read_index(path).objects
+    if got != expected:
+        raise VerificationFailed(f"{path}: written index does not read back as written.", "Report this as a bug.")
+
+
+def write_streamed(dst: str, index: ArchiveIndex, payload: Any, keep: List[str], *, force: bool, source: str) -> int:
+    """Atomically write the streamed archive to `dst` (same rules as write.write_checkpoint)."""
+    directory = check_destination(dst, force=force, source=source)
+    fd, tmp = temp_beside(dst, directory)
+    try:
+        with os.fdopen(fd, "w+b") as f:
+            write_archive(f, index, payload, keep)
+            f.flush()
+            os.fsync(f.fileno())
+            size = f.tell()
+        check_archive(tmp, payload, {f"data/{k}": index.records[f"data/{k}"].CRC for k in keep})
+        os.replace(tmp, dst)
+    except OSError as err:
+        unlink_quietly(tmp)
+        raise DestinationError(f"{dst}: write failed ({err.strerror or err}).", "Check free space and permissions.") from None
+    except BaseException:
+        unlink_quietly(tmp)
+        raise
+    return size
