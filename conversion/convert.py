@@ -53,7 +53,7 @@ class ConversionReport:
     dtype_changes: Dict[str, str] = field(default_factory=dict)  # e.g. bfloat16 -> float32 in .pkl
     bytes_written: int = 0
     notes: List[str] = field(default_factory=list)  # what Detectron2 would have made of the source as it was
-    streamed: bool = False  # tensor bytes copied as they are (torch archive to .pth), not loaded and saved
+    streamed: bool = False  # a torch archive converted without loading it (tensor bytes copied or written one at a time)
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -64,9 +64,10 @@ def _dtype_name(dtype: Any) -> str:
 
 
 def _stored_dtype(dtype: Any, fmt: str) -> Any:
-    from .write import stored_dtype
-
-    return stored_dtype(dtype, fmt)
+    """The dtype written: as is, except bfloat16 in a .pkl (numpy has none), widened to float32."""
+    if fmt == "pickle" and _dtype_name(dtype) == "bfloat16":
+        return "float32"
+    return dtype
 
 
 def _parse_forced_layout(layout: Optional[str]) -> Tuple[Optional[str], Optional[int]]:
@@ -129,11 +130,11 @@ def convert(
         (178, ['head.bias', 'head.weight', 'norm.bias', 'norm.weight'])
     """
     fmt = output_format(dst)  # refuse a bad extension before reading a large file
-    if STREAM_TORCH_ARCHIVES and fmt == "torch" and is_torch_zip(src):
+    if STREAM_TORCH_ARCHIVES and is_torch_zip(src):
         from .stream import NotStreamable
 
         try:
-            return _convert_streamed(src, dst, ema=ema, prefix=prefix, layout=layout, force=force)
+            return _convert_streamed(src, dst, fmt, ema=ema, prefix=prefix, layout=layout, force=force)
         except NotStreamable:
             pass  # an archive the streamed path does not handle: load and save it instead
     from .read import read_checkpoint
@@ -142,17 +143,23 @@ def convert(
     return convert_loaded(src, loaded, source_format, dst, ema=ema, prefix=prefix, layout=layout, force=force)
 
 
-def _convert_streamed(src: str, dst: str, *, ema: bool, prefix: str, layout: Optional[str], force: bool) -> ConversionReport:
-    """torch archive -> .pth without loading a tensor: a new index, the storages copied as bytes."""
-    from .stream import read_index, write_streamed
+def _convert_streamed(
+    src: str, dst: str, fmt: str, *, ema: bool, prefix: str, layout: Optional[str], force: bool
+) -> ConversionReport:
+    """A torch archive converted without loading it: for .pth a new index with the storages copied
+    as bytes; for .pkl the arrays written one at a time.  Memory stays small whatever the size."""
+    from .stream import read_index, write_streamed, write_streamed_pickle
 
     index = read_index(src)
     state_dict, container = select_state_dict(index.objects, ema=ema)
     arch, canonical, target = prepare(state_dict, prefix=prefix, layout=layout)
-    payload = {"model": dict(target.state_dict), "__author__": AUTHOR}
-    keep = sorted({ref.storage.key for ref in target.state_dict.values()})
-    nbytes = write_streamed(dst, index, payload, keep, force=force, source=src)
-    return _report(src, dst, "torch", index.objects, "torch-zip", container, arch, canonical, target, nbytes, prefix, streamed=True)
+    if fmt == "torch":
+        payload = {"model": dict(target.state_dict), "__author__": AUTHOR}
+        keep = sorted({ref.storage.key for ref in target.state_dict.values()})
+        nbytes = write_streamed(dst, index, payload, keep, force=force, source=src)
+    else:
+        nbytes = write_streamed_pickle(dst, index, dict(target.state_dict), AUTHOR, force=force, source=src)
+    return _report(src, dst, fmt, index.objects, "torch-zip", container, arch, canonical, target, nbytes, prefix, streamed=True)
 
 
 def convert_loaded(
@@ -193,7 +200,7 @@ def _report(
     dtypes: Dict[str, int] = {}
     changes: Dict[str, str] = {}
     for tensor in target.state_dict.values():
-        written = tensor.dtype if streamed else _stored_dtype(tensor.dtype, fmt)
+        written = _stored_dtype(tensor.dtype, fmt)
         dtypes[_dtype_name(written)] = dtypes.get(_dtype_name(written), 0) + 1
         if written != tensor.dtype:
             changes[_dtype_name(tensor.dtype)] = _dtype_name(written)

@@ -400,3 +400,107 @@ def write_streamed(dst: str, index: ArchiveIndex, payload: Any, keep: List[str],
         unlink_quietly(tmp)
         raise
     return size
+
+
+# ---------------------------------------------------------------- torch archive -> Detectron2 .pkl
+
+# numpy spellings of the storage dtypes (little-endian, as torch archives are); bfloat16 has none
+# and is widened to float32 exactly (a bf16 value is the top half of the float32 with that value).
+NUMPY_DTYPES = {
+    "float32": "<f4", "float16": "<f2", "float64": "<f8", "int64": "<i8", "int32": "<i4",
+    "int16": "<i2", "int8": "|i1", "uint8": "|u1", "bool": "|b1", "bfloat16": "<f4",
+}
+_NDARRAY = _Global("numpy", "ndarray")
+
+
+class _RecordArray:
+    """A tensor to be pickled as a numpy array: its bytes are read from the archive when written."""
+
+    def __init__(self, ref: TensorRef, fd: int, data_offset: int) -> None:
+        if not ref.is_contiguous():
+            raise NotStreamable("non-contiguous tensor")
+        self.ref, self.fd, self.data_offset = ref, fd, data_offset
+
+    def read(self) -> bytearray:
+        size = _ITEM_SIZE[self.ref.dtype]
+        start = self.data_offset + self.ref.offset * size
+        count = self.ref.numel() * size
+        data = os.pread(self.fd, count, start)
+        if len(data) != count:
+            raise UnreadableCheckpoint("source archive is truncated", "Re-download or re-save it.")
+        if self.ref.dtype == "bfloat16":
+            import numpy as np
+
+            data = (np.frombuffer(data, "<u2").astype("<u4") << 16).tobytes()
+        return bytearray(data)
+
+
+class _ModelZooStreamPickler(pickle._Pickler):
+    """Writes the model-zoo pickle one array at a time: `numpy.ndarray(shape, dtype, bytearray)`,
+    the same spelling as write.py's, without holding more than one tensor's bytes."""
+
+    dispatch = dict(_IndexPickler.dispatch)
+
+    def __init__(self, f: Any) -> None:
+        super().__init__(f, protocol=4)
+        self.digests: Dict[int, Tuple[int, int]] = {}
+
+    def _save_record_array(self, obj: _RecordArray) -> None:
+        data = obj.read()
+        self.digests[id(obj)] = (zlib.crc32(data), len(data))
+        self.save_reduce(_NDARRAY, (obj.ref.shape, NUMPY_DTYPES[obj.ref.dtype], data))
+        self.memo.clear()  # arrays are never shared; keeping them memoised would hold every byte
+
+    dispatch[_RecordArray] = _save_record_array
+
+    def memoize(self, obj: Any) -> None:
+        if isinstance(obj, (bytes, bytearray)):
+            return  # no MEMOIZE opcode either: a reader's memo would otherwise hold every array
+        super().memoize(obj)
+
+
+class _Digest:
+    def __init__(self, data: bytes) -> None:
+        self.crc, self.size = zlib.crc32(data), len(data)
+
+
+class _DigestUnpickler(pickle.Unpickler):
+    """Reads a written model-zoo pickle back as (shape, dtype, crc, size) per array, one at a time."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("numpy", "ndarray"):
+            return lambda shape, dtype, buf: (tuple(shape), dtype, buf.crc, buf.size)
+        if (module, name) == ("builtins", "bytearray"):
+            return _Digest
+        raise VerificationFailed(f"written pickle names {module}.{name}", "Report this as a bug.")
+
+
+def write_streamed_pickle(dst: str, index: ArchiveIndex, model: Dict[str, TensorRef], author: str, *, force: bool, source: str) -> int:
+    """Atomically write a Detectron2 model-zoo .pkl from a torch archive, one tensor in memory at a time,
+    then read it back comparing every array's shape, dtype and bytes (CRC-32) with what was meant."""
+    directory = check_destination(dst, force=force, source=source)
+    fd, tmp = temp_beside(dst, directory)
+    try:
+        with open(index.path, "rb") as src, os.fdopen(fd, "wb") as f:
+            offsets = {key[len("data/"):]: _data_offset(src, info) for key, info in index.records.items() if key.startswith("data/")}
+            arrays = {name: _RecordArray(ref, src.fileno(), offsets[ref.storage.key]) for name, ref in model.items()}
+            pickler = _ModelZooStreamPickler(f)
+            pickler.dump({"model": arrays, "__author__": author})
+            expected = {
+                name: (arr.ref.shape, NUMPY_DTYPES[arr.ref.dtype]) + pickler.digests[id(arr)] for name, arr in arrays.items()
+            }
+            f.flush()
+            os.fsync(f.fileno())
+            size = f.tell()
+        with open(tmp, "rb") as f:
+            got = _DigestUnpickler(f).load()
+        if got.get("__author__") != author or got.get("model") != expected:
+            raise VerificationFailed(f"{dst}: written pickle does not read back as written.", "Report this as a bug.")
+        os.replace(tmp, dst)
+    except OSError as err:
+        unlink_quietly(tmp)
+        raise DestinationError(f"{dst}: write failed ({err.strerror or err}).", "Check free space and permissions.") from None
+    except BaseException:
+        unlink_quietly(tmp)
+        raise
+    return size

@@ -1,0 +1,190 @@
+"""Benchmark: convnext-d2 against `cp` and the usual torch.load/rename/torch.save, on synthetic
+official-layout checkpoints (Tiny, Large, XXLarge) generated here (nothing can be downloaded).
+
+Each command runs as its own process, in turns, `--repeat` times; the table gives medians of wall
+time and peak resident memory (ru_maxrss of the child), bytes read (the child's read syscalls,
+/proc/<pid>/io rchar; copy_file_range copies in the kernel and is not counted there), and ratios to
+`cp` and to the baseline.  The page cache is warm for every command alike (the source is read once
+before timing); say so when quoting the numbers.
+
+    python benchmarks/bench.py [--variants tiny,large,xxlarge] [--repeat 3] [--workdir DIR] [--markdown FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Sequence
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from conversion.architecture import RELEASED_VARIANTS, Architecture, canonical_shapes  # noqa: E402
+
+VARIANTS = {"tiny": "convnext_tiny", "large": "convnext_large", "xxlarge": "convnext_xxlarge"}
+
+# Runs a command in a child and reports its own peak RSS and bytes read, measured from inside.
+_PROBE = r"""
+import json, os, resource, runpy, sys, time
+argv = json.loads(sys.argv[1]); start = time.perf_counter(); code = 0
+try:
+    if argv[0] == "-m":
+        sys.argv = argv[1:]; runpy.run_module(argv[1], run_name="__main__")
+    else:
+        sys.argv = argv; runpy.run_path(argv[0], run_name="__main__")
+except SystemExit as e:
+    code = e.code or 0
+io = dict(line.split(": ") for line in open("/proc/self/io").read().splitlines())
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent that forked this process.
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
+print(json.dumps({"rss": hwm * 1024, "rchar": int(io["rchar"]), "code": code}), file=sys.stderr)
+"""
+
+BASELINE = r"""
+import sys, torch
+src, dst, mmap = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+ckpt = torch.load(src, map_location="cpu", weights_only=True, mmap=mmap)
+sd = ckpt.get("model", ckpt)
+out = {"backbone." + k: v for k, v in sd.items() if not k.startswith("head.") and k not in ("norm.weight", "norm.bias")}
+torch.save({"model": out, "__author__": "baseline"}, dst)
+"""
+
+
+def make_checkpoint(variant: str, path: str) -> int:
+    import torch
+
+    depths, dims = RELEASED_VARIANTS[1][VARIANTS[variant]]
+    arch = Architecture(depths, dims, num_classes=1000, classifier_norm=True)
+    g = torch.Generator().manual_seed(0)
+    sd = {name: torch.randn(shape, generator=g) * 0.02 for name, shape in canonical_shapes(arch).items()}
+    torch.save({"model": sd}, path)
+    return sum(t.numel() for t in sd.values())
+
+
+def run(argv: List[str], probe: bool = True) -> Dict[str, float]:
+    """Wall time (s), peak RSS (bytes) and bytes read of one child process."""
+    if probe:
+        cmd = [sys.executable, "-c", _PROBE, json.dumps(argv)]
+    else:
+        cmd = ["/usr/bin/time", "-f", "%M", *argv]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{argv} failed:\n{proc.stderr[-2000:]}")
+    if probe:
+        stats = json.loads(proc.stderr.strip().splitlines()[-1])
+        return {"wall": wall, "rss": stats["rss"], "read": stats["rchar"]}
+    return {"wall": wall, "rss": int(proc.stderr.strip().splitlines()[-1]) * 1024, "read": float("nan")}
+
+
+def median_of(argv_for_run, repeat: int, probe: bool = True, cleanup: Sequence[str] = ()) -> Dict[str, float]:
+    results = []
+    for _ in range(repeat):
+        for path in cleanup:
+            if os.path.exists(path):
+                os.unlink(path)
+        results.append(run(argv_for_run(), probe))
+    return {k: statistics.median(r[k] for r in results) for k in results[0]}
+
+
+def machine() -> str:
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
+    mem = int(next(l.split()[1] for l in open("/proc/meminfo") if l.startswith("MemTotal"))) / 2**20
+    import torch
+
+    return (f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, Python {platform.python_version()}, "
+            f"torch {torch.__version__}, {platform.system()} {platform.release()}")
+
+
+def main(argv: Sequence[str] = ()) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--variants", default="tiny,large,xxlarge")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--workdir", default=None, help="where the synthetic checkpoints go (needs ~4x the largest)")
+    ap.add_argument("--markdown", default=None, help="also write the table to this file")
+    args = ap.parse_args(list(argv))
+    work = args.workdir or tempfile.mkdtemp(prefix="convnext-d2-bench-")
+    os.makedirs(work, exist_ok=True)
+    rows = []
+    try:
+        for variant in args.variants.split(","):
+            src = os.path.join(work, f"{VARIANTS[variant]}_1k_224.pth")
+            params = make_checkpoint(variant, src)
+            size = os.path.getsize(src)
+            with open(src, "rb") as f:  # warm the page cache for every contender alike
+                while f.read(1 << 24):
+                    pass
+            out = lambda name: os.path.join(work, name)  # noqa: E731
+            cp = median_of(lambda: ["cp", src, out("cp.pth")], args.repeat, probe=False, cleanup=[out("cp.pth")])
+            _write(work, "baseline.py", BASELINE)
+            base = median_of(lambda: [os.path.join(work, "baseline.py"), src, out("base.pth"), "0"], args.repeat, cleanup=[out("base.pth")])
+            base_mmap = median_of(lambda: [os.path.join(work, "baseline.py"), src, out("base_mmap.pth"), "1"], args.repeat, cleanup=[out("base_mmap.pth")])
+            ours = median_of(lambda: ["-m", "conversion", "convert", src, out("ours.pth")], args.repeat, cleanup=[out("ours.pth")])
+            ours_pkl = median_of(lambda: ["-m", "conversion", "convert", src, out("ours.pkl")], max(1, args.repeat - 2 if variant == "xxlarge" else args.repeat), cleanup=[out("ours.pkl")])
+            insp = median_of(lambda: ["-m", "conversion", "inspect", src, "--json"], args.repeat)
+            inspected = json.loads(subprocess.run([sys.executable, "-m", "conversion", "inspect", src, "--json"], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT)).stdout)
+            same = _same_tensors(out("ours.pth"), out("base.pth"))
+            for name, r in [("cp", cp), ("baseline load/rename/save", base), ("baseline, mmap load", base_mmap),
+                            ("convnext-d2 convert -> .pth", ours), ("convnext-d2 convert -> .pkl", ours_pkl), ("convnext-d2 inspect", insp)]:
+                rows.append({
+                    "variant": VARIANTS[variant], "params": params, "size": size, "tool": name, **r,
+                    "x_cp": r["wall"] / cp["wall"], "x_base": r["wall"] / base["wall"], "rss_x_file": r["rss"] / size,
+                })
+            rows[-1]["inspect_bytes_read"] = inspected.get("bytes_read")
+            rows[-3]["same_as_baseline"] = same
+            for f in ("cp.pth", "base.pth", "base_mmap.pth", "ours.pth", "ours.pkl"):
+                if os.path.exists(out(f)):
+                    os.unlink(out(f))
+            os.unlink(src)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    table = render(rows)
+    print(table)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table)
+    return 0
+
+
+def _write(work: str, name: str, text: str) -> None:
+    with open(os.path.join(work, name), "w") as f:
+        f.write(text)
+
+
+def _same_tensors(a: str, b: str) -> bool:
+    """Our output and the baseline's, loaded: same names, dtypes, values."""
+    import torch
+
+    x = torch.load(a, map_location="cpu", weights_only=True, mmap=True)["model"]
+    y = torch.load(b, map_location="cpu", weights_only=True, mmap=True)["model"]
+    return list(x) == list(y) and all(x[k].dtype == y[k].dtype and torch.equal(x[k], y[k]) for k in x)
+
+
+def render(rows: List[dict]) -> str:
+    lines = [f"Machine: {machine()}. Page cache warm for every command. Medians of repeated runs.", "",
+             "| checkpoint | file | command | wall s | x cp | x baseline | peak RSS MB | RSS / file | bytes read |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        read = "n/a" if r["read"] != r["read"] else f"{r['read'] / 1e6:.1f} MB"
+        if r.get("inspect_bytes_read") is not None:
+            read += f" (of the file: {r['inspect_bytes_read'] / 1024:.0f} KiB)"
+        note = " (equal to baseline once loaded)" if r.get("same_as_baseline") else (" (DIFFERS from baseline)" if r.get("same_as_baseline") is False else "")
+        lines.append(
+            f"| {r['variant']} ({r['params'] / 1e6:.0f} M) | {r['size'] / 1e9:.2f} GB | {r['tool']}{note} | {r['wall']:.2f} | "
+            f"{r['x_cp']:.2f} | {r['x_base']:.2f} | {r['rss'] / 1e6:.0f} | {r['rss_x_file']:.3f} | {read} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
