@@ -69,6 +69,9 @@ class Architecture:
     num_classes: Optional[int] = None
     classifier_norm: bool = False
     output_norms: Tuple[int, ...] = field(default_factory=tuple)
+    # Input width of `head` when it differs from dims[-1]: timm's pre-logits MLP heads
+    # (head_hidden_size).  The classifier is dropped anyway; this only keeps the check exact.
+    head_width: Optional[int] = None
 
     @property
     def variant(self) -> Optional[str]:
@@ -125,7 +128,7 @@ def canonical_shapes(arch: Architecture) -> Dict[str, Shape]:
         shapes["norm.weight"] = (d[-1],)
         shapes["norm.bias"] = (d[-1],)
     if arch.num_classes is not None:
-        shapes["head.weight"] = (arch.num_classes, d[-1])
+        shapes["head.weight"] = (arch.num_classes, arch.head_width or d[-1])
         shapes["head.bias"] = (arch.num_classes,)
     return shapes
 
@@ -175,6 +178,7 @@ def infer_architecture(shapes: Mapping[str, Sequence[int]]) -> Architecture:
         version=version,
         layer_scale=layer_scale,
         num_classes=int(head[0]) if head is not None and len(head) >= 1 else None,
+        head_width=int(head[1]) if head is not None and len(head) == 2 and int(head[1]) != dims[-1] else None,
         classifier_norm="norm.weight" in shapes or "norm.bias" in shapes,
         output_norms=output_norms,
     )

@@ -476,11 +476,17 @@ def to_canonical(state_dict: Mapping[str, Any], forced: Optional[str] = None) ->
     reshaped: Dict[str, str] = {}
     unclaimed: List[str] = []
     collisions: List[str] = []
+    # Keys a layout writes outside its own prefix (HF `classifier`, mmpretrain `head.fc`) sit under
+    # whatever wraps the whole model: `model.convnext.` -> `model.classifier`.  Outer wrappers first.
+    outers = [prefix[: i + 1] for i in range(len(prefix) - 1, -1, -1) if prefix[i] == "."][1:] + [""]
     for key, value in state_dict.items():
         inside = key.startswith(prefix)
         hit = layout.rename(key[len(prefix):]) if inside else None
-        if hit is None:
-            hit = layout.rename(key, outside=True)
+        for outer in outers:
+            if hit is not None:
+                break
+            if key.startswith(outer):
+                hit = layout.rename(key[len(outer):], outside=True)
         if hit is None:
             reason = layout.drop_reason(key[len(prefix):]) if inside else layout.drop_outside_prefix
             if reason:
