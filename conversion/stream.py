@@ -438,18 +438,26 @@ class _RecordArray:
             raise NotStreamable("non-contiguous tensor")
         self.ref, self.fd, self.data_offset = ref, fd, data_offset
 
-    def read(self) -> bytes:
-        size = _ITEM_SIZE[self.ref.dtype]
-        start = self.data_offset + self.ref.offset * size
-        count = self.ref.numel() * size
-        data = os.pread(self.fd, count, start)
-        if len(data) != count:
-            raise UnreadableCheckpoint("source archive is truncated", "Re-download or re-save it.")
+    @property
+    def nbytes(self) -> int:
+        return self.ref.numel() * _ITEM_SIZE[self.ref.dtype]
+
+    def read_into(self, buffer: bytearray) -> memoryview:
+        """The tensor's bytes, read into `buffer` (reused: fresh allocations per tensor cost more
+        in page faults than the copy itself), as they are to be stored (bfloat16 widened)."""
+        count = self.nbytes
+        view = memoryview(buffer)[:count]
+        done = 0
+        while done < count:
+            n = os.preadv(self.fd, [view[done:]], self.data_offset + self.ref.offset * _ITEM_SIZE[self.ref.dtype] + done)
+            if n == 0:
+                raise UnreadableCheckpoint("source archive is truncated", "Re-download or re-save it.")
+            done += n
         if self.ref.dtype == "bfloat16":
             import numpy as np
 
-            data = (np.frombuffer(data, "<u2").astype("<u4") << 16).tobytes()
-        return data
+            return memoryview((np.frombuffer(view, "<u2").astype("<u4") << 16).tobytes())
+        return view
 
 
 class _ModelZooStreamPickler(pickle._Pickler):
@@ -458,44 +466,65 @@ class _ModelZooStreamPickler(pickle._Pickler):
 
     dispatch = dict(_IndexPickler.dispatch)
 
-    def __init__(self, f: Any) -> None:
+    def __init__(self, f: Any, largest: int) -> None:
         super().__init__(f, protocol=4)
         self.digests: Dict[int, Tuple[int, int]] = {}
+        self.buffer = bytearray(largest)
 
     def _save_record_array(self, obj: _RecordArray) -> None:
-        # numpy.ndarray(shape, dtype, bytearray(<bytes>)), spelled out so the bytes are written
-        # straight from the buffer read (the generic bytearray path would copy them twice).
-        data = obj.read()
+        # numpy.ndarray(shape, dtype, bytearray(<bytes>)), spelled out opcode by opcode so the bytes
+        # go from the read buffer to the file (BINBYTES8 outside any frame, as pickle does for
+        # large payloads); nothing per tensor stays in memory.
+        data = obj.read_into(self.buffer)
         self.digests[id(obj)] = (zlib.crc32(data), len(data))
         self.save(_NDARRAY)
         self.save(obj.ref.shape)
         self.save(NUMPY_DTYPES[obj.ref.dtype])
         self.save(_BYTEARRAY)
-        self.save_bytes(data)
+        self.framer.write_large_bytes(pickle.BINBYTES8 + struct.pack("<Q", len(data)), data)
         self.write(pickle.TUPLE1 + pickle.REDUCE + pickle.TUPLE3 + pickle.REDUCE)
-        self.memo.clear()  # arrays are never shared; keeping them memoised would hold every byte
+        self.memo.clear()  # arrays are never shared
 
     dispatch[_RecordArray] = _save_record_array
 
     def memoize(self, obj: Any) -> None:
-        if isinstance(obj, (bytes, bytearray, tuple)):
-            return  # no MEMOIZE either: a reader's memo would otherwise hold every array's bytes
+        if isinstance(obj, tuple):
+            return  # shapes and argument tuples are never shared; no MEMOIZE keeps readers' memos small
         super().memoize(obj)
 
 
 class _Digest:
-    def __init__(self, data: bytes) -> None:
-        self.crc, self.size = zlib.crc32(data), len(data)
+    def __init__(self, crc: int, size: int) -> None:
+        self.crc, self.size = crc, size
 
 
-class _DigestUnpickler(pickle.Unpickler):
-    """Reads a written model-zoo pickle back as (shape, dtype, crc, size) per array, one at a time."""
+class _DigestUnpickler(pickle._Unpickler):  # pure Python: its opcode table can be extended
+    """Reads a written model-zoo pickle back as (shape, dtype, crc, size) per array: each array's
+    bytes are checksummed in place in the file (a memory map), never copied into Python."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, f: Any) -> None:
+        super().__init__(f)
+        self._file = f
+
+    def _load_binbytes8(self) -> None:
+        (size,) = struct.unpack("<Q", self.read(8))
+        if self._unframer.current_frame is None:  # a large payload, written outside frames
+            start = self._file.tell()
+            self.append(_Digest(_crc_of_range(self._file.fileno(), start, size), size))
+            self._file.seek(start + size)
+        else:
+            data = self.read(size)
+            self.append(_Digest(zlib.crc32(data), len(data)))
+
+    dispatch[pickle.BINBYTES8[0]] = _load_binbytes8
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) == ("numpy", "ndarray"):
             return lambda shape, dtype, buf: (tuple(shape), dtype, buf.crc, buf.size)
         if (module, name) == ("builtins", "bytearray"):
-            return _Digest
+            return lambda digest: digest
         raise VerificationFailed(f"written pickle names {module}.{name}", "Report this as a bug.")
 
 
@@ -508,7 +537,8 @@ def write_streamed_pickle(dst: str, index: ArchiveIndex, model: Dict[str, Tensor
         with open(index.path, "rb") as src, os.fdopen(fd, "wb") as f:
             offsets = {key[len("data/"):]: _data_offset(src, info) for key, info in index.records.items() if key.startswith("data/")}
             arrays = {name: _RecordArray(ref, src.fileno(), offsets[ref.storage.key]) for name, ref in model.items()}
-            pickler = _ModelZooStreamPickler(f)
+            largest = max((arr.nbytes * (2 if arr.ref.dtype == "bfloat16" else 1) for arr in arrays.values()), default=0)
+            pickler = _ModelZooStreamPickler(f, largest)
             pickler.dump({"model": arrays, "__author__": author})
             expected = {
                 name: (arr.ref.shape, NUMPY_DTYPES[arr.ref.dtype]) + pickler.digests[id(arr)] for name, arr in arrays.items()

@@ -1,0 +1,150 @@
+"""The streamed path (torch archive -> .pth/.pkl without loading tensors): same result as the
+load-and-save path once loaded, torch-free, small reads, 64-byte aligned records, and a read-back
+that catches corruption.  (The round-trip and property suites run on both paths as well.)"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import pickle
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conversion import convert
+from conversion.architecture import Architecture
+from conversion.errors import VerificationFailed
+from conversion.inspection import inspect_checkpoint
+from conversion.read import load_checkpoint
+from conversion.synthetic import random_state_dict
+
+from . import strategies as S
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCH = Architecture((1, 2, 1, 1), (8, 16, 8, 16), num_classes=5, classifier_norm=True)
+CONVERT_MODULE = importlib.import_module("conversion.convert")
+
+
+def _loaded(path):
+    data = load_checkpoint(str(path))
+    return {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(v) for k, v in data["model"].items()}
+
+
+def _both_paths(tmp, src, ext, monkeypatch):
+    out = {}
+    for streamed in (True, False):
+        monkeypatch.setattr(CONVERT_MODULE, "STREAM_TORCH_ARCHIVES", streamed)
+        dst = os.path.join(tmp, f"{'s' if streamed else 'l'}{ext}")
+        report = convert(src, dst)
+        assert report.streamed == streamed
+        out[streamed] = (dst, report)
+    return out
+
+
+@given(S.official_state_dicts(), st.sampled_from([".pth", ".pkl"]))
+@settings(max_examples=10)
+def test_streamed_output_equals_the_load_and_save_output_once_loaded(drawn, ext):
+    """Same names in the same order, same dtypes, same values, same report, whichever path ran."""
+    import tempfile
+
+    _, sd = drawn
+    with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as mp:
+        src = os.path.join(tmp, "src.pth")
+        torch.save({"model": sd}, src)
+        out = _both_paths(tmp, src, ext, mp)
+        streamed, loaded = _loaded(out[True][0]), _loaded(out[False][0])
+        assert list(streamed) == list(loaded)
+        for name in loaded:
+            assert streamed[name].dtype == loaded[name].dtype and torch.equal(streamed[name], loaded[name]), name
+        a, b = out[True][1].to_dict(), out[False][1].to_dict()
+        for key in ("streamed", "bytes_written", "destination"):
+            a.pop(key), b.pop(key)
+        assert a == b
+
+
+@pytest.mark.parametrize("ext", [".pth", ".pkl"])
+def test_streamed_output_is_deterministic(tmp_path, ext):
+    torch.save({"model": random_state_dict(ARCH)}, tmp_path / "src.pth")
+    convert(str(tmp_path / "src.pth"), str(tmp_path / f"a{ext}"))
+    convert(str(tmp_path / "src.pth"), str(tmp_path / f"b{ext}"))
+    assert (tmp_path / f"a{ext}").read_bytes() == (tmp_path / f"b{ext}").read_bytes()
+
+
+def test_streamed_pth_records_are_64_byte_aligned_and_mmap_loadable(tmp_path):
+    torch.save({"model": random_state_dict(ARCH)}, tmp_path / "src.pth")
+    convert(str(tmp_path / "src.pth"), str(tmp_path / "out.pth"))
+    with open(tmp_path / "out.pth", "rb") as f, zipfile.ZipFile(f) as zf:
+        from conversion.stream import _data_offset
+
+        offsets = [_data_offset(f, info) for info in zf.infolist()]
+    assert offsets and all(o % 64 == 0 for o in offsets), offsets
+    if "mmap" in __import__("inspect").signature(torch.load).parameters:
+        model = torch.load(tmp_path / "out.pth", mmap=True, map_location="cpu")["model"]
+        assert model["backbone.stages.0.0.gamma"].shape == (8,)
+
+
+def test_streamed_pkl_widens_bfloat16_exactly(tmp_path):
+    sd = random_state_dict(ARCH, dtype=torch.bfloat16)
+    torch.save({"model": sd}, tmp_path / "src.pth")
+    report = convert(str(tmp_path / "src.pth"), str(tmp_path / "out.pkl"))
+    assert report.streamed and report.dtype_changes == {"bfloat16": "float32"}
+    with open(tmp_path / "out.pkl", "rb") as f:
+        data = pickle.load(f, encoding="latin1")
+    got = data["model"]["backbone.stages.0.0.gamma"]
+    assert got.dtype == np.float32 and torch.equal(torch.from_numpy(got), sd["stages.0.0.gamma"].float())
+
+
+def test_a_streamed_pkl_that_reads_back_different_is_never_installed(tmp_path, monkeypatch):
+    from conversion import stream
+
+    torch.save({"model": random_state_dict(ARCH)}, tmp_path / "src.pth")
+    real = stream._crc_of_range
+    monkeypatch.setattr(stream, "_crc_of_range", lambda *a: real(*a) ^ 1)  # as if one byte differed on disk
+    with pytest.raises(VerificationFailed):
+        convert(str(tmp_path / "src.pth"), str(tmp_path / "out.pkl"))
+    assert sorted(os.listdir(tmp_path)) == ["src.pth"]
+
+
+def test_archives_the_streamed_path_does_not_handle_fall_back_and_convert(tmp_path):
+    """numpy arrays inside the index, or compressed records: the load-and-save path takes over."""
+    sd = random_state_dict(ARCH)
+    torch.save({"model": {k: v.numpy() for k, v in sd.items()}}, tmp_path / "numpy.pth")
+    report = convert(str(tmp_path / "numpy.pth"), str(tmp_path / "a.pth"))
+    assert not report.streamed and report.kept == len(sd) - 4
+    torch.save({"model": sd}, tmp_path / "plain.pth")
+    with zipfile.ZipFile(tmp_path / "plain.pth") as zin, zipfile.ZipFile(tmp_path / "deflated.pth", "w", zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info))
+    report = convert(str(tmp_path / "deflated.pth"), str(tmp_path / "b.pth"))
+    assert not report.streamed
+    assert all(torch.equal(_loaded(tmp_path / "b.pth")["backbone." + k], v) for k, v in sd.items() if not k.startswith(("head", "norm.")))
+
+
+def test_inspect_reads_only_the_index(tmp_path):
+    """A 100 MB file is inspected by reading well under 1 MiB of it."""
+    arch = Architecture((3, 3, 9, 3), (96, 192, 384, 768), num_classes=1000, classifier_norm=True)
+    torch.save({"model": random_state_dict(arch)}, tmp_path / "tiny.pth")
+    report = inspect_checkpoint(str(tmp_path / "tiny.pth"))
+    assert report.file_bytes > 100e6 and report.bytes_read is not None and report.bytes_read < 1 << 20, report.bytes_read
+
+
+@pytest.mark.parametrize("ext", [".pth", ".pkl"])
+def test_a_streamed_conversion_never_imports_torch(tmp_path, ext):
+    """Importing torch alone costs ~640 MB resident; the streamed path must not need it."""
+    torch.save({"model": random_state_dict(ARCH)}, tmp_path / "src.pth")
+    code = (
+        "import json, sys; from conversion.cli import main; "
+        f"status = main(['convert', {str(tmp_path / 'src.pth')!r}, {str(tmp_path / ('out' + ext))!r}, '--json']); "
+        "print(json.dumps({'status': status, 'torch': 'torch' in sys.modules}), file=sys.stderr)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    result = json.loads(proc.stderr.strip().splitlines()[-1])
+    assert result == {"status": 0, "torch": False}, proc.stderr
+    assert json.loads(proc.stdout)["streamed"] is True
