@@ -4,7 +4,7 @@ one dimension (None means "draw it").  Each has a test of its own in test_strate
 from __future__ import annotations
 
 import argparse
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from hypothesis import strategies as st

@@ -10,14 +10,14 @@ import re
 
 import pytest
 import torch
-from hypothesis import example, given
+from hypothesis import given
 from hypothesis import strategies as st
 
 from conversion.architecture import CLASSIFIER_KEYS, Architecture
 from conversion.convert import prepare
 from conversion.errors import NotConvNeXt
 from conversion.layouts import from_canonical, to_canonical
-from conversion.read import select_state_dict
+from conversion.containers import select_state_dict
 from conversion.write import encode
 
 from . import strategies as S

@@ -11,7 +11,8 @@ import torch
 
 from conversion.architecture import Architecture
 from conversion.errors import ContainerError, UnreadableCheckpoint, UnsafeCheckpoint
-from conversion.read import load_checkpoint, select_state_dict, strip_wrapper_prefixes
+from conversion.containers import select_state_dict, strip_wrapper_prefixes
+from conversion.read import load_checkpoint
 from conversion.synthetic import random_state_dict
 
 SD = random_state_dict(Architecture((1, 1, 1, 1), (4, 4, 4, 4)), seed=3)

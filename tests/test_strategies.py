@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conversion.architecture import CLASSIFIER_KEYS, canonical_shapes, infer_architecture
-from conversion.read import select_state_dict
+from conversion.containers import select_state_dict
 
 from . import strategies as S
 

@@ -13,7 +13,6 @@ from conversion.architecture import CLASSIFIER_KEYS, Architecture
 from conversion.cli import main
 from conversion.layouts import from_canonical
 from conversion.synthetic import random_state_dict
-from conversion.target import fresh_output_norms
 
 from .support import require
 
