@@ -67,7 +67,7 @@ def _roundtrip(tmpdir, arch, container_obj, source_weights, ext, *, ema=False, o
     return report, model
 
 
-@pytest.mark.parametrize("ext", FORMATS)
+@pytest.mark.parametrize("ext", [".pth", ".pkl"])  # .pt is the same writer as .pth: small tests cover it
 def test_roundtrip_convnext_tiny_released_file(tmp_path, ext):
     """A released-style `{"model": ...}` ConvNeXt-Tiny file loads cleanly in every output format."""
     depths, dims = RELEASED_VARIANTS[1]["convnext_tiny"]
