@@ -6,11 +6,12 @@ or arguments.  Errors are one or two plain lines on stderr; `--debug` adds the t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import traceback
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 from . import __version__
 from .convert import ConversionReport, RepairReport, convert, repair
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"prepended to every name (default {DEFAULT_PREFIX!r}; '' for none)")
     c.add_argument("--from", dest="layout", metavar="LAYOUT", help=_layout_help())
     c.add_argument("--force", action="store_true", help="overwrite DST if it exists")
+    c.add_argument("--quiet", action="store_true", help="no progress bar and no summary (errors still go to stderr)")
     r = sub.add_parser("repair", parents=[common], help="diagnose a Detectron2 file that fails to load and write a fixed one")
     r.add_argument("src", metavar="SRC", help="the broken (or suspect) file")
     r.add_argument("dst", metavar="DST", help="file to write; .pth/.pt = torch file, .pkl = Detectron2 model zoo")
@@ -169,10 +171,45 @@ def _emit(args: argparse.Namespace, report: Any, human: Callable[[Any], str]) ->
     print(json.dumps(report.to_dict(), indent=2, sort_keys=True) if args.json else human(report))
 
 
+# Below this many bytes a conversion takes about a second: no bar for it.
+PROGRESS_MIN_BYTES = 256 * 2**20
+
+
+@contextlib.contextmanager
+def _progress_bar(enabled: bool) -> Iterator[Optional[Callable[[int, int], None]]]:
+    """A tqdm bar on stderr, only for a person watching (a terminal) and only for a large file."""
+    if not enabled or not sys.stderr.isatty():
+        yield None
+        return
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the bar is a nicety; without tqdm the conversion is the same
+        yield None
+        return
+    bar: List[Any] = []
+
+    def update(done: int, total: int) -> None:
+        if total < PROGRESS_MIN_BYTES:
+            return
+        if not bar:
+            bar.append(tqdm(total=total, unit="B", unit_scale=True, desc="convert", file=sys.stderr, leave=False))
+        bar[0].update(done - bar[0].n)
+
+    try:
+        yield update
+    finally:
+        if bar:
+            bar[0].close()
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command == "convert":
-        report = convert(args.src, args.dst, ema=args.ema, prefix=args.prefix, layout=args.layout, force=args.force)
-        _emit(args, report, format_report)
+        with _progress_bar(enabled=not args.quiet) as progress:
+            report = convert(
+                args.src, args.dst, ema=args.ema, prefix=args.prefix, layout=args.layout, force=args.force, progress=progress
+            )
+        if not args.quiet:
+            _emit(args, report, format_report)
         return EXIT_OK
     if args.command == "repair":
         _emit(args, repair(args.src, args.dst, force=args.force), format_repair)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from .architecture import Architecture, canonical_shapes, infer_architecture
 from .diagnose import d2_problems
@@ -107,6 +107,7 @@ def convert(
     prefix: str = DEFAULT_PREFIX,
     layout: Optional[str] = None,
     force: bool = False,
+    progress: Optional[Callable[[int, int], None]] = None,
 ) -> ConversionReport:
     """Convert the ConvNeXt checkpoint at `src` into a Detectron2 file at `dst`.
 
@@ -117,6 +118,7 @@ def convert(
         prefix: prepended to every name; `backbone.` matches Detectron2 meta-architectures.
         layout: skip recognition and read names as this layout (e.g. "official").
         force: overwrite an existing `dst`.
+        progress: called with (bytes written, bytes in all) while a large file streams.
 
     Returns:
         A ConversionReport: what was kept, dropped and renamed, and what was written.
@@ -134,7 +136,7 @@ def convert(
         from .stream import NotStreamable
 
         try:
-            return _convert_streamed(src, dst, fmt, ema=ema, prefix=prefix, layout=layout, force=force)
+            return _convert_streamed(src, dst, fmt, ema=ema, prefix=prefix, layout=layout, force=force, progress=progress)
         except NotStreamable:
             pass  # an archive the streamed path does not handle: load and save it instead
     from .read import read_checkpoint
@@ -144,7 +146,15 @@ def convert(
 
 
 def _convert_streamed(
-    src: str, dst: str, fmt: str, *, ema: bool, prefix: str, layout: Optional[str], force: bool
+    src: str,
+    dst: str,
+    fmt: str,
+    *,
+    ema: bool,
+    prefix: str,
+    layout: Optional[str],
+    force: bool,
+    progress: Optional[Callable[[int, int], None]] = None,
 ) -> ConversionReport:
     """A torch archive converted without loading it: for .pth a new index with the storages copied
     as bytes; for .pkl the arrays written one at a time.  Memory stays small whatever the size."""
@@ -156,9 +166,9 @@ def _convert_streamed(
     if fmt == "torch":
         payload = {"model": dict(target.state_dict), "__author__": AUTHOR}
         keep = sorted({ref.storage.key for ref in target.state_dict.values()})
-        nbytes = write_streamed(dst, index, payload, keep, force=force, source=src)
+        nbytes = write_streamed(dst, index, payload, keep, force=force, source=src, progress=progress)
     else:
-        nbytes = write_streamed_pickle(dst, index, dict(target.state_dict), AUTHOR, force=force, source=src)
+        nbytes = write_streamed_pickle(dst, index, dict(target.state_dict), AUTHOR, force=force, source=src, progress=progress)
     return _report(src, dst, fmt, index.objects, "torch-zip", container, arch, canonical, target, nbytes, prefix, streamed=True)
 
 

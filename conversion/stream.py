@@ -29,7 +29,7 @@ import struct
 import zipfile
 import zlib
 from dataclasses import dataclass, replace
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .errors import DestinationError, UnreadableCheckpoint, UnsafeCheckpoint, VerificationFailed
 from .formats import check_destination, temp_beside, unlink_quietly
@@ -332,7 +332,10 @@ def _copy_range(src_fd: int, dst_fd: int, src_offset: int, count: int) -> None:
     os.lseek(dst_fd, dst_offset + count, os.SEEK_SET)
 
 
-def write_archive(dst_file: Any, index: ArchiveIndex, payload: Any, keep: List[str]) -> None:
+Progress = Optional[Callable[[int, int], None]]  # (bytes done, bytes in all), for a progress display
+
+
+def write_archive(dst_file: Any, index: ArchiveIndex, payload: Any, keep: List[str], progress: Progress = None) -> None:
     """Write a torch archive: the new index `payload`, the source's small records, and the storage
     records named in `keep` copied byte for byte.  `dst_file` is an open binary file."""
     small = [n for n in (".format_version", ".storage_alignment", "byteorder", "version", ".data/serialization_id") if n in index.records]
@@ -342,6 +345,7 @@ def write_archive(dst_file: Any, index: ArchiveIndex, payload: Any, keep: List[s
             entries.append((name, None, index.records[name]))
         for key in keep:
             entries.append((f"data/{key}", None, index.records[f"data/{key}"]))
+        total, done = sum(index.records[f"data/{k}"].file_size for k in keep), 0
         for name, data, source in entries:
             full = f"archive/{name}"
             offset = dst_file.tell()
@@ -361,6 +365,10 @@ def write_archive(dst_file: Any, index: ArchiveIndex, payload: Any, keep: List[s
             zf.filelist.append(info)
             zf.NameToInfo[info.filename] = info
             zf.start_dir = dst_file.tell()
+            if source is not None and name.startswith("data/"):
+                done += source.file_size
+                if progress is not None:
+                    progress(done, total)
 
 
 def _crc_of_range(fd: int, start: int, size: int) -> int:
@@ -397,13 +405,15 @@ def check_archive(path: str, expected: Any, copied_crcs: Dict[str, int]) -> None
         raise VerificationFailed(f"{path}: written index does not read back as written.", "Report this as a bug.")
 
 
-def write_streamed(dst: str, index: ArchiveIndex, payload: Any, keep: List[str], *, force: bool, source: str) -> int:
+def write_streamed(
+    dst: str, index: ArchiveIndex, payload: Any, keep: List[str], *, force: bool, source: str, progress: Progress = None
+) -> int:
     """Atomically write the streamed archive to `dst` (same rules as write.write_checkpoint)."""
     directory = check_destination(dst, force=force, source=source)
     fd, tmp = temp_beside(dst, directory)
     try:
         with os.fdopen(fd, "w+b") as f:
-            write_archive(f, index, payload, keep)
+            write_archive(f, index, payload, keep, progress)
             f.flush()
             os.fsync(f.fileno())
             size = f.tell()
@@ -466,10 +476,11 @@ class _ModelZooStreamPickler(pickle._Pickler):
 
     dispatch = dict(_IndexPickler.dispatch)
 
-    def __init__(self, f: Any, largest: int) -> None:
+    def __init__(self, f: Any, largest: int, total: int = 0, progress: Progress = None) -> None:
         super().__init__(f, protocol=4)
         self.digests: Dict[int, Tuple[int, int]] = {}
         self.buffer = bytearray(largest)
+        self.total, self.done, self.progress = total, 0, progress
 
     def _save_record_array(self, obj: _RecordArray) -> None:
         # numpy.ndarray(shape, dtype, bytearray(<bytes>)), spelled out opcode by opcode so the bytes
@@ -484,6 +495,9 @@ class _ModelZooStreamPickler(pickle._Pickler):
         self.framer.write_large_bytes(pickle.BINBYTES8 + struct.pack("<Q", len(data)), data)
         self.write(pickle.TUPLE1 + pickle.REDUCE + pickle.TUPLE3 + pickle.REDUCE)
         self.memo.clear()  # arrays are never shared
+        self.done += obj.nbytes
+        if self.progress is not None:
+            self.progress(self.done, self.total)
 
     dispatch[_RecordArray] = _save_record_array
 
@@ -528,7 +542,9 @@ class _DigestUnpickler(pickle._Unpickler):  # pure Python: its opcode table can 
         raise VerificationFailed(f"written pickle names {module}.{name}", "Report this as a bug.")
 
 
-def write_streamed_pickle(dst: str, index: ArchiveIndex, model: Dict[str, TensorRef], author: str, *, force: bool, source: str) -> int:
+def write_streamed_pickle(
+    dst: str, index: ArchiveIndex, model: Dict[str, TensorRef], author: str, *, force: bool, source: str, progress: Progress = None
+) -> int:
     """Atomically write a Detectron2 model-zoo .pkl from a torch archive, one tensor in memory at a time,
     then read it back comparing every array's shape, dtype and bytes (CRC-32) with what was meant."""
     directory = check_destination(dst, force=force, source=source)
@@ -538,7 +554,7 @@ def write_streamed_pickle(dst: str, index: ArchiveIndex, model: Dict[str, Tensor
             offsets = {key[len("data/"):]: _data_offset(src, info) for key, info in index.records.items() if key.startswith("data/")}
             arrays = {name: _RecordArray(ref, src.fileno(), offsets[ref.storage.key]) for name, ref in model.items()}
             largest = max((arr.nbytes * (2 if arr.ref.dtype == "bfloat16" else 1) for arr in arrays.values()), default=0)
-            pickler = _ModelZooStreamPickler(f, largest)
+            pickler = _ModelZooStreamPickler(f, largest, sum(a.nbytes for a in arrays.values()), progress)
             pickler.dump({"model": arrays, "__author__": author})
             expected = {
                 name: (arr.ref.shape, NUMPY_DTYPES[arr.ref.dtype]) + pickler.digests[id(arr)] for name, arr in arrays.items()
