@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Tuple
+from typing import BinaryIO, Callable, Tuple
 
 from .errors import DestinationError
 
@@ -70,6 +70,37 @@ def temp_beside(path: str, directory: str) -> Tuple[int, str]:
         raise DestinationError(f"{path}: cannot write in {directory} ({err.strerror}).", "Choose a writable directory.") from None
     os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; a checkpoint is an ordinary file
     return fd, tmp
+
+
+def write_atomically(
+    path: str, *, force: bool, source: str, write: Callable[[BinaryIO], None], verify: Callable[[str], None]
+) -> int:
+    """Write a file the one safe way every writer here uses; return its size.
+
+    `write` fills a temporary file beside `path`; it is flushed and synced, `verify` reads it back
+    (raising if it differs from what was meant), and only then is it renamed over `path`.  Any
+    failure removes the temporary file and leaves `path` as it was.
+
+    Raises:
+        DestinationError: a destination that must not be written, or an OSError while writing.
+    """
+    directory = check_destination(path, force=force, source=source)
+    fd, tmp = temp_beside(path, directory)
+    try:
+        with os.fdopen(fd, "w+b") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+            size = f.tell()
+        verify(tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        unlink_quietly(tmp)
+        raise DestinationError(f"{path}: write failed ({err.strerror or err}).", "Check free space and permissions.") from None
+    except BaseException:
+        unlink_quietly(tmp)
+        raise
+    return size
 
 
 def umask() -> int:

@@ -31,8 +31,8 @@ import zlib
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from .errors import DestinationError, UnreadableCheckpoint, UnsafeCheckpoint, VerificationFailed
-from .formats import check_destination, temp_beside, unlink_quietly
+from .errors import UnreadableCheckpoint, UnsafeCheckpoint, VerificationFailed
+from .formats import write_atomically
 
 ALIGNMENT = 64  # torch's PyTorchStreamWriter aligns record data to 64 bytes (mmap-able)
 _COPY_CHUNK = 1 << 24
@@ -409,23 +409,13 @@ def write_streamed(
     dst: str, index: ArchiveIndex, payload: Any, keep: List[str], *, force: bool, source: str, progress: Progress = None
 ) -> int:
     """Atomically write the streamed archive to `dst` (same rules as write.write_checkpoint)."""
-    directory = check_destination(dst, force=force, source=source)
-    fd, tmp = temp_beside(dst, directory)
-    try:
-        with os.fdopen(fd, "w+b") as f:
-            write_archive(f, index, payload, keep, progress)
-            f.flush()
-            os.fsync(f.fileno())
-            size = f.tell()
-        check_archive(tmp, payload, {f"data/{k}": index.records[f"data/{k}"].CRC for k in keep})
-        os.replace(tmp, dst)
-    except OSError as err:
-        unlink_quietly(tmp)
-        raise DestinationError(f"{dst}: write failed ({err.strerror or err}).", "Check free space and permissions.") from None
-    except BaseException:
-        unlink_quietly(tmp)
-        raise
-    return size
+    return write_atomically(
+        dst,
+        force=force,
+        source=source,
+        write=lambda f: write_archive(f, index, payload, keep, progress),
+        verify=lambda tmp: check_archive(tmp, payload, {f"data/{k}": index.records[f"data/{k}"].CRC for k in keep}),
+    )
 
 
 # ---------------------------------------------------------------- torch archive -> Detectron2 .pkl
@@ -547,30 +537,22 @@ def write_streamed_pickle(
 ) -> int:
     """Atomically write a Detectron2 model-zoo .pkl from a torch archive, one tensor in memory at a time,
     then read it back comparing every array's shape, dtype and bytes (CRC-32) with what was meant."""
-    directory = check_destination(dst, force=force, source=source)
-    fd, tmp = temp_beside(dst, directory)
-    try:
-        with open(index.path, "rb") as src, os.fdopen(fd, "wb") as f:
+    expected: Dict[str, Any] = {}
+
+    def write(f: Any) -> None:
+        with open(index.path, "rb") as src:
             offsets = {key[len("data/"):]: _data_offset(src, info) for key, info in index.records.items() if key.startswith("data/")}
             arrays = {name: _RecordArray(ref, src.fileno(), offsets[ref.storage.key]) for name, ref in model.items()}
-            largest = max((arr.nbytes * (2 if arr.ref.dtype == "bfloat16" else 1) for arr in arrays.values()), default=0)
+            largest = max((arr.nbytes for arr in arrays.values()), default=0)
             pickler = _ModelZooStreamPickler(f, largest, sum(a.nbytes for a in arrays.values()), progress)
             pickler.dump({"model": arrays, "__author__": author})
-            expected = {
-                name: (arr.ref.shape, NUMPY_DTYPES[arr.ref.dtype]) + pickler.digests[id(arr)] for name, arr in arrays.items()
-            }
-            f.flush()
-            os.fsync(f.fileno())
-            size = f.tell()
+            for name, arr in arrays.items():
+                expected[name] = (arr.ref.shape, NUMPY_DTYPES[arr.ref.dtype]) + pickler.digests[id(arr)]
+
+    def verify(tmp: str) -> None:
         with open(tmp, "rb") as f:
             got = _DigestUnpickler(f).load()
         if got.get("__author__") != author or got.get("model") != expected:
             raise VerificationFailed(f"{dst}: written pickle does not read back as written.", "Report this as a bug.")
-        os.replace(tmp, dst)
-    except OSError as err:
-        unlink_quietly(tmp)
-        raise DestinationError(f"{dst}: write failed ({err.strerror or err}).", "Check free space and permissions.") from None
-    except BaseException:
-        unlink_quietly(tmp)
-        raise
-    return size
+
+    return write_atomically(dst, force=force, source=source, write=write, verify=verify)

@@ -12,14 +12,13 @@ point leaves the destination as it was.
 from __future__ import annotations
 
 import io
-import os
 import pickle
 from typing import Any, Mapping, Tuple
 
 import torch
 
-from .errors import DestinationError, VerificationFailed
-from .formats import AUTHOR, check_destination, output_format, temp_beside, unlink_quietly  # noqa: F401  (re-exported)
+from .errors import VerificationFailed
+from .formats import AUTHOR, output_format, write_atomically  # noqa: F401  (AUTHOR, output_format re-exported)
 
 # Protocol 4 reads on every Python 3 Detectron2 supports (3.4+) and stores large arrays.
 PICKLE_PROTOCOL = 4
@@ -111,20 +110,12 @@ def write_checkpoint(path: str, state_dict: Mapping[str, torch.Tensor], *, force
         VerificationFailed: the file did not read back equal (nothing is left behind).
     """
     fmt = output_format(path)
-    directory = check_destination(path, force=force, source=source)
     data = encode(state_dict, fmt)
-    fd, tmp = temp_beside(path, directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        _check_written(tmp, state_dict, fmt, shown_as=path)
-        os.replace(tmp, path)
-    except OSError as err:
-        unlink_quietly(tmp)
-        raise DestinationError(f"{path}: write failed ({err.strerror or err}).", "Check free space and permissions.") from None
-    except BaseException:
-        unlink_quietly(tmp)
-        raise
-    return fmt, len(data)
+    size = write_atomically(
+        path,
+        force=force,
+        source=source,
+        write=lambda f: f.write(data),
+        verify=lambda tmp: _check_written(tmp, state_dict, fmt, shown_as=path),
+    )
+    return fmt, size
