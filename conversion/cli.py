@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--from", dest="layout", metavar="LAYOUT", help=_layout_help())
     c.add_argument("--force", action="store_true", help="overwrite DST if it exists")
     c.add_argument("--quiet", action="store_true", help="no progress bar and no summary (errors still go to stderr)")
+    c.add_argument("--strict", action="store_true", help="refuse weights holding NaN or Inf (default: convert and warn)")
     r = sub.add_parser("repair", parents=[common], help="diagnose a Detectron2 file that fails to load and write a fixed one")
     r.add_argument("src", metavar="SRC", help="the broken (or suspect) file")
     r.add_argument("dst", metavar="DST", help="file to write; .pth/.pt = torch file, .pkl = Detectron2 model zoo")
@@ -107,6 +108,10 @@ def format_report(r: ConversionReport) -> str:
                      f"initialised by the backbone: {', '.join(modules)}")
     fmt = "torch file" if r.format == "torch" else "Detectron2 model-zoo pickle"
     lines.append(f"  wrote      {r.destination} ({_human_size(r.bytes_written)}, {fmt})")
+    if r.non_finite is None:
+        lines.append("  finite     not checked: streamed conversion (--strict reads every tensor and checks it)")
+    elif r.non_finite:
+        lines.append(f"  finite     NO: {len(r.non_finite)} tensors hold NaN or Inf: {_summarise_names(r.non_finite, 4)}")
     lines += [f"  note       the source as given: {note}" for note in r.notes]
     return "\n".join(lines)
 
@@ -206,8 +211,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "convert":
         with _progress_bar(enabled=not args.quiet) as progress:
             report = convert(
-                args.src, args.dst, ema=args.ema, prefix=args.prefix, layout=args.layout, force=args.force, progress=progress
+                args.src, args.dst, ema=args.ema, prefix=args.prefix, layout=args.layout, force=args.force,
+                progress=progress, strict=args.strict,
             )
+        if report.non_finite:
+            print(f"convnext-d2: warning: {len(report.non_finite)} tensor(s) hold NaN or Inf: "
+                  f"{_summarise_names(report.non_finite, 4)} (written as they are; --strict refuses them)", file=sys.stderr)
         if not args.quiet:
             _emit(args, report, format_report)
         return EXIT_OK

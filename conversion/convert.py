@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from .architecture import Architecture, canonical_shapes, infer_architecture
 from .diagnose import d2_problems
-from .errors import NotConvNeXt
+from .errors import NonFiniteWeights, NotConvNeXt
 from .layouts import LAYOUTS, Canonical, classifier_names, to_canonical
 from .containers import select_state_dict
 from .formats import AUTHOR, is_torch_zip, output_format
@@ -53,6 +53,8 @@ class ConversionReport:
     dtype_changes: Dict[str, str] = field(default_factory=dict)  # e.g. bfloat16 -> float32 in .pkl
     bytes_written: int = 0
     notes: List[str] = field(default_factory=list)  # what Detectron2 would have made of the source as it was
+    # Target names of tensors holding NaN or Inf; None when not checked (streamed .pth without strict).
+    non_finite: Optional[List[str]] = None
     streamed: bool = False  # a torch archive converted without loading it (tensor bytes copied or written one at a time)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -108,6 +110,7 @@ def convert(
     layout: Optional[str] = None,
     force: bool = False,
     progress: Optional[Callable[[int, int], None]] = None,
+    strict: bool = False,
 ) -> ConversionReport:
     """Convert the ConvNeXt checkpoint at `src` into a Detectron2 file at `dst`.
 
@@ -119,6 +122,7 @@ def convert(
         layout: skip recognition and read names as this layout (e.g. "official").
         force: overwrite an existing `dst`.
         progress: called with (bytes written, bytes in all) while a large file streams.
+        strict: refuse weights holding NaN or Inf (otherwise they are reported in `non_finite`).
 
     Returns:
         A ConversionReport: what was kept, dropped and renamed, and what was written.
@@ -136,13 +140,23 @@ def convert(
         from .stream import NotStreamable
 
         try:
-            return _convert_streamed(src, dst, fmt, ema=ema, prefix=prefix, layout=layout, force=force, progress=progress)
+            return _convert_streamed(
+                src, dst, fmt, ema=ema, prefix=prefix, layout=layout, force=force, progress=progress, strict=strict
+            )
         except NotStreamable:
             pass  # an archive the streamed path does not handle: load and save it instead
     from .read import read_checkpoint
 
     loaded, source_format = read_checkpoint(src)
-    return convert_loaded(src, loaded, source_format, dst, ema=ema, prefix=prefix, layout=layout, force=force)
+    return convert_loaded(src, loaded, source_format, dst, ema=ema, prefix=prefix, layout=layout, force=force, strict=strict)
+
+
+def _refuse_non_finite(names: List[str], strict: bool) -> None:
+    if strict and names:
+        raise NonFiniteWeights(
+            f"{len(names)} tensor(s) hold NaN or Inf: {', '.join(names[:5])}; nothing was written (--strict).",
+            "Fix or re-export the checkpoint; without --strict it converts with a warning.",
+        )
 
 
 def _convert_streamed(
@@ -155,21 +169,27 @@ def _convert_streamed(
     layout: Optional[str],
     force: bool,
     progress: Optional[Callable[[int, int], None]] = None,
+    strict: bool = False,
 ) -> ConversionReport:
     """A torch archive converted without loading it: for .pth a new index with the storages copied
     as bytes; for .pkl the arrays written one at a time.  Memory stays small whatever the size."""
-    from .stream import read_index, write_streamed, write_streamed_pickle
+    from .stream import non_finite, read_index, write_streamed, write_streamed_pickle
 
     index = read_index(src)
     state_dict, container = select_state_dict(index.objects, ema=ema)
     arch, canonical, target = prepare(state_dict, prefix=prefix, layout=layout)
+    # Checking means reading every byte, which a streamed copy otherwise never does: only when asked.
+    bad = non_finite(index, target.state_dict) if strict else None
+    _refuse_non_finite(bad or [], strict)
     if fmt == "torch":
         payload = {"model": dict(target.state_dict), "__author__": AUTHOR}
         keep = sorted({ref.storage.key for ref in target.state_dict.values()})
         nbytes = write_streamed(dst, index, payload, keep, force=force, source=src, progress=progress)
     else:
         nbytes = write_streamed_pickle(dst, index, dict(target.state_dict), AUTHOR, force=force, source=src, progress=progress)
-    return _report(src, dst, fmt, index.objects, "torch-zip", container, arch, canonical, target, nbytes, prefix, streamed=True)
+    report = _report(src, dst, fmt, index.objects, "torch-zip", container, arch, canonical, target, nbytes, prefix, streamed=True)
+    report.non_finite = bad
+    return report
 
 
 def convert_loaded(
@@ -182,15 +202,22 @@ def convert_loaded(
     prefix: str = DEFAULT_PREFIX,
     layout: Optional[str] = None,
     force: bool = False,
+    strict: bool = False,
 ) -> ConversionReport:
     """`convert` for a source already read with `read_checkpoint` (used by `repair`)."""
+    import torch
+
     from .write import write_checkpoint
 
     fmt = output_format(dst)
     state_dict, container = select_state_dict(loaded, ema=ema)
     arch, canonical, target = prepare(state_dict, prefix=prefix, layout=layout)
+    bad = [k for k, t in target.state_dict.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    _refuse_non_finite(bad, strict)
     _, nbytes = write_checkpoint(dst, target.state_dict, force=force, source=src)
-    return _report(src, dst, fmt, loaded, source_format, container, arch, canonical, target, nbytes, prefix)
+    report = _report(src, dst, fmt, loaded, source_format, container, arch, canonical, target, nbytes, prefix)
+    report.non_finite = bad
+    return report
 
 
 def _report(

@@ -50,3 +50,7 @@ class VerificationFailed(ConversionError):
     """A written file does not read back equal to what was meant to be written (exit status 1)."""
 
     exit_status = 1
+
+
+class NonFiniteWeights(ConversionError):
+    """`--strict`: the weights hold NaN or Inf (without it, a warning)."""

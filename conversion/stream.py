@@ -556,3 +556,29 @@ def write_streamed_pickle(
             raise VerificationFailed(f"{dst}: written pickle does not read back as written.", "Report this as a bug.")
 
     return write_atomically(dst, force=force, source=source, write=write, verify=verify)
+
+
+def non_finite(index: ArchiveIndex, model: Dict[str, TensorRef]) -> List[str]:
+    """Names of floating tensors holding NaN or Inf, checked in place through memory maps."""
+    import numpy as np
+
+    with open(index.path, "rb") as f:
+        offsets = {key[len("data/"):]: _data_offset(f, info) for key, info in index.records.items() if key.startswith("data/")}
+        bad = []
+        for name, ref in model.items():
+            if ref.dtype not in ("float32", "float16", "float64", "bfloat16") or ref.numel() == 0:
+                continue
+            size = _ITEM_SIZE[ref.dtype]
+            start, count = offsets[ref.storage.key] + ref.offset * size, ref.numel() * size
+            base = start - start % mmap.ALLOCATIONGRANULARITY
+            with mmap.mmap(f.fileno(), count + start - base, access=mmap.ACCESS_READ, offset=base) as mm:
+                if ref.dtype == "bfloat16":  # no numpy bfloat16: an all-ones exponent means NaN or Inf
+                    values = np.frombuffer(mm, "<u2", ref.numel(), start - base)
+                    finite = not bool(((values & 0x7F80) == 0x7F80).any())
+                else:
+                    values = np.frombuffer(mm, NUMPY_DTYPES[ref.dtype], ref.numel(), start - base)
+                    finite = bool(np.isfinite(values).all())
+                del values  # the map cannot close while an array views it
+            if not finite:
+                bad.append(name)
+        return bad
