@@ -63,12 +63,11 @@ def check_destination(path: str, *, force: bool, source: str = "") -> str:
 
 
 def temp_beside(path: str, directory: str) -> Tuple[int, str]:
-    """A temporary file in the destination's directory (so the final rename is atomic), mode per umask."""
+    """A temporary file in the destination's directory, so the final rename is atomic."""
     try:
         fd, tmp = tempfile.mkstemp(prefix=".convnext-d2-", suffix=os.path.splitext(path)[1], dir=directory)
     except OSError as err:
         raise DestinationError(f"{path}: cannot write in {directory} ({err.strerror}).", "Choose a writable directory.") from None
-    os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; a checkpoint is an ordinary file
     return fd, tmp
 
 
@@ -87,6 +86,10 @@ def write_atomically(
     directory = check_destination(path, force=force, source=source)
     fd, tmp = temp_beside(path, directory)
     try:
+        try:  # mkstemp makes 0600; a checkpoint is an ordinary file (some filesystems refuse chmod: fine)
+            os.chmod(tmp, 0o666 & ~umask())
+        except OSError:
+            pass
         with os.fdopen(fd, "w+b") as f:
             write(f)
             f.flush()
