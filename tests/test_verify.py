@@ -169,3 +169,17 @@ def test_verify_json(converted, capsys):
     assert main(["verify", converted[0], "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["ok"] is True and len(data["fresh"]) == 8 and data["missing"] == []
+
+
+def test_verify_reports_dtype_casts_on_load(tmp_path):
+    """An fp16 file loads into an fp32 model: fine, but said (a bf16/fp16 file is not bit-identical in fp32 use)."""
+    torch.save({"model": {k: v.half() for k, v in OFFICIAL.items()}}, tmp_path / "src.pth")
+    convert(str(tmp_path / "src.pth"), str(tmp_path / "half.pth"))
+    result = verify(str(tmp_path / "half.pth"))
+    assert result.ok and result.dtype_changes == {"float16 -> float32": str(result.loaded)}
+
+
+def test_verify_human_report_first_line_says_ok_or_the_first_problem(tmp_path, converted, capsys):
+    assert main(["verify", converted[0]]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "verify: OK" and any(line.strip().startswith("fresh      8") for line in out)

@@ -1,0 +1,105 @@
+"""What Detectron2 would make of a file as it is: one case per documented problem, and silence for a
+good file.  (Each problem is also rebuilt end to end in test_repair.py; these pin the wording users
+search for and the rule behind each.)"""
+from __future__ import annotations
+
+import argparse
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from conversion.architecture import CLASSIFIER_KEYS, Architecture
+from conversion.diagnose import d2_problems
+from conversion.inspection import inspect_checkpoint
+from conversion.synthetic import random_state_dict
+
+ARCH = Architecture((1, 1, 1, 1), (8, 8, 8, 8), num_classes=2, classifier_norm=True)
+SD = random_state_dict(ARCH)
+BACKBONE = {"backbone." + k: v for k, v in SD.items() if k not in CLASSIFIER_KEYS}
+
+
+def _problems(path):
+    return inspect_checkpoint(str(path)).problems
+
+
+def _one(problems, fragment):
+    hits = [p for p in problems if fragment in p]
+    assert len(hits) == 1, f"expected one problem mentioning {fragment!r}, got {problems}"
+    return hits[0]
+
+
+def test_a_converted_file_has_no_problem(tmp_path):
+    torch.save({"model": BACKBONE, "__author__": "convnext-d2"}, tmp_path / "good.pth")
+    assert _problems(tmp_path / "good.pth") == []
+
+
+def test_a_model_zoo_pkl_with_author_has_no_problem(tmp_path):
+    with open(tmp_path / "good.pkl", "wb") as f:
+        pickle.dump({"model": {k: v.numpy() for k, v in BACKBONE.items()}, "__author__": "x"}, f)
+    assert _problems(tmp_path / "good.pkl") == []
+
+
+def test_pkl_without_author_names_the_caffe2_misreading(tmp_path):
+    with open(tmp_path / "x.pkl", "wb") as f:
+        pickle.dump({"model": BACKBONE}, f)
+    problem = _one(_problems(tmp_path / "x.pkl"), "no '__author__'")
+    assert "Caffe2" in problem and "Unsupported type found in checkpoint" in problem
+
+
+def test_torch_archive_named_pkl_names_the_persistent_id_error(tmp_path):
+    torch.save({"model": BACKBONE}, tmp_path / "x.pkl")
+    problem = _one(_problems(tmp_path / "x.pkl"), "torch.save archive under a .pkl name")
+    assert "persistent id" in problem
+
+
+def test_no_model_key_names_the_first_value_detectron2_chokes_on(tmp_path):
+    torch.save({"epoch": 3, "state_dict": BACKBONE}, tmp_path / "x.pth")
+    assert "epoch: int" in _one(_problems(tmp_path / "x.pth"), "no top-level 'model'")
+
+
+def test_nested_model_is_named(tmp_path):
+    torch.save({"model": {"model": BACKBONE}}, tmp_path / "x.pth")
+    _one(_problems(tmp_path / "x.pth"), "'model' holds another container")
+
+
+@pytest.mark.parametrize(
+    "extra,kind",
+    [({"args": argparse.Namespace(lr=1.0)}, "Namespace"), ({"mean": np.zeros(3)}, "ndarray")],
+    ids=["namespace", "numpy"],
+)
+def test_objects_weights_only_refuses_are_named(tmp_path, extra, kind):
+    torch.save({"model": BACKBONE, **extra}, tmp_path / "x.pth")
+    assert kind in _one(_problems(tmp_path / "x.pth"), "weights_only=True")
+
+
+@pytest.mark.parametrize("prefix,fragment", [("", "lack the 'backbone.' prefix"), ("model.", "start with 'model.' instead of 'backbone.'")])
+def test_a_wrong_prefix_is_named(tmp_path, prefix, fragment):
+    torch.save({"model": {prefix + k: v for k, v in SD.items() if k not in CLASSIFIER_KEYS}}, tmp_path / "x.pth")
+    assert "random init" in _one(_problems(tmp_path / "x.pth"), fragment)
+
+
+def test_classifier_keys_mention_the_heuristics_trap(tmp_path):
+    torch.save({"model": {"backbone." + k: v for k, v in SD.items()}}, tmp_path / "x.pth")
+    problem = _one(_problems(tmp_path / "x.pth"), "classifier tensors")
+    assert "backbone.head.weight" in problem and "matching_heuristics" in problem
+
+
+def test_safetensors_cannot_be_read_by_detectron2(tmp_path):
+    safetensors = pytest.importorskip("safetensors.torch", reason="safetensors is installed in the full environment only")
+    safetensors.save_file({k: v.contiguous() for k, v in BACKBONE.items()}, str(tmp_path / "x.safetensors"))
+    _one(_problems(tmp_path / "x.safetensors"), "safetensors file")
+
+
+def test_numpy_2_pickles_are_named(tmp_path):
+    """The bytes `numpy._core` in a plain pickle: numpy < 1.26 cannot import it."""
+    path = tmp_path / "x.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"model": {k: v.numpy() for k, v in BACKBONE.items()}, "__author__": "x", "note": "numpy._core"}, f)
+    assert "numpy._core" in _one(d2_problems(str(path), "pickle", {"model": {}, "__author__": "x"}), "numpy >= 2")
+
+
+def test_other_layouts_are_named_before_prefix_problems():
+    problems = d2_problems("x.pth", "torch-zip", {"model": {"w": torch.zeros(1)}}, layout="timm", source_prefix="")
+    assert len(problems) == 1 and "names are in the timm layout" in problems[0]
