@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
 import traceback
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
@@ -235,10 +236,25 @@ def _run(args: argparse.Namespace) -> int:
     raise AssertionError(f"unhandled command {args.command}")  # argparse restricts the choices
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised where the process is, so the writers' cleanup runs (like Ctrl-C)."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread (embedded use): leave signals alone
+        previous = None
+    try:
         return _run(args)
+    except _Terminated:
+        print("convnext-d2: terminated; nothing was written.", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except ConversionError as err:
         if args.debug:
             traceback.print_exc()
@@ -258,3 +274,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"convnext-d2: internal error: {type(err).__name__}: {err}", file=sys.stderr)
         print("convnext-d2: rerun with --debug and report the traceback.", file=sys.stderr)
         return EXIT_USAGE
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -15,7 +15,7 @@ from .diagnose import d2_problems
 from .errors import NonFiniteWeights, NotConvNeXt
 from .layouts import LAYOUTS, Canonical, classifier_names, to_canonical
 from .containers import select_state_dict
-from .formats import AUTHOR, is_torch_zip, output_format
+from .formats import AUTHOR, check_source, is_torch_zip, output_format
 from .target import ALL_OUTPUTS, DEFAULT_PREFIX, Target, fresh_output_norms, to_target
 
 # torch archive -> .pth copies tensor bytes instead of loading them (see stream.py); tests switch
@@ -136,6 +136,7 @@ def convert(
         (178, ['head.bias', 'head.weight', 'norm.bias', 'norm.weight'])
     """
     fmt = output_format(dst)  # refuse a bad extension before reading a large file
+    check_source(src)
     if STREAM_TORCH_ARCHIVES and is_torch_zip(src):
         from .stream import NotStreamable
 
@@ -173,10 +174,11 @@ def _convert_streamed(
 ) -> ConversionReport:
     """A torch archive converted without loading it: for .pth a new index with the storages copied
     as bytes; for .pkl the arrays written one at a time.  Memory stays small whatever the size."""
-    from .stream import non_finite, read_index, write_streamed, write_streamed_pickle
+    from .stream import check_references, non_finite, read_index, write_streamed, write_streamed_pickle
 
     index = read_index(src)
     state_dict, container = select_state_dict(index.objects, ema=ema)
+    check_references(index, state_dict)  # every tensor, dropped ones too: a broken archive is refused whole
     arch, canonical, target = prepare(state_dict, prefix=prefix, layout=layout)
     # Checking means reading every byte, which a streamed copy otherwise never does: only when asked.
     bad = non_finite(index, target.state_dict) if strict else None

@@ -3,10 +3,11 @@ bytes are, and whether a destination may be written (both writers share these ru
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from typing import BinaryIO, Callable, Tuple
 
-from .errors import DestinationError
+from .errors import DestinationError, UnreadableCheckpoint
 
 AUTHOR = "convnext-d2"  # the `__author__` of every file written (Detectron2 needs one in a .pkl)
 ZIP_MAGIC = b"PK\x03\x04"
@@ -25,6 +26,24 @@ def output_format(path: str) -> str:
         f"{path}: unsupported destination extension '{ext or '(none)'}'.",
         "Detectron2 picks its reader by extension: name the output .pth (torch) or .pkl (model zoo).",
     )
+
+
+def check_source(path: str) -> None:
+    """Refuse, before opening it, a source that is not a regular file (opening a FIFO blocks forever).
+
+    Raises:
+        UnreadableCheckpoint: missing, a directory, a FIFO/socket/device, or unreachable (symlink loop).
+    """
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise UnreadableCheckpoint(f"{path}: no such file.", "Check the path.") from None
+    except OSError as err:
+        raise UnreadableCheckpoint(f"{path}: cannot open it ({err.strerror}).", "Check the path (a symlink loop?) and permissions.") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise UnreadableCheckpoint(f"{path}: is a directory, not a checkpoint file.", "Pass the .pth/.pkl file inside it.")
+    if not stat.S_ISREG(info.st_mode):
+        raise UnreadableCheckpoint(f"{path}: not a regular file (a FIFO, socket or device).", "Pass the checkpoint file itself.")
 
 
 def is_torch_zip(path: str) -> bool:

@@ -9,7 +9,7 @@ from .architecture import infer_architecture
 from .diagnose import d2_problems
 from .layouts import LAYOUTS, classifier_names, to_canonical
 from .containers import select_state_dict
-from .formats import is_torch_zip
+from .formats import check_source, is_torch_zip
 
 
 @dataclass
@@ -45,6 +45,7 @@ class InspectReport:
 def _read(path: str) -> Tuple[Any, str, Optional[int]]:
     """(objects, format, bytes read): a torch archive's index only when possible (tensor bytes are
     never needed to inspect), else the whole file."""
+    check_source(path)
     if is_torch_zip(path):
         from .stream import NotStreamable, read_index
 

@@ -385,6 +385,27 @@ def classifier_names(canonical: "Canonical") -> List[str]:
     return sorted(canonical.source_names[k] for k in CLASSIFIER_KEYS if k in canonical.state_dict)
 
 
+_WEIGHT_DTYPES = ("float16", "bfloat16", "float32", "float64", "int8", "uint8", "int16", "int32", "int64", "bool")
+
+
+def _check_weight(key: str, value: Any) -> None:
+    """A weight is a dense CPU array of a real numeric type; anything else (object, string or
+    structured numpy arrays, complex or float8, sparse or meta tensors) is refused, naming it."""
+    dtype = str(getattr(value, "dtype", "")).replace("torch.", "")
+    if type(value).__name__ == "ndarray":
+        ok = value.dtype.kind in "biuf" and value.dtype.itemsize <= 8 and not value.dtype.hasobject and value.dtype.name in _WEIGHT_DTYPES
+    elif hasattr(value, "layout"):  # a torch tensor
+        ok = dtype in _WEIGHT_DTYPES and str(value.layout) == "torch.strided" and value.device.type == "cpu"
+    else:  # a streamed reference: its dtype comes from a known storage type
+        ok = dtype in _WEIGHT_DTYPES
+    if not ok:
+        where = "" if not hasattr(value, "layout") else f", {str(value.layout).replace('torch.', '')} on {value.device.type}"
+        raise NotConvNeXt(
+            f"'{key}' is not a weight tensor (dtype {dtype or type(value).__name__}{where}).",
+            "ConvNeXt weights are dense real-valued tensors; the file is corrupt or not a ConvNeXt checkpoint.",
+        )
+
+
 def _as_tensor(value: Any) -> "torch.Tensor":
     """numpy arrays (from .pkl files) become tensors; tensors and streamed references stay as they are."""
     if type(value).__name__ != "ndarray":
@@ -498,6 +519,7 @@ def to_canonical(state_dict: Mapping[str, Any], forced: Optional[str] = None) ->
         if new in out:
             collisions.append(f"{names[new]} and {key} -> {new}")
             continue
+        _check_weight(key, value)
         tensor = _as_tensor(value)
         fixed = fix.to_canonical(tensor)
         if fixed.shape != tensor.shape:

@@ -14,7 +14,6 @@ import collections
 import importlib
 import inspect
 import io
-import os
 import pickle
 import zipfile
 from typing import Any, Dict, Tuple
@@ -22,7 +21,7 @@ from typing import Any, Dict, Tuple
 import torch
 
 from .errors import UnreadableCheckpoint, UnsafeCheckpoint
-from .formats import ZIP_MAGIC
+from .formats import ZIP_MAGIC, check_source
 
 # First record of a legacy (pre-1.6, non-zip) torch.save file: this pickled int.
 _LEGACY_TORCH_MAGIC = 0x1950A86A20F9469CFC6C
@@ -64,7 +63,44 @@ def _numpy_global(module: str, name: str) -> Any:
     """Resolve an allowed numpy global; both spellings of multiarray map to the installed one."""
     import numpy as np
 
+    if (module, name) == ("numpy", "ndarray"):
+        return _ndarray_over_buffer
+    if name == "_reconstruct":  # numpy's own pickles: _reconstruct(ndarray, ...) then the data as state
+        reconstruct = _numpy_multiarray()._reconstruct
+        return lambda subtype, *args: reconstruct(np.ndarray if subtype is _ndarray_over_buffer else subtype, *args)
     return getattr(np if module == "numpy" else _numpy_multiarray(), name)
+
+
+def _ndarray_over_buffer(shape: Any, dtype: Any, buffer: Any = None, offset: int = 0, strides: Any = None, order: Any = None) -> Any:
+    """`numpy.ndarray(shape, dtype, buffer)` as our .pkl spells arrays; without a buffer of exactly the
+    right size numpy would hand out uninitialised memory, so that is refused."""
+    import numpy as np
+
+    dt = np.dtype(dtype)
+    count = 1
+    for d in shape if isinstance(shape, (tuple, list)) else (shape,):
+        count *= int(d)
+    if not isinstance(buffer, (bytes, bytearray)) or offset or strides is not None or dt.hasobject or len(buffer) != count * dt.itemsize:
+        raise UnreadableCheckpoint(
+            f"an array ({dtype}, shape {shape}) has no data of its own size ({len(buffer) if isinstance(buffer, (bytes, bytearray)) else 'none'} bytes).",
+            "The file is corrupt or crafted; re-save the weights.",
+        )
+    return np.ndarray(shape, dt, buffer)
+
+
+def _rebuild_tensor_checked(storage: Any, offset: int, size: Any, stride: Any, *rest: Any) -> Any:
+    """torch's tensor rebuild, after checking the tensor lies inside its storage (otherwise torch grows
+    the storage and the tensor reads uninitialised memory)."""
+    size, stride = tuple(size), tuple(stride)
+    # TypedStorage.size() warns of its deprecation in torch 2.x; _size() is the same count, silent.
+    elements = (getattr(storage, "_size", None) or storage.size)()
+    extent = offset + sum((n - 1) * st for n, st in zip(size, stride)) + 1 if all(n > 0 for n in size) else offset
+    if offset < 0 or any(n < 0 for n in size) or any(st < 0 for st in stride) or len(size) != len(stride) or extent > elements:
+        raise UnreadableCheckpoint(
+            f"a tensor (shape {list(size)}, offset {offset}) reaches past its storage of {elements} elements.",
+            "The file is corrupt or crafted; re-save the weights.",
+        )
+    return torch._utils._rebuild_tensor_v2(storage, offset, size, stride, *rest)
 
 
 class _AllowlistUnpickler(pickle.Unpickler):
@@ -77,8 +113,10 @@ class _AllowlistUnpickler(pickle.Unpickler):
             return _numpy_global(module, name)
         if (module, name) == ("torch.storage", "_load_from_bytes"):
             return _safe_bytes_to_storage
-        if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_parameter"):
-            return getattr(torch._utils, name)
+        if module == "torch._utils" and name == "_rebuild_tensor_v2":
+            return _rebuild_tensor_checked
+        if module == "torch._utils" and name == "_rebuild_parameter":
+            return torch._utils._rebuild_parameter
         raise UnsafeCheckpoint(
             f"refusing to load: the file asks to build '{module}.{name}', which is not tensor data.",
             "Only checkpoints made of tensors, arrays and plain containers are read; "
@@ -134,7 +172,7 @@ class _TorchArchiveUnpickler(_AllowlistUnpickler):
         if module == "torch.storage" and name == "UntypedStorage" and hasattr(torch.storage, name):
             return torch.storage.UntypedStorage
         if module == "torch._utils" and name in _TORCH_REBUILDERS and hasattr(torch._utils, name):
-            return getattr(torch._utils, name)
+            return _rebuild_tensor_checked if name == "_rebuild_tensor_v2" else getattr(torch._utils, name)
         return super().find_class(module, name)
     # No persistent_load here: torch.load assigns its own (storages), which a method would shadow.
 
@@ -164,7 +202,8 @@ def _torch_load(f: Any, name: str) -> Any:
     except pickle.UnpicklingError as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
         # torch's message ends with generic advice; the line naming the refused global is the cause.
-        first = next((line for line in lines if "Unsupported" in line or "WeightsUnpickler" in line), lines[-1])
+        cause = [line for line in lines if "unsupported" in line.lower() and line.rstrip(":") != "WeightsUnpickler error"]
+        first = next(iter(cause + [line for line in lines if "WeightsUnpickler" in line]), lines[-1])
         raise UnsafeCheckpoint(
             f"{name}: refusing to load objects that are not tensor data ({first[:200]}).",
             "Only tensors, arrays and plain containers are read; re-save with torch.save(state_dict).",
@@ -206,10 +245,7 @@ def read_checkpoint(path: str) -> Tuple[Any, str]:
         UnreadableCheckpoint: missing, a directory, empty, or not a pickle/torch file.
         UnsafeCheckpoint: the file names something other than tensor data.
     """
-    if not os.path.exists(path):
-        raise UnreadableCheckpoint(f"{path}: no such file.", "Check the path.")
-    if os.path.isdir(path):
-        raise UnreadableCheckpoint(f"{path}: is a directory, not a checkpoint file.", "Pass the .pth/.pkl file inside it.")
+    check_source(path)
     try:
         with open(path, "rb") as f:
             head = f.read(4)

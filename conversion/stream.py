@@ -134,6 +134,8 @@ class _IndexUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if module == "torch" and name in STORAGE_DTYPES:
             return _StorageType(name)
+        if module == "torch" and name.endswith("Storage"):
+            raise NotStreamable(f"storage type {name}")  # complex, float8...: the ordinary path decides
         if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
             return _rebuild_tensor
         if module == "torch._utils" and name == "_rebuild_parameter":
@@ -198,6 +200,26 @@ class _CountingFile(io.RawIOBase):
         return data
 
 
+def _check_end_records(f: Any, path: str) -> None:
+    """Single-disk archive, as torch's reader requires: the end records' disk numbers must be 0
+    (Python's zipfile ignores them, so a damaged one would otherwise go unnoticed)."""
+    size = f.seek(0, os.SEEK_END)
+    f.seek(max(0, size - (1 << 16) - 22))
+    tail = f.read()
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or len(tail) < at + 22:
+        return  # zipfile reports a missing end record itself
+    disk, cd_disk, here, total = struct.unpack("<HHHH", tail[at + 4:at + 12])
+    bad = (disk, cd_disk) != (0, 0) or here != total
+    loc = at - 20
+    if loc >= 0 and tail[loc:loc + 4] == b"PK\x06\x07":
+        z64_disk, _, disks = struct.unpack("<IQI", tail[loc + 4:loc + 20])
+        bad = bad or z64_disk != 0 or disks > 1
+    if bad:
+        raise UnreadableCheckpoint(f"{path}: corrupt torch archive (multi-disk end record).", "Re-download or re-save it.")
+    f.seek(0)
+
+
 def read_index(path: str) -> ArchiveIndex:
     """Parse a torch zip archive's central directory and `data.pkl`; tensor bytes are not read.
 
@@ -209,21 +231,30 @@ def read_index(path: str) -> ArchiveIndex:
     with open(path, "rb") as raw:
         counting = _CountingFile(raw)
         try:
-            zf = zipfile.ZipFile(counting)
-        except zipfile.BadZipFile as err:
-            raise UnreadableCheckpoint(f"{path}: truncated or corrupt torch archive ({err}).", "Re-download or re-save it.") from None
-        with zf:
-            names = [i.filename for i in zf.infolist()]
-            pkl = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
-            if len(pkl) != 1:
-                raise NotStreamable("no single <folder>/data.pkl")
-            folder = pkl[0].split("/", 1)[0]
-            records = {i.filename[len(folder) + 1:]: i for i in zf.infolist() if i.filename.startswith(folder + "/")}
-            if any(i.compress_type != zipfile.ZIP_STORED for i in records.values()):
-                raise NotStreamable("compressed records")
-            if "byteorder" in records and zf.read(folder + "/byteorder").strip() != b"little":
-                raise NotStreamable("big-endian archive")
-            data = zf.read(pkl[0])
+            _check_end_records(counting, path)
+            with zipfile.ZipFile(counting) as zf:
+                names = [i.filename for i in zf.infolist()]
+                pkl = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
+                if len(pkl) != 1:
+                    raise NotStreamable("no single <folder>/data.pkl")
+                folder = pkl[0].split("/", 1)[0]
+                records = {i.filename[len(folder) + 1:]: i for i in zf.infolist() if i.filename.startswith(folder + "/")}
+                if any(i.compress_type != zipfile.ZIP_STORED for i in records.values()):
+                    raise NotStreamable("compressed records")
+                if any(i.compress_size != i.file_size or i.flag_bits & 0x2001 or i.volume > 1 for i in records.values()):
+                    raise UnreadableCheckpoint(f"{path}: corrupt torch archive (inconsistent directory entry).", "Re-download or re-save it.")
+                if "byteorder" in records and zf.read(folder + "/byteorder").strip() != b"little":
+                    raise NotStreamable("big-endian archive")
+                # torch.load checks the archive's format version; a version it would refuse is its call.
+                if "version" not in records or zf.read(folder + "/version").strip() not in (b"1", b"2", b"3"):
+                    raise NotStreamable("unknown archive version")
+                data = zf.read(pkl[0])
+        except (NotStreamable, UnreadableCheckpoint):
+            raise
+        except Exception as err:  # BadZipFile, bad CRC, odd names or versions: one fact for the user
+            raise UnreadableCheckpoint(
+                f"{path}: truncated or corrupt torch archive ({type(err).__name__}: {str(err)[:120]}).", "Re-download or re-save it."
+            ) from None
         try:
             objects = _IndexUnpickler(io.BytesIO(data), encoding="latin1").load()
         except NotStreamable:
@@ -233,6 +264,37 @@ def read_index(path: str) -> ArchiveIndex:
         except Exception as err:
             raise UnreadableCheckpoint(f"{path}: corrupt index ({type(err).__name__}: {err}).", "Re-download or re-save it.") from None
         return ArchiveIndex(path, folder, objects, records, counting.count)
+
+
+def check_references(index: ArchiveIndex, refs: Dict[str, TensorRef]) -> None:
+    """Every tensor to be written must lie inside a storage record of exactly the declared size;
+    otherwise the output would hold bytes from outside the tensor (or torch would refuse it).
+
+    Raises:
+        UnreadableCheckpoint: naming the first tensor that does not fit its record.
+    """
+    with open(index.path, "rb") as f:
+        for key, info in index.records.items():
+            try:
+                _data_offset(f, info)
+            except UnreadableCheckpoint as err:
+                raise UnreadableCheckpoint(f"{index.path}: {err.message}", err.hint) from None
+    for name, ref in refs.items():
+        record = index.records.get(f"data/{ref.storage.key}")
+        size = _ITEM_SIZE.get(ref.dtype)
+        if record is None or size is None:
+            raise UnreadableCheckpoint(f"{index.path}: tensor '{name}' refers to a missing storage record.", "Re-download or re-save it.")
+        if record.file_size != ref.storage.numel * size:
+            raise UnreadableCheckpoint(
+                f"{index.path}: storage record of '{name}' holds {record.file_size} bytes, its index says {ref.storage.numel * size}.",
+                "The archive is truncated or corrupt; re-download or re-save it.",
+            )
+        last = ref.offset + sum((n - 1) * st for n, st in zip(ref.shape, ref.stride)) + 1 if all(n > 0 for n in ref.shape) else ref.offset
+        if ref.offset < 0 or any(n < 0 for n in ref.shape) or any(st < 0 for st in ref.stride) or last > ref.storage.numel:
+            raise UnreadableCheckpoint(
+                f"{index.path}: tensor '{name}' (shape {list(ref.shape)}, offset {ref.offset}) reaches past its storage.",
+                "The archive is corrupt or crafted; re-save the weights.",
+            )
 
 
 # ---------------------------------------------------------------- writing
@@ -300,12 +362,23 @@ def _aligned_info(name: str, offset: int, size: int, crc: int) -> zipfile.ZipInf
 
 
 def _data_offset(f: Any, info: zipfile.ZipInfo) -> int:
-    """Where an entry's bytes start: after its *local* header (whose extra field may differ)."""
+    """Where an entry's bytes start: after its *local* header (whose extra field may differ).
+
+    The local header must agree with the central directory (name, sizes, CRC), as torch's reader
+    requires; a disagreement means a damaged archive.
+    """
     f.seek(info.header_offset)
     header = f.read(30)
-    if header[:4] != b"PK\x03\x04":
-        raise UnreadableCheckpoint(f"corrupt archive entry {info.filename}", "Re-download or re-save it.")
-    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    if len(header) < 30 or header[:4] != b"PK\x03\x04":
+        raise UnreadableCheckpoint(f"corrupt archive entry {info.filename} (bad local header)", "Re-download or re-save it.")
+    flags, method = struct.unpack("<HH", header[6:10])
+    crc, csize, usize, name_len, extra_len = struct.unpack("<IIIHH", header[14:30])
+    name = f.read(name_len)
+    described_later = flags & 0x08  # sizes and CRC in a data descriptor after the data
+    if name != info.filename.encode("utf-8") or method != info.compress_type or (
+        not described_later and (crc, csize, usize) != (info.CRC, info.compress_size, info.file_size) and usize != 0xFFFFFFFF
+    ):
+        raise UnreadableCheckpoint(f"corrupt archive entry {info.filename} (local header disagrees with the directory)", "Re-download or re-save it.")
     return info.header_offset + 30 + name_len + extra_len
 
 
@@ -385,24 +458,36 @@ def _crc_of_range(fd: int, start: int, size: int) -> int:
             view.release()
 
 
-def check_archive(path: str, expected: Any, copied_crcs: Dict[str, int]) -> None:
+def check_archive(
+    path: str, expected: Any, copied_crcs: Dict[str, int], shown_as: str = "", source: Optional[ArchiveIndex] = None
+) -> None:
     """Read the written archive back: every record's bytes against its stored CRC-32, copied
     records' CRCs against the source's, and the index against what was meant to be written.
 
     The bytes are checksummed through memory maps (no copy into Python), so verifying costs a
-    fraction of the copy itself."""
+    fraction of the copy itself.  Errors name `shown_as` (the destination), not the temporary file."""
+    shown = shown_as or path
     try:
         with open(path, "rb") as f, zipfile.ZipFile(f) as zf:
             for info in zf.infolist():
                 crc = _crc_of_range(f.fileno(), _data_offset(f, info), info.file_size)
                 key = info.filename[len("archive/"):]
                 if crc != info.CRC or (key in copied_crcs and copied_crcs[key] != crc):
-                    raise VerificationFailed(f"{path}: record {key} does not read back as written.", "Report this as a bug.")
-    except (zipfile.BadZipFile, UnreadableCheckpoint) as err:
-        raise VerificationFailed(f"{path}: written archive does not read back ({err}).", "Report this as a bug.") from None
-    got = read_index(path).objects
+                    if source is not None and key in source.records:
+                        with open(source.path, "rb") as src:
+                            original = source.records[key]
+                            if _crc_of_range(src.fileno(), _data_offset(src, original), original.file_size) != original.CRC:
+                                raise UnreadableCheckpoint(
+                                    f"{source.path}: record {key} fails its CRC-32: the archive is corrupt.", "Re-download or re-save it."
+                                )
+                    raise VerificationFailed(f"{shown}: record {key} does not read back as written.", "Report this as a bug.")
+        got = read_index(path).objects
+    except (VerificationFailed, UnreadableCheckpoint):
+        raise
+    except Exception as err:  # the file we just wrote does not even parse: same verdict
+        raise VerificationFailed(f"{shown}: written archive does not read back ({type(err).__name__}: {err}).", "Report this as a bug.") from None
     if got != expected:
-        raise VerificationFailed(f"{path}: written index does not read back as written.", "Report this as a bug.")
+        raise VerificationFailed(f"{shown}: written index does not read back as written.", "Report this as a bug.")
 
 
 def write_streamed(
@@ -414,7 +499,7 @@ def write_streamed(
         force=force,
         source=source,
         write=lambda f: write_archive(f, index, payload, keep, progress),
-        verify=lambda tmp: check_archive(tmp, payload, {f"data/{k}": index.records[f"data/{k}"].CRC for k in keep}),
+        verify=lambda tmp: check_archive(tmp, payload, {f"data/{k}": index.records[f"data/{k}"].CRC for k in keep}, shown_as=dst, source=index),
     )
 
 
@@ -433,10 +518,13 @@ _BYTEARRAY = _Global("builtins", "bytearray")
 class _RecordArray:
     """A tensor to be pickled as a numpy array: its bytes are read from the archive when written."""
 
-    def __init__(self, ref: TensorRef, fd: int, data_offset: int) -> None:
+    def __init__(self, ref: TensorRef, fd: int, data_offset: int, record_crc: Optional[int] = None) -> None:
         if not ref.is_contiguous():
             raise NotStreamable("non-contiguous tensor")
         self.ref, self.fd, self.data_offset = ref, fd, data_offset
+        # A tensor spanning its whole storage is the whole record: its bytes must match the record's CRC.
+        whole = ref.offset == 0 and ref.numel() == ref.storage.numel
+        self.record_crc = record_crc if whole else None
 
     @property
     def nbytes(self) -> int:
@@ -453,6 +541,10 @@ class _RecordArray:
             if n == 0:
                 raise UnreadableCheckpoint("source archive is truncated", "Re-download or re-save it.")
             done += n
+        if self.record_crc is not None and zlib.crc32(view) != self.record_crc:
+            raise UnreadableCheckpoint(
+                f"storage record of a tensor ({self.ref.storage.key}) fails its CRC-32: the archive is corrupt.", "Re-download or re-save it."
+            )
         if self.ref.dtype == "bfloat16":
             import numpy as np
 
@@ -542,7 +634,8 @@ def write_streamed_pickle(
     def write(f: Any) -> None:
         with open(index.path, "rb") as src:
             offsets = {key[len("data/"):]: _data_offset(src, info) for key, info in index.records.items() if key.startswith("data/")}
-            arrays = {name: _RecordArray(ref, src.fileno(), offsets[ref.storage.key]) for name, ref in model.items()}
+            crcs = {key[len("data/"):]: info.CRC for key, info in index.records.items() if key.startswith("data/")}
+            arrays = {name: _RecordArray(ref, src.fileno(), offsets[ref.storage.key], crcs[ref.storage.key]) for name, ref in model.items()}
             largest = max((arr.nbytes for arr in arrays.values()), default=0)
             pickler = _ModelZooStreamPickler(f, largest, sum(a.nbytes for a in arrays.values()), progress)
             pickler.dump({"model": arrays, "__author__": author})
@@ -550,9 +643,12 @@ def write_streamed_pickle(
                 expected[name] = (arr.ref.shape, NUMPY_DTYPES[arr.ref.dtype]) + pickler.digests[id(arr)]
 
     def verify(tmp: str) -> None:
-        with open(tmp, "rb") as f:
-            got = _DigestUnpickler(f).load()
-        if got.get("__author__") != author or got.get("model") != expected:
+        try:
+            with open(tmp, "rb") as f:
+                got = _DigestUnpickler(f).load()
+        except Exception as err:  # a pickle we just wrote that does not parse back
+            raise VerificationFailed(f"{dst}: written pickle does not read back ({type(err).__name__}: {err}).", "Report this as a bug.") from None
+        if not isinstance(got, dict) or got.get("__author__") != author or got.get("model") != expected:
             raise VerificationFailed(f"{dst}: written pickle does not read back as written.", "Report this as a bug.")
 
     return write_atomically(dst, force=force, source=source, write=write, verify=verify)

@@ -85,9 +85,15 @@ def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _check_written(path: str, state_dict: Mapping[str, torch.Tensor], fmt: str, shown_as: str = "") -> None:
+    from .errors import ConversionError
     from .read import load_checkpoint  # read back exactly as a user's file would be read
 
-    data = load_checkpoint(path)
+    try:
+        data = load_checkpoint(path)
+    except ConversionError as err:  # the file just written does not read: a verification failure
+        shown = shown_as or path
+        cause = err.message.replace(path + ": ", "").replace(path, shown)  # name the destination, not the temp file
+        raise VerificationFailed(f"{shown}: written file does not read back ({cause})", "Report this as a bug.") from None
     model = data.get("model") if isinstance(data, dict) else None
     if not isinstance(model, dict) or data.get("__author__") != AUTHOR or set(model) != set(state_dict):
         raise VerificationFailed(f"{shown_as or path}: written file does not read back with the expected keys.", "Report this as a bug.")

@@ -1,0 +1,465 @@
+"""Faults while writing: a killed process, a full disk, a file-size limit, a read-only or vanishing
+directory.  The destination is never left half-written: it is absent (or, with --force, exactly the
+old file) unless the conversion finished (DESIGN.md, "Bad input": nothing half-written).
+
+The process-level faults are real: a `python -m conversion convert` child is killed with a signal
+while its temporary file exists, or runs under `RLIMIT_FSIZE`, or writes into a tmpfs that fills
+up or a read-only bind mount (each in a private mount namespace that vanishes with the child).
+What the write path cannot clean up (SIGKILL) is documented exactly: one hidden temporary file,
+`.convnext-d2-*`, beside the destination.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import resource
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Tuple
+
+import pytest
+import torch
+
+from conversion.architecture import Architecture, canonical_shapes
+from conversion.cli import main
+
+from .support import random_canonical_state_dict
+from .test_cli import PROCESS_TIMEOUT_S, ROOT, assert_plain_error
+
+EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+TEMP_PREFIX = ".convnext-d2-"  # write.py's temporary files beside the destination
+SMALL = Architecture(depths=(1, 1, 2, 1), dims=(8, 8, 16, 16), num_classes=3, classifier_norm=True)
+# ConvNeXt-Large, fp32: about 790 MB, so the temporary file lives for a second or more here even on the
+# streamed path (storages copied with copy_file_range, then fsync and a CRC read-back); on a slower
+# machine it lives longer, which only makes the timing easier.
+BIG = Architecture(depths=(3, 3, 27, 3), dims=(192, 384, 768, 1536), num_classes=1000, classifier_norm=True)
+POLL_S = 0.001
+# How long the temporary file's size must stay unchanged before we call the write finished (read-back running).
+SETTLED_S = 0.05
+
+
+def _env() -> Dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return env
+
+
+def _cli(*args: str) -> List[str]:
+    return [sys.executable, "-m", "conversion", *args]
+
+
+def temporaries(folder: Path) -> List[Path]:
+    return sorted(p for p in folder.iterdir() if p.name.startswith(TEMP_PREFIX))
+
+
+# ================================================================ killed while writing
+
+
+@pytest.fixture(scope="module")
+def big_source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A ConvNeXt-Large-sized official checkpoint (zeros: the values do not matter, the size does)."""
+    folder = tmp_path_factory.mktemp("big")
+    path = folder / "convnext_large_1k_224.pth"
+    torch.save({"model": {name: torch.zeros(shape) for name, shape in canonical_shapes(BIG).items()}}, path)
+    yield path
+    shutil.rmtree(folder, ignore_errors=True)  # 790 MB: do not leave it to pytest's retention of old runs
+
+
+def _start(src: Path, dst: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(_cli("convert", str(src), str(dst), *extra), cwd=dst.parent, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_temporary(proc: subprocess.Popen, folder: Path, settled: bool, writing: bool = False) -> Path:
+    """Poll until the child's temporary file exists (with `writing`: holds bytes; with `settled`: stopped growing)."""
+    deadline = time.monotonic() + PROCESS_TIMEOUT_S
+    last_size, since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"the conversion ended (status {proc.returncode}) before the temporary file was "
+                        f"{'complete' if settled else 'seen'}; make BIG larger.\n{err}")
+        found = temporaries(folder)
+        if found:
+            size = found[0].stat().st_size if found[0].exists() else -1
+            if not settled and (not writing or size > 0):
+                return found[0]
+            if size != last_size:
+                last_size, since = size, time.monotonic()
+            elif settled and size > 0 and time.monotonic() - since >= SETTLED_S:
+                return found[0]
+        time.sleep(POLL_S)
+    proc.kill()
+    pytest.fail("no temporary file appeared")
+
+
+def _kill(proc: subprocess.Popen, sig: int) -> subprocess.CompletedProcess:
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=PROCESS_TIMEOUT_S)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", ["temporary-file-just-created", "read-back-running"])
+def test_sigkill_while_writing_leaves_no_destination_only_a_hidden_temporary_file(big_source: Path, tmp_path: Path, moment: str):
+    """SIGKILL cannot be cleaned up after: the destination is absent, and exactly one `.convnext-d2-*.pth` remains.
+
+    The leftover is acceptable because it cannot be mistaken for the result: hidden, named by the
+    tool, never at the destination's name.  The next run is not confused by it and does not remove it.
+    """
+    dst = tmp_path / "convnext_base_d2.pth"
+    proc = _start(big_source, dst)
+    temporary = _wait_for_temporary(proc, tmp_path, settled=(moment == "read-back-running"))
+
+    result = _kill(proc, signal.SIGKILL)
+    stale_size = temporary.stat().st_size
+
+    assert result.returncode == -signal.SIGKILL
+    assert not dst.exists(), "a killed conversion left a destination file"
+    left = temporaries(tmp_path)
+    assert [p.name for p in left] == [temporary.name], f"expected exactly the killed run's temporary file, found {left}"
+    assert left[0].suffix == ".pth" and left[0].name.startswith(TEMP_PREFIX)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [temporary.name], "nothing else may appear"
+
+    again = subprocess.run(_cli("convert", str(big_source), str(dst)), cwd=tmp_path, env=_env(),
+                           capture_output=True, text=True, timeout=PROCESS_TIMEOUT_S)
+
+    assert again.returncode == EXIT_OK, again.stderr
+    assert dst.is_file()
+    assert [p.name for p in temporaries(tmp_path)] == [temporary.name], "the next run neither trips on nor removes the stale file"
+    if moment == "read-back-running":  # written and synced in full: only the rename was missing
+        assert stale_size == dst.stat().st_size, (stale_size, dst.stat().st_size)
+    else:  # cut off part-way: the leftover is a partial file
+        assert stale_size < dst.stat().st_size, (stale_size, dst.stat().st_size)
+    temporary.unlink()
+
+
+@pytest.mark.slow
+def test_sigkill_while_forcing_over_an_existing_destination_keeps_the_old_file(big_source: Path, tmp_path: Path):
+    dst = tmp_path / "convnext_base_d2.pth"
+    dst.write_bytes(b"the previous conversion")
+    proc = _start(big_source, dst, "--force")
+    _wait_for_temporary(proc, tmp_path, settled=False)
+
+    _kill(proc, signal.SIGKILL)
+
+    assert dst.read_bytes() == b"the previous conversion", "--force replaced the old file before the new one was complete"
+    for temporary in temporaries(tmp_path):
+        temporary.unlink()
+
+
+@pytest.mark.slow
+def test_sigint_while_writing_removes_the_temporary_file_and_says_so(big_source: Path, tmp_path: Path):
+    """Ctrl-C once bytes are being written: exit 130, 'nothing was written', and truly nothing is left.
+
+    (Ctrl-C in the instant between creating the temporary file and writing to it is
+    test_a_fault_right_after_the_temporary_file_is_created_leaves_nothing.)
+    """
+    dst = tmp_path / "convnext_base_d2.pth"
+    proc = _start(big_source, dst)
+    _wait_for_temporary(proc, tmp_path, settled=False, writing=True)
+
+    result = _kill(proc, signal.SIGINT)
+
+    assert result.returncode == EXIT_INTERRUPTED, result.stderr
+    assert "interrupted; nothing was written" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "Ctrl-C left files behind"
+
+
+@pytest.mark.slow
+def test_sigterm_while_writing_leaves_no_destination(big_source: Path, tmp_path: Path):
+    """SIGTERM (what `kill`, timeouts and job schedulers send) never leaves a destination file."""
+    dst = tmp_path / "convnext_base_d2.pth"
+    proc = _start(big_source, dst)
+    _wait_for_temporary(proc, tmp_path, settled=False)
+
+    result = _kill(proc, signal.SIGTERM)
+
+    assert result.returncode == 128 + signal.SIGTERM, "the CLI turns SIGTERM into a clean stop (exit 143)"
+    assert "terminated; nothing was written" in result.stderr
+    assert not dst.exists()
+    for temporary in temporaries(tmp_path):
+        temporary.unlink()
+
+
+@pytest.mark.slow
+def test_sigterm_while_writing_cleans_up_like_ctrl_c(big_source: Path, tmp_path: Path):
+    dst = tmp_path / "convnext_base_d2.pth"
+    proc = _start(big_source, dst)
+    _wait_for_temporary(proc, tmp_path, settled=False)
+
+    _kill(proc, signal.SIGTERM)
+
+    left = temporaries(tmp_path)
+    for temporary in left:
+        temporary.unlink()
+    assert left == [], f"SIGTERM left {[p.name for p in left]}"
+
+
+# ================================================================ the disk refuses
+
+
+@pytest.fixture
+def small_source(tmp_path: Path) -> Path:
+    src = tmp_path / "in" / "small.pth"
+    src.parent.mkdir()
+    torch.save({"model": random_canonical_state_dict(SMALL)}, src)
+    return src
+
+
+def _limit_file_size(limit: int) -> Callable[[], None]:
+    def preexec() -> None:  # runs in the child between fork and exec
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG instead of killing the child
+
+    return preexec
+
+
+@pytest.mark.parametrize("ext", [".pth", ".pkl"])
+def test_file_size_limit_mid_write_exits_2_and_leaves_nothing(small_source: Path, tmp_path: Path, ext: str):
+    """RLIMIT_FSIZE below the output's size: the write fails with EFBIG part-way, as on a full disk."""
+    out = tmp_path / "out"
+    out.mkdir()
+    limit = 4096  # the SMALL output is ~60 KB: the temporary file is cut off part-way
+
+    result = subprocess.run(_cli("convert", str(small_source), f"out/model_d2{ext}"), cwd=tmp_path, env=_env(),
+                            preexec_fn=_limit_file_size(limit), capture_output=True, text=True, timeout=PROCESS_TIMEOUT_S)
+
+    assert result.returncode == EXIT_USAGE, result.stderr
+    assert_plain_error(result.stderr)
+    assert f"out/model_d2{ext}: write failed (File too large)" in result.stderr, result.stderr
+    assert "free space" in result.stderr, "the hint should point at space"
+    assert sorted(os.listdir(out)) == [], "a destination or temporary file was left"
+
+
+def _mount_namespaces_work() -> bool:
+    if sys.platform != "linux" or shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", "mount -t tmpfs -o size=4k tmpfs /mnt"],
+                           capture_output=True, timeout=30)
+    return probe.returncode == 0
+
+
+# Runs the CLI inside a private mount namespace, then lists the folder from inside (the mount vanishes with it).
+_IN_NAMESPACE = 'set -e; {mount}; set +e; cd "$1"; "$2" -m conversion convert "$3" out/model_d2.pth; rc=$?; ' \
+                'echo "--listing--"; ls -A out; exit $rc'
+
+
+def _run_in_mount_namespace(mount: str, folder: Path, src: Path) -> subprocess.CompletedProcess:
+    script = _IN_NAMESPACE.format(mount=mount)
+    return subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", str(folder), sys.executable, str(src)],
+                          env=_env(), capture_output=True, text=True, timeout=PROCESS_TIMEOUT_S)
+
+
+def _listing(stdout: str) -> List[str]:
+    return stdout.split("--listing--", 1)[1].split()
+
+
+def test_no_space_left_exits_2_and_leaves_nothing(small_source: Path, tmp_path: Path):
+    """A real ENOSPC: an 8 KB tmpfs mounted over the destination folder (private mount namespace)."""
+    if not _mount_namespaces_work():
+        pytest.skip("cannot mount a private tmpfs here (needs unshare -m and CAP_SYS_ADMIN)")
+    (tmp_path / "out").mkdir()
+
+    result = _run_in_mount_namespace('mount -t tmpfs -o size=8k tmpfs "$1/out"', tmp_path, small_source)
+
+    assert result.returncode == EXIT_USAGE, result.stderr
+    assert_plain_error(result.stderr)
+    assert "write failed (No space left on device)" in result.stderr, result.stderr
+    assert _listing(result.stdout) == [], f"left on the full disk: {_listing(result.stdout)}"
+
+
+def test_read_only_filesystem_exits_2_and_leaves_nothing(small_source: Path, tmp_path: Path):
+    """A real EROFS: the destination folder bind-mounted read-only (private mount namespace)."""
+    if not _mount_namespaces_work():
+        pytest.skip("cannot bind-mount read-only here (needs unshare -m and CAP_SYS_ADMIN)")
+    (tmp_path / "out").mkdir()
+
+    result = _run_in_mount_namespace('mount --bind "$1/out" "$1/out"; mount -o remount,bind,ro "$1/out"', tmp_path, small_source)
+
+    assert result.returncode == EXIT_USAGE, result.stderr
+    assert_plain_error(result.stderr)
+    assert "Read-only file system" in result.stderr and "writable directory" in result.stderr, result.stderr
+    assert os.listdir(tmp_path / "out") == []
+
+
+_NO_DAC = ["--bounding-set", "-dac_override,-dac_read_search", "--inh-caps", "-dac_override,-dac_read_search"]
+
+
+def test_destination_folder_without_write_permission_exits_2(small_source: Path, tmp_path: Path, monkeypatch, capsys):
+    """chmod 555 on the folder: refused with the folder named; as root, run the CLI without CAP_DAC_OVERRIDE."""
+    out = tmp_path / "out"
+    out.mkdir()
+    out.chmod(stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
+    try:
+        if os.geteuid() != 0:
+            monkeypatch.chdir(tmp_path)
+            status = main(["convert", str(small_source), "out/model_d2.pth"])
+            err = capsys.readouterr().err
+        else:
+            if shutil.which("setpriv") is None or subprocess.run(["setpriv", *_NO_DAC, "true"], capture_output=True).returncode:
+                pytest.skip("running as root: permissions are not enforced (and setpriv cannot drop CAP_DAC_OVERRIDE here)")
+            result = subprocess.run(["setpriv", *_NO_DAC, *_cli("convert", str(small_source), "out/model_d2.pth")],
+                                    cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=PROCESS_TIMEOUT_S)
+            status, err = result.returncode, result.stderr
+        assert status == EXIT_USAGE, err
+        assert_plain_error(err)
+        assert "cannot write in" in err and "Permission denied" in err, err
+        assert os.listdir(out) == []
+    finally:
+        out.chmod(0o755)
+
+
+# ================================================================ the folder is not there (beyond test_bad_input's plain missing folder)
+
+
+@pytest.mark.parametrize("kind", ["parent-is-a-file", "parent-is-a-dangling-symlink"])
+def test_destination_folder_that_is_not_a_folder_exits_2(small_source: Path, tmp_path: Path, kind: str, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    if kind == "parent-is-a-file":
+        (tmp_path / "notes.txt").write_text("not a folder")
+        dst = "notes.txt/model_d2.pth"
+    else:
+        (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+        dst = "gone/model_d2.pth"
+
+    status = main(["convert", str(small_source), dst])
+
+    err = capsys.readouterr().err
+    assert status == EXIT_USAGE, err
+    assert_plain_error(err)
+    assert "does not exist" in err and dst in err, err
+    assert not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.parametrize("source_kind", ["torch-archive", "legacy-torch-file"])
+def test_destination_folder_removed_after_the_checks_exits_2(source_kind: str, small_source: Path, tmp_path: Path, monkeypatch, capsys):
+    """The folder disappears between the checks and the temporary file (another process cleaning up).
+
+    Both writers (the streamed archive copy and the load-and-save path) create their temporary file
+    with tempfile.mkstemp; the folder is removed just before that call.
+    """
+    if source_kind == "legacy-torch-file":  # not streamable: the load-and-save path writes it
+        torch.save(torch.load(small_source, weights_only=True), small_source, _use_new_zipfile_serialization=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    real_mkstemp = tempfile.mkstemp
+
+    def remove_folder_then_mkstemp(*args, **kwargs):
+        if kwargs.get("dir") and Path(kwargs["dir"]) == out and out.exists():
+            out.rmdir()
+        return real_mkstemp(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", remove_folder_then_mkstemp)
+
+    status = main(["convert", str(small_source), str(out / "model_d2.pth")])
+
+    err = capsys.readouterr().err
+    assert status == EXIT_USAGE, err
+    assert_plain_error(err)
+    assert "cannot write in" in err and "No such file or directory" in err, err
+    assert not out.exists()
+
+
+# ================================================================ the disk fails during the write
+
+
+def test_an_io_error_on_fsync_exits_2_and_removes_the_temporary_file(small_source: Path, tmp_path: Path, monkeypatch, capsys):
+    """EIO from fsync (a failing disk): 'write failed', nothing left; test_bad_input covers Ctrl-C at the same point."""
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+
+    status = main(["convert", str(small_source), str(out / "model_d2.pth")])
+
+    err = capsys.readouterr().err
+    assert status == EXIT_USAGE, err
+    assert_plain_error(err)
+    assert "write failed (Input/output error)" in err, err
+    assert os.listdir(out) == []
+
+
+_READ_BACK_BUGS: Dict[Tuple[str, str], str] = {}  # all fixed; kept so a regression can be pinned again
+
+
+@pytest.mark.parametrize("source_kind, ext", [
+    pytest.param(k, e, id=f"{k}->{e}", marks=pytest.mark.xfail(strict=True, reason=_READ_BACK_BUGS[k, e]) if (k, e) in _READ_BACK_BUGS else ())
+    for k in ("torch-archive", "legacy-torch-file") for e in (".pth", ".pkl")
+])
+def test_a_written_file_that_does_not_read_back_is_a_verification_failure_naming_the_destination(
+        small_source: Path, tmp_path: Path, source_kind: str, ext: str, monkeypatch, capsys):
+    """Bytes that reach the disk corrupted (here: the last 100 bytes lost at fsync) are a verification problem about DST: exit 1."""
+    if source_kind == "legacy-torch-file":  # not streamable: the load-and-save path writes it
+        torch.save(torch.load(small_source, weights_only=True), small_source, _use_new_zipfile_serialization=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    real_fsync = os.fsync
+
+    def lose_the_tail(fd: int) -> None:  # every writer syncs its temporary file before reading it back
+        size = os.fstat(fd).st_size
+        if size > 100:
+            os.ftruncate(fd, size - 100)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", lose_the_tail)
+    dst = out / f"model_d2{ext}"
+
+    status = main(["convert", str(small_source), str(dst)])
+
+    err = capsys.readouterr().err
+    assert os.listdir(out) == [], "nothing may be left"
+    assert status == EXIT_PROBLEM, f"exit {status}:\n{err}"
+    assert str(dst) in err and TEMP_PREFIX not in err, f"the message should name the destination:\n{err}"
+    assert "re-download" not in err.lower(), f"the source is fine; the hint blames it:\n{err}"
+
+
+@pytest.mark.parametrize("source_kind", ["torch-archive", "legacy-torch-file"])
+@pytest.mark.parametrize("fault", ["ctrl-c", "chmod-not-permitted"])
+def test_a_fault_right_after_the_temporary_file_is_created_leaves_nothing(
+        fault: str, source_kind: str, small_source: Path, tmp_path: Path, monkeypatch, capsys):
+    """The first thing done to the new temporary file (setting its mode) fails: no temporary file may remain.
+
+    Ctrl-C there ends the run with 130 and nothing written.  A filesystem that refuses chmod (EPERM on
+    FAT/CIFS/some FUSE mounts) may either be tolerated (the file keeps mkstemp's mode) or refused with
+    a plain error; never an 'internal error', never a leftover.  (Regression: before 68fe37e the chmod
+    ran outside the writers' cleanup guard and both faults left the temporary file behind.)
+    """
+    if source_kind == "legacy-torch-file":  # not streamable: the load-and-save path writes it
+        torch.save(torch.load(small_source, weights_only=True), small_source, _use_new_zipfile_serialization=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    dst = out / "model_d2.pth"
+    real_chmod = os.chmod
+
+    def failing_chmod(path, mode, *args, **kwargs):
+        if Path(path).name.startswith(TEMP_PREFIX):
+            if fault == "ctrl-c":
+                raise KeyboardInterrupt
+            raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+        return real_chmod(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "chmod", failing_chmod)
+
+    status = main(["convert", str(small_source), str(dst)])
+
+    err = capsys.readouterr().err
+    assert temporaries(out) == [], f"left behind: {os.listdir(out)}\n{err}"
+    if fault == "ctrl-c":
+        assert status == EXIT_INTERRUPTED and os.listdir(out) == [], err
+    elif status == EXIT_OK:
+        assert torch.load(dst, map_location="cpu", weights_only=True)["model"], "tolerated chmod error, but no weights"
+    else:
+        assert status == EXIT_USAGE and "internal error" not in err, err
+        assert_plain_error(err)
+        assert os.listdir(out) == []
