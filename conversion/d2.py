@@ -27,7 +27,8 @@ from torch import nn
 
 from .architecture import DOWNSAMPLE_KERNEL, DWCONV_KERNEL, MLP_RATIO, NUM_STAGES, STEM_PATCH
 
-# Official ConvNeXt uses LayerNorm eps 1e-6 everywhere (models/convnext.py).
+# Official ConvNeXt uses LayerNorm eps 1e-6 everywhere (models/convnext.py); timm's XXLarge uses
+# 1e-5 (norm_eps), hence the MODEL.CONVNEXT.LN_EPS key.
 LAYER_NORM_EPS = 1e-6
 # GRN divides by (mean norm + 1e-6) (ConvNeXt-V2 models/utils.py).
 GRN_EPS = 1e-6
@@ -35,7 +36,7 @@ STAGE_STRIDES = tuple(STEM_PATCH * DOWNSAMPLE_KERNEL**i for i in range(NUM_STAGE
 
 
 def add_convnext_config(cfg: CfgNode) -> None:
-    """Add `MODEL.CONVNEXT` (the DI-MaskDINO fork's keys plus `USE_GRN`); keeps keys already set."""
+    """Add `MODEL.CONVNEXT` (the DI-MaskDINO fork's keys plus `USE_GRN` and `LN_EPS`); keeps keys already set."""
     defaults = {
         "DEPTHS": [3, 3, 9, 3],
         "DIMS": [96, 192, 384, 768],
@@ -43,6 +44,7 @@ def add_convnext_config(cfg: CfgNode) -> None:
         "LAYER_SCALE_INIT_VALUE": 1e-6,
         "OUT_FEATURES": ["res2", "res3", "res4", "res5"],
         "USE_GRN": False,
+        "LN_EPS": LAYER_NORM_EPS,
     }
     if "CONVNEXT" not in cfg.MODEL:
         cfg.MODEL.CONVNEXT = CfgNode()
@@ -86,10 +88,12 @@ def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
 class Block(nn.Module):
     """`x + drop_path(gamma * pwconv2(grn?(GELU(pwconv1(norm(dwconv(x)))))))`, norm and linears in NHWC."""
 
-    def __init__(self, dim: int, drop_path_rate: float, layer_scale_init_value: float, use_grn: bool) -> None:
+    def __init__(
+        self, dim: int, drop_path_rate: float, layer_scale_init_value: float, use_grn: bool, ln_eps: float = LAYER_NORM_EPS
+    ) -> None:
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, DWCONV_KERNEL, padding=DWCONV_KERNEL // 2, groups=dim)
-        self.norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.norm = nn.LayerNorm(dim, eps=ln_eps)
         self.pwconv1 = nn.Linear(dim, MLP_RATIO * dim)
         self.act = nn.GELU()
         self.grn = GRN(MLP_RATIO * dim) if use_grn else None
@@ -122,6 +126,7 @@ class ConvNeXtBackbone(Backbone):
         drop_path_rate: linearly increasing stochastic depth, as in the official code.
         layer_scale_init_value: V1 layer scale init (0 = no `gamma`).
         use_grn: ConvNeXt V2 blocks (GRN, no layer scale).
+        ln_eps: epsilon of every LayerNorm (1e-6 official; timm's XXLarge 1e-5).
     """
 
     def __init__(
@@ -133,6 +138,7 @@ class ConvNeXtBackbone(Backbone):
         layer_scale_init_value: float = 1e-6,
         use_grn: bool = False,
         in_chans: int = 3,
+        ln_eps: float = LAYER_NORM_EPS,
     ) -> None:
         super().__init__()
         if len(depths) != NUM_STAGES or len(dims) != NUM_STAGES:
@@ -143,10 +149,10 @@ class ConvNeXtBackbone(Backbone):
             raise ValueError(f"MODEL.CONVNEXT.OUT_FEATURES must be a non-empty subset of {known}, got {list(out_features)}")
         self.depths, self.dims = tuple(depths), tuple(dims)
         self.downsample_layers = nn.ModuleList(
-            [nn.Sequential(nn.Conv2d(in_chans, dims[0], STEM_PATCH, stride=STEM_PATCH), LayerNorm2d(dims[0], eps=LAYER_NORM_EPS))]
+            [nn.Sequential(nn.Conv2d(in_chans, dims[0], STEM_PATCH, stride=STEM_PATCH), LayerNorm2d(dims[0], eps=ln_eps))]
             + [
                 nn.Sequential(
-                    LayerNorm2d(dims[i - 1], eps=LAYER_NORM_EPS),
+                    LayerNorm2d(dims[i - 1], eps=ln_eps),
                     nn.Conv2d(dims[i - 1], dims[i], DOWNSAMPLE_KERNEL, stride=DOWNSAMPLE_KERNEL),
                 )
                 for i in range(1, NUM_STAGES)
@@ -157,12 +163,12 @@ class ConvNeXtBackbone(Backbone):
         for s, depth in enumerate(depths):
             first = sum(depths[:s])
             self.stages.append(
-                nn.Sequential(*[Block(dims[s], rates[first + b], layer_scale_init_value, use_grn) for b in range(depth)])
+                nn.Sequential(*[Block(dims[s], rates[first + b], layer_scale_init_value, use_grn, ln_eps) for b in range(depth)])
             )
         self._out_features = [f for f in known if f in out_features]
         self._out_indices = [int(f[3:]) - 2 for f in self._out_features]
         for i in self._out_indices:
-            self.add_module(f"norm{i}", LayerNorm2d(dims[i], eps=LAYER_NORM_EPS))
+            self.add_module(f"norm{i}", LayerNorm2d(dims[i], eps=ln_eps))
         self._out_feature_channels = {f"res{i + 2}": dims[i] for i in self._out_indices}
         self._out_feature_strides = {f"res{i + 2}": STAGE_STRIDES[i] for i in self._out_indices}
         self.apply(self._init_weights)
@@ -222,6 +228,7 @@ def build_convnext_d2_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> ConvNeXt
         layer_scale_init_value=c.LAYER_SCALE_INIT_VALUE,
         use_grn=c.get("USE_GRN", False),
         in_chans=input_shape.channels,
+        ln_eps=c.get("LN_EPS", LAYER_NORM_EPS),
     )
     return backbone.freeze(cfg.MODEL.BACKBONE.FREEZE_AT)
 

@@ -96,6 +96,8 @@ def _architecture_of(path: str) -> Dict[str, Any]:
         "DIMS": list(arch.dims),
         "USE_GRN": arch.version == 2,
         "LAYER_SCALE_INIT_VALUE": 1e-6 if arch.layer_scale else 0.0,
+        # Only timm's XXLarge (OpenCLIP) exists at that size, and it was trained with eps 1e-5.
+        "LN_EPS": 1e-5 if arch.variant == "convnext_xxlarge" else 1e-6,
     }
 
 

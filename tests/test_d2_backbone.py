@@ -39,7 +39,7 @@ FORK_NAME = "D2ConvNeXt"  # registered by the DI-MaskDINO fork and by OneFormer
 STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
 SMALL = Architecture(depths=(1, 2, 1, 1), dims=(8, 12, 16, 20))
 TINY = Architecture(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768))
-CONFIG_KEYS = {"DEPTHS", "DIMS", "DROP_PATH_RATE", "LAYER_SCALE_INIT_VALUE", "OUT_FEATURES", "USE_GRN"}
+CONFIG_KEYS = {"DEPTHS", "DIMS", "DROP_PATH_RATE", "LAYER_SCALE_INIT_VALUE", "OUT_FEATURES", "USE_GRN", "LN_EPS"}
 
 # The DI-MaskDINO fork's backbone YAML, verbatim (configs/.../maskdino_convnext_tiny.yaml).
 FORK_YAML = """\
@@ -131,14 +131,14 @@ def test_importing_the_package_imports_no_model_library(module: str) -> None:
 
 
 def test_add_convnext_config_adds_the_fork_keys_and_use_grn() -> None:
-    """MODEL.CONVNEXT gets exactly the fork's keys plus USE_GRN, with the official Tiny defaults."""
+    """MODEL.CONVNEXT gets exactly the fork's keys plus USE_GRN and LN_EPS, with the official Tiny defaults."""
     cfg = get_cfg()
     add_convnext_config(cfg)
     c = cfg.MODEL.CONVNEXT
     assert set(c) == CONFIG_KEYS
     assert (list(c.DEPTHS), list(c.DIMS)) == ([3, 3, 9, 3], [96, 192, 384, 768])
     assert list(c.OUT_FEATURES) == ["res2", "res3", "res4", "res5"]
-    assert c.LAYER_SCALE_INIT_VALUE == 1e-6 and c.USE_GRN is False
+    assert c.LAYER_SCALE_INIT_VALUE == 1e-6 and c.USE_GRN is False and c.LN_EPS == 1e-6
     assert isinstance(c.DROP_PATH_RATE, float), "an int default would refuse a YAML float on merge"
 
 

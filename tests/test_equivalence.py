@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from conversion import ConversionReport, convert
 from conversion.architecture import Architecture
+from conversion.target import fresh_output_norms
 from tests.strategies import architectures, official_state_dicts, seeds
 from tests.support import (
     assert_clean_load,
@@ -385,3 +386,28 @@ def test_tiny_matches_timm_on_cuda(tiny_original: ConvNeXt, tiny_backbone: torch
         assert (
             d2_err <= allowed
         ), f"stage {i} in {name}: D2 error {d2_err:.3e} vs timm's {timm_err:.3e} (allowed {allowed:.3e})"
+
+
+def test_ln_eps_key_matches_timms_xxlarge_norm_eps(tmp_path):
+    """timm builds convnext_xxlarge with LayerNorm eps 1e-5: with MODEL.CONVNEXT.LN_EPS = 1e-5 the backbone
+    equals it exactly, with the default 1e-6 it does not (so the key is what makes XXLarge weights exact)."""
+    from conversion.d2 import build_holder, config_for
+
+    arch = Architecture((1, 1, 2, 1), (16, 16, 32, 32), num_classes=3, classifier_norm=True)
+    official = random_canonical_state_dict(arch, seed=5)
+    torch.save({"model": official}, tmp_path / "src.pth")
+    convert(str(tmp_path / "src.pth"), str(tmp_path / "out.pth"))
+    timm_model = ConvNeXt(depths=arch.depths, dims=arch.dims, num_classes=3, norm_eps=1e-5)
+    timm_model.load_state_dict(checkpoint_filter_fn(official, timm_model), strict=True)
+    image = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 1e-2  # small activations: eps matters
+    with torch.no_grad():
+        reference = timm_model.eval().forward_intermediates(image, intermediates_only=True)
+    differences = {}
+    for eps in (1e-5, 1e-6):
+        holder = build_holder(config_for(None, DEPTHS=list(arch.depths), DIMS=list(arch.dims), LN_EPS=eps))
+        assert_clean_load(load_with_detectron2(holder, str(tmp_path / "out.pth")), fresh_output_norms(arch))
+        with torch.no_grad():
+            ours = holder.backbone.stage_outputs(image)
+        differences[eps] = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(ours, reference))
+    assert differences[1e-5] <= CPU_FP32_RTOL, differences
+    assert differences[1e-6] > 100 * CPU_FP32_RTOL, f"eps should matter at this input scale: {differences}"
