@@ -216,20 +216,24 @@ class ConvNeXtBackbone(Backbone):
         return self
 
 
-@BACKBONE_REGISTRY.register()
-def build_convnext_d2_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> ConvNeXtBackbone:
-    """Build the backbone from `MODEL.CONVNEXT` (see `add_convnext_config`)."""
+def backbone_kwargs(cfg: CfgNode) -> Dict[str, object]:
+    """`ConvNeXtBackbone` arguments from `MODEL.CONVNEXT` (also for other projects' subclasses)."""
     c = cfg.MODEL.CONVNEXT
-    backbone = ConvNeXtBackbone(
+    return dict(
         depths=c.DEPTHS,
         dims=c.DIMS,
         out_features=c.OUT_FEATURES,
         drop_path_rate=c.DROP_PATH_RATE,
         layer_scale_init_value=c.LAYER_SCALE_INIT_VALUE,
         use_grn=c.get("USE_GRN", False),
-        in_chans=input_shape.channels,
         ln_eps=c.get("LN_EPS", LAYER_NORM_EPS),
     )
+
+
+@BACKBONE_REGISTRY.register()
+def build_convnext_d2_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> ConvNeXtBackbone:
+    """Build the backbone from `MODEL.CONVNEXT` (see `add_convnext_config`)."""
+    backbone = ConvNeXtBackbone(in_chans=input_shape.channels, **backbone_kwargs(cfg))  # type: ignore[arg-type]
     return backbone.freeze(cfg.MODEL.BACKBONE.FREEZE_AT)
 
 

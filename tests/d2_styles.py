@@ -13,19 +13,7 @@ from detectron2.modeling import BACKBONE_REGISTRY
 from torch import nn
 
 from conversion.architecture import NUM_STAGES
-from conversion.d2 import LAYER_NORM_EPS, ConvNeXtBackbone, LayerNorm2d
-
-
-def _kwargs(cfg):
-    c = cfg.MODEL.CONVNEXT
-    return dict(
-        depths=c.DEPTHS,
-        dims=c.DIMS,
-        out_features=c.OUT_FEATURES,
-        drop_path_rate=c.DROP_PATH_RATE,
-        layer_scale_init_value=c.LAYER_SCALE_INIT_VALUE,
-        use_grn=c.get("USE_GRN", False),
-    )
+from conversion.d2 import LAYER_NORM_EPS, ConvNeXtBackbone, LayerNorm2d, backbone_kwargs
 
 
 @BACKBONE_REGISTRY.register()
@@ -33,13 +21,13 @@ class D2ConvNeXt(ConvNeXtBackbone):
     """The fork registers the class itself under this name, with the (cfg, input_shape) signature."""
 
     def __init__(self, cfg, input_shape):
-        super().__init__(**_kwargs(cfg))
+        super().__init__(**backbone_kwargs(cfg))
 
 
 @BACKBONE_REGISTRY.register()
 class OneFormerStyleConvNeXt(ConvNeXtBackbone):
     def __init__(self, cfg, input_shape):
-        super().__init__(**_kwargs(cfg))
+        super().__init__(**backbone_kwargs(cfg))
         for i in range(NUM_STAGES):
             if not hasattr(self, f"norm{i}"):
                 self.add_module(f"norm{i}", LayerNorm2d(self.dims[i], eps=LAYER_NORM_EPS))
@@ -48,6 +36,6 @@ class OneFormerStyleConvNeXt(ConvNeXtBackbone):
 @BACKBONE_REGISTRY.register()
 class NoNormConvNeXt(ConvNeXtBackbone):
     def __init__(self, cfg, input_shape):
-        super().__init__(**_kwargs(cfg))
+        super().__init__(**backbone_kwargs(cfg))
         for i in self._out_indices:
             setattr(self, f"norm{i}", nn.Identity())
