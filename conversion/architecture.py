@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .errors import NotConvNeXt
 
@@ -139,11 +139,14 @@ _BLOCK_KEY = re.compile(r"^stages\.(\d+)\.(\d+)\.")
 _OUTPUT_NORM_KEY = re.compile(r"^norm(\d)\.(weight|bias)$")
 
 
-def infer_architecture(shapes: Mapping[str, Sequence[int]]) -> Architecture:
+def infer_architecture(shapes: Mapping[str, Sequence[int]], source_names: Optional[Mapping[str, str]] = None) -> Architecture:
     """Read depths, dims and version off canonical names and shapes, then check every tensor.
 
+    `source_names` (canonical -> the file's name) only makes messages name the file's keys.
+
     Raises:
-        NotConvNeXt: naming every missing, unexpected or wrongly shaped tensor, sorted.
+        NotConvNeXt: a variant the backbone cannot represent (what was found, timm's name for it),
+            or naming every missing, unexpected or wrongly shaped tensor, sorted.
     """
     stem = shapes.get("downsample_layers.0.0.weight")
     if stem is None or len(stem) != 4:
@@ -182,8 +185,91 @@ def infer_architecture(shapes: Mapping[str, Sequence[int]]) -> Architecture:
         classifier_norm="norm.weight" in shapes or "norm.bias" in shapes,
         output_norms=output_norms,
     )
+    refuse_unrepresentable(shapes, arch, source_names or {})
     check_shapes(shapes, arch)
     return arch
+
+
+# ---------------------------------------------------------------- variants the backbone cannot hold
+# timm builds ConvNeXts the official block cannot express: RMSNorm instead of LayerNorm
+# (`convnext_*_rms`), an overlapping 3x3-conv stem (`*_ols`, stem_type='overlap'), other depthwise
+# kernels (`kernel_sizes`), convolutions without bias (`conv_bias=False`) and other patch sizes
+# (`patch_size`).  Their weights are intact, so "damaged" would be a lie: they are named for what
+# they are, with timm's name, and refused (no renaming or reshaping turns one into the other).
+
+# timm sizes with no official release, used only to name a refused variant (`convnext_zepto_rms`).
+_TIMM_ONLY_SIZES: Dict[str, Tuple[Tuple[int, ...], Tuple[int, ...]]] = {
+    "convnext_zepto": ((2, 2, 4, 2), (32, 64, 128, 256)),
+}
+
+
+def _size_name(arch: Architecture) -> Optional[str]:
+    if arch.variant is not None:
+        return arch.variant
+    for name, (depths, dims) in _TIMM_ONLY_SIZES.items():
+        if (arch.depths, arch.dims, arch.version) == (depths, dims, 1):
+            return name
+    return None
+
+
+def _nearest_released(arch: Architecture) -> str:
+    """The released variant of the same version closest in depths and widths (the one to pick instead)."""
+    def distance(item: Tuple[str, Tuple[Tuple[int, ...], Tuple[int, ...]]]) -> Tuple[int, str]:
+        depths, dims = item[1]
+        return sum(abs(a - b) for a, b in zip(depths + dims, arch.depths + arch.dims)), item[0]
+
+    return min(RELEASED_VARIANTS[arch.version].items(), key=distance)[0]
+
+
+def _findings(shapes: Mapping[str, Sequence[int]], arch: Architecture, named: Callable[[str], str]) -> List[Tuple[str, str]]:
+    """(what was found, how timm spells it) for each departure from the official block."""
+    found: List[Tuple[str, str]] = []
+    stem = tuple(shapes["downsample_layers.0.0.weight"])
+    stem_convs = sorted(k for k, v in shapes.items() if re.match(r"^downsample_layers\.0\.[1-9]\.weight$", k) and len(v) == 4)
+    overlap = bool(stem_convs) or any(re.match(r"^downsample_layers\.0\.[2-9]\.", k) for k in shapes)
+    patch_downsample = sorted(k for k in shapes if k.startswith("patch_downsample."))
+    block_norms = [k for k in shapes if re.match(r"^stages\.\d+\.\d+\.norm\.weight$", k)]
+    if block_norms and not any(k[: -len("weight")] + "bias" in shapes for k in block_norms):
+        found.append((f"RMSNorm (norm weights without bias, e.g. '{named(sorted(block_norms)[0])}')", "_rms"))
+    if overlap:
+        then = f", then '{named(stem_convs[0])}' {list(shapes[stem_convs[0]])}" if stem_convs else ""
+        found.append((f"an overlapping convolution stem ('{named('downsample_layers.0.0.weight')}' {list(stem)}{then})", "_ols"))
+    elif stem[2:] != (STEM_PATCH, STEM_PATCH) or patch_downsample:
+        extra = f", with a downsample before stage 0 ('{named(patch_downsample[-1])}')" if patch_downsample else ""
+        found.append((f"a {stem[2]}x{stem[3]} patch stem ('{named('downsample_layers.0.0.weight')}' {list(stem)}{extra}; "
+                      f"the backbone's is {STEM_PATCH}x{STEM_PATCH})", f" built with patch_size={stem[2]}"))
+    kernels = sorted({tuple(v[2:]) for k, v in shapes.items() if k.endswith(".dwconv.weight") and len(v) == 4})
+    odd = [k for k in kernels if k != (DWCONV_KERNEL, DWCONV_KERNEL)]
+    if odd:
+        first = next(k for k in sorted(shapes) if k.endswith(".dwconv.weight") and tuple(shapes[k][2:]) == odd[0])
+        found.append((f"a {odd[0][0]}x{odd[0][1]} depthwise kernel ('{named(first)}' {list(shapes[first])}; the backbone's is "
+                      f"{DWCONV_KERNEL}x{DWCONV_KERNEL})", f" built with kernel_sizes={odd[0][0]}"))
+    dwconvs = [k for k in shapes if k.endswith(".dwconv.weight")]
+    if dwconvs and not any(k[: -len("weight")] + "bias" in shapes for k in dwconvs) and "downsample_layers.0.0.bias" not in shapes:
+        found.append((f"convolutions without bias ('{named('downsample_layers.0.0.weight')}' and "
+                      f"'{named(sorted(dwconvs)[0])}' have no bias)", " built with conv_bias=False"))
+    return found
+
+
+def refuse_unrepresentable(shapes: Mapping[str, Sequence[int]], arch: Architecture, source_names: Mapping[str, str]) -> None:
+    """Raise NotConvNeXt naming a variant the backbone cannot represent, timm's name for it, and what to do."""
+    found = _findings(shapes, arch, lambda k: source_names.get(k, k))
+    if not found:
+        return
+    size = _size_name(arch)
+    suffixes = "".join(s for _, s in found if s.startswith("_"))
+    options = [s for _, s in found if not s.startswith("_")]
+    if size is None:
+        spelled = f"a custom timm ConvNeXt (depths {list(arch.depths)}, dims {list(arch.dims)})" + "".join(options)
+    else:
+        spelled = f"timm's {size}{suffixes}" + ("," if options else "") + " and".join(options)
+    standard = _nearest_released(arch)
+    raise NotConvNeXt(
+        f"a ConvNeXt variant the Detectron2 backbone cannot represent: {'; '.join(what for what, _ in found)} "
+        f"-- {spelled}.",
+        f"No conversion makes it fit (the backbone has LayerNorm with bias, a {STEM_PATCH}x{STEM_PATCH} patch stem, "
+        f"{DWCONV_KERNEL}x{DWCONV_KERNEL} depthwise kernels and biased convolutions): use a standard variant such as {standard}.",
+    )
 
 
 def check_shapes(shapes: Mapping[str, Sequence[int]], arch: Architecture) -> None:

@@ -236,6 +236,9 @@ OFFICIAL = Layout(
 
 _TIMM_ROWS = (
     ("stem.{j}.{p}", "downsample_layers.0.{j}.{p}"),
+    # patch_size != 4 gives stage 0 a downsample; no official name holds it, so it is named for
+    # what it is and the architecture check refuses it as the variant it is.
+    ("stages.0.downsample.{j}.{p}", "patch_downsample.{j}.{p}"),
     ("stages.{i}.downsample.{j}.{p}", "downsample_layers.{i}.{j}.{p}"),
     ("stages.{s}.blocks.{b}.conv_dw.{p}", "stages.{s}.{b}.dwconv.{p}"),
     ("stages.{s}.blocks.{b}.norm.{p}", "stages.{s}.{b}.norm.{p}"),
@@ -269,7 +272,7 @@ def _features_only(text: str) -> str:
 TIMM_FEATURES = Layout(
     name="timm-features",
     markers=("stages_0.blocks.0.conv_dw.weight",),
-    pairs=_pairs(*[(_features_only(r[0]),) + tuple(r[1:]) for r in _TIMM_ROWS[:9]]),
+    pairs=_pairs(*[(_features_only(r[0]),) + tuple(r[1:]) for r in _TIMM_ROWS[:10]]),
     describe="timm features_only models (stem_0, stages_0, ...)",
 )
 
@@ -279,8 +282,9 @@ OPEN_CLIP = Layout(
     pairs=TIMM.pairs,
     drops=_TIMM_DROPS,
     drop_outside_prefix="OpenCLIP tensors outside the image trunk (projection head, text tower)",
-    prefixes=("visual.trunk.",),
-    describe="OpenCLIP ConvNeXt towers (timm trunk under visual.trunk.)",
+    # `visual.trunk.`: a whole CLIP model; `trunk.`: the image tower saved alone (`model.visual.state_dict()`).
+    prefixes=("visual.trunk.", "trunk."),
+    describe="OpenCLIP ConvNeXt towers (timm trunk under visual.trunk. or trunk.)",
 )
 
 HUGGINGFACE = Layout(
@@ -351,16 +355,54 @@ MMPRETRAIN = Layout(
     post=_mmpretrain_final_norm,
 )
 
+# DINOv3's final norm.  The original code builds `norm` and aliases it as `norms[3]` (identities for
+# stages 0-2); its dense outputs (`get_intermediate_layers`, the patch tokens of `forward_features`)
+# are the last stage's map normalised per position by it, and transformers' DINOv3ConvNextModel applies
+# its `layer_norm` to every patch token (and to the pooled token) the same way.  A per-position
+# LayerNorm on the res5 map is exactly what the backbone's output norm `norm3` computes, so the final
+# norm becomes the trained `norm3` (not a classifier norm to drop): res5 then equals DINOv3's own dense
+# features, and only norm0..2 are fresh.
+_DINOV3_FINAL_NORM = "norm3.{p}"
+
 DINOV3 = Layout(
     name="dinov3",
     markers=OFFICIAL.markers + ("norms.3.weight",),
-    pairs=_OFFICIAL_PAIRS,
+    pairs=_pairs(
+        *[(pair.source.text, pair.canonical.text) for pair in _OFFICIAL_PAIRS if pair.source.text.startswith(("downsample", "stages"))],
+        ("norm.{p}", _DINOV3_FINAL_NORM),
+        ("head.{p}", "head.{p}"),
+    ),
     drops=((Template("norms.{i}.{p}"), "DINOv3 alias of norm (the same tensor)"),),
-    describe="DINOv3 ConvNeXt (official names plus the norms.3 alias of norm)",
+    describe="DINOv3 ConvNeXt, original repository (official names plus the norms.3 alias of norm -> norm3)",
+)
+
+DINOV3_HF = Layout(
+    name="dinov3-hf",
+    markers=("stages.0.layers.0.depthwise_conv.weight",),
+    pairs=_pairs(
+        # Stage 0's downsample_layers are the stem (conv, norm); later stages' are (norm, conv), as official.
+        ("stages.{i}.downsample_layers.{j}.{p}", "downsample_layers.{i}.{j}.{p}"),
+        ("stages.{s}.layers.{b}.gamma", "stages.{s}.{b}.gamma"),
+        ("stages.{s}.layers.{b}.depthwise_conv.{p}", "stages.{s}.{b}.dwconv.{p}"),
+        ("stages.{s}.layers.{b}.layer_norm.{p}", "stages.{s}.{b}.norm.{p}"),
+        ("stages.{s}.layers.{b}.pointwise_conv1.{p}", "stages.{s}.{b}.pwconv1.{p}"),
+        ("stages.{s}.layers.{b}.pointwise_conv2.{p}", "stages.{s}.{b}.pwconv2.{p}"),
+        # DINOv3ConvNextModel keeps `layer_norm` beside its `model.` encoder (outside the prefix).
+        ("layer_norm.{p}", _DINOV3_FINAL_NORM, None, True),
+    ),
+    describe="DINOv3 ConvNeXt as transformers writes it (DINOv3ConvNextModel / Backbone, with or without model.)",
 )
 
 LAYOUTS: Dict[str, Layout] = {
-    layout.name: layout for layout in (OFFICIAL, TIMM, TIMM_FEATURES, OPEN_CLIP, HUGGINGFACE, TORCHVISION, MMPRETRAIN, DINOV3)
+    layout.name: layout
+    for layout in (OFFICIAL, TIMM, TIMM_FEATURES, OPEN_CLIP, HUGGINGFACE, TORCHVISION, MMPRETRAIN, DINOV3, DINOV3_HF)
+}
+
+# `--from NAME` also accepts the layouts a user would file under NAME: transformers' DINOv3 is both
+# a Hugging Face file and a DINOv3 file.
+FORCED_FAMILIES: Dict[str, Tuple[str, ...]] = {
+    "huggingface": ("huggingface", "dinov3-hf"),
+    "dinov3": ("dinov3", "dinov3-hf"),
 }
 
 # ---------------------------------------------------------------- recognition and mapping
@@ -376,6 +418,8 @@ class Canonical:
     source_names: Dict[str, str]  # canonical name -> name in the source dict
     dropped: Dict[str, str] = field(default_factory=dict)  # source name -> why it was left out
     reshaped: Dict[str, str] = field(default_factory=dict)  # canonical name -> shape fix applied
+    # A detector's or segmenter's other parts (neck, heads), by top-level prefix -> tensor count.
+    left_out: Dict[str, int] = field(default_factory=dict)
 
 
 def classifier_names(canonical: "Canonical") -> List[str]:
@@ -427,7 +471,19 @@ def _claims(layout: Layout, keys: Sequence[str]) -> List[str]:
     return sorted(p for p in prefixes if all(p + m in keyset for m in layout.markers))
 
 
+# Backbones a detection checkpoint may hold instead of a ConvNeXt: ResNet-style bottleneck names as
+# torchvision / mmdet (`layer1.0.conv1`) and Detectron2 (`res2.0.conv1`, `bottom_up.res2...`) write them.
+_RESNET_KEY = re.compile(r"^(.*\.)?(layer[1-4]|res[2-5])\.0\.conv1\.(weight|norm\.weight)$")
+
+
 def _refuse_known_non_targets(keys: Sequence[str]) -> None:
+    resnet = sorted(k for k in keys if _RESNET_KEY.match(k))
+    if resnet and not any(k.endswith(m) for k in keys for layout in LAYOUTS.values() for m in layout.markers[:1]):
+        raise NotConvNeXt(
+            f"the weights are a ResNet, not a ConvNeXt ({len(keys)} keys, ResNet blocks such as '{resnet[0]}'): "
+            "no layout of this tool converts it.",
+            "Convert a checkpoint whose backbone is a ConvNeXt; a ResNet loads into Detectron2's own ResNet backbone.",
+        )
     kernels = sorted(k for k in keys if k.endswith(".kernel"))
     if kernels:
         raise NotConvNeXt(
@@ -451,16 +507,20 @@ def recognise(keys: Sequence[str], forced: Optional[str] = None) -> Tuple[Layout
             message names the markers looked for and a sample of the keys.
     """
     if forced is not None:
-        layout = LAYOUTS[forced]
-        prefixes = _claims(layout, keys)
-        if len(prefixes) != 1:
+        family = FORCED_FAMILIES.get(forced, (forced,))
+        claimed = [(LAYOUTS[name], p) for name in family for p in _claims(LAYOUTS[name], keys)]
+        if claimed:
+            best = max(layout.specificity for layout, _ in claimed)
+            claimed = [(layout, p) for layout, p in claimed if layout.specificity == best]
+        if len(claimed) != 1:
+            markers = " or ".join(f"'{LAYOUTS[name].markers[0]}'" for name in family)
+            where = "under several prefixes: " + ", ".join(p for _, p in claimed) if claimed else "anywhere"
             raise NotConvNeXt(
-                f"--from {forced}: the keys do not carry its marker '{layout.markers[0]}' "
-                f"({'under several prefixes: ' + ', '.join(prefixes) if prefixes else 'anywhere'}); "
+                f"--from {forced}: the keys do not carry its marker {markers} ({where}); "
                 f"keys such as {', '.join(sorted(keys)[:4])}.",
                 "Drop --from to let the layout be recognised.",
             )
-        return layout, prefixes[0]
+        return claimed[0]
     _refuse_known_non_targets(keys)
     found = [(layout, p) for layout in LAYOUTS.values() for p in _claims(layout, keys)]
     if found:
@@ -477,6 +537,34 @@ def recognise(keys: Sequence[str], forced: Optional[str] = None) -> Tuple[Layout
         )
     names = ", ".join(f"{layout.name} (prefix '{prefix}')" for layout, prefix in found)
     raise NotConvNeXt(f"the keys match several layouts equally: {names}.", "Say which with --from LAYOUT.")
+
+
+DETECTOR_BACKBONE = "backbone."
+
+
+def detector_outer_prefix(prefix: str) -> Optional[str]:
+    """What wraps a detector's parts when the ConvNeXt sits at `backbone.` ('' for mmdet, mmseg and
+    Detectron2 models), or None when the weights are not a detector's backbone.
+
+    Detection and segmentation checkpoints (mmdet Mask R-CNN / Cascade, mmseg UperNet, Detectron2's
+    `model_final.pth`) keep the ConvNeXt under `backbone.` beside `neck.`, `rpn_head.`, `roi_head.`,
+    `decode_head.`, `auxiliary_head.`, `sem_seg_head.` and the like: the backbone is what converts,
+    the rest is left out and counted by part.
+    """
+    if prefix == DETECTOR_BACKBONE or prefix.endswith("." + DETECTOR_BACKBONE):
+        return prefix[: -len(DETECTOR_BACKBONE)]
+    return None
+
+
+def _is_convnext_name(key: str) -> bool:
+    """A name some layout gives a ConvNeXt tensor: outside a detector's backbone it means two dicts were mixed."""
+    return any(layout.rename(key) is not None for layout in LAYOUTS.values())
+
+
+def _top_level_part(key: str) -> str:
+    """`neck.fpn_convs.0.conv.bias` -> `neck.`; a top-level tensor (`pixel_mean`) is its own part."""
+    head, dot, _ = key.partition(".")
+    return head + dot
 
 
 def to_canonical(state_dict: Mapping[str, Any], forced: Optional[str] = None) -> Canonical:
@@ -497,6 +585,8 @@ def to_canonical(state_dict: Mapping[str, Any], forced: Optional[str] = None) ->
     reshaped: Dict[str, str] = {}
     unclaimed: List[str] = []
     collisions: List[str] = []
+    left_out: Dict[str, int] = {}
+    detector = detector_outer_prefix(prefix)
     # Keys a layout writes outside its own prefix (HF `classifier`, mmpretrain `head.fc`) sit under
     # whatever wraps the whole model: `model.convnext.` -> `model.classifier`.  Outer wrappers first.
     outers = [prefix[: i + 1] for i in range(len(prefix) - 1, -1, -1) if prefix[i] == "."][1:] + [""]
@@ -512,6 +602,9 @@ def to_canonical(state_dict: Mapping[str, Any], forced: Optional[str] = None) ->
             reason = layout.drop_reason(key[len(prefix):]) if inside else layout.drop_outside_prefix
             if reason:
                 dropped[key] = reason
+            elif not inside and detector is not None and key.startswith(detector) and not _is_convnext_name(key[len(detector):]):
+                part = _top_level_part(key[len(detector):])
+                left_out[part] = left_out.get(part, 0) + 1
             else:
                 unclaimed.append(key)
             continue
@@ -538,7 +631,7 @@ def to_canonical(state_dict: Mapping[str, Any], forced: Optional[str] = None) ->
         )
     if layout.post is not None:
         layout.post(out, names)
-    return Canonical(out, layout.name, prefix, names, dropped, reshaped)
+    return Canonical(out, layout.name, prefix, names, dropped, reshaped, dict(sorted(left_out.items())))
 
 
 def from_canonical(

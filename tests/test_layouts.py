@@ -60,6 +60,7 @@ CLASSIFIER = "classifier"  # pooled `norm` + `head` (num_classes K)
 POOLED_NORM = "pooled-norm"  # pooled `norm` only (timm num_classes=0, HF ConvNextModel, DINOv3)
 NO_HEAD = "none"  # the trunk alone
 OUTPUT_NORMS = "output-norms"  # detection output norms norm0..3 (official detection, HF Backbone, mmdet)
+FINAL_NORM = "final-norm"  # DINOv3's final norm, a per-position norm of the last map: output norm 3 only
 HEADS = (CLASSIFIER, POOLED_NORM, NO_HEAD, OUTPUT_NORMS)
 
 
@@ -117,7 +118,7 @@ _SPECS = (
         V1_V2,
         layer_scale_optional=True,
         heads=(POOLED_NORM, CLASSIFIER),
-        prefixes=_both("visual.trunk."),
+        prefixes=_both("visual.trunk.", "trunk."),
         conv_mlp=True,
         unnamed=(OUTPUT_NORMS,),
     ),
@@ -146,8 +147,25 @@ _SPECS = (
         heads=(CLASSIFIER, NO_HEAD, OUTPUT_NORMS),
         prefixes=_both("backbone."),
     ),
-    # DINOv3: the pooled `norm` (and its `norms.3` alias), no head (LAYOUTS.md; conversion/layouts.py).
-    LayoutSpec("dinov3", V1_ONLY, layer_scale_optional=False, heads=(POOLED_NORM,), prefixes={1: ("",)}),
+    # DINOv3 (original repository): `norm` (and its `norms.3` alias), read as output norm 3; no head.
+    LayoutSpec(
+        "dinov3",
+        V1_ONLY,
+        layer_scale_optional=False,
+        heads=(FINAL_NORM,),
+        prefixes={1: ("",)},
+        unnamed=(POOLED_NORM, OUTPUT_NORMS),
+    ),
+    # transformers' DINOv3ConvNextModel (`layer_norm`, read as output norm 3) and Backbone (no norm),
+    # with or without the `model.` prefix of the encoder.
+    LayoutSpec(
+        "dinov3-hf",
+        V1_ONLY,
+        layer_scale_optional=False,
+        heads=(FINAL_NORM, NO_HEAD),
+        prefixes={1: ("", "model.")},
+        unnamed=(CLASSIFIER, POOLED_NORM, OUTPUT_NORMS, "v2"),
+    ),
 )
 SPECS: Dict[str, LayoutSpec] = {spec.name: spec for spec in _SPECS}
 
@@ -155,7 +173,7 @@ SPECS: Dict[str, LayoutSpec] = {spec.name: spec for spec in _SPECS}
 # OpenCLIP trunk *is* a timm model under `visual.trunk.`, so `--from timm` finds the timm marker
 # under that prefix and reads it identically -- unless tower tensors outside the prefix exist
 # (only open_clip drops those).  Every other forced layout must refuse.
-SHARED_NAMES = {("open_clip", "timm")}
+SHARED_NAMES = {("open_clip", "timm"), ("dinov3-hf", "huggingface"), ("dinov3-hf", "dinov3")}
 
 # Tensors OpenCLIP keeps outside the image trunk (a fake text tower and the projection head).
 OPEN_CLIP_EXTRAS = ("token_embedding.weight", "positional_embedding", "logit_scale", "visual.head.proj.weight")
@@ -166,12 +184,15 @@ def _with_head(arch: Architecture, head: str, num_classes: int) -> Architecture:
         arch,
         num_classes=num_classes if head == CLASSIFIER else None,
         classifier_norm=head in (CLASSIFIER, POOLED_NORM),
-        output_norms=(0, 1, 2, 3) if head == OUTPUT_NORMS else (),
+        output_norms=(0, 1, 2, 3) if head == OUTPUT_NORMS else (3,) if head == FINAL_NORM else (),
     )
 
 
-def open_clip_extras(arch: Architecture, dtype: torch.dtype = torch.float32) -> Dict[str, torch.Tensor]:
+def open_clip_extras(arch: Architecture, dtype: torch.dtype = torch.float32, prefix: str = "visual.trunk.") -> Dict[str, torch.Tensor]:
+    """A tower saved alone (`trunk.`) carries only its projection; a whole CLIP model a text tower too."""
     g = torch.Generator().manual_seed(0)
+    if prefix == "trunk.":
+        return {"head.proj.weight": torch.randn(6, arch.dims[-1], generator=g).to(dtype)}
     return {
         "token_embedding.weight": torch.randn(11, 6, generator=g).to(dtype),
         "positional_embedding": torch.randn(5, 6, generator=g).to(dtype),
@@ -226,7 +247,7 @@ def build_case(
 ) -> LayoutCase:
     canonical = canonical if canonical is not None else random_state_dict(arch, seed=seed, dtype=dtype)
     source = from_canonical(canonical, spec.name, prefix, conv_mlp=conv_mlp)
-    extra = open_clip_extras(arch, dtype) if extras else {}
+    extra = open_clip_extras(arch, dtype, prefix) if extras else {}
     source.update(extra)
     return LayoutCase(spec, arch, head, prefix, conv_mlp, canonical, source, tuple(extra))
 
@@ -589,7 +610,9 @@ ROUNDTRIPS = (
     Trip("mmpretrain", 1, CLASSIFIER, "backbone.", container="state_dict"),
     Trip("mmpretrain", 2, CLASSIFIER, "backbone.", container="state_dict"),
     Trip("mmpretrain", 1, OUTPUT_NORMS, "backbone.", container="state_dict"),
-    Trip("dinov3", 1, POOLED_NORM, ""),
+    Trip("dinov3", 1, FINAL_NORM, ""),
+    Trip("dinov3-hf", 1, FINAL_NORM, "model."),
+    Trip("dinov3-hf", 1, NO_HEAD, "model."),
 )
 ROUNDTRIP_ARCH = Architecture((1, 2, 1, 1), (8, 16, 8, 16))
 D2_PREFIX = "backbone."
@@ -628,7 +651,8 @@ def test_roundtrip_every_layout(tmp_path, trip: Trip, ext: str):
     report = _roundtrip(str(tmp_path), case, ext, trip.container)
     assert (report.layout, report.source_prefix, report.version) == (trip.layout, trip.prefix, trip.version)
     all_norms = [f"{D2_PREFIX}norm{i}.{p}" for i in range(4) for p in ("weight", "bias")]
-    assert sorted(report.fresh) == ([] if trip.head == OUTPUT_NORMS else sorted(all_norms))
+    kept_norms = {OUTPUT_NORMS: all_norms, FINAL_NORM: [f"{D2_PREFIX}norm3.weight", f"{D2_PREFIX}norm3.bias"]}
+    assert sorted(report.fresh) == sorted(set(all_norms) - set(kept_norms.get(trip.head, [])))
     accounted = report.kept + len(report.dropped)
     assert accounted == len(case.source), "every source tensor is either kept or reported dropped"
     assert set(case.extras) <= set(report.dropped)
@@ -750,7 +774,7 @@ def test_timm_resnet_is_not_a_convnext(tmp_path, capsys):
     resnet = timm.create_model("resnet18", pretrained=False).state_dict()
     status, err = _cli_convert(tmp_path, resnet, capsys=capsys)
     assert status == EXIT_USAGE
-    assert "not a ConvNeXt checkpoint this tool knows" in err and f"{len(resnet)} keys such as bn1." in err, err
+    assert f"the weights are a ResNet, not a ConvNeXt ({len(resnet)} keys, ResNet blocks such as 'layer1.0.conv1.weight')" in err, err
 
 
 @pytest.mark.parametrize("layout", ["official", "timm"])
