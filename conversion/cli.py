@@ -96,6 +96,9 @@ def format_report(r: ConversionReport) -> str:
             reasons.setdefault(r.drop_reasons.get(key, "left out"), []).append(key)
         for reason, keys in reasons.items():
             lines.append(f"  dropped    {len(keys)} tensors, {reason}: {_summarise_names(keys)}")
+    if r.left_out:
+        parts = ", ".join(f"{part} x{count}" for part, count in r.left_out.items())
+        lines.append(f"  left out   {sum(r.left_out.values())} tensors of the detector around the backbone: {parts}")
     if r.renamed:
         lines.append(f"  renamed    {len(r.renamed)} tensors from {r.layout} names to official names")
     fixes = sorted(set(r.reshaped.values()))

@@ -69,7 +69,7 @@ def inspect_checkpoint(path: str, *, layout: Optional[str] = None) -> InspectRep
     loaded, fmt, bytes_read = _read(path)
     state_dict, container = select_state_dict(loaded)
     canonical = to_canonical(state_dict, forced=layout)
-    arch = infer_architecture({k: tuple(v.shape) for k, v in canonical.state_dict.items()})
+    arch = infer_architecture({k: tuple(v.shape) for k, v in canonical.state_dict.items()}, canonical.source_names)
     dtypes: Dict[str, int] = {}
     for tensor in canonical.state_dict.values():
         name = str(tensor.dtype).replace("torch.", "")
