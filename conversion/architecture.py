@@ -139,10 +139,14 @@ _BLOCK_KEY = re.compile(r"^stages\.(\d+)\.(\d+)\.")
 _OUTPUT_NORM_KEY = re.compile(r"^norm(\d)\.(weight|bias)$")
 
 
-def infer_architecture(shapes: Mapping[str, Sequence[int]], source_names: Optional[Mapping[str, str]] = None) -> Architecture:
+NameOf = Callable[[str], str]
+
+
+def infer_architecture(shapes: Mapping[str, Sequence[int]], name_of: Optional[NameOf] = None) -> Architecture:
     """Read depths, dims and version off canonical names and shapes, then check every tensor.
 
-    `source_names` (canonical -> the file's name) only makes messages name the file's keys.
+    `name_of` (canonical name -> the file's name for it, present or not) only makes messages name
+    the file's own keys; without it they use canonical names.
 
     Raises:
         NotConvNeXt: a variant the backbone cannot represent (what was found, timm's name for it),
@@ -155,12 +159,13 @@ def infer_architecture(shapes: Mapping[str, Sequence[int]], source_names: Option
             "(a 4-d [C, 3, 4, 4] tensor).",
             "Pass a ConvNeXt checkpoint; see `python -m conversion inspect` for what a file holds.",
         )
-    depths: List[int] = []
-    for s in range(NUM_STAGES):
-        b = 0
-        while f"stages.{s}.{b}.dwconv.weight" in shapes:
-            b += 1
-        depths.append(b)
+    # A stage is as deep as its last block: a block missing before it is then named as missing
+    # (a missing last block cannot be told from a shallower model).
+    depths = [0] * NUM_STAGES
+    for key in shapes:
+        m = _BLOCK_KEY.match(key)
+        if m and int(m.group(1)) < NUM_STAGES:
+            depths[int(m.group(1))] = max(depths[int(m.group(1))], int(m.group(2)) + 1)
     missing_stages = [s for s, n in enumerate(depths) if n == 0]
     if missing_stages:
         raise NotConvNeXt(
@@ -168,7 +173,7 @@ def infer_architecture(shapes: Mapping[str, Sequence[int]], source_names: Option
             f"('stages.S.0.dwconv.weight' missing); a ConvNeXt has {NUM_STAGES} stages.",
             "The file is incomplete or not a hierarchical ConvNeXt; convert the full checkpoint.",
         )
-    dims = tuple(int(shapes[f"stages.{s}.0.dwconv.weight"][0]) for s in range(NUM_STAGES))
+    dims = tuple(_stage_width(shapes, s, depths[s]) for s in range(NUM_STAGES))
     version = 2 if any(k.endswith(".grn.gamma") for k in shapes) else 1
     layer_scale = any(k.endswith(".gamma") and ".grn." not in k for k in shapes)
     head = shapes.get("head.weight")
@@ -185,9 +190,20 @@ def infer_architecture(shapes: Mapping[str, Sequence[int]], source_names: Option
         classifier_norm="norm.weight" in shapes or "norm.bias" in shapes,
         output_norms=output_norms,
     )
-    refuse_unrepresentable(shapes, arch, source_names or {})
-    check_shapes(shapes, arch)
+    name_of = name_of or (lambda key: key)
+    refuse_unrepresentable(shapes, arch, name_of)
+    check_shapes(shapes, arch, name_of)
     return arch
+
+
+def _stage_width(shapes: Mapping[str, Sequence[int]], stage: int, depth: int) -> int:
+    """Channels of a stage: its blocks' depthwise kernels, else their norms (a block may be missing)."""
+    for b in range(depth):
+        for leaf, dim in (("dwconv.weight", 0), ("norm.weight", 0), ("pwconv2.weight", 0)):
+            shape = shapes.get(f"stages.{stage}.{b}.{leaf}")
+            if shape:
+                return int(shape[dim])
+    return 0
 
 
 # ---------------------------------------------------------------- variants the backbone cannot hold
@@ -221,7 +237,7 @@ def _nearest_released(arch: Architecture) -> str:
     return min(RELEASED_VARIANTS[arch.version].items(), key=distance)[0]
 
 
-def _findings(shapes: Mapping[str, Sequence[int]], arch: Architecture, named: Callable[[str], str]) -> List[Tuple[str, str]]:
+def _findings(shapes: Mapping[str, Sequence[int]], arch: Architecture, named: NameOf) -> List[Tuple[str, str]]:
     """(what was found, how timm spells it) for each departure from the official block."""
     found: List[Tuple[str, str]] = []
     stem = tuple(shapes["downsample_layers.0.0.weight"])
@@ -251,9 +267,9 @@ def _findings(shapes: Mapping[str, Sequence[int]], arch: Architecture, named: Ca
     return found
 
 
-def refuse_unrepresentable(shapes: Mapping[str, Sequence[int]], arch: Architecture, source_names: Mapping[str, str]) -> None:
+def refuse_unrepresentable(shapes: Mapping[str, Sequence[int]], arch: Architecture, name_of: NameOf) -> None:
     """Raise NotConvNeXt naming a variant the backbone cannot represent, timm's name for it, and what to do."""
-    found = _findings(shapes, arch, lambda k: source_names.get(k, k))
+    found = _findings(shapes, arch, name_of)
     if not found:
         return
     size = _size_name(arch)
@@ -272,19 +288,25 @@ def refuse_unrepresentable(shapes: Mapping[str, Sequence[int]], arch: Architectu
     )
 
 
-def check_shapes(shapes: Mapping[str, Sequence[int]], arch: Architecture) -> None:
+# Problems named in one message before "and N more" (a block is 9 to 11 tensors).
+_SHOWN_PROBLEMS = 12
+
+
+def check_shapes(shapes: Mapping[str, Sequence[int]], arch: Architecture, name_of: Optional[NameOf] = None) -> None:
     """Raise NotConvNeXt listing every difference between `shapes` and what `arch` needs."""
     expected = canonical_shapes(arch)
+    named = name_of or (lambda key: key)
     problems = []
     for name in sorted(set(expected) - set(shapes)):
-        problems.append(f"missing {name} {list(expected[name])}")
+        problems.append(f"missing {named(name)} {list(expected[name])}")
     for name in sorted(set(shapes) - set(expected)):
-        problems.append(f"unexpected {name} {list(shapes[name])}")
+        problems.append(f"unexpected {named(name)} {list(shapes[name])}")
     for name in sorted(set(shapes) & set(expected)):
         if tuple(shapes[name]) != expected[name]:
-            problems.append(f"{name} has shape {list(shapes[name])}, expected {list(expected[name])}")
+            problems.append(f"{named(name)} has shape {list(shapes[name])}, expected {list(expected[name])}")
     if problems:
-        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+        more = len(problems) - _SHOWN_PROBLEMS
+        shown = "; ".join(problems[:_SHOWN_PROBLEMS]) + (f"; and {more} more" if more > 0 else "")
         raise NotConvNeXt(
             f"inconsistent ConvNeXt ({arch.describe()}): {shown}.",
             "The file is damaged or mixes architectures; re-export it from the model that trained it.",

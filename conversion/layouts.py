@@ -422,6 +422,19 @@ class Canonical:
     left_out: Dict[str, int] = field(default_factory=dict)
 
 
+def source_name_of(canonical: "Canonical") -> Callable[[str], str]:
+    """canonical name -> the file's name for it: the one read, or the one the layout would give a
+    tensor the file lacks (so "missing" names a key the user can look for)."""
+
+    def name_of(key: str) -> str:
+        if key in canonical.source_names:
+            return canonical.source_names[key]
+        hit = LAYOUTS[canonical.layout].rename(key, inverse=True)
+        return canonical.prefix + hit[0] if hit is not None else key
+
+    return name_of
+
+
 def classifier_names(canonical: "Canonical") -> List[str]:
     """The source's names of the classifier tensors (`head.*` and the pooled `norm.*`)."""
     from .architecture import CLASSIFIER_KEYS
@@ -622,7 +635,8 @@ def to_canonical(state_dict: Mapping[str, Any], forced: Optional[str] = None) ->
     if unclaimed or collisions:
         parts = []
         if unclaimed:
-            parts.append(f"{len(unclaimed)} key(s) outside the {layout.name} layout: {', '.join(sorted(unclaimed)[:8])}")
+            more = f" and {len(unclaimed) - 16} more" if len(unclaimed) > 16 else ""
+            parts.append(f"{len(unclaimed)} key(s) outside the {layout.name} layout: {', '.join(sorted(unclaimed)[:16])}{more}")
         if collisions:
             parts.append(f"colliding keys: {'; '.join(collisions[:4])}")
         raise NotConvNeXt(
