@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 from .architecture import Architecture, canonical_shapes, infer_architecture
 from .diagnose import d2_problems
 from .errors import NonFiniteWeights, NotConvNeXt
-from .layouts import LAYOUTS, Canonical, classifier_names, to_canonical
+from .layouts import LAYOUTS, Canonical, classifier_names, source_name_of, to_canonical
 from .containers import select_state_dict
 from .formats import AUTHOR, check_source, is_torch_zip, output_format
 from .target import ALL_OUTPUTS, DEFAULT_PREFIX, Target, fresh_output_norms, to_target
@@ -93,7 +93,7 @@ def prepare(
     """
     name, version = _parse_forced_layout(layout)
     canonical = to_canonical(state_dict, forced=name)
-    arch = infer_architecture({k: tuple(v.shape) for k, v in canonical.state_dict.items()}, canonical.source_names)
+    arch = infer_architecture({k: tuple(v.shape) for k, v in canonical.state_dict.items()}, source_name_of(canonical))
     if version is not None and arch.version != version:
         evidence = next((canonical.source_names[k] for k in canonical.state_dict if ".grn." in k), "no GRN tensors")
         raise NotConvNeXt(
