@@ -486,7 +486,7 @@ def _claims(layout: Layout, keys: Sequence[str]) -> List[str]:
 
 # Backbones a detection checkpoint may hold instead of a ConvNeXt: ResNet-style bottleneck names as
 # torchvision / mmdet (`layer1.0.conv1`) and Detectron2 (`res2.0.conv1`, `bottom_up.res2...`) write them.
-_RESNET_KEY = re.compile(r"^(.*\.)?(layer[1-4]|res[2-5])\.0\.conv1\.(weight|norm\.weight)$")
+_RESNET_KEY = re.compile(r"^(.*\.)?(layer[1-4]|res[2-5])\.0\.conv1\.weight$")
 
 
 def _refuse_known_non_targets(keys: Sequence[str]) -> None:
