@@ -36,7 +36,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 

@@ -30,7 +30,7 @@ from ..support import assert_clean_load, build_d2_model, fill_with_sentinel, loa
 from ..test_equivalence import CPU_FP32_ATOL_SCALE, CPU_FP32_RTOL, assert_stages_close, differences, image
 from ..test_layout_equivalence import MEASURED, mmpretrain_models, randomise_
 from .cli_support import EXIT_OK, EXIT_USAGE, convert_cli
-from .names import DEPTHS, DIMS, OUTPUT_NORMS, TARGET_V1, TRUNK_V1, names
+from .names import DEPTHS, DIMS, TARGET_V1, names
 
 require("detectron2")
 pytestmark = pytest.mark.detectron2
