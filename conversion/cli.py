@@ -137,6 +137,9 @@ def format_inspection(r: InspectReport) -> str:
         lines.append(f"  reshaped   {len(r.reshaped)} tensors on conversion ({'; '.join(sorted(set(r.reshaped.values())))})")
     if r.left_out:
         lines.append(f"  left out   {len(r.left_out)} tensors on conversion: {_summarise_names(sorted(r.left_out))}")
+    if r.detector_parts:
+        parts = ", ".join(f"{part} x{count}" for part, count in r.detector_parts.items())
+        lines.append(f"  detector   {sum(r.detector_parts.values())} tensors around the backbone, left out on conversion: {parts}")
     if r.problems:
         lines.append("  Detectron2 loading this file as it is:")
         lines += [f"    - {p}" for p in r.problems]
