@@ -225,3 +225,18 @@ def test_mmdet_checkpoint_whose_backbone_is_a_resnet_is_refused(tmp_path, capsys
     assert status == EXIT_USAGE
     assert "the weights are a ResNet, not a ConvNeXt" in err and "'backbone.layer1.0.conv1.weight'" in err, err
     assert "Traceback" not in err
+
+
+def test_inspect_names_the_detector_parts_a_conversion_leaves_out(tmp_path, capsys):
+    from conversion.cli import main
+
+    sd = {"backbone." + k: v for k, v in build_d2_model(ARCH).backbone.state_dict().items()}
+    sd.update(MMDET_PARTS)
+    src = str(tmp_path / "mask_rcnn.pth")
+    torch.save({"meta": {}, "state_dict": sd}, src)
+    assert main(["inspect", src, "--json"]) == EXIT_OK
+    report = json.loads(capsys.readouterr().out)
+    assert (report["layout"], report["source_prefix"]) == ("official", "backbone.")
+    assert report["detector_parts"] == {"neck.": 16, "roi_head.": 20, "rpn_head.": 6}
+    assert main(["inspect", src]) == EXIT_OK
+    assert "detector   42 tensors around the backbone, left out on conversion: neck. x16, roi_head. x20, rpn_head. x6" in capsys.readouterr().out
