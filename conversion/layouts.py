@@ -341,8 +341,9 @@ MMPRETRAIN = Layout(
         ("downsample_layers.{i}.{j}.{p}", "downsample_layers.{i}.{j}.{p}"),
         ("stages.{s}.{b}.depthwise_conv.{p}", "stages.{s}.{b}.dwconv.{p}"),
         ("stages.{s}.{b}.norm.{p}", "stages.{s}.{b}.norm.{p}"),
-        ("stages.{s}.{b}.pointwise_conv1.{p}", "stages.{s}.{b}.pwconv1.{p}"),
-        ("stages.{s}.{b}.pointwise_conv2.{p}", "stages.{s}.{b}.pwconv2.{p}"),
+        # linear_pw_conv=False builds the pointwise layers as 1x1 convolutions ([out, in, 1, 1]).
+        ("stages.{s}.{b}.pointwise_conv1.{p}", "stages.{s}.{b}.pwconv1.{p}", SQUEEZE_1X1),
+        ("stages.{s}.{b}.pointwise_conv2.{p}", "stages.{s}.{b}.pwconv2.{p}", SQUEEZE_1X1),
         ("stages.{s}.{b}.gamma", "stages.{s}.{b}.gamma"),
         ("stages.{s}.{b}.grn.{g=gamma|beta}", "stages.{s}.{b}.grn.{g}", GRN_VECTOR),
         # Reading, `norm{i}` claims norm3 first and `_mmpretrain_final_norm` decides what it is;

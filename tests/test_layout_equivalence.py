@@ -377,10 +377,11 @@ def mmpretrain_models():
 MM_ARCH = {"depths": list(DEPTHS), "channels": list(DIMS)}
 
 
-def mmpretrain_classifier(version: int) -> nn.Module:
-    """mmpretrain's ImageClassifier with its ConvNeXt (V2: GRN, no layer scale) and a linear head."""
+def mmpretrain_classifier(version: int, linear_pw_conv: bool = True) -> nn.Module:
+    """mmpretrain's ImageClassifier with its ConvNeXt (V2: GRN, no layer scale) and a linear head;
+    linear_pw_conv=False builds the pointwise layers as 1x1 convolutions."""
     models = mmpretrain_models()
-    backbone = dict(type="ConvNeXt", arch=MM_ARCH)
+    backbone = dict(type="ConvNeXt", arch=MM_ARCH, linear_pw_conv=linear_pw_conv)
     if version == 2:
         backbone.update(use_grn=True, layer_scale_init_value=0.0)
     return models.build_classifier(
@@ -409,11 +410,11 @@ def mmengine_save(model: nn.Module, directory: str) -> str:
     return path
 
 
-def mmpretrain_original(version: int) -> Callable[[], Original]:
+def mmpretrain_original(version: int, linear_pw_conv: bool = True) -> Callable[[], Original]:
     def build() -> Original:
         return Original(
-            label=f"mmpretrain V{version} (ImageClassifier, mmengine checkpoint)",
-            model=mmpretrain_classifier(version),
+            label=f"mmpretrain V{version} (ImageClassifier, mmengine checkpoint)" + ("" if linear_pw_conv else ", 1x1-conv pointwise"),
+            model=mmpretrain_classifier(version, linear_pw_conv),
             stage_outputs=lambda m, x: mmpretrain_stage_outputs(m.backbone, x),
             arch=(v1 if version == 1 else v2)(),
             layout="mmpretrain",
@@ -615,6 +616,7 @@ ORIGINALS: Dict[str, Callable[[], Original]] = {
     "torchvision-v1": torchvision_v1,
     "mmpretrain-v1": mmpretrain_original(1),
     "mmpretrain-v2": mmpretrain_original(2),
+    "mmpretrain-v2-conv-pw": mmpretrain_original(2, linear_pw_conv=False),
     "dinov3-v1": from_canonical_layout("dinov3", 1, "", ""),
     "dinov3-hf-v1-model": dinov3_hf_model("save_pretrained"),
     "dinov3-hf-v1-model-state-dict": dinov3_hf_model("state_dict"),

@@ -110,12 +110,14 @@ _SPECS = (
     ),
     # mmpretrain's pooled norm is `norm3`: without a head it is read as the output norm 3, so a
     # pooled norm alone is not a form mmpretrain files take (see the test below).
+    # linear_pw_conv=False: pointwise layers as 1x1 convolutions, timm's conv-MLP form.
     LayoutSpec(
         "mmpretrain",
         V1_V2,
         layer_scale_optional=True,
         heads=(CLASSIFIER, NO_HEAD, OUTPUT_NORMS),
         prefixes=_both("backbone."),
+        conv_mlp=True,
     ),
     # DINOv3 (original repository): `norm` (and its `norms.3` alias), read as output norm 3; no head.
     LayoutSpec(

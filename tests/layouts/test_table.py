@@ -28,7 +28,7 @@ from conversion.synthetic import random_state_dict
 
 from .. import strategies as S
 from ..support import require
-from .table import CLASSIFIER, POOLED_NORM, NO_HEAD, OUTPUT_NORMS, SPECS, SHARED_NAMES, OPEN_CLIP_EXTRAS, _with_head, LayoutCase, build_case, layout_cases, assert_same_tensors
+from .table import CLASSIFIER, POOLED_NORM, NO_HEAD, OUTPUT_NORMS, FINAL_NORM, SPECS, SHARED_NAMES, OPEN_CLIP_EXTRAS, _with_head, LayoutCase, build_case, layout_cases, assert_same_tensors
 
 # ---------------------------------------------------------------- the table itself
 
@@ -132,6 +132,31 @@ def _library_model(which: str):
                 False,
                 CLASSIFIER,
             )
+    if which.startswith("dinov3-hf"):
+        transformers = require("transformers")
+        config = transformers.DINOv3ConvNextConfig(
+            depths=list(depths), hidden_sizes=list(dims), out_features=["stage1", "stage2", "stage3", "stage4"]
+        )
+        if which == "dinov3-hf-model":
+            return transformers.DINOv3ConvNextModel(config), "dinov3-hf", "model.", False, FINAL_NORM
+        return transformers.DINOv3ConvNextBackbone(config), "dinov3-hf", "model.", False, NO_HEAD
+    if which.startswith("mmpretrain"):
+        from ..test_layout_equivalence import mmpretrain_models
+
+        models = mmpretrain_models()
+        arch = {"depths": list(depths), "channels": list(dims)}
+        if which == "mmpretrain-v1-classifier":
+            model = models.build_classifier(dict(
+                type="ImageClassifier", backbone=dict(type="ConvNeXt", arch=arch), neck=dict(type="GlobalAveragePooling"),
+                head=dict(type="LinearClsHead", num_classes=3, in_channels=dims[-1])))
+            return model, "mmpretrain", "backbone.", False, CLASSIFIER
+        # mmdet's use: V2, per-pixel output norms 0-3, the pointwise layers as 1x1 convolutions.
+        backbone = models.build_backbone(dict(
+            type="ConvNeXt", arch=arch, use_grn=True, layer_scale_init_value=0.0, linear_pw_conv=False,
+            out_indices=(0, 1, 2, 3), gap_before_final_norm=False))
+        holder = torch.nn.Module()
+        holder.backbone = backbone
+        return holder, "mmpretrain", "backbone.", True, OUTPUT_NORMS
     if which == "torchvision-v1":
         require("torchvision")
         from torchvision.models.convnext import CNBlockConfig, ConvNeXt as TorchvisionConvNeXt
@@ -152,6 +177,10 @@ LIBRARY_MODELS = (
     "hf-v1-backbone",
     "hf-v2-classification",
     "torchvision-v1",
+    "dinov3-hf-model",
+    "dinov3-hf-backbone",
+    "mmpretrain-v1-classifier",
+    "mmpretrain-v2-detection-conv-pw",
 )
 
 
