@@ -141,3 +141,28 @@ def test_detection_checkpoint_with_a_convnext_tensor_outside_its_backbone_is_mix
     status, _, err = convert_cli(tmp_path, {"state_dict": sd}, capsys=capsys)
     assert status == EXIT_USAGE
     assert "1 key(s) outside the mmpretrain layout: stages.1.0.dwconv.weight" in err, err
+
+
+def _mmpretrain_patch_2() -> Dict[str, torch.Tensor]:
+    from ..test_layout_equivalence import mmpretrain_models
+
+    backbone = mmpretrain_models().build_backbone(dict(type="ConvNeXt", arch={"depths": DEPTHS, "channels": DIMS}, stem_patch_size=2))
+    return {"backbone." + k: v for k, v in backbone.state_dict().items()}
+
+
+def _huggingface_patch_2() -> Dict[str, torch.Tensor]:
+    transformers = require("transformers")
+    return transformers.ConvNextModel(transformers.ConvNextConfig(depths=DEPTHS, hidden_sizes=DIMS, patch_size=2)).state_dict()
+
+
+@pytest.mark.parametrize(
+    "build, stem",
+    [(_mmpretrain_patch_2, "backbone.downsample_layers.0.0.weight"), (_huggingface_patch_2, "embeddings.patch_embeddings.weight")],
+    ids=["mmpretrain-stem_patch_size-2", "huggingface-patch_size-2"],
+)
+def test_other_layouts_near_miss_is_named_for_what_it_is(tmp_path, capsys, build, stem):
+    """The same truth for other libraries' options the backbone cannot hold: a 2x2 patch stem, named by the file's key."""
+    status, _, err = convert_cli(tmp_path, build(), capsys=capsys)
+    assert status == EXIT_USAGE
+    assert f"a 2x2 patch stem ('{stem}' [8, 3, 2, 2]; the backbone's is 4x4)" in err, err
+    assert "damaged" not in err and "re-export" not in err, err
