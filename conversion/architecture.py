@@ -3,7 +3,7 @@
 A *variant* is data (depths and dims), never a code path.  All shape knowledge of
 the canonical (official facebookresearch) names lives in `canonical_shapes`; the
 recogniser, the validator and the test strategies all derive from it, so they
-cannot disagree.  Facts from LAYOUTS.md / facebookresearch/ConvNeXt models/convnext.py.
+cannot disagree.  Facts from facebookresearch/ConvNeXt models/convnext.py.
 """
 from __future__ import annotations
 

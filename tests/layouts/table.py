@@ -25,7 +25,7 @@ EXIT_USAGE = 2
 
 # ---------------------------------------------------------------- the capability table
 
-# What a library keeps after the trunk (LAYOUTS.md):
+# What a library keeps after the trunk:
 CLASSIFIER = "classifier"  # pooled `norm` + `head` (num_classes K)
 POOLED_NORM = "pooled-norm"  # pooled `norm` only (timm num_classes=0, HF ConvNextModel, DINOv3)
 NO_HEAD = "none"  # the trunk alone
