@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-
 from typing import List
 
 import pytest
