@@ -240,3 +240,18 @@ def test_inspect_names_the_detector_parts_a_conversion_leaves_out(tmp_path, caps
     assert report["detector_parts"] == {"neck.": 16, "roi_head.": 20, "rpn_head.": 6}
     assert main(["inspect", src]) == EXIT_OK
     assert "detector   42 tensors around the backbone, left out on conversion: neck. x16, roi_head. x20, rpn_head. x6" in capsys.readouterr().out
+
+
+def test_verify_expects_nothing_missing_in_a_converted_detection_checkpoint(tmp_path, capsys):
+    """The trained norm0..3 were kept, so the gate passes with no fresh key at all."""
+    from conversion.cli import main
+
+    segmentor = detectron2_segmentor()
+    randomise_(segmentor, seed=43)
+    src = save_model_final(segmentor, str(tmp_path))
+    dst = str(tmp_path / "backbone_d2.pth")
+    assert main(["convert", src, dst, "--quiet"]) == EXIT_OK
+    capsys.readouterr()
+    assert main(["verify", dst, "--json"]) == EXIT_OK
+    result = json.loads(capsys.readouterr().out)
+    assert (result["fresh"], result["missing"], result["unexpected"]) == ([], [], [])
