@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import logging
 import os
 import re
 import warnings
@@ -225,7 +226,10 @@ def _classify_load(report: VerifyReport, inc: Any, model_shapes: Mapping[str, Tu
     return loaded
 
 
-def _heuristic_findings(report: VerifyReport, model_shapes: Mapping[str, Tuple[int, ...]], ckpt: Mapping[str, Tuple[int, ...]]) -> None:
+Shapes = Mapping[str, Tuple[int, ...]]
+
+
+def _heuristic_findings(report: VerifyReport, model_shapes: Shapes, ckpt: Shapes) -> None:
     """Detectron2's longest-suffix rule, computed ahead: what it renames, where it lands, what it skips."""
     assignment = heuristic_assignment(model_shapes, ckpt)
     report.renamed = assignment.renamed
@@ -235,7 +239,9 @@ def _heuristic_findings(report: VerifyReport, model_shapes: Mapping[str, Tuple[i
     report.heuristic_shape_misses = {m: c for m, c in assignment.shape_skipped if not _in_backbone(m)}
 
 
-def _dtype_changes(report: VerifyReport, loaded: Sequence[str], model_dtypes: Mapping[str, str], ckpt_dtypes: Mapping[str, str]) -> None:
+def _dtype_changes(
+    report: VerifyReport, loaded: Sequence[str], model_dtypes: Mapping[str, str], ckpt_dtypes: Mapping[str, str]
+) -> None:
     source_of = {m: c for m, c in report.renamed.items()}
     for key in loaded:
         src = source_of.get(key, key)
@@ -257,9 +263,11 @@ def _problems(report: VerifyReport, heuristics_matched_nothing: bool) -> List[st
         out.append(f"matching_heuristics loads {len(pairs)} checkpoint tensors into modules outside the backbone, "
                    f"silently replacing their initialisation: {_names(pairs, 3)}")
     if report.shape_skipped:
-        out.append(f"{len(report.shape_skipped)} tensors skipped for a shape mismatch (wrong variant?): {_names(report.shape_skipped, 4)}")
+        out.append(f"{len(report.shape_skipped)} tensors skipped for a shape mismatch (wrong variant?): "
+                   f"{_names(report.shape_skipped, 4)}")
     if report.missing:
-        out.append(f"{len(report.missing)} backbone weights missing (they would train from random init): {_names(report.missing, 4)}")
+        out.append(f"{len(report.missing)} backbone weights missing (they would train from random init): "
+                   f"{_names(report.missing, 4)}")
     if report.non_finite:
         out.append(f"{len(report.non_finite)} loaded weights hold NaN or Inf: {_names(report.non_finite, 4)}")
     if heuristics_matched_nothing:
@@ -340,7 +348,9 @@ def verify(
         _import_modules(imports)
         from . import d2_loading as d2l
     cfg = _config(d2l, config, checkpoint)
-    report = VerifyReport(checkpoint=os.path.abspath(checkpoint), config=config, backbone=cfg.MODEL.BACKBONE.NAME, strict=strict)
+    report = VerifyReport(
+        checkpoint=os.path.abspath(checkpoint), config=config, backbone=cfg.MODEL.BACKBONE.NAME, strict=strict
+    )
     if config and not d2l.names_a_backbone(config):
         return _no_backbone_report(report, cfg)
     model, report.whole_model_reason = _model(d2l, cfg, config)
@@ -360,7 +370,9 @@ def verify(
         _dtype_changes(report, loaded, model_dtypes, seen.checkpoint_dtypes)
         report.non_finite = d2l.non_finite(model, loaded)
     report.log_warnings = [
-        r.getMessage().splitlines()[0] for r in seen.records if r.levelno >= 30 and "not found in the checkpoint" not in r.getMessage()
+        r.getMessage().splitlines()[0]
+        for r in seen.records
+        if r.levelno >= logging.WARNING and "not found in the checkpoint" not in r.getMessage()
     ]
     report.problems = _problems(report, seen.heuristics and report.error is None and report.loaded == 0)
     report.warnings = _warnings(report)
