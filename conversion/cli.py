@@ -169,12 +169,14 @@ def format_verification(r: Any) -> str:
     """The human report of `verify`: the verdict line, then what was loaded into what."""
     source = f" from {r.config}" if r.config else " (this project's, shaped like the checkpoint)"
     lines = [_verdict(r), f"  checkpoint {r.checkpoint}", f"  backbone   {r.backbone}{source}"]
-    if r.whole_model:
+    if not r.load_attempted:
+        lines.append(f"  model      not built, nothing loaded: {r.whole_model_reason}")
+    elif r.whole_model:
         lines.append(f"  model      {r.meta_architecture}, built whole on CPU as train_net.py builds it")
     else:
         lines.append(f"  model      backbone only: whole model not built: {r.whole_model_reason}; "
                      "checkpoint keys that could match outside the backbone were not checked")
-    if r.error is None and r.whole_model_reason != "the config names no backbone":
+    if r.error is None and r.load_attempted:
         how = " (names matched by matching_heuristics)" if r.heuristics else " (exact names)"
         lines.append(f"  loaded     {r.loaded} backbone tensors{how}")
         lines.append(f"  fresh      {len(r.fresh)} output-norm tensors initialised by the backbone (expected)")

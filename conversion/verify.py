@@ -63,6 +63,7 @@ class VerifyReport:
     meta_architecture: Optional[str] = None
     whole_model: bool = False
     whole_model_reason: Optional[str] = None
+    load_attempted: bool = True  # False when the config names no backbone: nothing was built or loaded
     heuristics: bool = False
     loaded: int = 0  # backbone tensors that took a checkpoint value
     loaded_outside: int = 0  # tensors outside the backbone that did
@@ -159,6 +160,7 @@ def _no_backbone_report(report: VerifyReport, cfg: Any) -> VerifyReport:
     what = f"{default}, a ResNet-{cfg.MODEL.RESNETS.DEPTH}" if default == "build_resnet_backbone" else default
     report.backbone = default
     report.whole_model_reason = "the config names no backbone"
+    report.load_attempted = False
     report.problems.append(
         f"MODEL.BACKBONE.NAME is not set in {report.config}: Detectron2 builds its default backbone "
         f"instead ({what}), into which no ConvNeXt weight loads"

@@ -169,7 +169,7 @@ def test_verify_config_naming_no_backbone_says_so_instead_of_listing_resnet_keys
     """Without MODEL.BACKBONE.NAME Detectron2 builds its default ResNet: that is the finding (exit 1)."""
     (tmp_path / "nobackbone.yaml").write_text("MODEL:\n  META_ARCHITECTURE: \"GeneralizedRCNN\"\n  CONVNEXT: {DIMS: [8, 16, 8, 16]}\n")
     status, report = _verify_json(capsys, converted[0], "--config", tmp_path / "nobackbone.yaml")
-    assert status == 1 and report["missing"] == [] and report["loaded"] == 0
+    assert status == 1 and report["missing"] == [] and report["loaded"] == 0 and report["load_attempted"] is False
     assert report["problems"] == [
         f"MODEL.BACKBONE.NAME is not set in {tmp_path / 'nobackbone.yaml'}: Detectron2 builds its default backbone "
         "instead (build_resnet_backbone, a ResNet-50), into which no ConvNeXt weight loads"

@@ -201,6 +201,14 @@ def test_a_converted_file_is_exact_whatever_the_decoder_widths(tmp_path, capsys)
     assert status == 0 and report["warnings"] == [] and report["loaded"] == len(_backbone_keys(official))
 
 
+def test_source_comparison_runs_on_the_whole_models_backbone(tmp_path, capsys):
+    official = random_state_dict(APART, seed=3)
+    path = _converted(tmp_path, official)
+    status, report = _verify_json(capsys, path, "--config", _yaml(tmp_path, APART), "--import", IMPORTS[0],
+                                  "--source", str(tmp_path / "src.pth"))
+    assert status == 0 and report["whole_model"] is True and report["feature_difference"] == 0.0
+
+
 # ---------------------------------------------------------------- the backbone alone, and saying so
 
 
