@@ -212,19 +212,21 @@ def _in_backbone(key: str) -> bool:
     return key.startswith(BACKBONE_PREFIX)
 
 
-def _classify_load(report: VerifyReport, inc: Any, model_shapes: Mapping[str, Tuple[int, ...]]) -> List[str]:
-    """Fill the key lists from fvcore's incompatible keys; return the model keys that took a value."""
+def _classify_load(report: VerifyReport, inc: Any, model_shapes: Mapping[str, Tuple[int, ...]], ckpt: Sequence[str]) -> List[str]:
+    """Fill the key lists from fvcore's incompatible keys; return the model keys that took a checkpoint value."""
     report.shape_skipped = sorted(k for k, *_ in inc.incorrect_shapes)
     # fvcore drops shape-mismatched tensors before loading, so they reappear as missing: count them once.
     missing = {k for k in inc.missing_keys if k not in report.shape_skipped}
     report.fresh = sorted(k for k in missing if FRESH_OUTPUT_NORM.match(k))
     report.missing = sorted(k for k in missing if _in_backbone(k) and not FRESH_OUTPUT_NORM.match(k))
-    report.initialised_outside = sum(1 for k in missing if not _in_backbone(k))
     report.unexpected = sorted(inc.unexpected_keys)
-    skipped = set(report.shape_skipped)
-    loaded = [k for k in model_shapes if k not in missing and k not in skipped]
+    skipped, in_file = set(report.shape_skipped), set(ckpt)
+    # Not missing is not the same as loaded: Detectron2 forgives pixel_mean/std, and FrozenBatchNorm2d
+    # fills absent running statistics itself; only a key whose checkpoint name is in the file took a value.
+    loaded = [k for k in model_shapes if k not in missing and k not in skipped and report.renamed.get(k, k) in in_file]
     report.loaded = sum(1 for k in loaded if _in_backbone(k))
     report.loaded_outside = len(loaded) - report.loaded
+    report.initialised_outside = sum(1 for k in model_shapes if not _in_backbone(k)) - report.loaded_outside
     return loaded
 
 
@@ -368,7 +370,7 @@ def verify(
     if seen.error is not None:
         report.error = _short_error(seen.error)
     if seen.incompatible is not None:
-        loaded = _classify_load(report, seen.incompatible, model_shapes)
+        loaded = _classify_load(report, seen.incompatible, model_shapes, list(seen.checkpoint_shapes))
         _dtype_changes(report, loaded, model_dtypes, seen.checkpoint_dtypes)
         report.non_finite = d2l.non_finite(model, loaded)
     report.log_warnings = [

@@ -118,6 +118,7 @@ def test_the_three_files_load_every_backbone_weight_into_the_whole_model_and_exi
     assert report["whole_model"] is True and report["meta_architecture"] == "DIMaskDINOLike"
     assert report["loaded"] == len(_backbone_keys(official)) and report["missing"] == [] and report["fresh"] == sorted(FRESH)
     assert report["unexpected"] == unused and report["heuristic_shape_misses"] == near_misses
+    assert report["loaded_outside"] == 0, "no ImageNet tensor lands in the decoder"
     assert len(report["warnings"]) == bool(unused) + len({c for c in near_misses.values()}), report["warnings"]
     if unused:
         assert report["warnings"][0].startswith(f"{len(unused)} checkpoint tensors unused by the model: {', '.join(unused)}")
@@ -174,6 +175,7 @@ def test_verify_fails_the_silent_replacement_naming_the_module(tmp_path, capsys)
         f"initialisation: 'norm.bias' into {DECODER_NORM[0]}, 'norm.weight' into {DECODER_NORM[1]}"
     ), report["problems"]
     assert report["unexpected"] == ["head.bias", "head.weight"], "only the linear head is left over"
+    assert report["loaded_outside"] == 2
 
 
 def test_detectron2_raises_when_two_decoder_norms_fit_the_pooled_norm(tmp_path):
