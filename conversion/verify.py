@@ -212,7 +212,9 @@ def _in_backbone(key: str) -> bool:
     return key.startswith(BACKBONE_PREFIX)
 
 
-def _classify_load(report: VerifyReport, inc: Any, model_shapes: Mapping[str, Tuple[int, ...]], ckpt: Sequence[str]) -> List[str]:
+def _classify_load(
+    report: VerifyReport, inc: Any, model_shapes: Mapping[str, Tuple[int, ...]], ckpt: Sequence[str]
+) -> List[str]:
     """Fill the key lists from fvcore's incompatible keys; return the model keys that took a checkpoint value."""
     report.shape_skipped = sorted(k for k, *_ in inc.incorrect_shapes)
     # fvcore drops shape-mismatched tensors before loading, so they reappear as missing: count them once.
