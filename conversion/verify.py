@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import importlib
-import logging
 import os
 import re
 import warnings
@@ -104,11 +103,6 @@ def _short_error(err: BaseException) -> str:
     lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(err).splitlines() if line.strip()] or [""]
     cause = next((line for line in lines if "WeightsUnpickler" in line or "persistent id" in line), lines[0])
     return f"{type(err).__name__}: {cause[:240]}"
-
-
-def _names(keys: Sequence[str], limit: int = LISTED) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
 def _import_modules(modules: Sequence[str]) -> None:
@@ -206,6 +200,11 @@ def _model(d2l: Any, cfg: Any, config: Optional[str]) -> Tuple[Any, Optional[str
 
 
 # ---------------------------------------------------------------- what the load did
+
+
+def _names(keys: Sequence[str], limit: int = LISTED) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
 def _in_backbone(key: str) -> bool:
@@ -348,10 +347,9 @@ def verify(
     """
     if not os.path.isfile(checkpoint.split("?", 1)[0]):
         raise UnusableVerifyInput(f"{checkpoint}: no such file.", "Check the path.")
+    _import_modules(imports)
     with warnings.catch_warnings():
-        # detectron2 0.7 scripts helpers at import (torch.jit.script is deprecated): noise on the gate's console
-        warnings.simplefilter("ignore", FutureWarning)
-        _import_modules(imports)
+        warnings.simplefilter("ignore", FutureWarning)  # detectron2 0.7 scripts helpers at import
         from . import d2_loading as d2l
     cfg = _config(d2l, config, checkpoint)
     report = VerifyReport(
@@ -378,7 +376,7 @@ def verify(
     report.log_warnings = [
         r.getMessage().splitlines()[0]
         for r in seen.records
-        if r.levelno >= logging.WARNING and "not found in the checkpoint" not in r.getMessage()
+        if r.levelno >= 30 and "not found in the checkpoint" not in r.getMessage()
     ]
     report.problems = _problems(report, seen.heuristics and report.error is None and report.loaded == 0)
     report.warnings = _warnings(report)
