@@ -3,7 +3,8 @@ checkpoint into it, next to the backbone alone (the suite's `tests/dimaskdino_li
 sizes: hidden 256, 6 encoder and 9 decoder layers, ConvNeXt-Tiny backbone).
 
 Each phase is timed in this process, `--repeat` times, after one warm-up (imports and the page cache
-are warm); the table gives medians.  `verify (whole)` is the whole `verify()` call, reading the
+are warm); the table gives medians of wall time and of CPU time (all threads; steadier when other
+work shares the machine).  `verify (whole)` is the whole `verify()` call, reading the
 converted file and the config, building, loading and checking.
 
     python benchmarks/verify_whole_model.py [--repeat 5]
@@ -11,6 +12,7 @@ converted file and the config, building, loading and checking.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import pickle
 import statistics
@@ -18,7 +20,7 @@ import sys
 import tempfile
 import time
 import warnings
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -38,14 +40,18 @@ MODEL:
 """
 
 
-def _median_s(run: Callable[[], object], repeat: int) -> float:
+def _median_s(run: Callable[[], object], repeat: int) -> Tuple[float, float]:
+    """Median wall and CPU seconds (CPU time, all threads, is steadier on a shared machine)."""
     run()  # warm-up
-    times = []
+    wall, cpu = [], []
     for _ in range(repeat):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        gc.collect()  # free the previous model outside the timed region
+        started, started_cpu = time.perf_counter(), time.process_time()
+        result = run()
+        wall.append(time.perf_counter() - started)
+        cpu.append(time.process_time() - started_cpu)
+        del result
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def main(argv: List[str]) -> int:
@@ -75,7 +81,7 @@ def main(argv: List[str]) -> int:
         model = build_whole_model(cfg)
         state = model.state_dict()
         size = (sum(v.numel() for v in state.values()) / 1e6, len(state))
-        rows: Dict[str, float] = {
+        rows: Dict[str, Tuple[float, float]] = {
             "build whole model (build_model, CPU)": _median_s(lambda: build_whole_model(cfg), args.repeat),
             "load converted .pth into it (resume_or_load)": _median_s(lambda: load_observed(model, converted), args.repeat),
             "load MaskDINO-style .pkl into it (heuristics)": _median_s(lambda: load_observed(model, raw), args.repeat),
@@ -85,9 +91,10 @@ def main(argv: List[str]) -> int:
         }
     print(f"DI-MaskDINO-like Tiny: {size[0]:.1f} M parameters, {size[1]} state-dict keys; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeat}")
-    print("| phase | seconds |\n|---|---|")
-    for name, seconds in rows.items():
-        print(f"| {name} | {seconds:.2f} |")
+    print(f"load average {os.getloadavg()[0]:.2f} at the end")
+    print("| phase | wall s | CPU s |\n|---|---|---|")
+    for name, (wall, cpu) in rows.items():
+        print(f"| {name} | {wall:.2f} | {cpu:.2f} |")
     return 0
 
 
