@@ -377,20 +377,23 @@ def recognise(keys: Sequence[str], forced: Optional[str] = None) -> Tuple[Layout
     raise NotConvNeXt(f"the keys match several layouts equally: {names}.", "Say which with --from LAYOUT.")
 
 
-DETECTOR_BACKBONE = "backbone."
+# Where a detector keeps its ConvNeXt: `backbone.` (mmdet, mmseg, Detectron2 meta-architectures whose
+# backbone is the ConvNeXt itself) or `backbone.bottom_up.` (Detectron2's FPN wrapping it).
+DETECTOR_BACKBONES = ("backbone.bottom_up.", "backbone.")
 
 
 def detector_outer_prefix(prefix: str) -> Optional[str]:
-    """What wraps a detector's parts when the ConvNeXt sits at `backbone.` ('' for mmdet, mmseg and
-    Detectron2 models), or None when the weights are not a detector's backbone.
+    """What wraps a detector's parts when the ConvNeXt sits at `backbone.` or `backbone.bottom_up.`
+    ('' for mmdet, mmseg and Detectron2 models), or None when the weights are not a detector's backbone.
 
     Detection and segmentation checkpoints (mmdet Mask R-CNN / Cascade, mmseg UperNet, Detectron2's
-    `model_final.pth`) keep the ConvNeXt under `backbone.` beside `neck.`, `rpn_head.`, `roi_head.`,
-    `decode_head.`, `auxiliary_head.`, `sem_seg_head.` and the like: the backbone is what converts,
-    the rest is left out and counted by part.
+    `model_final.pth`) keep the ConvNeXt there beside `neck.`, `rpn_head.`, `roi_head.`,
+    `decode_head.`, `auxiliary_head.`, `sem_seg_head.`, an FPN's `backbone.fpn_*` and the like: the
+    ConvNeXt is what converts, the rest is left out and counted by part.
     """
-    if prefix == DETECTOR_BACKBONE or prefix.endswith("." + DETECTOR_BACKBONE):
-        return prefix[: -len(DETECTOR_BACKBONE)]
+    for backbone in DETECTOR_BACKBONES:
+        if prefix == backbone or prefix.endswith("." + backbone):
+            return prefix[: -len(backbone)]
     return None
 
 
@@ -400,8 +403,11 @@ def _is_convnext_name(key: str) -> bool:
 
 
 def _top_level_part(key: str) -> str:
-    """`neck.fpn_convs.0.conv.bias` -> `neck.`; a top-level tensor (`pixel_mean`) is its own part."""
-    head, dot, _ = key.partition(".")
+    """`neck.fpn_convs.0.conv.bias` -> `neck.`; a top-level tensor (`pixel_mean`) is its own part;
+    beside an FPN's bottom-up ConvNeXt, `backbone.fpn_lateral2.weight` -> `backbone.fpn_lateral2.`."""
+    head, dot, rest = key.partition(".")
+    if head == "backbone" and dot:
+        return head + dot + _top_level_part(rest)
     return head + dot
 
 

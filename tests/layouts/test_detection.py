@@ -255,3 +255,59 @@ def test_verify_expects_nothing_missing_in_a_converted_detection_checkpoint(tmp_
     assert main(["verify", dst, "--json"]) == EXIT_OK
     result = json.loads(capsys.readouterr().out)
     assert (result["fresh"], result["missing"], result["unexpected"]) == ([], [], [])
+
+
+# ---------------------------------------------------------------- Detectron2 FPN around the ConvNeXt
+
+
+def _register_fpn_backbone() -> str:
+    """A Detectron2 FPN whose bottom-up is the project's ConvNeXt backbone (as ResNet-FPN configs wrap ResNets)."""
+    from detectron2.modeling import BACKBONE_REGISTRY
+    from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
+
+    from conversion.d2 import build_convnext_d2_backbone
+
+    def build_convnext_d2_test_fpn_backbone(cfg, input_shape):
+        return FPN(bottom_up=build_convnext_d2_backbone(cfg, input_shape), in_features=["res2", "res3", "res4", "res5"],
+                   out_channels=8, top_block=LastLevelMaxPool())
+
+    name = build_convnext_d2_test_fpn_backbone.__name__
+    if name not in BACKBONE_REGISTRY:
+        BACKBONE_REGISTRY.register(build_convnext_d2_test_fpn_backbone)
+    return name
+
+
+def test_detectron2_fpn_rcnn_model_final_converts_its_bottom_up_convnext(tmp_path):
+    """A real GeneralizedRCNN (FPN over the ConvNeXt, RPN, ROI heads): `backbone.bottom_up.` converts with its
+    trained norms; the FPN's own layers and the heads are left out, counted by part."""
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    from conversion.d2 import add_convnext_config
+
+    cfg = get_cfg()
+    add_convnext_config(cfg)
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.BACKBONE.NAME = _register_fpn_backbone()
+    cfg.MODEL.CONVNEXT.DEPTHS, cfg.MODEL.CONVNEXT.DIMS = list(DEPTHS), list(DIMS)
+    cfg.MODEL.RPN.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
+    cfg.MODEL.ROI_HEADS.IN_FEATURES = ["p2", "p3", "p4", "p5"]
+    cfg.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
+    cfg.MODEL.ROI_BOX_HEAD.NAME = "FastRCNNConvFCHead"
+    cfg.MODEL.ROI_BOX_HEAD.NUM_FC, cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 1, 16
+    rcnn = build_model(cfg).eval()
+    randomise_(rcnn, seed=47)
+    src = save_model_final(rcnn, str(tmp_path))
+    dst = str(tmp_path / "backbone_d2.pth")
+    report = convert(src, dst)
+    assert (report.layout, report.source_prefix) == ("official", "backbone.bottom_up.")
+    sd = rcnn.state_dict()
+    fpn = {f"backbone.{k.split('.')[1]}." for k in sd if k.startswith("backbone.") and not k.startswith("backbone.bottom_up.")}
+    expected = {part: sum(k.startswith(part) for k in sd) for part in sorted(fpn | {"proposal_generator.", "roi_heads."})}
+    assert report.left_out == expected and "backbone.fpn_lateral2." in expected
+    assert (report.fresh, report.dropped) == ([], [])
+    assert sorted(torch_load_weights_only(dst)["model"]) == names(TARGET_V1)
+    x = image(INPUT, seed=6)
+    with torch.no_grad():
+        refs = [rcnn.backbone.bottom_up(x)[f"res{i + 2}"] for i in range(4)]
+    _compare("detectron2 model_final (GeneralizedRCNN, FPN over the ConvNeXt), after output norms", refs, _load_converted(dst), x)
