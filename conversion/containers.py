@@ -54,8 +54,9 @@ def select_state_dict(obj: Any, ema: bool = False) -> Tuple[Dict[str, Any], Opti
         ContainerError: no state dict, or `ema` asked for and none present.
     """
     if not isinstance(obj, Mapping):
+        what = getattr(obj, "cls", None) if type(obj).__name__ == "Placeholder" else None
         raise ContainerError(
-            f"checkpoint holds a {type(obj).__name__}, not a dict of weights.",
+            f"checkpoint holds {f'an object of class {what} (read past, not built)' if what else 'a ' + type(obj).__name__}, not a dict of weights.",
             "Save the weights with torch.save(model.state_dict()) or {'model': state_dict}.",
         )
     keys = _EMA_CONTAINERS if ema else _WEIGHT_CONTAINERS
@@ -79,7 +80,9 @@ def select_state_dict(obj: Any, ema: bool = False) -> Tuple[Dict[str, Any], Opti
 
 def strip_wrapper_prefixes(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
     """Drop non-array entries and any wrapper prefix that every key carries."""
-    sd = {k: v for k, v in state_dict.items() if is_array(v)}
+    from .io.safe_pickle import Placeholder  # kept, so the weight check names it (it is not data)
+
+    sd = {k: v for k, v in state_dict.items() if is_array(v) or isinstance(v, Placeholder)}
     changed = True
     while changed:
         changed = False

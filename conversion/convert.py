@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from .architecture import Architecture, canonical_shapes, infer_architecture
 from .diagnose import d2_problems
-from .errors import NonFiniteWeights, NotConvNeXt
+from .errors import NonFiniteWeights, NotConvNeXt, UnreadableCheckpoint
 from .layouts import LAYOUTS, Canonical, classifier_names, to_canonical
 from .containers import select_state_dict
 from .formats import AUTHOR, check_source, is_torch_zip, output_format
+from .read import placeholders_in
 from .target import ALL_OUTPUTS, DEFAULT_PREFIX, Target, fresh_output_norms, to_target
 
 # torch archive -> .pth copies tensor bytes instead of loading them (see stream.py); tests switch
@@ -56,6 +58,8 @@ class ConversionReport:
     # Target names of tensors holding NaN or Inf; None when not checked (streamed .pth without strict).
     non_finite: Optional[List[str]] = None
     streamed: bool = False  # a torch archive converted without loading it (tensor bytes copied or written one at a time)
+    # Objects of classes outside the allowlist, read past as inert placeholders: path in the file -> class.
+    read_past: Dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -152,6 +156,31 @@ def convert(
     return convert_loaded(src, loaded, source_format, dst, ema=ema, prefix=prefix, layout=layout, force=force, strict=strict)
 
 
+def check_weight_types(state_dict: Mapping[str, Any], tensors_only: bool = False) -> None:
+    """Every weight must be a real tensor, array or tensor reference before anything is written
+    (an object with `shape` and `dtype` attributes is not one; torch.load(weights_only=True) and so
+    Detectron2 would refuse the file it made).
+
+    Raises:
+        UnreadableCheckpoint: naming the first entry that is not tensor data (a placeholder by its class).
+    """
+    from .io.handles import TensorRef
+    from .io.safe_pickle import Placeholder
+
+    torch, np = sys.modules.get("torch"), sys.modules.get("numpy")  # no tensor exists unless torch is imported
+    for name, value in state_dict.items():
+        ok = torch is not None and isinstance(value, torch.Tensor)
+        if not tensors_only:
+            ok = ok or isinstance(value, TensorRef) or (np is not None and type(value) is np.ndarray)
+        if not ok:
+            kind = type(value)
+            what = f"an object of class {value.cls} (read past, not built)" if isinstance(value, Placeholder) else f"a {kind.__module__}.{kind.__qualname__}"
+            raise UnreadableCheckpoint(
+                f"weight '{name}' is {what}, not a tensor; nothing was written.",
+                "Only tensors and arrays can be weights; re-save the weights with torch.save(model.state_dict()).",
+            )
+
+
 def _refuse_non_finite(names: List[str], strict: bool) -> None:
     if strict and names:
         raise NonFiniteWeights(
@@ -176,21 +205,27 @@ def _convert_streamed(
     as bytes; for .pkl the arrays written one at a time.  Memory stays small whatever the size."""
     from .stream import check_references, non_finite, read_index, write_streamed, write_streamed_pickle
 
+    from .io.handles import NotStreamable, TensorRef
+
     index = read_index(src)
     state_dict, container = select_state_dict(index.objects, ema=ema)
+    check_weight_types(state_dict)
+    if not index.streamable or not all(isinstance(v, TensorRef) for v in state_dict.values()):
+        raise NotStreamable("compressed records or numpy arrays among the weights")
     check_references(index, state_dict)  # every tensor, dropped ones too: a broken archive is refused whole
     arch, canonical, target = prepare(state_dict, prefix=prefix, layout=layout)
     # Checking means reading every byte, which a streamed copy otherwise never does: only when asked.
     bad = non_finite(index, target.state_dict) if strict else None
     _refuse_non_finite(bad or [], strict)
+    # Everything that can fail about the input happens before the destination is written.
+    report = _report(src, dst, fmt, index.objects, "torch-zip", container, arch, canonical, target, 0, prefix, streamed=True)
+    report.non_finite = bad
     if fmt == "torch":
         payload = {"model": dict(target.state_dict), "__author__": AUTHOR}
         keep = sorted({ref.storage.key for ref in target.state_dict.values()})
-        nbytes = write_streamed(dst, index, payload, keep, force=force, source=src, progress=progress)
+        report.bytes_written = write_streamed(dst, index, payload, keep, force=force, source=src, progress=progress)
     else:
-        nbytes = write_streamed_pickle(dst, index, dict(target.state_dict), AUTHOR, force=force, source=src, progress=progress)
-    report = _report(src, dst, fmt, index.objects, "torch-zip", container, arch, canonical, target, nbytes, prefix, streamed=True)
-    report.non_finite = bad
+        report.bytes_written = write_streamed_pickle(dst, index, dict(target.state_dict), AUTHOR, force=force, source=src, progress=progress)
     return report
 
 
@@ -213,12 +248,15 @@ def convert_loaded(
 
     fmt = output_format(dst)
     state_dict, container = select_state_dict(loaded, ema=ema)
+    check_weight_types(state_dict)
     arch, canonical, target = prepare(state_dict, prefix=prefix, layout=layout)
+    check_weight_types(target.state_dict, tensors_only=True)
     bad = [k for k, t in target.state_dict.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     _refuse_non_finite(bad, strict)
-    _, nbytes = write_checkpoint(dst, target.state_dict, force=force, source=src)
-    report = _report(src, dst, fmt, loaded, source_format, container, arch, canonical, target, nbytes, prefix)
+    # Everything that can fail about the input happens before the destination is written.
+    report = _report(src, dst, fmt, loaded, source_format, container, arch, canonical, target, 0, prefix)
     report.non_finite = bad
+    _, report.bytes_written = write_checkpoint(dst, target.state_dict, force=force, source=src)
     return report
 
 
@@ -276,6 +314,7 @@ def _report(
         bytes_written=nbytes,
         notes=d2_problems(src, source_format, loaded, canonical.layout, canonical.prefix, classifier_names(canonical)),
         streamed=streamed,
+        read_past=placeholders_in(loaded),
     )
 
 

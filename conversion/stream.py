@@ -18,8 +18,6 @@ raises `NotStreamable`, and the caller falls back to the ordinary load-and-save 
 """
 from __future__ import annotations
 
-import argparse
-import codecs
 import collections
 import io
 import mmap
@@ -28,136 +26,20 @@ import pickle
 import struct
 import zipfile
 import zlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .errors import UnreadableCheckpoint, UnsafeCheckpoint, VerificationFailed
 from .formats import write_atomically
+from .io.handles import ITEM_SIZE, STORAGE_DTYPES, NotStreamable, StorageRef, TensorRef, contiguous_stride  # noqa: F401
+from .io.safe_pickle import StorageType, safe_load
 
 ALIGNMENT = 64  # torch's PyTorchStreamWriter aligns record data to 64 bytes (mmap-able)
 _COPY_CHUNK = 1 << 24
-
-# Storage class names in persistent ids -> dtype names (torch/storage.py, _utils.py).
-STORAGE_DTYPES = {
-    "FloatStorage": "float32",
-    "HalfStorage": "float16",
-    "BFloat16Storage": "bfloat16",
-    "DoubleStorage": "float64",
-    "LongStorage": "int64",
-    "IntStorage": "int32",
-    "ShortStorage": "int16",
-    "CharStorage": "int8",
-    "ByteStorage": "uint8",
-    "BoolStorage": "bool",
-}
-_ITEM_SIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1}
-
-
-class NotStreamable(Exception):
-    """This archive needs the ordinary path (not an error: the caller falls back)."""
-
-
-@dataclass(frozen=True)
-class StorageRef:
-    """One storage record of the archive: its key, element type and length."""
-
-    key: str
-    storage_type: str  # e.g. "FloatStorage"
-    numel: int
-
-
-@dataclass(frozen=True)
-class TensorRef:
-    """A tensor as the index describes it: where its elements are, never the elements."""
-
-    storage: StorageRef
-    offset: int
-    shape: Tuple[int, ...]
-    stride: Tuple[int, ...]
-
-    @property
-    def dtype(self) -> str:
-        return STORAGE_DTYPES[self.storage.storage_type]
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-    def is_contiguous(self) -> bool:
-        return self.stride == _contiguous_stride(self.shape)
-
-    def reshape(self, *shape: int) -> "TensorRef":
-        """A view with another shape (the layouts' shape fixes); only for contiguous references."""
-        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
-            shape = tuple(shape[0])
-        shape = tuple(shape)
-        if -1 in shape:
-            known = 1
-            for d in shape:
-                known *= d if d != -1 else 1
-            shape = tuple(self.numel() // known if d == -1 else d for d in shape)
-        if not self.is_contiguous():
-            raise NotStreamable("reshape of a non-contiguous tensor")
-        return replace(self, shape=shape, stride=_contiguous_stride(shape))
-
-
-def _contiguous_stride(shape: Tuple[int, ...]) -> Tuple[int, ...]:
-    stride, acc = [], 1
-    for d in reversed(shape):
-        stride.append(acc)
-        acc *= d
-    return tuple(reversed(stride))
-
-
-def _rebuild_tensor(storage: StorageRef, offset: int, size: Any, stride: Any, *_: Any) -> TensorRef:
-    return TensorRef(storage, int(offset), tuple(int(x) for x in size), tuple(int(x) for x in stride))
-
-
-def _rebuild_parameter(data: Any, *_: Any) -> Any:
-    return data
-
-
-class _StorageType:
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-
-class _IndexUnpickler(pickle.Unpickler):
-    """Reads `data.pkl` into references; allows only what a state dict index contains."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module == "torch" and name in STORAGE_DTYPES:
-            return _StorageType(name)
-        if module == "torch" and name.endswith("Storage"):
-            raise NotStreamable(f"storage type {name}")  # complex, float8...: the ordinary path decides
-        if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
-            return _rebuild_tensor
-        if module == "torch._utils" and name == "_rebuild_parameter":
-            return _rebuild_parameter
-        if (module, name) == ("collections", "OrderedDict"):
-            return collections.OrderedDict
-        if (module, name) == ("argparse", "Namespace"):
-            return argparse.Namespace
-        if (module, name) == ("_codecs", "encode"):
-            return codecs.encode
-        if module.startswith("numpy"):
-            raise NotStreamable("numpy objects in the index")  # the ordinary path reads them
-        raise UnsafeCheckpoint(
-            f"refusing to load: the file asks to build '{module}.{name}', which is not tensor data.",
-            "Only checkpoints made of tensors, arrays and plain containers are read; "
-            "re-save the weights with torch.save(model.state_dict()).",
-        )
-
-    def persistent_load(self, pid: Any) -> Any:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
-            raise NotStreamable(f"unexpected persistent id {pid!r:.80}")
-        return StorageRef(str(pid[2]), pid[1].name, int(pid[4]))
+# A deflated member may inflate to at most this many times its stored size (plus 64 KiB): torch
+# writes stored members, and a pickled index compresses ~5x; zip bombs reach ~1000x.
+COMPRESSION_BOUND = 20
+_ITEM_SIZE = ITEM_SIZE
 
 
 @dataclass
@@ -169,6 +51,24 @@ class ArchiveIndex:
     objects: Any  # the unpickled index (dicts with TensorRef leaves)
     records: Dict[str, zipfile.ZipInfo]  # name inside the folder -> zip entry
     bytes_read: int = 0
+    source: Any = None  # the open file the index came from, where it was not a path
+    streamable: bool = True  # stored records only: the streamed writers can copy them
+
+    def storage_bytes(self) -> Dict[str, bytearray]:
+        """Every storage record's bytes (CRC-checked by zipfile), for the loaded path."""
+        out: Dict[str, bytearray] = {}
+        f = open(self.path, "rb") if self.source is None else self.source
+        try:
+            with zipfile.ZipFile(f) as zf:
+                for name, info in self.records.items():
+                    if name.startswith("data/"):
+                        out[name[len("data/"):]] = bytearray(zf.read(info))
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as err:
+            raise UnreadableCheckpoint(f"{self.path}: corrupt torch archive ({type(err).__name__}: {str(err)[:120]}).", "Re-download or re-save it.") from None
+        finally:
+            if self.source is None:
+                f.close()
+        return out
 
 
 class _CountingFile(io.RawIOBase):
@@ -220,15 +120,48 @@ def _check_end_records(f: Any, path: str) -> None:
     f.seek(0)
 
 
-def read_index(path: str) -> ArchiveIndex:
+def _check_directory(path: str, records: Dict[str, zipfile.ZipInfo]) -> bool:
+    """Refuse entries torch's reader would refuse (or that would inflate out of proportion); return
+    whether every record is stored (the streamed writers copy stored records only)."""
+    stored = True
+    for info in records.values():
+        if info.compress_type == zipfile.ZIP_STORED:
+            bad = info.compress_size != info.file_size
+        else:
+            stored = False
+            bad = info.compress_type != zipfile.ZIP_DEFLATED
+            if info.file_size > COMPRESSION_BOUND * info.compress_size + (1 << 16):
+                raise UnreadableCheckpoint(
+                    f"{path}: member {info.filename} would inflate {info.compress_size} bytes to {info.file_size} "
+                    f"(more than {COMPRESSION_BOUND}x): refused before inflating.",
+                    "A torch archive stores its records uncompressed; re-save it with torch.save.",
+                )
+        if bad or info.flag_bits & 0x2001 or info.volume > 1:
+            raise UnreadableCheckpoint(f"{path}: corrupt torch archive (inconsistent directory entry).", "Re-download or re-save it.")
+    return stored
+
+
+def _storage_of(pid: Any) -> StorageRef:
+    """A zip archive's persistent id: ('storage', <storage type>, key, location, element count)."""
+    if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], StorageType)
+            and isinstance(pid[2], str) and isinstance(pid[4], int) and not isinstance(pid[4], bool) and pid[4] >= 0):
+        raise UnsafeCheckpoint("refusing to load: a persistent id that is not a torch storage.", "Re-save the weights with torch.save.")
+    return StorageRef(pid[2], pid[1].name, pid[4])
+
+
+def read_index(source: Any, name: str = "") -> ArchiveIndex:
     """Parse a torch zip archive's central directory and `data.pkl`; tensor bytes are not read.
 
+    `source` is a path or an open binary file (a pickled tensor's inner archive); `name` names it
+    in errors.  The index is unpickled by the one safe unpickler, with storages as references.
+
     Raises:
-        NotStreamable: a valid archive this module does not handle (numpy inside, big-endian...).
-        UnsafeCheckpoint: the index names something other than tensor data.
-        UnreadableCheckpoint: not a readable zip archive.
+        UnsafeCheckpoint: the index names something whose only use is to run code.
+        UnreadableCheckpoint: not a readable torch archive, or one torch's reader would refuse.
     """
-    with open(path, "rb") as raw:
+    path = name or str(source)
+    raw = open(source, "rb") if isinstance(source, str) else source
+    try:
         counting = _CountingFile(raw)
         try:
             _check_end_records(counting, path)
@@ -236,34 +169,38 @@ def read_index(path: str) -> ArchiveIndex:
                 names = [i.filename for i in zf.infolist()]
                 pkl = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
                 if len(pkl) != 1:
-                    raise NotStreamable("no single <folder>/data.pkl")
+                    raise UnreadableCheckpoint(f"{path}: a zip archive without one <folder>/data.pkl: not a torch.save file.", "Re-save it with torch.save.")
                 folder = pkl[0].split("/", 1)[0]
                 records = {i.filename[len(folder) + 1:]: i for i in zf.infolist() if i.filename.startswith(folder + "/")}
-                if any(i.compress_type != zipfile.ZIP_STORED for i in records.values()):
-                    raise NotStreamable("compressed records")
-                if any(i.compress_size != i.file_size or i.flag_bits & 0x2001 or i.volume > 1 for i in records.values()):
-                    raise UnreadableCheckpoint(f"{path}: corrupt torch archive (inconsistent directory entry).", "Re-download or re-save it.")
+                stored = _check_directory(path, records)
+                for info in records.values():  # local headers must agree with the directory, as torch checks
+                    try:
+                        _data_offset(counting, info)
+                    except UnreadableCheckpoint as err:
+                        raise UnreadableCheckpoint(f"{path}: {err.message}", err.hint) from None
                 if "byteorder" in records and zf.read(folder + "/byteorder").strip() != b"little":
-                    raise NotStreamable("big-endian archive")
-                # torch.load checks the archive's format version; a version it would refuse is its call.
-                if "version" not in records or zf.read(folder + "/version").strip() not in (b"1", b"2", b"3"):
-                    raise NotStreamable("unknown archive version")
+                    raise UnreadableCheckpoint(f"{path}: a big-endian torch archive.", "Re-save it with torch.save on a little-endian machine.")
+                version = zf.read(folder + "/version").strip() if "version" in records else b"(none)"
+                if version not in (b"1", b"2", b"3"):
+                    raise UnreadableCheckpoint(f"{path}: torch archive format version {version[:20]!r} is not one torch writes.", "Re-save it with torch.save.")
                 data = zf.read(pkl[0])
-        except (NotStreamable, UnreadableCheckpoint):
+        except UnreadableCheckpoint:
             raise
         except Exception as err:  # BadZipFile, bad CRC, odd names or versions: one fact for the user
             raise UnreadableCheckpoint(
                 f"{path}: truncated or corrupt torch archive ({type(err).__name__}: {str(err)[:120]}).", "Re-download or re-save it."
             ) from None
+        held = sum(i.file_size for k, i in records.items() if k.startswith("data/"))
         try:
-            objects = _IndexUnpickler(io.BytesIO(data), encoding="latin1").load()
-        except NotStreamable:
-            raise
-        except UnsafeCheckpoint as err:
-            raise UnsafeCheckpoint(f"{path}: {err.message}", err.hint) from None
+            objects, _ = safe_load(io.BytesIO(data), size=len(data), budget=2 * len(data) + held + (1 << 20), persistent_load=_storage_of)
+        except UnreadableCheckpoint as err:
+            raise type(err)(f"{path}: {err.message}", err.hint) from None
         except Exception as err:
-            raise UnreadableCheckpoint(f"{path}: corrupt index ({type(err).__name__}: {err}).", "Re-download or re-save it.") from None
-        return ArchiveIndex(path, folder, objects, records, counting.count)
+            raise UnreadableCheckpoint(f"{path}: corrupt index ({type(err).__name__}: {str(err)[:160]}).", "Re-download or re-save it.") from None
+        return ArchiveIndex(path, folder, objects, records, counting.count, None if isinstance(source, str) else source, stored)
+    finally:
+        if isinstance(source, str):
+            raw.close()
 
 
 def check_references(index: ArchiveIndex, refs: Dict[str, TensorRef]) -> None:
