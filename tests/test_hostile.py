@@ -551,12 +551,30 @@ def test_containers_carry_a_benign_program_unchanged():
 # ================================================================ the hostile corpus is refused
 
 
+# Payloads whose global is a class outside the allowlist (not a function whose only use is to run
+# code): the reader builds an inert placeholder recording the class name, never calling
+# __new__, __init__ or __setstate__.  payload -> the class name recorded.
+READ_PAST = {
+    "logging.FileHandler": "logging.FileHandler",
+    "NEWOBJ": f"{_HERE}.TouchOnNew",
+    "NEWOBJ_EX": f"{_HERE}.TouchOnNew",
+    "BUILD-__setstate__": f"{_HERE}.TouchOnSetstate",
+    "copyreg._reconstructor": f"{_HERE}.TouchOnInit",
+}
+
+
 @pytest.mark.parametrize("case", HOSTILE_CASES, ids=[c.id for c in HOSTILE_CASES])
 def test_hostile_file_is_refused_by_the_reader_and_runs_nothing(case: HostileCase, tmp_path: Path, sentinels: Path,
                                                               extension_registry: None):
     hostile = build_hostile(case, tmp_path, sentinels)
     TALLY["hostile-reader"] += 1
 
+    if case.payload in READ_PAST:
+        # A class outside the allowlist is read past: an inert placeholder naming it, nothing called.
+        loaded = load_checkpoint(str(hostile.path))["model"]  # _program puts the payload under 'model'
+        assert not hostile.sentinel.exists(), f"{case.id}: code from the file ran"
+        assert type(loaded).__name__ == "Placeholder" and loaded.cls == READ_PAST[case.payload], repr(loaded)
+        return
     with pytest.raises(ConversionError) as err:
         load_checkpoint(str(hostile.path))
 
@@ -600,7 +618,7 @@ def test_hostile_file_through_the_cli_exits_2_and_leaves_nothing(case: HostileCa
         ("os.system", "pickle", "os.system"),
         pytest.param("os.system", "torch-zip", "system"),
         pytest.param("os.system", "torch-legacy", "system"),
-        pytest.param("INST", "torch-zip", "operand"),
+        pytest.param("INST", "torch-zip", "os.system"),
         pytest.param("_load_from_bytes-inner-zip", "pickle", "system"),
         ("builtins.exec", "torch-zip", "exec"),
     ],
@@ -1366,9 +1384,6 @@ def test_a_protocol_2_pickle_written_by_python_3_converts(fmt: str, tmp_path: Pa
     assert convert_and_judge(src, tmp_path / "out") == "converted"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG read._RestrictedUnpickler trusts numpy dtype state: a dtype whose flags byte "
-                   "claims object semantics (e.g. NPY_ITEM_REFCOUNT) makes numpy print dozens of 'Traceback ... "
-                   "get_clear_loop not set' blocks on stderr, and the conversion still exits 0")
 def test_a_dtype_with_forged_flags_gives_no_traceback(tmp_path: Path):
     """numpy's pickled dtype state carries internal flags; a forged one must not reach the user as tracebacks."""
     from .test_cli import run_cli

@@ -174,7 +174,11 @@ def _array_from(u: "SafeUnpickler", data: Any, dtype: Any, shape: Any, fortran: 
         raise _corrupt(f"{what} ({dt.str}, shape {list(shape)}) needs {count * dt.itemsize} bytes, its data has {len(data)}.")
     u.spend(len(data))
     buffer = data if isinstance(data, bytearray) else bytearray(data)
-    return _np().frombuffer(buffer, dt).reshape(shape, order="F" if fortran else "C")
+    array = _np().frombuffer(buffer, dt).reshape(shape, order="F" if fortran else "C")
+    if not dt.isnative:  # torch takes native byte order only: same values, swapped once here
+        u.spend(len(data))
+        array = array.astype(dt.newbyteorder("="))
+    return array
 
 
 def _ndarray(u: "SafeUnpickler", args: tuple) -> Any:
