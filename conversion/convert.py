@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from .architecture import Architecture, canonical_shapes, infer_architecture
 from .diagnose import d2_problems
-from .errors import NonFiniteWeights, NotConvNeXt, UnreadableCheckpoint
+from .errors import NonFiniteWeights, NotConvNeXt
 from .layouts import LAYOUTS, Canonical, classifier_names, to_canonical
-from .containers import select_state_dict
+from .containers import check_weight_types, select_state_dict
 from .formats import AUTHOR, check_source, is_torch_zip, output_format
 from .read import placeholders_in
 from .target import ALL_OUTPUTS, DEFAULT_PREFIX, Target, fresh_output_norms, to_target
@@ -154,31 +153,6 @@ def convert(
 
     loaded, source_format = read_checkpoint(src)
     return convert_loaded(src, loaded, source_format, dst, ema=ema, prefix=prefix, layout=layout, force=force, strict=strict)
-
-
-def check_weight_types(state_dict: Mapping[str, Any], tensors_only: bool = False) -> None:
-    """Every weight must be a real tensor, array or tensor reference before anything is written
-    (an object with `shape` and `dtype` attributes is not one; torch.load(weights_only=True) and so
-    Detectron2 would refuse the file it made).
-
-    Raises:
-        UnreadableCheckpoint: naming the first entry that is not tensor data (a placeholder by its class).
-    """
-    from .io.handles import TensorRef
-    from .io.safe_pickle import Placeholder
-
-    torch, np = sys.modules.get("torch"), sys.modules.get("numpy")  # no tensor exists unless torch is imported
-    for name, value in state_dict.items():
-        ok = torch is not None and isinstance(value, torch.Tensor)
-        if not tensors_only:
-            ok = ok or isinstance(value, TensorRef) or (np is not None and type(value) is np.ndarray)
-        if not ok:
-            kind = type(value)
-            what = f"an object of class {value.cls} (read past, not built)" if isinstance(value, Placeholder) else f"a {kind.__module__}.{kind.__qualname__}"
-            raise UnreadableCheckpoint(
-                f"weight '{name}' is {what}, not a tensor; nothing was written.",
-                "Only tensors and arrays can be weights; re-save the weights with torch.save(model.state_dict()).",
-            )
 
 
 def _refuse_non_finite(names: List[str], strict: bool) -> None:
@@ -352,6 +326,7 @@ def repair(src: str, dst: str, *, force: bool = False) -> RepairReport:
     output_format(dst)
     loaded, source_format = read_checkpoint(src)
     state_dict, container = select_state_dict(loaded)
+    check_weight_types(state_dict)
     _, canonical, _ = prepare(state_dict)
     causes = d2_problems(src, source_format, loaded, canonical.layout, canonical.prefix, classifier_names(canonical))
     if not causes:

@@ -39,8 +39,14 @@ def _tensors(storages: Dict[str, Any]) -> Callable[[TensorRef], Any]:
     def build(ref: TensorRef) -> Any:
         key = ref.storage.key
         if key not in flat:
-            data = storages[key]
+            data = storages.get(key)
             dtype = STORAGE_DTYPES[ref.storage.storage_type]
+            want = ref.storage.numel * ITEM_SIZE[dtype]
+            if data is None or len(data) != want:  # a view past the bytes would read other memory
+                raise UnreadableCheckpoint(
+                    f"storage {key} holds {'no record' if data is None else f'{len(data)} bytes'}, its index says {want}.",
+                    "The file is truncated, corrupt or crafted; re-download or re-save it.",
+                )
             array = np.frombuffer(data if isinstance(data, bytearray) else bytearray(data), _NUMPY_OF[dtype])
             t = torch.from_numpy(array)
             flat[key] = t.view(torch.bfloat16) if dtype == "bfloat16" else t
@@ -49,19 +55,23 @@ def _tensors(storages: Dict[str, Any]) -> Callable[[TensorRef], Any]:
     return build
 
 
-def materialize(obj: Any, build: Callable[[TensorRef], Any]) -> Any:
-    """The same objects with every TensorRef replaced by its tensor (depth is bounded by the reader)."""
+def materialize(obj: Any, build: Callable[[TensorRef], Any], name: str = "") -> Any:
+    """The same objects with every TensorRef replaced by its tensor (depth is bounded by the reader);
+    a tensor that cannot be built is named by its key."""
     if isinstance(obj, TensorRef):
-        return build(obj)
+        try:
+            return build(obj)
+        except UnreadableCheckpoint as err:
+            raise UnreadableCheckpoint(f"tensor '{name}': {err.message}", err.hint) from None
     if isinstance(obj, dict):
         out: Dict[Any, Any] = collections.OrderedDict() if isinstance(obj, collections.OrderedDict) else {}
         for k, v in obj.items():
-            out[k] = materialize(v, build)
+            out[k] = materialize(v, build, str(k))
         return out
     if isinstance(obj, list):
-        return [materialize(v, build) for v in obj]
+        return [materialize(v, build, f"{name}[{i}]") for i, v in enumerate(obj)]
     if isinstance(obj, tuple):
-        return tuple(materialize(v, build) for v in obj)
+        return tuple(materialize(v, build, f"{name}[{i}]") for i, v in enumerate(obj))
     return obj
 
 

@@ -50,6 +50,9 @@ _CODE_MODULES = frozenset(
 )
 # torch and numpy: their functions are refused (torch.load, numpy.load...), their classes read past.
 _LIBRARIES_WITH_CODE = frozenset(("torch", "numpy"))
+# torch names that are values, not code (a dtype in training arguments): read past like classes.
+_TORCH_DATA = frozenset(("torch", n) for n in (
+    "float32 float16 bfloat16 float64 int64 int32 int16 int8 uint8 bool complex64 complex128 float half double long int".split()))
 _CLASS_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*(\.[A-Z][A-Za-z0-9_]*)*\Z")
 _NUMPY_CODE = re.compile(r"(\?|[biufc](1|2|4|8|16))\Z")
 
@@ -454,7 +457,7 @@ class SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcode
         if module == "torch" and name in STORAGE_DTYPES:
             return StorageType(name)
         root = module.split(".", 1)[0]
-        function = root in _LIBRARIES_WITH_CODE and not name[:1].isupper()
+        function = root in _LIBRARIES_WITH_CODE and not name[:1].isupper() and (module, name) not in _TORCH_DATA
         if root in _CODE_MODULES or function or not _CLASS_NAME.match(name) or "__" in dotted:
             raise _refuse(dotted)
         return self.placeholder(dotted)
