@@ -85,13 +85,23 @@ def build(folder: str) -> List[Tuple[str, str]]:
     return files
 
 
+# A forked child's peak RSS starts at its parent's (this process holds torch and the files): the
+# CLI is started from a small launcher, so the figure is the CLI's own.
+_LAUNCHER = (
+    "import os, subprocess, sys, time\n"
+    "t = time.monotonic()\n"
+    "p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+    "_, status, usage = os.wait4(p.pid, 0)\n"
+    "print(os.waitstatus_to_exitcode(status), time.monotonic() - t, usage.ru_maxrss * 1024)\n"
+)
+
+
 def peak_rss(argv: List[str]) -> Tuple[int, float, int]:
     """(exit status, seconds, peak RSS in bytes) of one CLI process."""
     env = dict(os.environ, PYTHONPATH=ROOT)
-    start = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "conversion", *argv], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    return os.waitstatus_to_exitcode(status), time.monotonic() - start, usage.ru_maxrss * 1024
+    out = subprocess.run([sys.executable, "-c", _LAUNCHER, sys.executable, "-m", "conversion", *argv],
+                         env=env, capture_output=True, text=True, check=True).stdout.split()
+    return int(out[0]), float(out[1]), int(out[2])
 
 
 def main() -> int:
@@ -99,6 +109,7 @@ def main() -> int:
     parser.add_argument("--out", default=None, help="folder for the files (default: a temporary one)")
     args = parser.parse_args()
     folder = args.out or tempfile.mkdtemp(prefix="hostile-memory-")
+    os.makedirs(folder, exist_ok=True)
     rows: Dict[str, List[str]] = {}
     for name, path in build(folder):
         size = os.path.getsize(path)

@@ -30,13 +30,14 @@ _inner_keys = itertools.count()
 
 
 def _tensors(storages: Dict[str, Any]) -> Callable[[TensorRef], Any]:
-    """TensorRef -> torch tensor over the storage's bytes (one storage tensor per key, views shared)."""
-    import numpy as np
-    import torch
-
+    """TensorRef -> torch tensor over the storage's bytes (one storage tensor per key, views shared).
+    torch is imported on the first tensor only: a file of numpy arrays is read without it."""
     flat: Dict[str, Any] = {}
 
     def build(ref: TensorRef) -> Any:
+        import numpy as np
+        import torch
+
         key = ref.storage.key
         if key not in flat:
             data = storages.get(key)
