@@ -114,7 +114,7 @@ def _check_end_records(f: Any, path: str) -> None:
     loc = at - 20
     if loc >= 0 and tail[loc:loc + 4] == b"PK\x06\x07":
         z64_disk, _, disks = struct.unpack("<IQI", tail[loc + 4:loc + 20])
-        bad = bad or z64_disk != 0 or disks > 1
+        bad = bad or z64_disk != 0 or disks != 1
     if bad:
         raise UnreadableCheckpoint(f"{path}: corrupt torch archive (multi-disk end record).", "Re-download or re-save it.")
     f.seek(0)
@@ -149,6 +149,34 @@ def _storage_of(pid: Any) -> StorageRef:
     return StorageRef(pid[2], pid[1].name, pid[4])
 
 
+def _check_totals(f: Any, path: str, zf: zipfile.ZipFile) -> None:
+    """The end records must describe the directory exactly (entries, size, offset; the zip64 record
+    well-formed where present), as torch's reader requires; Python's zipfile reads past a mismatch."""
+    size = f.seek(0, os.SEEK_END)
+    f.seek(max(0, size - (1 << 16) - 22))
+    base = f.tell()
+    tail = f.read()
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or len(tail) < at + 22:
+        raise UnreadableCheckpoint(f"{path}: corrupt torch archive (no end record).", "Re-download or re-save it.")
+    here, total, cd_size, cd_offset, comment = struct.unpack("<HHIIH", tail[at + 8:at + 22])
+    bad = comment != len(tail) - at - 22
+    loc = at - 20
+    if loc >= 0 and tail[loc:loc + 4] == b"PK\x06\x07":
+        (z64_at,) = struct.unpack("<Q", tail[loc + 8:loc + 16])
+        f.seek(z64_at)
+        rec = f.read(56)
+        if len(rec) < 56 or rec[:4] != b"PK\x06\x06" or z64_at + 56 != base + loc:
+            raise UnreadableCheckpoint(f"{path}: corrupt torch archive (zip64 end record).", "Re-download or re-save it.")
+        rec_size, _made, _needed, disk, cd_disk, here, total, cd_size, cd_offset = struct.unpack("<QHHIIQQQQ", rec[4:56])
+        bad = bad or rec_size != 44 or disk or cd_disk
+    infos = zf.infolist()
+    used = sum(46 + len(i.orig_filename.encode("utf-8" if i.flag_bits & 0x800 else "cp437")) + len(i.extra) + len(i.comment) for i in infos)
+    if bad or here != total or total != len(infos) or cd_size != used or cd_offset != zf.start_dir:
+        raise UnreadableCheckpoint(f"{path}: corrupt torch archive (end record disagrees with the directory).", "Re-download or re-save it.")
+    f.seek(0)
+
+
 def read_index(source: Any, name: str = "") -> ArchiveIndex:
     """Parse a torch zip archive's central directory and `data.pkl`; tensor bytes are not read.
 
@@ -166,13 +194,19 @@ def read_index(source: Any, name: str = "") -> ArchiveIndex:
         try:
             _check_end_records(counting, path)
             with zipfile.ZipFile(counting) as zf:
+                _check_totals(counting, path, zf)
                 names = [i.filename for i in zf.infolist()]
                 pkl = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
                 if len(pkl) != 1:
                     raise UnreadableCheckpoint(f"{path}: a zip archive without one <folder>/data.pkl: not a torch.save file.", "Re-save it with torch.save.")
                 folder = pkl[0].split("/", 1)[0]
                 records = {i.filename[len(folder) + 1:]: i for i in zf.infolist() if i.filename.startswith(folder + "/")}
+                if len(records) != len(names):  # torch.save writes every member under one folder, once
+                    raise UnreadableCheckpoint(f"{path}: corrupt torch archive (members outside {folder}/ or named twice).", "Re-download or re-save it.")
                 stored = _check_directory(path, records)
+                for key, info in records.items():  # the small records' CRCs, as torch's reader checks them
+                    if not key.startswith("data/") and key != "data.pkl":
+                        zf.read(info)
                 for info in records.values():  # local headers must agree with the directory, as torch checks
                     try:
                         _data_offset(counting, info)
@@ -316,7 +350,23 @@ def _data_offset(f: Any, info: zipfile.ZipInfo) -> int:
         not described_later and (crc, csize, usize) != (info.CRC, info.compress_size, info.file_size) and usize != 0xFFFFFFFF
     ):
         raise UnreadableCheckpoint(f"corrupt archive entry {info.filename} (local header disagrees with the directory)", "Re-download or re-save it.")
-    return info.header_offset + 30 + name_len + extra_len
+    start = info.header_offset + 30 + name_len + extra_len
+    if described_later and not _descriptor_agrees(f, start + info.compress_size, info):
+        raise UnreadableCheckpoint(f"corrupt archive entry {info.filename} (data descriptor disagrees with the directory)", "Re-download or re-save it.")
+    return start
+
+
+def _descriptor_agrees(f: Any, at: int, info: zipfile.ZipInfo) -> bool:
+    """The data descriptor after an entry's bytes (torch writes one per record) holds the CRC and
+    sizes the directory has; torch's reader checks it, Python's zipfile never reads it."""
+    f.seek(at)
+    tail = f.read(24)
+    if tail[:4] == b"PK\x07\x08":
+        tail = tail[4:]
+    want = (info.CRC, info.compress_size, info.file_size)
+    short = struct.unpack("<III", tail[:12]) if len(tail) >= 12 else None
+    wide = struct.unpack("<IQQ", tail[:20]) if len(tail) >= 20 else None  # zip64 descriptors
+    return want in (short, wide)
 
 
 def _copy_range(src_fd: int, dst_fd: int, src_offset: int, count: int) -> None:

@@ -282,6 +282,15 @@ def _reconstructor(u: "SafeUnpickler", args: tuple) -> Any:
     raise _refuse("copyreg._reconstructor")
 
 
+def _getattr(u: "SafeUnpickler", args: tuple) -> Any:
+    """getattr(cls, name): how a method reference pickles (mmengine's HistoryBuffer keeps its
+    statistics methods so).  Only on a placeholder, giving another: getattr on anything real is the
+    classic way to reach os.system, and is refused."""
+    if len(args) == 2 and isinstance(args[0], Placeholder) and isinstance(args[1], str) and _CLASS_NAME.match(args[1]) and "__" not in args[1]:
+        return u.placeholder(f"{args[0].cls}.{args[1]}")
+    raise _refuse("builtins.getattr")
+
+
 def _rebuild_tensor(u: "SafeUnpickler", args: tuple) -> Any:
     """torch._utils._rebuild_tensor(_v2)(storage, offset, size, stride, ...): a reference, checked
     to lie inside its storage (otherwise torch would grow the storage with uninitialised memory)."""
@@ -327,6 +336,7 @@ _ALLOWED: Dict[Tuple[str, str], _Rebuilder] = {
     ("builtins", "frozenset"): _Rebuilder("builtins.frozenset", _set(frozenset)),
     ("_codecs", "encode"): _Rebuilder("_codecs.encode", _encode),
     ("copyreg", "_reconstructor"): _Rebuilder("copyreg._reconstructor", _reconstructor),
+    ("builtins", "getattr"): _Rebuilder("builtins.getattr", _getattr),
     ("builtins", "object"): _Rebuilder("builtins.object", lambda u, a: u.placeholder("builtins.object")),
     ("torch._utils", "_rebuild_tensor_v2"): _Rebuilder("torch._utils._rebuild_tensor_v2", _rebuild_tensor),
     ("torch._utils", "_rebuild_tensor"): _Rebuilder("torch._utils._rebuild_tensor", _rebuild_tensor),
