@@ -271,3 +271,61 @@ def test_every_refusal_here_is_a_conversion_error():
             from conversion.io.safe_pickle import safe_load
 
             safe_load(io.BytesIO(data), size=len(data))
+
+
+# ---------------------------------------------------------------- zip damage the fuzzer found
+
+
+def _entries(data: bytes):
+    """(name, central-directory offset, local-header offset) of every member, read structurally."""
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        pos, out = z.start_dir, []
+        while data[pos:pos + 4] == b"PK\x01\x02":
+            n, e, c = struct.unpack_from("<HHH", data, pos + 28)
+            (local,) = struct.unpack_from("<I", data, pos + 42)
+            out.append((data[pos + 46:pos + 46 + n].decode(), pos, local))
+            pos += 46 + n + e + c
+    return out
+
+
+def _flip(data: bytes, at: int, mask: int = 1) -> bytes:
+    b = bytearray(data)
+    b[at] ^= mask
+    return bytes(b)
+
+
+def _member(data: bytes, suffix: str):
+    return next(e for e in _entries(data) if e[0].endswith(suffix))
+
+
+def _record_data(data: bytes, suffix: str) -> int:
+    """Offset of a member's first data byte (after its local header)."""
+    name, _, local = _member(data, suffix)
+    n, e = struct.unpack_from("<HH", data, local + 26)
+    return local + 30 + n + e
+
+
+_ZIP_DAMAGE = {
+    # found by test_hostile's byte-flip fuzzer (seeded and hypothesis runs): torch refuses each, zipfile reads each
+    "directory-name-outside-the-folder": lambda d: _flip(d, _member(d, "/.format_version")[1] + 46),
+    "small-record-local-extra-length": lambda d: _flip(d, _member(d, "/.format_version")[2] + 29, 0x80),
+    "small-record-bytes": lambda d: _flip(d, _record_data(d, "/.storage_alignment"), 0x80),  # "64": not a number
+    "zip64-locator-disk-count": lambda d: _flip(d, d.rfind(b"PK\x06\x07") + 16),
+    "directory-comment-length": lambda d: _flip(d, _member(d, "/version")[1] + 32),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(_ZIP_DAMAGE))
+def test_zip_damage_torch_refuses_is_refused(damage: str, tmp_path, capsys):
+    data = _ZIP_DAMAGE[damage](A.torch_zip({"model": A.tiny_state_dict()}))
+    src = _write(tmp_path, data, "torch-zip")
+    with pytest.raises(Exception):  # the independent oracle: torch's own reader refuses the file
+        torch.load(src, weights_only=True)
+
+    for argv in _every_command(src):
+        status = main(argv)
+        err = capsys.readouterr().err
+        assert status == EXIT_USAGE, f"{argv[0]}: exit {status}\n{err}"
+        assert_plain_error(err)
+        assert "corrupt" in err, err
+        assert os.listdir(tmp_path / "out") == []
