@@ -171,8 +171,13 @@ def _check_totals(f: Any, path: str, zf: zipfile.ZipFile) -> None:
         rec_size, _made, _needed, disk, cd_disk, here, total, cd_size, cd_offset = struct.unpack("<QHHIIQQQQ", rec[4:56])
         bad = bad or rec_size != 44 or disk or cd_disk
     infos = zf.infolist()
-    used = sum(46 + len(i.orig_filename.encode("utf-8" if i.flag_bits & 0x800 else "cp437")) + len(i.extra) + len(i.comment) for i in infos)
-    if bad or here != total or total != len(infos) or cd_size != used or cd_offset != zf.start_dir:
+    f.seek(zf.start_dir)
+    directory = f.read(cd_size)  # walked by its own length fields (zipfile truncates a name that overruns)
+    pos = count = 0
+    while pos + 46 <= len(directory) and directory[pos:pos + 4] == b"PK\x01\x02":
+        n, e, c = struct.unpack_from("<HHH", directory, pos + 28)
+        pos, count = pos + 46 + n + e + c, count + 1
+    if bad or here != total or total != len(infos) or count != total or pos != cd_size or cd_offset != zf.start_dir:
         raise UnreadableCheckpoint(f"{path}: corrupt torch archive (end record disagrees with the directory).", "Re-download or re-save it.")
     f.seek(0)
 
