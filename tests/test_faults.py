@@ -412,12 +412,8 @@ def test_an_io_error_on_fsync_exits_2_and_removes_the_temporary_file(small_sourc
     assert os.listdir(out) == []
 
 
-_READ_BACK_BUGS: Dict[Tuple[str, str], str] = {}  # all fixed; kept so a regression can be pinned again
-
-
 @pytest.mark.parametrize("source_kind, ext", [
-    pytest.param(k, e, id=f"{k}->{e}", marks=pytest.mark.xfail(strict=True, reason=_READ_BACK_BUGS[k, e]) if (k, e) in _READ_BACK_BUGS else ())
-    for k in ("torch-archive", "legacy-torch-file") for e in (".pth", ".pkl")
+    pytest.param(k, e, id=f"{k}->{e}") for k in ("torch-archive", "legacy-torch-file") for e in (".pth", ".pkl")
 ])
 def test_a_written_file_that_does_not_read_back_is_a_verification_failure_naming_the_destination(
         small_source: Path, tmp_path: Path, source_kind: str, ext: str, monkeypatch, capsys):

@@ -309,9 +309,10 @@ def _record_data(data: bytes, suffix: str) -> int:
 
 _ZIP_DAMAGE = {
     # found by test_hostile's byte-flip fuzzer (seeded and hypothesis runs): torch refuses each, zipfile reads each
-    "directory-name-outside-the-folder": lambda d: _flip(d, _member(d, "/.format_version")[1] + 46),
-    "small-record-local-extra-length": lambda d: _flip(d, _member(d, "/.format_version")[2] + 29, 0x80),
-    "small-record-bytes": lambda d: _flip(d, _record_data(d, "/.storage_alignment"), 0x80),  # "64": not a number
+    # (members every torch version writes: data.pkl, version, data/<key>; torch 2 adds .format_version...)
+    "directory-name-outside-the-folder": lambda d: _flip(d, _member(d, "/version")[1] + 46),
+    "small-record-local-extra-length": lambda d: _flip(d, _member(d, "/version")[2] + 29, 0x80),
+    "small-record-bytes": lambda d: _flip(d, _record_data(d, "/version"), 0x80),  # "3": not a version
     "zip64-locator-disk-count": lambda d: _flip(d, d.rfind(b"PK\x06\x07") + 16),
     "directory-comment-length": lambda d: _flip(d, _member(d, "/version")[1] + 32),
     # the last entry's name length one past the directory's end: zipfile silently truncates the name
