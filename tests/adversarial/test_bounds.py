@@ -308,7 +308,7 @@ def _record_data(data: bytes, suffix: str) -> int:
 
 
 _ZIP_DAMAGE = {
-    # found by test_hostile's byte-flip fuzzer (seeded and hypothesis runs): torch refuses each, zipfile reads each
+    # found by test_hostile.py's byte-flip fuzzer (seeded and hypothesis runs): torch refuses each, zipfile reads each
     # (members every torch version writes: data.pkl, version, data/<key>; torch 2 adds .format_version...)
     "directory-name-outside-the-folder": lambda d: _flip(d, _member(d, "/version")[1] + 46),
     "small-record-local-extra-length": lambda d: _flip(d, _member(d, "/version")[2] + 29, 0x80),
