@@ -28,7 +28,7 @@ from typing import Callable, Dict, Iterator, List, Tuple
 import pytest
 import torch
 
-from conversion import formats
+from conversion.io import atomic
 from conversion.architecture import Architecture, canonical_shapes
 from conversion.cli import main
 
@@ -357,7 +357,7 @@ def test_destination_folder_removed_after_the_checks_exits_2(source_kind: str, s
     """The folder disappears between the checks and the temporary file (another process cleaning up).
 
     Both writers (the streamed archive copy and the load-and-save path) create their temporary file
-    through formats.anonymous_beside (O_TMPFILE), falling back to tempfile.mkstemp; the folder is
+    through atomic.anonymous_beside (O_TMPFILE), falling back to tempfile.mkstemp; the folder is
     removed just before the first of them.
     """
     if source_kind == "legacy-torch-file":  # not streamable: the load-and-save path writes it
@@ -372,14 +372,14 @@ def test_destination_folder_removed_after_the_checks_exits_2(source_kind: str, s
         return real_mkstemp(*args, **kwargs)
 
     monkeypatch.setattr(tempfile, "mkstemp", remove_folder_then_mkstemp)
-    real_anonymous = formats.anonymous_beside
+    real_anonymous = atomic.anonymous_beside
 
     def remove_folder_then_open(path, directory):
         if Path(directory) == out and out.exists():
             out.rmdir()
         return real_anonymous(path, directory)
 
-    monkeypatch.setattr(formats, "anonymous_beside", remove_folder_then_open)
+    monkeypatch.setattr(atomic, "anonymous_beside", remove_folder_then_open)
 
     status = main(["convert", str(small_source), str(out / "model_d2.pth")])
 
@@ -470,7 +470,7 @@ def test_a_fault_right_after_the_temporary_file_is_created_leaves_nothing(
         return real_chmod(path, mode, *args, **kwargs)
 
     monkeypatch.setattr(os, "chmod", failing_chmod)
-    monkeypatch.setattr(formats, "anonymous_beside", lambda path, directory: None)
+    monkeypatch.setattr(atomic, "anonymous_beside", lambda path, directory: None)
 
     status = main(["convert", str(small_source), str(dst)])
 
