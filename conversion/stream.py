@@ -7,14 +7,15 @@ the storages are copied byte for byte (`os.copy_file_range`, in the kernel) and 
 is rebuilt.  Nothing here imports torch (importing it alone costs ~640 MB of resident memory);
 memory stays at the size of the index whatever the checkpoint's size.
 
-The index is read with an allowlisting unpickler that builds *references* instead of tensors,
-so nothing in the file executes and no tensor byte is read.  The new index is written with the
-same opcodes torch uses (protocol 2, `torch._utils._rebuild_tensor_v2`, typed-storage persistent
-ids), records are 64-byte aligned as torch aligns them, and the result is read back: every copied
-record's CRC-32 is checked against the source's and the new index is parsed and compared.
+The index is read by the one safe unpickler (conversion/io/torchzip.py, conversion/io/safe_pickle.py)
+with storages as references, so nothing in the file executes and no tensor byte is read.  The new
+index is written with the same opcodes torch uses (protocol 2, `torch._utils._rebuild_tensor_v2`,
+typed-storage persistent ids), records are 64-byte aligned as torch aligns them, and the result is
+read back: every copied record's CRC-32 is checked against the source's and the new index is parsed
+and compared.
 
-Anything unusual (compressed records, big-endian data, tensors that are not plain references)
-raises `NotStreamable`, and the caller falls back to the ordinary load-and-save path.
+An archive whose weights are not all plain stored references (deflated records, numpy arrays
+among the weights) raises `NotStreamable`, and the caller reads it whole instead.
 """
 from __future__ import annotations
 
