@@ -5,9 +5,10 @@ references without importing torch.
 """
 from __future__ import annotations
 
+import sys
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from .errors import ContainerError
+from .errors import ContainerError, UnreadableCheckpoint
 
 # Container keys, in the order tried.  Released official files use `model` (EMA files
 # too); training checkpoints add `model_ema`; mmpretrain and others use `state_dict`.
@@ -54,8 +55,9 @@ def select_state_dict(obj: Any, ema: bool = False) -> Tuple[Dict[str, Any], Opti
         ContainerError: no state dict, or `ema` asked for and none present.
     """
     if not isinstance(obj, Mapping):
+        what = getattr(obj, "cls", None) if type(obj).__name__ == "Placeholder" else None
         raise ContainerError(
-            f"checkpoint holds a {type(obj).__name__}, not a dict of weights.",
+            f"checkpoint holds {f'an object of class {what} (read past, not built)' if what else 'a ' + type(obj).__name__}, not a dict of weights.",
             "Save the weights with torch.save(model.state_dict()) or {'model': state_dict}.",
         )
     keys = _EMA_CONTAINERS if ema else _WEIGHT_CONTAINERS
@@ -79,7 +81,9 @@ def select_state_dict(obj: Any, ema: bool = False) -> Tuple[Dict[str, Any], Opti
 
 def strip_wrapper_prefixes(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
     """Drop non-array entries and any wrapper prefix that every key carries."""
-    sd = {k: v for k, v in state_dict.items() if is_array(v)}
+    from .io.safe_pickle import Placeholder  # kept, so the weight check names it (it is not data)
+
+    sd = {k: v for k, v in state_dict.items() if is_array(v) or isinstance(v, Placeholder)}
     changed = True
     while changed:
         changed = False
@@ -88,3 +92,28 @@ def strip_wrapper_prefixes(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
                 sd = {k[len(prefix):]: v for k, v in sd.items()}
                 changed = True
     return sd
+
+
+def check_weight_types(state_dict: Mapping[str, Any], tensors_only: bool = False) -> None:
+    """Every weight must be a real tensor, array or tensor reference before anything is written
+    (an object with `shape` and `dtype` attributes is not one; torch.load(weights_only=True) and so
+    Detectron2 would refuse the file it made).
+
+    Raises:
+        UnreadableCheckpoint: naming the first entry that is not tensor data (a placeholder by its class).
+    """
+    from .io.handles import TensorRef
+    from .io.safe_pickle import Placeholder
+
+    torch, np = sys.modules.get("torch"), sys.modules.get("numpy")  # no tensor exists unless torch is imported
+    for name, value in state_dict.items():
+        ok = torch is not None and isinstance(value, torch.Tensor)
+        if not tensors_only:
+            ok = ok or isinstance(value, TensorRef) or (np is not None and type(value) is np.ndarray)
+        if not ok:
+            kind = type(value)
+            what = f"an object of class {value.cls} (read past, not built)" if isinstance(value, Placeholder) else f"a {kind.__module__}.{kind.__qualname__}"
+            raise UnreadableCheckpoint(
+                f"weight '{name}' is {what}, not a tensor; nothing was written.",
+                "Only tensors and arrays can be weights; re-save the weights with torch.save(model.state_dict()).",
+            )

@@ -14,8 +14,9 @@ from .architecture import Architecture, canonical_shapes, infer_architecture
 from .diagnose import d2_problems
 from .errors import NonFiniteWeights, NotConvNeXt
 from .layouts import LAYOUTS, Canonical, classifier_names, source_name_of, to_canonical
-from .containers import select_state_dict
+from .containers import check_weight_types, select_state_dict
 from .formats import AUTHOR, check_source, is_torch_zip, output_format
+from .read import placeholders_in
 from .target import ALL_OUTPUTS, DEFAULT_PREFIX, Target, fresh_output_norms, to_target
 
 # torch archive -> .pth copies tensor bytes instead of loading them (see stream.py); tests switch
@@ -59,6 +60,8 @@ class ConversionReport:
     # A detection / segmentation checkpoint's parts besides the backbone (neck., roi_head., sem_seg_head., ...):
     # top-level prefix -> tensor count, left out of the file.
     left_out: Dict[str, int] = field(default_factory=dict)
+    # Objects of classes outside the allowlist, read past as inert placeholders: path in the file -> class.
+    read_past: Dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -179,21 +182,27 @@ def _convert_streamed(
     as bytes; for .pkl the arrays written one at a time.  Memory stays small whatever the size."""
     from .stream import check_references, non_finite, read_index, write_streamed, write_streamed_pickle
 
+    from .io.handles import NotStreamable, TensorRef
+
     index = read_index(src)
     state_dict, container = select_state_dict(index.objects, ema=ema)
+    check_weight_types(state_dict)
+    if not index.streamable or not all(isinstance(v, TensorRef) for v in state_dict.values()):
+        raise NotStreamable("compressed records or numpy arrays among the weights")
     check_references(index, state_dict)  # every tensor, dropped ones too: a broken archive is refused whole
     arch, canonical, target = prepare(state_dict, prefix=prefix, layout=layout)
     # Checking means reading every byte, which a streamed copy otherwise never does: only when asked.
     bad = non_finite(index, target.state_dict) if strict else None
     _refuse_non_finite(bad or [], strict)
+    # Everything that can fail about the input happens before the destination is written.
+    report = _report(src, dst, fmt, index.objects, "torch-zip", container, arch, canonical, target, 0, prefix, streamed=True)
+    report.non_finite = bad
     if fmt == "torch":
         payload = {"model": dict(target.state_dict), "__author__": AUTHOR}
         keep = sorted({ref.storage.key for ref in target.state_dict.values()})
-        nbytes = write_streamed(dst, index, payload, keep, force=force, source=src, progress=progress)
+        report.bytes_written = write_streamed(dst, index, payload, keep, force=force, source=src, progress=progress)
     else:
-        nbytes = write_streamed_pickle(dst, index, dict(target.state_dict), AUTHOR, force=force, source=src, progress=progress)
-    report = _report(src, dst, fmt, index.objects, "torch-zip", container, arch, canonical, target, nbytes, prefix, streamed=True)
-    report.non_finite = bad
+        report.bytes_written = write_streamed_pickle(dst, index, dict(target.state_dict), AUTHOR, force=force, source=src, progress=progress)
     return report
 
 
@@ -216,12 +225,15 @@ def convert_loaded(
 
     fmt = output_format(dst)
     state_dict, container = select_state_dict(loaded, ema=ema)
+    check_weight_types(state_dict)
     arch, canonical, target = prepare(state_dict, prefix=prefix, layout=layout)
+    check_weight_types(target.state_dict, tensors_only=True)
     bad = [k for k, t in target.state_dict.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     _refuse_non_finite(bad, strict)
-    _, nbytes = write_checkpoint(dst, target.state_dict, force=force, source=src)
-    report = _report(src, dst, fmt, loaded, source_format, container, arch, canonical, target, nbytes, prefix)
+    # Everything that can fail about the input happens before the destination is written.
+    report = _report(src, dst, fmt, loaded, source_format, container, arch, canonical, target, 0, prefix)
     report.non_finite = bad
+    _, report.bytes_written = write_checkpoint(dst, target.state_dict, force=force, source=src)
     return report
 
 
@@ -280,6 +292,7 @@ def _report(
         notes=d2_problems(src, source_format, loaded, canonical.layout, canonical.prefix, classifier_names(canonical)),
         streamed=streamed,
         left_out=dict(canonical.left_out),
+        read_past=placeholders_in(loaded),
     )
 
 
@@ -317,6 +330,7 @@ def repair(src: str, dst: str, *, force: bool = False) -> RepairReport:
     output_format(dst)
     loaded, source_format = read_checkpoint(src)
     state_dict, container = select_state_dict(loaded)
+    check_weight_types(state_dict)
     _, canonical, _ = prepare(state_dict)
     causes = d2_problems(src, source_format, loaded, canonical.layout, canonical.prefix, classifier_names(canonical))
     if not causes:

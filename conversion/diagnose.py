@@ -81,7 +81,11 @@ def _reader_problems(path: str, fmt: str, loaded: Any) -> List[str]:
                 f"('Unsupported type found in checkpoint! {odd}')."
             )
     if not is_pkl:
-        unsafe = sorted({type(v).__name__ for _, v in _walk(loaded) if isinstance(v, argparse.Namespace) or type(v).__name__ == "ndarray"})
+        # Objects read past (placeholders: Namespace, loggers, configs) and arrays: torch's allowlist has neither.
+        unsafe = sorted(
+            {v.cls.rsplit(".", 1)[-1] if type(v).__name__ == "Placeholder" else type(v).__name__
+             for _, v in _walk(loaded) if type(v).__name__ in ("Placeholder", "ndarray") or isinstance(v, argparse.Namespace)}
+        )
         if unsafe:
             problems.append(
                 f"holds {', '.join(unsafe)} objects: torch >= 2.6 loads with weights_only=True, as Detectron2 "

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import stat
-import tempfile
-from typing import BinaryIO, Callable, Tuple
 
 from .errors import DestinationError, UnreadableCheckpoint
 
@@ -81,58 +79,5 @@ def check_destination(path: str, *, force: bool, source: str = "") -> str:
     return directory
 
 
-def temp_beside(path: str, directory: str) -> Tuple[int, str]:
-    """A temporary file in the destination's directory, so the final rename is atomic."""
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".convnext-d2-", suffix=os.path.splitext(path)[1], dir=directory)
-    except OSError as err:
-        raise DestinationError(f"{path}: cannot write in {directory} ({err.strerror}).", "Choose a writable directory.") from None
-    return fd, tmp
-
-
-def write_atomically(
-    path: str, *, force: bool, source: str, write: Callable[[BinaryIO], None], verify: Callable[[str], None]
-) -> int:
-    """Write a file the one safe way every writer here uses; return its size.
-
-    `write` fills a temporary file beside `path`; it is flushed and synced, `verify` reads it back
-    (raising if it differs from what was meant), and only then is it renamed over `path`.  Any
-    failure removes the temporary file and leaves `path` as it was.
-
-    Raises:
-        DestinationError: a destination that must not be written, or an OSError while writing.
-    """
-    directory = check_destination(path, force=force, source=source)
-    fd, tmp = temp_beside(path, directory)
-    try:
-        try:  # mkstemp makes 0600; a checkpoint is an ordinary file (some filesystems refuse chmod: fine)
-            os.chmod(tmp, 0o666 & ~umask())
-        except OSError:
-            pass
-        with os.fdopen(fd, "w+b") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-            size = f.tell()
-        verify(tmp)
-        os.replace(tmp, path)
-    except OSError as err:
-        unlink_quietly(tmp)
-        raise DestinationError(f"{path}: write failed ({err.strerror or err}).", "Check free space and permissions.") from None
-    except BaseException:
-        unlink_quietly(tmp)
-        raise
-    return size
-
-
-def umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
+# The one atomic writer (unnamed temporary files, read back before naming): conversion/io/atomic.py.
+from .io.atomic import anonymous_beside, temp_beside, umask, unlink_quietly, write_atomically  # noqa: E402,F401

@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 from .architecture import infer_architecture
 from .diagnose import d2_problems
 from .layouts import LAYOUTS, classifier_names, source_name_of, to_canonical
-from .containers import select_state_dict
+from .containers import check_weight_types, select_state_dict
 from .formats import check_source, is_torch_zip
 
 
@@ -70,6 +70,7 @@ def inspect_checkpoint(path: str, *, layout: Optional[str] = None) -> InspectRep
     """
     loaded, fmt, bytes_read = _read(path)
     state_dict, container = select_state_dict(loaded)
+    check_weight_types(state_dict)
     canonical = to_canonical(state_dict, forced=layout)
     arch = infer_architecture({k: tuple(v.shape) for k, v in canonical.state_dict.items()}, source_name_of(canonical))
     dtypes: Dict[str, int] = {}

@@ -7,19 +7,18 @@ the storages are copied byte for byte (`os.copy_file_range`, in the kernel) and 
 is rebuilt.  Nothing here imports torch (importing it alone costs ~640 MB of resident memory);
 memory stays at the size of the index whatever the checkpoint's size.
 
-The index is read with an allowlisting unpickler that builds *references* instead of tensors,
-so nothing in the file executes and no tensor byte is read.  The new index is written with the
-same opcodes torch uses (protocol 2, `torch._utils._rebuild_tensor_v2`, typed-storage persistent
-ids), records are 64-byte aligned as torch aligns them, and the result is read back: every copied
-record's CRC-32 is checked against the source's and the new index is parsed and compared.
+The index is read by the one safe unpickler (conversion/io/torchzip.py, conversion/io/safe_pickle.py)
+with storages as references, so nothing in the file executes and no tensor byte is read.  The new
+index is written with the same opcodes torch uses (protocol 2, `torch._utils._rebuild_tensor_v2`,
+typed-storage persistent ids), records are 64-byte aligned as torch aligns them, and the result is
+read back: every copied record's CRC-32 is checked against the source's and the new index is parsed
+and compared.
 
-Anything unusual (compressed records, big-endian data, tensors that are not plain references)
-raises `NotStreamable`, and the caller falls back to the ordinary load-and-save path.
+An archive whose weights are not all plain stored references (deflated records, numpy arrays
+among the weights) raises `NotStreamable`, and the caller reads it whole instead.
 """
 from __future__ import annotations
 
-import argparse
-import codecs
 import collections
 import io
 import mmap
@@ -28,273 +27,25 @@ import pickle
 import struct
 import zipfile
 import zlib
-from dataclasses import dataclass, replace
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from .errors import UnreadableCheckpoint, UnsafeCheckpoint, VerificationFailed
+from .errors import UnreadableCheckpoint, VerificationFailed
 from .formats import write_atomically
+from .io.handles import ITEM_SIZE, STORAGE_DTYPES, NotStreamable, StorageRef, TensorRef, contiguous_stride  # noqa: F401
+from .io.torchzip import (  # noqa: F401  (read_index, check_references, ArchiveIndex: this module's readers)
+    ALIGNMENT,
+    COMPRESSION_BOUND,
+    ArchiveIndex,
+    _aligned_info,
+    _data_offset,
+    add_entry,
+    local_header,
+    check_references,
+    read_index,
+)
 
-ALIGNMENT = 64  # torch's PyTorchStreamWriter aligns record data to 64 bytes (mmap-able)
 _COPY_CHUNK = 1 << 24
-
-# Storage class names in persistent ids -> dtype names (torch/storage.py, _utils.py).
-STORAGE_DTYPES = {
-    "FloatStorage": "float32",
-    "HalfStorage": "float16",
-    "BFloat16Storage": "bfloat16",
-    "DoubleStorage": "float64",
-    "LongStorage": "int64",
-    "IntStorage": "int32",
-    "ShortStorage": "int16",
-    "CharStorage": "int8",
-    "ByteStorage": "uint8",
-    "BoolStorage": "bool",
-}
-_ITEM_SIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1}
-
-
-class NotStreamable(Exception):
-    """This archive needs the ordinary path (not an error: the caller falls back)."""
-
-
-@dataclass(frozen=True)
-class StorageRef:
-    """One storage record of the archive: its key, element type and length."""
-
-    key: str
-    storage_type: str  # e.g. "FloatStorage"
-    numel: int
-
-
-@dataclass(frozen=True)
-class TensorRef:
-    """A tensor as the index describes it: where its elements are, never the elements."""
-
-    storage: StorageRef
-    offset: int
-    shape: Tuple[int, ...]
-    stride: Tuple[int, ...]
-
-    @property
-    def dtype(self) -> str:
-        return STORAGE_DTYPES[self.storage.storage_type]
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-    def is_contiguous(self) -> bool:
-        return self.stride == _contiguous_stride(self.shape)
-
-    def reshape(self, *shape: int) -> "TensorRef":
-        """A view with another shape (the layouts' shape fixes); only for contiguous references."""
-        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
-            shape = tuple(shape[0])
-        shape = tuple(shape)
-        if -1 in shape:
-            known = 1
-            for d in shape:
-                known *= d if d != -1 else 1
-            shape = tuple(self.numel() // known if d == -1 else d for d in shape)
-        if not self.is_contiguous():
-            raise NotStreamable("reshape of a non-contiguous tensor")
-        return replace(self, shape=shape, stride=_contiguous_stride(shape))
-
-
-def _contiguous_stride(shape: Tuple[int, ...]) -> Tuple[int, ...]:
-    stride, acc = [], 1
-    for d in reversed(shape):
-        stride.append(acc)
-        acc *= d
-    return tuple(reversed(stride))
-
-
-def _rebuild_tensor(storage: StorageRef, offset: int, size: Any, stride: Any, *_: Any) -> TensorRef:
-    return TensorRef(storage, int(offset), tuple(int(x) for x in size), tuple(int(x) for x in stride))
-
-
-def _rebuild_parameter(data: Any, *_: Any) -> Any:
-    return data
-
-
-class _StorageType:
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-
-class _IndexUnpickler(pickle.Unpickler):
-    """Reads `data.pkl` into references; allows only what a state dict index contains."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module == "torch" and name in STORAGE_DTYPES:
-            return _StorageType(name)
-        if module == "torch" and name.endswith("Storage"):
-            raise NotStreamable(f"storage type {name}")  # complex, float8...: the ordinary path decides
-        if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
-            return _rebuild_tensor
-        if module == "torch._utils" and name == "_rebuild_parameter":
-            return _rebuild_parameter
-        if (module, name) == ("collections", "OrderedDict"):
-            return collections.OrderedDict
-        if (module, name) == ("argparse", "Namespace"):
-            return argparse.Namespace
-        if (module, name) == ("_codecs", "encode"):
-            return codecs.encode
-        if module.startswith("numpy"):
-            raise NotStreamable("numpy objects in the index")  # the ordinary path reads them
-        raise UnsafeCheckpoint(
-            f"refusing to load: the file asks to build '{module}.{name}', which is not tensor data.",
-            "Only checkpoints made of tensors, arrays and plain containers are read; "
-            "re-save the weights with torch.save(model.state_dict()).",
-        )
-
-    def persistent_load(self, pid: Any) -> Any:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
-            raise NotStreamable(f"unexpected persistent id {pid!r:.80}")
-        return StorageRef(str(pid[2]), pid[1].name, int(pid[4]))
-
-
-@dataclass
-class ArchiveIndex:
-    """What an archive holds, read without its tensor bytes."""
-
-    path: str
-    folder: str  # the archive's top folder ("archive" for files torch.save wrote to a handle)
-    objects: Any  # the unpickled index (dicts with TensorRef leaves)
-    records: Dict[str, zipfile.ZipInfo]  # name inside the folder -> zip entry
-    bytes_read: int = 0
-
-
-class _CountingFile(io.RawIOBase):
-    """Counts the bytes actually read from a file (the 'reads at most 1 MiB' promise of inspect)."""
-
-    def __init__(self, f: Any) -> None:
-        self._f, self.count = f, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        return self._f.seek(offset, whence)
-
-    def tell(self) -> int:
-        return self._f.tell()
-
-    def readinto(self, b: Any) -> int:
-        n = self._f.readinto(b)
-        self.count += n or 0
-        return n
-
-    def read(self, n: int = -1) -> bytes:
-        data = self._f.read(n)
-        self.count += len(data)
-        return data
-
-
-def _check_end_records(f: Any, path: str) -> None:
-    """Single-disk archive, as torch's reader requires: the end records' disk numbers must be 0
-    (Python's zipfile ignores them, so a damaged one would otherwise go unnoticed)."""
-    size = f.seek(0, os.SEEK_END)
-    f.seek(max(0, size - (1 << 16) - 22))
-    tail = f.read()
-    at = tail.rfind(b"PK\x05\x06")
-    if at < 0 or len(tail) < at + 22:
-        return  # zipfile reports a missing end record itself
-    disk, cd_disk, here, total = struct.unpack("<HHHH", tail[at + 4:at + 12])
-    bad = (disk, cd_disk) != (0, 0) or here != total
-    loc = at - 20
-    if loc >= 0 and tail[loc:loc + 4] == b"PK\x06\x07":
-        z64_disk, _, disks = struct.unpack("<IQI", tail[loc + 4:loc + 20])
-        bad = bad or z64_disk != 0 or disks > 1
-    if bad:
-        raise UnreadableCheckpoint(f"{path}: corrupt torch archive (multi-disk end record).", "Re-download or re-save it.")
-    f.seek(0)
-
-
-def read_index(path: str) -> ArchiveIndex:
-    """Parse a torch zip archive's central directory and `data.pkl`; tensor bytes are not read.
-
-    Raises:
-        NotStreamable: a valid archive this module does not handle (numpy inside, big-endian...).
-        UnsafeCheckpoint: the index names something other than tensor data.
-        UnreadableCheckpoint: not a readable zip archive.
-    """
-    with open(path, "rb") as raw:
-        counting = _CountingFile(raw)
-        try:
-            _check_end_records(counting, path)
-            with zipfile.ZipFile(counting) as zf:
-                names = [i.filename for i in zf.infolist()]
-                pkl = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
-                if len(pkl) != 1:
-                    raise NotStreamable("no single <folder>/data.pkl")
-                folder = pkl[0].split("/", 1)[0]
-                records = {i.filename[len(folder) + 1:]: i for i in zf.infolist() if i.filename.startswith(folder + "/")}
-                if any(i.compress_type != zipfile.ZIP_STORED for i in records.values()):
-                    raise NotStreamable("compressed records")
-                if any(i.compress_size != i.file_size or i.flag_bits & 0x2001 or i.volume > 1 for i in records.values()):
-                    raise UnreadableCheckpoint(f"{path}: corrupt torch archive (inconsistent directory entry).", "Re-download or re-save it.")
-                if "byteorder" in records and zf.read(folder + "/byteorder").strip() != b"little":
-                    raise NotStreamable("big-endian archive")
-                # torch.load checks the archive's format version; a version it would refuse is its call.
-                if "version" not in records or zf.read(folder + "/version").strip() not in (b"1", b"2", b"3"):
-                    raise NotStreamable("unknown archive version")
-                data = zf.read(pkl[0])
-        except (NotStreamable, UnreadableCheckpoint):
-            raise
-        except Exception as err:  # BadZipFile, bad CRC, odd names or versions: one fact for the user
-            raise UnreadableCheckpoint(
-                f"{path}: truncated or corrupt torch archive ({type(err).__name__}: {str(err)[:120]}).", "Re-download or re-save it."
-            ) from None
-        try:
-            objects = _IndexUnpickler(io.BytesIO(data), encoding="latin1").load()
-        except NotStreamable:
-            raise
-        except UnsafeCheckpoint as err:
-            raise UnsafeCheckpoint(f"{path}: {err.message}", err.hint) from None
-        except Exception as err:
-            raise UnreadableCheckpoint(f"{path}: corrupt index ({type(err).__name__}: {err}).", "Re-download or re-save it.") from None
-        return ArchiveIndex(path, folder, objects, records, counting.count)
-
-
-def check_references(index: ArchiveIndex, refs: Dict[str, TensorRef]) -> None:
-    """Every tensor to be written must lie inside a storage record of exactly the declared size;
-    otherwise the output would hold bytes from outside the tensor (or torch would refuse it).
-
-    Raises:
-        UnreadableCheckpoint: naming the first tensor that does not fit its record.
-    """
-    with open(index.path, "rb") as f:
-        for key, info in index.records.items():
-            try:
-                _data_offset(f, info)
-            except UnreadableCheckpoint as err:
-                raise UnreadableCheckpoint(f"{index.path}: {err.message}", err.hint) from None
-    for name, ref in refs.items():
-        record = index.records.get(f"data/{ref.storage.key}")
-        size = _ITEM_SIZE.get(ref.dtype)
-        if record is None or size is None:
-            raise UnreadableCheckpoint(f"{index.path}: tensor '{name}' refers to a missing storage record.", "Re-download or re-save it.")
-        if record.file_size != ref.storage.numel * size:
-            raise UnreadableCheckpoint(
-                f"{index.path}: storage record of '{name}' holds {record.file_size} bytes, its index says {ref.storage.numel * size}.",
-                "The archive is truncated or corrupt; re-download or re-save it.",
-            )
-        last = ref.offset + sum((n - 1) * st for n, st in zip(ref.shape, ref.stride)) + 1 if all(n > 0 for n in ref.shape) else ref.offset
-        if ref.offset < 0 or any(n < 0 for n in ref.shape) or any(st < 0 for st in ref.stride) or last > ref.storage.numel:
-            raise UnreadableCheckpoint(
-                f"{index.path}: tensor '{name}' (shape {list(ref.shape)}, offset {ref.offset}) reaches past its storage.",
-                "The archive is corrupt or crafted; re-save the weights.",
-            )
+_ITEM_SIZE = ITEM_SIZE
 
 
 # ---------------------------------------------------------------- writing
@@ -346,42 +97,6 @@ def encode_index(payload: Any) -> bytes:
     return buf.getvalue()
 
 
-def _aligned_info(name: str, offset: int, size: int, crc: int) -> zipfile.ZipInfo:
-    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
-    info.compress_type = zipfile.ZIP_STORED
-    info.file_size = info.compress_size = size
-    info.CRC = crc
-    info.header_offset = offset
-    # Pad the local header's extra field so the data starts on a 64-byte boundary (torch uses id "FB").
-    base = offset + 30 + len(name.encode("utf-8")) + 4
-    pad = (-base) % ALIGNMENT
-    info.extra = struct.pack("<HH", 0x4246, pad) + b"Z" * pad
-    info.create_system = 0
-    info.flag_bits = 0
-    return info
-
-
-def _data_offset(f: Any, info: zipfile.ZipInfo) -> int:
-    """Where an entry's bytes start: after its *local* header (whose extra field may differ).
-
-    The local header must agree with the central directory (name, sizes, CRC), as torch's reader
-    requires; a disagreement means a damaged archive.
-    """
-    f.seek(info.header_offset)
-    header = f.read(30)
-    if len(header) < 30 or header[:4] != b"PK\x03\x04":
-        raise UnreadableCheckpoint(f"corrupt archive entry {info.filename} (bad local header)", "Re-download or re-save it.")
-    flags, method = struct.unpack("<HH", header[6:10])
-    crc, csize, usize, name_len, extra_len = struct.unpack("<IIIHH", header[14:30])
-    name = f.read(name_len)
-    described_later = flags & 0x08  # sizes and CRC in a data descriptor after the data
-    if name != info.filename.encode("utf-8") or method != info.compress_type or (
-        not described_later and (crc, csize, usize) != (info.CRC, info.compress_size, info.file_size) and usize != 0xFFFFFFFF
-    ):
-        raise UnreadableCheckpoint(f"corrupt archive entry {info.filename} (local header disagrees with the directory)", "Re-download or re-save it.")
-    return info.header_offset + 30 + name_len + extra_len
-
-
 def _copy_range(src_fd: int, dst_fd: int, src_offset: int, count: int) -> None:
     """Copy `count` bytes from src at src_offset to dst's current position, in the kernel when possible."""
     dst_offset = os.lseek(dst_fd, 0, os.SEEK_CUR)
@@ -427,17 +142,14 @@ def write_archive(dst_file: Any, index: ArchiveIndex, payload: Any, keep: List[s
             else:
                 assert source is not None
                 info = _aligned_info(full, offset, source.file_size, source.CRC)
-            dst_file.write(info.FileHeader(zip64=False))
+            dst_file.write(local_header(info))
             if data is not None:
                 dst_file.write(data)
             else:
                 dst_file.flush()  # hand over to the fd: the copy happens in the kernel
                 _copy_range(src.fileno(), dst_file.fileno(), _data_offset(src, source), source.file_size)
-                dst_file.seek(offset + len(info.FileHeader(zip64=False)) + source.file_size)
-            # Hand the entry to zipfile so it writes the central directory (and zip64 records if needed).
-            zf.filelist.append(info)
-            zf.NameToInfo[info.filename] = info
-            zf.start_dir = dst_file.tell()
+                dst_file.seek(offset + len(local_header(info)) + source.file_size)
+            add_entry(zf, info, dst_file.tell())
             if source is not None and name.startswith("data/"):
                 done += source.file_size
                 if progress is not None:

@@ -375,15 +375,27 @@ def destination(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pyt
     return [GOOD, DST]
 
 
-def test_a_failed_rename_leaves_neither_the_destination_nor_a_temporary_file(destination, tmp_path, monkeypatch, capsys):
-    real_replace = os.replace
+@pytest.mark.parametrize("temporary", ["unnamed", "named"])
+def test_a_failed_rename_leaves_neither_the_destination_nor_a_temporary_file(destination, temporary, tmp_path, monkeypatch, capsys):
+    """The last step fails: the rename of a named temporary file, or the link that names an unnamed one."""
+    from conversion.io import atomic
+
+    real_replace, real_link = os.replace, atomic._link_fd
 
     def disk_full(src, dst, *args, **kwargs):
         if Path(dst).name == Path(DST).name:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_replace(src, dst, *args, **kwargs)
 
+    def link_fails(fd, target):
+        if Path(target).name == Path(DST).name:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_link(fd, target)
+
     monkeypatch.setattr(os, "replace", disk_full)
+    monkeypatch.setattr(atomic, "_link_fd", link_fails)
+    if temporary == "named":
+        monkeypatch.setattr(atomic, "anonymous_beside", lambda path, directory: None)
     before = snapshot(tmp_path)
 
     status = main(["convert", *destination])

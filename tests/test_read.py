@@ -18,15 +18,11 @@ from conversion.synthetic import random_state_dict
 SD = random_state_dict(Architecture((1, 1, 1, 1), (4, 4, 4, 4)), seed=3)
 
 
-@pytest.fixture(params=["weights-only", "restricted-pickle-module"])
-def torch_reader(request, monkeypatch):
-    """Both ways torch archives are read: torch's weights_only (torch >= 2.4) and our restricted
-    pickle module (older torch, e.g. the 1.9 DI-MaskDINO documents), forced here on this torch."""
-    import conversion.read as read
-
-    if request.param == "restricted-pickle-module":
-        monkeypatch.setattr(read, "_TORCH_HAS_SAFE_GLOBALS", False)
-    return request.param
+@pytest.fixture
+def torch_reader():
+    """Torch archives are read by the one safe unpickler on every torch version (torch.load is never
+    called), so there is one reader to test; torch 1.9 runs these same tests in the legacy env."""
+    return "safe-unpickler"
 
 
 def _same(a, b):
@@ -59,7 +55,9 @@ def test_training_checkpoint_args_and_numpy_are_read_as_data(tmp_path, torch_rea
 
     torch.save({"model": SD, "args": argparse.Namespace(lr=0.004, model="convnext_tiny"), "mean": np.ones(3)}, tmp_path / "ckpt.pth")
     loaded = load_checkpoint(str(tmp_path / "ckpt.pth"))
-    assert loaded["args"].model == "convnext_tiny" and loaded["mean"].tolist() == [1.0, 1.0, 1.0]
+    # Training args are read past as an inert placeholder naming the class (never built); arrays are data.
+    assert type(loaded["args"]).__name__ == "Placeholder" and loaded["args"].cls == "argparse.Namespace"
+    assert loaded["mean"].tolist() == [1.0, 1.0, 1.0]
     _same(loaded["model"], SD)
 
 

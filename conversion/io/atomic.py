@@ -1,0 +1,180 @@
+"""Writing a file so that it appears whole or not at all (every writer of this tool uses this).
+
+The bytes go to a temporary file in the destination's directory, are synced and read back by the
+caller's check, and only then get the destination's name.  On Linux the temporary file is
+unnamed (`O_TMPFILE`), linked in with `linkat` once verified, so a killed process (even SIGKILL)
+leaves nothing; where a filesystem has no unnamed files (or cannot link them in) it is a hidden
+`.convnext-d2-*` file, renamed over the destination, that every failure except SIGKILL removes.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from typing import BinaryIO, Callable, Dict, Optional, Tuple
+
+from ..errors import DestinationError
+
+
+def check_destination(path: str, *, force: bool, source: str = "") -> str:
+    from ..formats import check_destination as check  # the destination rules live with the formats
+
+    return check(path, force=force, source=source)
+
+
+def temp_beside(path: str, directory: str) -> Tuple[int, str]:
+    """A named temporary file in the destination's directory, so the final rename is atomic."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".convnext-d2-", suffix=os.path.splitext(path)[1], dir=directory)
+    except OSError as err:
+        raise DestinationError(f"{path}: cannot write in {directory} ({err.strerror}).", "Choose a writable directory.") from None
+    return fd, tmp
+
+
+_NO_ANONYMOUS_FILES = {errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOTSUP}
+_AT_FDCWD, _AT_EMPTY_PATH = -100, 0x1000
+_publishable: Dict[int, bool] = {}  # st_dev -> whether unnamed files there can be given a name
+
+
+def _link_fd(fd: int, target: str) -> None:
+    """Give the unnamed file `fd` the name `target`: linkat(fd, "", AT_EMPTY_PATH) (needs
+    CAP_DAC_READ_SEARCH), else linkat through /proc/self/fd (some kernels and sandboxes refuse one)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.linkat(fd, b"", _AT_FDCWD, os.fsencode(target), _AT_EMPTY_PATH) == 0:
+            return
+        first = ctypes.get_errno()
+    except (OSError, AttributeError, ImportError):
+        first = errno.ENOSYS
+    try:
+        os.link(f"/proc/self/fd/{fd}", target, follow_symlinks=True)
+    except OSError as err:
+        if err.errno == errno.EEXIST or first == errno.EEXIST:
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), target) from None
+        raise
+
+
+def _can_publish(directory: str) -> bool:
+    """Whether an unnamed file in `directory` can later be linked in (tried once per filesystem)."""
+    device = os.stat(directory).st_dev
+    if device not in _publishable:
+        probe = os.path.join(directory, f".convnext-d2-probe-{os.getpid()}-{os.urandom(4).hex()}")
+        fd = os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600)
+        try:
+            _link_fd(fd, probe)
+            unlink_quietly(probe)
+            _publishable[device] = True
+        except OSError:
+            _publishable[device] = False
+        finally:
+            os.close(fd)
+    return _publishable[device]
+
+
+def anonymous_beside(path: str, directory: str) -> Optional[int]:
+    """An unnamed file in the destination's directory (Linux `O_TMPFILE`): if the process is killed,
+    even by SIGKILL, the kernel frees it and nothing is left.  None where the platform or the
+    filesystem has no such files, or cannot link them in (then a named temporary file is used,
+    which only SIGKILL leaves behind)."""
+    flag = getattr(os, "O_TMPFILE", 0)
+    if not flag:
+        return None
+    try:
+        if not _can_publish(directory):
+            return None
+        return os.open(directory, flag | os.O_RDWR, 0o666)  # the umask applies, as to any new file
+    except OSError as err:
+        if err.errno in _NO_ANONYMOUS_FILES:
+            return None
+        raise DestinationError(f"{path}: cannot write in {directory} ({err.strerror}).", "Choose a writable directory.") from None
+
+
+def _publish(fd: int, path: str, directory: str, force: bool) -> None:
+    """Give the finished unnamed file its name: linked at `path` directly when nothing is there
+    (atomic, and refused if something appeared meanwhile), else linked beside it and renamed over it."""
+    if not force:
+        try:
+            _link_fd(fd, path)
+            return
+        except FileExistsError:
+            raise DestinationError(f"{path}: destination exists.", "Pass --force to overwrite it, or choose another name.") from None
+    name = os.path.join(directory, f".convnext-d2-{os.getpid()}-{fd}-{os.urandom(4).hex()}{os.path.splitext(path)[1]}")
+    _link_fd(fd, name)
+    try:
+        os.replace(name, path)
+    except BaseException:
+        unlink_quietly(name)
+        raise
+
+
+def write_atomically(
+    path: str, *, force: bool, source: str, write: Callable[[BinaryIO], None], verify: Callable[[str], None]
+) -> int:
+    """Write a file the one safe way every writer here uses; return its size.
+
+    `write` fills a temporary file in `path`'s directory; it is flushed and synced, `verify` reads
+    it back (raising if it differs from what was meant), and only then does it get `path`'s name.
+    On Linux the temporary file is unnamed (`O_TMPFILE`) until then, so no failure, not even
+    SIGKILL, leaves anything behind; elsewhere (or on a filesystem without unnamed files) it is a
+    hidden `.convnext-d2-*` file that every failure except SIGKILL removes.  `path` is never
+    touched before the file is complete and verified.
+
+    Raises:
+        DestinationError: a destination that must not be written, or an OSError while writing.
+    """
+    directory = check_destination(path, force=force, source=source)
+    fd = anonymous_beside(path, directory)
+    if fd is not None:
+        return _write_anonymous(fd, path, directory, force, write, verify)
+    fd, tmp = temp_beside(path, directory)
+    try:
+        try:  # mkstemp makes 0600; a checkpoint is an ordinary file (some filesystems refuse chmod: fine)
+            os.chmod(tmp, 0o666 & ~umask())
+        except OSError:
+            pass
+        with os.fdopen(fd, "w+b") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+            size = f.tell()
+        verify(tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        unlink_quietly(tmp)
+        raise DestinationError(f"{path}: write failed ({err.strerror or err}).", "Check free space and permissions.") from None
+    except BaseException:
+        unlink_quietly(tmp)
+        raise
+    return size
+
+
+def _write_anonymous(
+    fd: int, path: str, directory: str, force: bool, write: Callable[[BinaryIO], None], verify: Callable[[str], None]
+) -> int:
+    """write_atomically through an unnamed file: any failure before `_publish` leaves nothing at all."""
+    try:
+        with os.fdopen(fd, "w+b") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+            size = f.tell()
+            verify(f"/proc/self/fd/{f.fileno()}")
+            _publish(f.fileno(), path, directory, force)
+    except OSError as err:
+        raise DestinationError(f"{path}: write failed ({err.strerror or err}).", "Check free space and permissions.") from None
+    return size
+
+
+def umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

@@ -1,0 +1,96 @@
+"""Tensor handles: what a reader knows about a tensor before (or instead of) reading its bytes.
+
+A `StorageRef` names a run of bytes (a torch archive's storage record, a legacy file's storage,
+an inner archive's bytes); a `TensorRef` is a strided view into one.  The layouts, the report and
+the streamed writers work on these; only the loaded path turns them into torch tensors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Tuple
+
+# Storage class names in persistent ids -> dtype names (torch/storage.py, _utils.py).
+STORAGE_DTYPES = {
+    "FloatStorage": "float32",
+    "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16",
+    "DoubleStorage": "float64",
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "BoolStorage": "bool",
+    "ComplexFloatStorage": "complex64",
+    "ComplexDoubleStorage": "complex128",
+}
+ITEM_SIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1, "complex64": 8, "complex128": 16}
+
+
+class NotStreamable(Exception):
+    """This archive needs the ordinary path (not an error: the caller falls back)."""
+
+
+@dataclass(frozen=True)
+class StorageRef:
+    """One storage record of the archive: its key, element type and length."""
+
+    key: str
+    storage_type: str  # e.g. "FloatStorage"
+    numel: int
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A tensor as the index describes it: where its elements are, never the elements."""
+
+    storage: StorageRef
+    offset: int
+    shape: Tuple[int, ...]
+    stride: Tuple[int, ...]
+
+    @property
+    def dtype(self) -> str:
+        return STORAGE_DTYPES[self.storage.storage_type]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    def is_contiguous(self) -> bool:
+        return self.stride == contiguous_stride(self.shape)
+
+    def reshape(self, *shape: int) -> "TensorRef":
+        """A view with another shape (the layouts' shape fixes); only for contiguous references."""
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = tuple(shape[0])
+        shape = tuple(shape)
+        if -1 in shape:
+            known = 1
+            for d in shape:
+                known *= d if d != -1 else 1
+            shape = tuple(self.numel() // known if d == -1 else d for d in shape)
+        if not self.is_contiguous():
+            raise NotStreamable("reshape of a non-contiguous tensor")
+        return replace(self, shape=shape, stride=contiguous_stride(shape))
+
+
+def contiguous_stride(shape: Tuple[int, ...]) -> Tuple[int, ...]:
+    stride, acc = [], 1
+    for d in reversed(shape):
+        stride.append(acc)
+        acc *= d
+    return tuple(reversed(stride))
+
+
+def extent(offset: int, shape: Tuple[int, ...], stride: Tuple[int, ...]) -> int:
+    """Elements of storage a strided view needs (offset included); 0-sized views need only the offset."""
+    if any(n == 0 for n in shape):
+        return offset
+    return offset + sum((n - 1) * st for n, st in zip(shape, stride)) + 1

@@ -1,0 +1,326 @@
+"""Torch zip archives as torch's own reader sees them: the only module that touches `zipfile`'s
+internals.
+
+Reading: the central directory, every local header and data descriptor, and the end records are
+checked against each other the way torch's reader checks them (Python's `zipfile` trusts the
+directory and reads past disagreements); `data.pkl` is unpickled by the one safe unpickler with
+storages as references, so no tensor byte is read.  Writing: entries are laid out by the caller
+(records copied byte for byte, 64-byte aligned as torch aligns them) and handed to `zipfile` only
+to write the central directory.
+"""
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zipfile
+import zlib
+from dataclasses import dataclass
+from typing import Any, Dict
+
+from ..errors import UnreadableCheckpoint, UnsafeCheckpoint
+from .handles import ITEM_SIZE, StorageRef, TensorRef
+from .safe_pickle import StorageType, safe_load
+
+ALIGNMENT = 64  # torch's PyTorchStreamWriter aligns record data to 64 bytes (mmap-able)
+_ITEM_SIZE = ITEM_SIZE
+# A deflated member may inflate to at most this many times its stored size (plus 64 KiB): torch
+# writes stored members, and a pickled index compresses ~5x; zip bombs reach ~1000x.
+COMPRESSION_BOUND = 20
+
+@dataclass
+class ArchiveIndex:
+    """What an archive holds, read without its tensor bytes."""
+
+    path: str
+    folder: str  # the archive's top folder ("archive" for files torch.save wrote to a handle)
+    objects: Any  # the unpickled index (dicts with TensorRef leaves)
+    records: Dict[str, zipfile.ZipInfo]  # name inside the folder -> zip entry
+    bytes_read: int = 0
+    source: Any = None  # the open file the index came from, where it was not a path
+    streamable: bool = True  # stored records only: the streamed writers can copy them
+
+    def storage_bytes(self) -> Dict[str, bytearray]:
+        """Every storage record's bytes (CRC-checked by zipfile), for the loaded path."""
+        out: Dict[str, bytearray] = {}
+        f = open(self.path, "rb") if self.source is None else self.source
+        try:
+            with zipfile.ZipFile(f) as zf:
+                for name, info in self.records.items():
+                    if name.startswith("data/"):
+                        out[name[len("data/"):]] = bytearray(zf.read(info))
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as err:
+            raise UnreadableCheckpoint(f"{self.path}: corrupt torch archive ({type(err).__name__}: {str(err)[:120]}).", "Re-download or re-save it.") from None
+        finally:
+            if self.source is None:
+                f.close()
+        return out
+
+
+class _CountingFile(io.RawIOBase):
+    """Counts the bytes actually read from a file (the 'reads at most 1 MiB' promise of inspect)."""
+
+    def __init__(self, f: Any) -> None:
+        self._f, self.count = f, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def readinto(self, b: Any) -> int:
+        n = self._f.readinto(b)
+        self.count += n or 0
+        return n
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self.count += len(data)
+        return data
+
+
+def _check_end_records(f: Any, path: str) -> None:
+    """Single-disk archive, as torch's reader requires: the end records' disk numbers must be 0
+    (Python's zipfile ignores them, so a damaged one would otherwise go unnoticed)."""
+    size = f.seek(0, os.SEEK_END)
+    f.seek(max(0, size - (1 << 16) - 22))
+    tail = f.read()
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or len(tail) < at + 22:
+        return  # zipfile reports a missing end record itself
+    disk, cd_disk, here, total = struct.unpack("<HHHH", tail[at + 4:at + 12])
+    bad = (disk, cd_disk) != (0, 0) or here != total
+    loc = at - 20
+    if loc >= 0 and tail[loc:loc + 4] == b"PK\x06\x07":
+        z64_disk, _, disks = struct.unpack("<IQI", tail[loc + 4:loc + 20])
+        bad = bad or z64_disk != 0 or disks != 1
+    if bad:
+        raise UnreadableCheckpoint(f"{path}: corrupt torch archive (multi-disk end record).", "Re-download or re-save it.")
+    f.seek(0)
+
+
+def _check_directory(path: str, records: Dict[str, zipfile.ZipInfo]) -> bool:
+    """Refuse entries torch's reader would refuse (or that would inflate out of proportion); return
+    whether every record is stored (the streamed writers copy stored records only)."""
+    stored = True
+    for info in records.values():
+        if info.compress_type == zipfile.ZIP_STORED:
+            bad = info.compress_size != info.file_size
+        else:
+            stored = False
+            bad = info.compress_type != zipfile.ZIP_DEFLATED
+            if info.file_size > COMPRESSION_BOUND * info.compress_size + (1 << 16):
+                raise UnreadableCheckpoint(
+                    f"{path}: member {info.filename} would inflate {info.compress_size} bytes to {info.file_size} "
+                    f"(more than {COMPRESSION_BOUND}x): refused before inflating.",
+                    "A torch archive stores its records uncompressed; re-save it with torch.save.",
+                )
+        if bad or info.flag_bits & 0x2001 or info.volume > 1:
+            raise UnreadableCheckpoint(f"{path}: corrupt torch archive (inconsistent directory entry).", "Re-download or re-save it.")
+    return stored
+
+
+def _storage_of(pid: Any) -> StorageRef:
+    """A zip archive's persistent id: ('storage', <storage type>, key, location, element count)."""
+    if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], StorageType)
+            and isinstance(pid[2], str) and isinstance(pid[4], int) and not isinstance(pid[4], bool) and pid[4] >= 0):
+        raise UnsafeCheckpoint("refusing to load: a persistent id that is not a torch storage.", "Re-save the weights with torch.save.")
+    return StorageRef(pid[2], pid[1].name, pid[4])
+
+
+def _check_totals(f: Any, path: str, zf: zipfile.ZipFile) -> None:
+    """The end records must describe the directory exactly (entries, size, offset; the zip64 record
+    well-formed where present), as torch's reader requires; Python's zipfile reads past a mismatch."""
+    size = f.seek(0, os.SEEK_END)
+    f.seek(max(0, size - (1 << 16) - 22))
+    base = f.tell()
+    tail = f.read()
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or len(tail) < at + 22:
+        raise UnreadableCheckpoint(f"{path}: corrupt torch archive (no end record).", "Re-download or re-save it.")
+    here, total, cd_size, cd_offset, comment = struct.unpack("<HHIIH", tail[at + 8:at + 22])
+    bad = comment != len(tail) - at - 22
+    loc = at - 20
+    if loc >= 0 and tail[loc:loc + 4] == b"PK\x06\x07":
+        (z64_at,) = struct.unpack("<Q", tail[loc + 8:loc + 16])
+        f.seek(z64_at)
+        rec = f.read(56)
+        if len(rec) < 56 or rec[:4] != b"PK\x06\x06" or z64_at + 56 != base + loc:
+            raise UnreadableCheckpoint(f"{path}: corrupt torch archive (zip64 end record).", "Re-download or re-save it.")
+        rec_size, _made, _needed, disk, cd_disk, here, total, cd_size, cd_offset = struct.unpack("<QHHIIQQQQ", rec[4:56])
+        bad = bad or rec_size != 44 or disk or cd_disk
+    infos = zf.infolist()
+    f.seek(zf.start_dir)
+    directory = f.read(cd_size)  # walked by its own length fields (zipfile truncates a name that overruns)
+    pos = count = 0
+    while pos + 46 <= len(directory) and directory[pos:pos + 4] == b"PK\x01\x02":
+        n, e, c = struct.unpack_from("<HHH", directory, pos + 28)
+        pos, count = pos + 46 + n + e + c, count + 1
+    if bad or here != total or total != len(infos) or count != total or pos != cd_size or cd_offset != zf.start_dir:
+        raise UnreadableCheckpoint(f"{path}: corrupt torch archive (end record disagrees with the directory).", "Re-download or re-save it.")
+    f.seek(0)
+
+
+def read_index(source: Any, name: str = "") -> ArchiveIndex:
+    """Parse a torch zip archive's central directory and `data.pkl`; tensor bytes are not read.
+
+    `source` is a path or an open binary file (a pickled tensor's inner archive); `name` names it
+    in errors.  The index is unpickled by the one safe unpickler, with storages as references.
+
+    Raises:
+        UnsafeCheckpoint: the index names something whose only use is to run code.
+        UnreadableCheckpoint: not a readable torch archive, or one torch's reader would refuse.
+    """
+    path = name or str(source)
+    raw = open(source, "rb") if isinstance(source, str) else source
+    try:
+        counting = _CountingFile(raw)
+        try:
+            _check_end_records(counting, path)
+            with zipfile.ZipFile(counting) as zf:
+                _check_totals(counting, path, zf)
+                names = [i.filename for i in zf.infolist()]
+                pkl = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
+                if len(pkl) != 1:
+                    raise UnreadableCheckpoint(f"{path}: a zip archive without one <folder>/data.pkl: not a torch.save file.", "Re-save it with torch.save.")
+                folder = pkl[0].split("/", 1)[0]
+                records = {i.filename[len(folder) + 1:]: i for i in zf.infolist() if i.filename.startswith(folder + "/")}
+                if len(records) != len(names):  # torch.save writes every member under one folder, once
+                    raise UnreadableCheckpoint(f"{path}: corrupt torch archive (members outside {folder}/ or named twice).", "Re-download or re-save it.")
+                stored = _check_directory(path, records)
+                for key, info in records.items():  # the small records' CRCs, as torch's reader checks them
+                    if not key.startswith("data/") and key != "data.pkl":
+                        zf.read(info)
+                for info in records.values():  # local headers must agree with the directory, as torch checks
+                    try:
+                        _data_offset(counting, info)
+                    except UnreadableCheckpoint as err:
+                        raise UnreadableCheckpoint(f"{path}: {err.message}", err.hint) from None
+                if "byteorder" in records and zf.read(folder + "/byteorder").strip() != b"little":
+                    raise UnreadableCheckpoint(f"{path}: a big-endian torch archive.", "Re-save it with torch.save on a little-endian machine.")
+                version = zf.read(folder + "/version").strip() if "version" in records else b"(none)"
+                if version not in (b"1", b"2", b"3"):
+                    raise UnreadableCheckpoint(f"{path}: torch archive format version {version[:20]!r} is not one torch writes.", "Re-save it with torch.save.")
+                data = zf.read(pkl[0])
+        except UnreadableCheckpoint:
+            raise
+        except Exception as err:  # BadZipFile, bad CRC, odd names or versions: one fact for the user
+            raise UnreadableCheckpoint(
+                f"{path}: truncated or corrupt torch archive ({type(err).__name__}: {str(err)[:120]}).", "Re-download or re-save it."
+            ) from None
+        held = sum(i.file_size for k, i in records.items() if k.startswith("data/"))
+        try:
+            objects, _ = safe_load(io.BytesIO(data), size=len(data), budget=2 * len(data) + held + (1 << 20), persistent_load=_storage_of)
+        except UnreadableCheckpoint as err:
+            raise type(err)(f"{path}: {err.message}", err.hint) from None
+        except Exception as err:
+            raise UnreadableCheckpoint(f"{path}: corrupt index ({type(err).__name__}: {str(err)[:160]}).", "Re-download or re-save it.") from None
+        return ArchiveIndex(path, folder, objects, records, counting.count, None if isinstance(source, str) else source, stored)
+    finally:
+        if isinstance(source, str):
+            raw.close()
+
+
+def check_references(index: ArchiveIndex, refs: Dict[str, TensorRef]) -> None:
+    """Every tensor to be written must lie inside a storage record of exactly the declared size;
+    otherwise the output would hold bytes from outside the tensor (or torch would refuse it).
+
+    Raises:
+        UnreadableCheckpoint: naming the first tensor that does not fit its record.
+    """
+    with open(index.path, "rb") as f:
+        for key, info in index.records.items():
+            try:
+                _data_offset(f, info)
+            except UnreadableCheckpoint as err:
+                raise UnreadableCheckpoint(f"{index.path}: {err.message}", err.hint) from None
+    for name, ref in refs.items():
+        record = index.records.get(f"data/{ref.storage.key}")
+        size = _ITEM_SIZE.get(ref.dtype)
+        if record is None or size is None:
+            raise UnreadableCheckpoint(f"{index.path}: tensor '{name}' refers to a missing storage record.", "Re-download or re-save it.")
+        if record.file_size != ref.storage.numel * size:
+            raise UnreadableCheckpoint(
+                f"{index.path}: storage record of '{name}' holds {record.file_size} bytes, its index says {ref.storage.numel * size}.",
+                "The archive is truncated or corrupt; re-download or re-save it.",
+            )
+        last = ref.offset + sum((n - 1) * st for n, st in zip(ref.shape, ref.stride)) + 1 if all(n > 0 for n in ref.shape) else ref.offset
+        if ref.offset < 0 or any(n < 0 for n in ref.shape) or any(st < 0 for st in ref.stride) or last > ref.storage.numel:
+            raise UnreadableCheckpoint(
+                f"{index.path}: tensor '{name}' (shape {list(ref.shape)}, offset {ref.offset}) reaches past its storage.",
+                "The archive is corrupt or crafted; re-save the weights.",
+            )
+
+
+def _aligned_info(name: str, offset: int, size: int, crc: int) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+    info.compress_type = zipfile.ZIP_STORED
+    info.file_size = info.compress_size = size
+    info.CRC = crc
+    info.header_offset = offset
+    # Pad the local header's extra field so the data starts on a 64-byte boundary (torch uses id "FB").
+    base = offset + 30 + len(name.encode("utf-8")) + 4
+    pad = (-base) % ALIGNMENT
+    info.extra = struct.pack("<HH", 0x4246, pad) + b"Z" * pad
+    info.create_system = 0
+    info.flag_bits = 0
+    return info
+
+
+def _data_offset(f: Any, info: zipfile.ZipInfo) -> int:
+    """Where an entry's bytes start: after its *local* header (whose extra field may differ).
+
+    The local header must agree with the central directory (name, sizes, CRC), as torch's reader
+    requires; a disagreement means a damaged archive.
+    """
+    f.seek(info.header_offset)
+    header = f.read(30)
+    if len(header) < 30 or header[:4] != b"PK\x03\x04":
+        raise UnreadableCheckpoint(f"corrupt archive entry {info.filename} (bad local header)", "Re-download or re-save it.")
+    flags, method = struct.unpack("<HH", header[6:10])
+    crc, csize, usize, name_len, extra_len = struct.unpack("<IIIHH", header[14:30])
+    name = f.read(name_len)
+    described_later = flags & 0x08  # sizes and CRC in a data descriptor after the data
+    if name != info.filename.encode("utf-8") or method != info.compress_type or (
+        not described_later and (crc, csize, usize) != (info.CRC, info.compress_size, info.file_size) and usize != 0xFFFFFFFF
+    ):
+        raise UnreadableCheckpoint(f"corrupt archive entry {info.filename} (local header disagrees with the directory)", "Re-download or re-save it.")
+    start = info.header_offset + 30 + name_len + extra_len
+    if described_later and not _descriptor_agrees(f, start + info.compress_size, info):
+        raise UnreadableCheckpoint(f"corrupt archive entry {info.filename} (data descriptor disagrees with the directory)", "Re-download or re-save it.")
+    return start
+
+
+def _descriptor_agrees(f: Any, at: int, info: zipfile.ZipInfo) -> bool:
+    """The data descriptor after an entry's bytes (torch writes one per record) holds the CRC and
+    sizes the directory has; torch's reader checks it, Python's zipfile never reads it."""
+    f.seek(at)
+    tail = f.read(24)
+    if tail[:4] == b"PK\x07\x08":
+        tail = tail[4:]
+    want = (info.CRC, info.compress_size, info.file_size)
+    short = struct.unpack("<III", tail[:12]) if len(tail) >= 12 else None
+    wide = struct.unpack("<IQQ", tail[:20]) if len(tail) >= 20 else None  # zip64 descriptors
+    return want in (short, wide)
+
+
+def add_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, end: int) -> None:
+    """Hand an entry the caller wrote itself to `zf`, so that it writes the central directory (and
+    zip64 records where needed) after `end`."""
+    zf.filelist.append(info)
+    zf.NameToInfo[info.filename] = info
+    zf.start_dir = end
+
+
+def local_header(info: zipfile.ZipInfo) -> bytes:
+    """The local file header `zipfile` would write for `info`, without a zip64 extra (as torch writes
+    them: sizes in the local header, the directory carries zip64 fields where they are needed)."""
+    return info.FileHeader(zip64=False)
+

@@ -1,0 +1,1 @@
+"""The adversarial corpus: files an attacker (or a broken tool) would hand the converter."""
