@@ -101,6 +101,9 @@ def format_report(r: ConversionReport) -> str:
     if r.left_out:
         parts = ", ".join(f"{part} x{count}" for part, count in r.left_out.items())
         lines.append(f"  left out   {sum(r.left_out.values())} tensors of the detector around the backbone: {parts}")
+    if r.read_past:
+        classes = sorted(set(r.read_past.values()))
+        lines.append(f"  read past  {len(r.read_past)} non-weight objects, not built (nothing imported or run): {_summarise_names(classes)}")
     if r.renamed:
         lines.append(f"  renamed    {len(r.renamed)} tensors from {r.layout} names to official names")
     fixes = sorted(set(r.reshaped.values()))

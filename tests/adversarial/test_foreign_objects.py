@@ -122,6 +122,17 @@ def test_read_past_objects_appear_in_the_json_report(training_file: Path, tmp_pa
     assert json.loads(out)["read_past"] == READ_PAST
 
 
+def test_the_human_summary_names_the_classes_read_past(training_file: Path, tmp_path: Path, capsys):
+    status = main(["convert", str(training_file), str(tmp_path / "d2.pth")])
+
+    out = capsys.readouterr().out
+    line = next((l for l in out.splitlines() if l.strip().startswith("read past")), "")
+    assert status == 0
+    assert f"{len(READ_PAST)} non-weight objects" in line, out
+    for dotted in sorted(set(READ_PAST.values()))[:6]:
+        assert dotted in line, (dotted, line)
+
+
 def test_nothing_of_a_foreign_class_is_called(tmp_path: Path):
     """__new__, __init__, __setstate__ and __reduce__ of the saved classes are never reached."""
     calls = []

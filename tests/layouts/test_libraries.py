@@ -15,7 +15,6 @@ import torch
 
 from conversion import convert
 from conversion.architecture import Architecture
-from conversion.errors import UnsafeCheckpoint
 from conversion.layouts import from_canonical
 from conversion.synthetic import random_state_dict
 
@@ -210,7 +209,6 @@ def test_mmengine_training_checkpoint_holds_history_buffers():
     assert any(isinstance(v, HistoryBuffer) for v in hub.state_dict()["log_scalars"].values())
 
 
-@pytest.mark.xfail(strict=True, raises=UnsafeCheckpoint, reason="needs the placeholder reader")
 def test_mmengine_training_checkpoint_converts(tmp_path):
     """The HistoryBuffer objects are read past (placeholders, nothing imported); the weights convert."""
     model = _mm_classifier()
@@ -218,6 +216,8 @@ def test_mmengine_training_checkpoint_converts(tmp_path):
     _mmengine_training_checkpoint(model, path)
     report, got = _converted_names(tmp_path, path)
     assert report.layout == "mmpretrain" and got == names(TRUNK_V1)
+    read_past = set(report.read_past.values())
+    assert "mmengine.logging.history_buffer.HistoryBuffer" in read_past, report.read_past
 
 
 @pytest.mark.slow  # two fresh interpreters importing mmpretrain (~10 s each on 2 cores)
