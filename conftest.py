@@ -26,18 +26,22 @@ pytest_plugins = ["conversion.testing.plugin"]
 _PLACEHOLDER_SITE = Path(__file__).resolve().parent / "tests" / "d2_placeholder"
 
 
-def _d2_placeholder_in_use() -> bool:
-    compiled = sys.modules.get("detectron2._C")
-    return compiled is not None and not hasattr(compiled, "__file__")
+def _detectron2_lacks_compiled_ops() -> bool:
+    """Detectron2 is installed without a built `_C` (looked up on disk: nothing is imported)."""
+    spec = importlib.util.find_spec("detectron2")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    return not any(any(Path(p).glob("_C*")) for p in spec.submodule_search_locations)
 
 
 def _install_d2_placeholder() -> None:
+    if not _detectron2_lacks_compiled_ops():
+        return
     spec = importlib.util.spec_from_file_location("convnext_d2_placeholder", _PLACEHOLDER_SITE / "sitecustomize.py")
     assert spec is not None and spec.loader is not None
-    spec.loader.exec_module(importlib.util.module_from_spec(spec))  # installs it where needed
-    if _d2_placeholder_in_use():
-        paths = [str(_PLACEHOLDER_SITE)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-        os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    paths = [str(_PLACEHOLDER_SITE)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
 
 
 _install_d2_placeholder()
@@ -67,7 +71,7 @@ def _detectron2_version() -> str:
         return "detectron2 not installed (its tests skip)"
     import detectron2
 
-    placeholder = " (no compiled _C: empty placeholder)" if _d2_placeholder_in_use() else ""
+    placeholder = " (no compiled _C: empty placeholder, tests only)" if _detectron2_lacks_compiled_ops() else ""
     return f"detectron2 {detectron2.__version__}{placeholder}"
 
 

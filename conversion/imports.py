@@ -116,16 +116,16 @@ def import_module_spec(name: str) -> ModuleType:
         missing = _missing_module(err)
         if missing is not None and (missing == name or name.startswith(missing + ".")):
             raise UnusableImport(
-                f"--import {name}: no module named '{missing}' here.",
+                f"--import {name}: cannot import it: no module named '{missing}' here.",
                 "Run from the directory that makes it importable (or set PYTHONPATH), or pass the backbone's .py file.",
             ) from None
         if missing is not None:
             raise UnusableImport(
-                f"--import {name}: importing it needs module '{missing}', which is missing "
-                f"(a compiled extension that is not built here?).",
+                f"--import {name}: cannot import it: it needs module '{missing}', which is missing here "
+                f"(a compiled extension that is not built?).",
                 _FILE_HINT,
             ) from None
-        raise UnusableImport(f"--import {name}: importing it raised {_first_line(err)}.", _FILE_HINT) from None
+        raise UnusableImport(f"--import {name}: cannot import it: it raised {_first_line(err)}.", _FILE_HINT) from None
 
 
 def load_imports(specs: Sequence[str]) -> None:

@@ -37,6 +37,54 @@ def require(module: str) -> Any:
         pytest.skip(f"{module} is not installed here (core environment)", allow_module_level=True)
 
 
+# ---------------------------------------------------------------- version facts
+# Facts that differ between the environments (full: torch 2.14 + Detectron2 0.7; legacy: torch 1.9 +
+# Detectron2 v0.6 + torchvision 0.10), stated once; each test says what holds on either side.
+
+
+def _version(text: str) -> tuple:
+    parts = []
+    for piece in text.split("+")[0].split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+# torch 2.6 made weights_only=True the default of torch.load, which Detectron2 calls without it: from
+# then on a .pth holding numpy arrays or an argparse.Namespace no longer loads; before, it loads.
+TORCH_LOADS_WEIGHTS_ONLY_BY_DEFAULT = _version(torch.__version__) >= (2, 6)
+
+
+def detectron2_reads_path_query() -> bool:
+    """Whether Detectron2 honours `?matching_heuristics=True` on MODEL.WEIGHTS (added after v0.6)."""
+    import inspect
+
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    return "urlparse" in inspect.getsource(DetectionCheckpointer.load)
+
+
+def torchvision_model(name: str, **kwargs: Any) -> torch.nn.Module:
+    """A randomly initialised torchvision model: `weights=None` since 0.13, `pretrained=False` before."""
+    import inspect
+
+    models = require("torchvision").models
+    build = getattr(models, name)
+    takes_weights = "weights" in inspect.signature(build).parameters or _version(require("torchvision").__version__) >= (0, 13)
+    return build(weights=None, **kwargs) if takes_weights else build(pretrained=False, **kwargs)
+
+
+def require_torchvision_convnext() -> Any:
+    """torchvision's ConvNeXt module (torchvision >= 0.12; the legacy environment's 0.10 has none)."""
+    require("torchvision")
+    try:
+        return importlib.import_module("torchvision.models.convnext")
+    except ImportError:
+        if FULL_ENVIRONMENT:
+            pytest.fail("torchvision in the full environment has no ConvNeXt; fix the tox deps", pytrace=False)
+        pytest.skip("torchvision < 0.12 has no ConvNeXt (legacy environment)")
+
+
 # Tests build their sources with the package's own generator (also used by the demo).
 random_canonical_state_dict = random_state_dict
 

@@ -49,6 +49,7 @@ from .support import (
     fill_with_sentinel,
     load_with_detectron2,
     require,
+    require_torchvision_convnext,
 )
 
 EXIT_USAGE = 2
@@ -368,8 +369,8 @@ def _library_model(which: str):
                 CLASSIFIER,
             )
     if which == "torchvision-v1":
-        require("torchvision")
-        from torchvision.models.convnext import CNBlockConfig, ConvNeXt as TorchvisionConvNeXt
+        convnext = require_torchvision_convnext()
+        CNBlockConfig, TorchvisionConvNeXt = convnext.CNBlockConfig, convnext.ConvNeXt
 
         settings = [CNBlockConfig(dims[i], dims[i + 1] if i < 3 else None, depths[i]) for i in range(4)]
         return TorchvisionConvNeXt(block_setting=settings, num_classes=3), "torchvision", "", False, CLASSIFIER

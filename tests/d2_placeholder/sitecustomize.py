@@ -3,31 +3,43 @@
 Why this is sound: Detectron2 v0.6's `detectron2/layers/deform_conv.py` does `from detectron2 import _C`
 at module level, so `import detectron2.modeling` fails without the compiled extension even though
 nothing on the paths this suite exercises (configs, the backbone registry, `build_backbone`,
-`build_model` of a model without deformable ops, `DetectionCheckpointer`) calls into `_C`.  A call
-that did would fail loudly (AttributeError on the empty module), never silently.  The legacy
-environment installs v0.6's pure Python package (`.ci/install_detectron2_v06.py`), which has no `_C`.
+`DetectionCheckpointer`) calls into `_C`.  A call that did would fail loudly (AttributeError on the
+empty module), never silently.  The legacy environment installs v0.6's pure Python package
+(`.ci/install_detectron2_v06.py`), which has no `_C`.
 
-The root conftest runs this file in the pytest process and puts this directory on PYTHONPATH, so
-that the suite's subprocesses (the CLI, a downstream example's pytest) get the same placeholder.
-Nothing happens where `detectron2._C` exists (the full environment) or detectron2 is not installed.
+A finder placed last on `sys.meta_path` answers only for `detectron2._C`, only after every real
+finder missed it, and imports nothing itself: a compiled `_C` always wins, and an interpreter that
+never imports detectron2 is unaffected.  The root conftest installs it in the pytest process and
+puts this directory on PYTHONPATH where detectron2 has no compiled `_C`, so that the suite's
+subprocesses (the CLI, a downstream example's pytest) get the same placeholder.
 """
-import importlib.util
+import importlib.abc
+import importlib.machinery
 import sys
-import types
+
+PLACEHOLDER = "detectron2._C"
 
 
-def install_placeholder() -> bool:
-    """Make `detectron2._C` importable as an empty module if it is missing; True if it did."""
-    if "detectron2._C" in sys.modules or importlib.util.find_spec("detectron2") is None:
-        return False
-    if importlib.util.find_spec("detectron2._C") is not None:
-        return False
-    import detectron2
+class _EmptyModuleLoader(importlib.abc.Loader):
+    def create_module(self, spec):
+        return None  # the default: an empty module
 
-    placeholder = types.ModuleType("detectron2._C", "empty placeholder: the compiled ops are not built here")
-    sys.modules["detectron2._C"] = placeholder
-    detectron2._C = placeholder
-    return True
+    def exec_module(self, module):
+        module.__doc__ = "empty placeholder for Detectron2's compiled ops (not built here; tests only)"
+
+
+class PlaceholderFinder(importlib.abc.MetaPathFinder):
+    """Finds `detectron2._C` as an empty module, and nothing else."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != PLACEHOLDER:
+            return None
+        return importlib.machinery.ModuleSpec(fullname, _EmptyModuleLoader(), origin="convnext-d2 test placeholder")
+
+
+def install_placeholder():
+    if not any(isinstance(f, PlaceholderFinder) for f in sys.meta_path):
+        sys.meta_path.append(PlaceholderFinder())
 
 
 install_placeholder()
