@@ -15,6 +15,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import warnings
 from types import ModuleType
 from typing import Dict, Optional, Sequence, Set
 
@@ -31,6 +32,20 @@ _FILE_HINT = "Pass the backbone's own .py file instead (e.g. --import path/to/ba
 def is_file_spec(spec: str) -> bool:
     """A path (ends in .py or names a directory separator), not a dotted module name."""
     return spec.endswith(".py") or os.sep in spec or (os.altsep is not None and os.altsep in spec)
+
+
+def _import_detectron2() -> None:
+    """Import Detectron2's modeling first, as verify does: Detectron2 0.7 scripts helpers at import,
+    which torch 2.x answers with a FutureWarning per helper; the user's module then finds it imported."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            import detectron2.modeling  # noqa: F401
+        except ImportError as err:
+            raise UnusableImport(
+                f"--import needs Detectron2, which does not import here ({_first_line(err)}).",
+                "Install Detectron2 in this environment (its registry is what --import fills).",
+            ) from None
 
 
 def _registered_names() -> Set[str]:
@@ -138,6 +153,8 @@ def load_imports(specs: Sequence[str]) -> None:
     Raises:
         UnusableImport: a spec that cannot be used (exit 2), naming it and the cause.
     """
+    if specs:
+        _import_detectron2()
     for spec in specs:
         if not is_file_spec(spec):
             import_module_spec(spec)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -178,10 +179,16 @@ def test_this_repositorys_old_option_names_still_work(tmp_path, d2):
 def test_installing_the_package_registers_the_plugin_and_changes_no_other_suite(tmp_path):
     """A real install (a wheel built from this checkout, installed into its own site directory): the
     entry point loads the plugin, and another project's run is the same as with the plugin disabled."""
-    site = tmp_path / "site"
+    site, source = tmp_path / "site", tmp_path / "source"
+    # Built from a copy: pip (or an old setuptools) leaves build/ and *.egg-info in the tree it builds,
+    # and an egg-info in this checkout would register the entry point for every run from here.
+    source.mkdir()
+    shutil.copytree(ROOT / "conversion", source / "conversion", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
     install = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
-         "--target", str(site), str(ROOT)],
+         "--target", str(site), str(source)],
         cwd=tmp_path, capture_output=True, text=True, timeout=PYTEST_TIMEOUT_S,
     )
     assert install.returncode == 0, install.stderr
