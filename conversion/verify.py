@@ -96,7 +96,7 @@ def _build(d2: Any, config: Optional[str], checkpoint: str) -> Any:
     except ConversionError:
         raise
     except Exception as err:
-        raise UnusableVerifyInput(f"--config {config}: cannot read it ({type(err).__name__}: {err}).", "Check the YAML.") from None
+        raise UnusableVerifyInput(f"--config {config}: cannot read it ({_short_error(err)}).", "Check the YAML.") from None
     try:
         return cfg, d2.build_holder(cfg)
     except KeyError as err:

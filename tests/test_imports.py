@@ -161,3 +161,29 @@ def test_cli_verify_with_an_unusable_import_exits_2_in_two_plain_lines(tmp_path,
     assert status == 2, err
     assert_plain_error(err)
     assert spec in err
+
+
+# ---------------------------------------------------------------- the config half of the same bad input
+
+
+@pytest.mark.parametrize(
+    "case, text, expected",
+    [
+        ("not-yaml", "MODEL: [unclosed\n  : : :\n", "cannot read it (ParserError"),
+        ("not-a-mapping", "just text, not a mapping\n", "cannot read it"),
+        ("unregistered-backbone", "MODEL:\n  BACKBONE:\n    NAME: NoSuchBackbone_xyz\n", "'NoSuchBackbone_xyz' is not registered"),
+    ],
+)
+def test_cli_verify_with_an_unusable_config_exits_2_in_two_plain_lines(tmp_path, capsys, case, text, expected):
+    from conversion.testing import write_synthetic_checkpoint
+
+    from .test_cli import assert_plain_error
+
+    ckpt = write_synthetic_checkpoint(tmp_path / "w.pth", layout="detectron2", variant="convnext_atto")
+    config = tmp_path / f"{case}.yaml"
+    config.write_text(text)
+    status = cli.main(["verify", ckpt, "--config", str(config)])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert_plain_error(err)
+    assert expected in err, err
