@@ -15,7 +15,7 @@ from conversion.cli import build_parser
 from conversion.testing import plugin
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ["docs/zh-CN.md", "docs/ci-gate.md", "README.md"]
+DOCS = ["docs/zh-CN.md", "docs/ci-gate.md", "README.md", "examples/dimaskdino-ci/README.md"]
 _FENCE = re.compile(r"```(?:bash|sh|console)\n(.*?)```", re.S)
 _INLINE = re.compile(r"`((?:convnext-d2|python -m conversion) [^`]+)`")
 
