@@ -49,7 +49,7 @@ def test_an_archive_path_leaving_the_directory_is_refused(tmp_path, installer):
     sdist = _sdist(tmp_path / "evil.tar.gz", {"pb1-detectron2-0.6/detectron2/../../../escaped.py": "x = 1\n"})
     with pytest.raises(SystemExit, match="refusing unsafe path"):
         installer.unpack_package(sdist, tmp_path / "out")
-    assert not (tmp_path.parent / "escaped.py").exists()
+    assert not (tmp_path / "escaped.py").exists(), "nothing is extracted from an archive with an unsafe path"
 
 
 def test_the_installed_version_is_read_from_the_file_not_imported(installer):
