@@ -61,3 +61,35 @@ def test_the_installed_version_is_read_from_the_file_not_imported(installer):
         import detectron2
 
         assert found == detectron2.__version__
+
+
+def _placeholder_module():
+    path = ROOT / "tests" / "d2_placeholder" / "sitecustomize.py"
+    spec = importlib.util.spec_from_file_location("convnext_d2_placeholder_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_placeholder_answers_only_for_detectron2s_compiled_ops():
+    finder = _placeholder_module().PlaceholderFinder()
+    assert finder.find_spec("detectron2._C") is not None
+    assert finder.find_spec("detectron2") is None and finder.find_spec("detectron2._C.sub") is None
+    assert finder.find_spec("torch._C") is None
+
+
+def test_the_placeholder_comes_last_and_imports_nothing_at_startup():
+    """Installed at the end of sys.meta_path (a compiled `_C` found by the normal finders wins), and
+    an interpreter that loads it imports no detectron2."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('p', {str(ROOT / 'tests' / 'd2_placeholder' / 'sitecustomize.py')!r})\n"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        "assert isinstance(sys.meta_path[-1], m.PlaceholderFinder), sys.meta_path\n"
+        "assert not any(n == 'detectron2' or n.startswith('detectron2.') for n in sys.modules), 'detectron2 imported'\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr

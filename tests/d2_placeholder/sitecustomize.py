@@ -11,7 +11,8 @@ A finder placed last on `sys.meta_path` answers only for `detectron2._C`, only a
 finder missed it, and imports nothing itself: a compiled `_C` always wins, and an interpreter that
 never imports detectron2 is unaffected.  The root conftest installs it in the pytest process and
 puts this directory on PYTHONPATH where detectron2 has no compiled `_C`, so that the suite's
-subprocesses (the CLI, a downstream example's pytest) get the same placeholder.
+subprocesses (the CLI, a downstream example's pytest) get the same placeholder.  Being named
+`sitecustomize`, it would shadow another one on the path; the project's environments have none.
 """
 import importlib.abc
 import importlib.machinery
