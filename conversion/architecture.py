@@ -3,13 +3,13 @@
 A *variant* is data (depths and dims), never a code path.  All shape knowledge of
 the canonical (official facebookresearch) names lives in `canonical_shapes`; the
 recogniser, the validator and the test strategies all derive from it, so they
-cannot disagree.  Facts from LAYOUTS.md / facebookresearch/ConvNeXt models/convnext.py.
+cannot disagree.  Facts from facebookresearch/ConvNeXt models/convnext.py.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .errors import NotConvNeXt
 
@@ -139,11 +139,18 @@ _BLOCK_KEY = re.compile(r"^stages\.(\d+)\.(\d+)\.")
 _OUTPUT_NORM_KEY = re.compile(r"^norm(\d)\.(weight|bias)$")
 
 
-def infer_architecture(shapes: Mapping[str, Sequence[int]]) -> Architecture:
+NameOf = Callable[[str], str]
+
+
+def infer_architecture(shapes: Mapping[str, Sequence[int]], name_of: Optional[NameOf] = None) -> Architecture:
     """Read depths, dims and version off canonical names and shapes, then check every tensor.
 
+    `name_of` (canonical name -> the file's name for it, present or not) only makes messages name
+    the file's own keys; without it they use canonical names.
+
     Raises:
-        NotConvNeXt: naming every missing, unexpected or wrongly shaped tensor, sorted.
+        NotConvNeXt: a variant the backbone cannot represent (what was found, timm's name for it),
+            or naming every missing, unexpected or wrongly shaped tensor, sorted.
     """
     stem = shapes.get("downsample_layers.0.0.weight")
     if stem is None or len(stem) != 4:
@@ -152,12 +159,13 @@ def infer_architecture(shapes: Mapping[str, Sequence[int]]) -> Architecture:
             "(a 4-d [C, 3, 4, 4] tensor).",
             "Pass a ConvNeXt checkpoint; see `python -m conversion inspect` for what a file holds.",
         )
-    depths: List[int] = []
-    for s in range(NUM_STAGES):
-        b = 0
-        while f"stages.{s}.{b}.dwconv.weight" in shapes:
-            b += 1
-        depths.append(b)
+    # A stage is as deep as its last block: a block missing before it is then named as missing
+    # (a missing last block cannot be told from a shallower model).
+    depths = [0] * NUM_STAGES
+    for key in shapes:
+        m = _BLOCK_KEY.match(key)
+        if m and int(m.group(1)) < NUM_STAGES:
+            depths[int(m.group(1))] = max(depths[int(m.group(1))], int(m.group(2)) + 1)
     missing_stages = [s for s, n in enumerate(depths) if n == 0]
     if missing_stages:
         raise NotConvNeXt(
@@ -165,7 +173,7 @@ def infer_architecture(shapes: Mapping[str, Sequence[int]]) -> Architecture:
             f"('stages.S.0.dwconv.weight' missing); a ConvNeXt has {NUM_STAGES} stages.",
             "The file is incomplete or not a hierarchical ConvNeXt; convert the full checkpoint.",
         )
-    dims = tuple(int(shapes[f"stages.{s}.0.dwconv.weight"][0]) for s in range(NUM_STAGES))
+    dims = tuple(_stage_width(shapes, s, depths[s]) for s in range(NUM_STAGES))
     version = 2 if any(k.endswith(".grn.gamma") for k in shapes) else 1
     layer_scale = any(k.endswith(".gamma") and ".grn." not in k for k in shapes)
     head = shapes.get("head.weight")
@@ -182,23 +190,123 @@ def infer_architecture(shapes: Mapping[str, Sequence[int]]) -> Architecture:
         classifier_norm="norm.weight" in shapes or "norm.bias" in shapes,
         output_norms=output_norms,
     )
-    check_shapes(shapes, arch)
+    name_of = name_of or (lambda key: key)
+    refuse_unrepresentable(shapes, arch, name_of)
+    check_shapes(shapes, arch, name_of)
     return arch
 
 
-def check_shapes(shapes: Mapping[str, Sequence[int]], arch: Architecture) -> None:
+def _stage_width(shapes: Mapping[str, Sequence[int]], stage: int, depth: int) -> int:
+    """Channels of a stage: its blocks' depthwise kernels, else their norms (a block may be missing)."""
+    for b in range(depth):
+        for leaf, dim in (("dwconv.weight", 0), ("norm.weight", 0), ("pwconv2.weight", 0)):
+            shape = shapes.get(f"stages.{stage}.{b}.{leaf}")
+            if shape:
+                return int(shape[dim])
+    return 0
+
+
+# ---------------------------------------------------------------- variants the backbone cannot hold
+# timm builds ConvNeXts the official block cannot express: RMSNorm instead of LayerNorm
+# (`convnext_*_rms`), an overlapping 3x3-conv stem (`*_ols`, stem_type='overlap'), other depthwise
+# kernels (`kernel_sizes`), convolutions without bias (`conv_bias=False`) and other patch sizes
+# (`patch_size`).  Their weights are intact, so "damaged" would be a lie: they are named for what
+# they are, with timm's name, and refused (no renaming or reshaping turns one into the other).
+
+# timm sizes with no official release, used only to name a refused variant (`convnext_zepto_rms`).
+_TIMM_ONLY_SIZES: Dict[str, Tuple[Tuple[int, ...], Tuple[int, ...]]] = {
+    "convnext_zepto": ((2, 2, 4, 2), (32, 64, 128, 256)),
+}
+
+
+def _size_name(arch: Architecture) -> Optional[str]:
+    if arch.variant is not None:
+        return arch.variant
+    for name, (depths, dims) in _TIMM_ONLY_SIZES.items():
+        if (arch.depths, arch.dims, arch.version) == (depths, dims, 1):
+            return name
+    return None
+
+
+def _nearest_released(arch: Architecture) -> str:
+    """The released variant of the same version closest in depths and widths (the one to pick instead)."""
+    def distance(item: Tuple[str, Tuple[Tuple[int, ...], Tuple[int, ...]]]) -> Tuple[int, str]:
+        depths, dims = item[1]
+        return sum(abs(a - b) for a, b in zip(depths + dims, arch.depths + arch.dims)), item[0]
+
+    return min(RELEASED_VARIANTS[arch.version].items(), key=distance)[0]
+
+
+def _findings(shapes: Mapping[str, Sequence[int]], arch: Architecture, named: NameOf) -> List[Tuple[str, str]]:
+    """(what was found, how timm spells it) for each departure from the official block."""
+    found: List[Tuple[str, str]] = []
+    stem = tuple(shapes["downsample_layers.0.0.weight"])
+    stem_convs = sorted(k for k, v in shapes.items() if re.match(r"^downsample_layers\.0\.[1-9]\.weight$", k) and len(v) == 4)
+    overlap = bool(stem_convs) or any(re.match(r"^downsample_layers\.0\.[2-9]\.", k) for k in shapes)
+    patch_downsample = sorted(k for k in shapes if k.startswith("patch_downsample."))
+    block_norms = [k for k in shapes if re.match(r"^stages\.\d+\.\d+\.norm\.weight$", k)]
+    if block_norms and not any(k[: -len("weight")] + "bias" in shapes for k in block_norms):
+        found.append((f"RMSNorm (norm weights without bias, e.g. '{named(sorted(block_norms)[0])}')", "_rms"))
+    if overlap:
+        then = f", then '{named(stem_convs[0])}' {list(shapes[stem_convs[0]])}" if stem_convs else ""
+        found.append((f"an overlapping convolution stem ('{named('downsample_layers.0.0.weight')}' {list(stem)}{then})", "_ols"))
+    elif stem[2:] != (STEM_PATCH, STEM_PATCH) or patch_downsample:
+        extra = f", with a downsample before stage 0 ('{named(patch_downsample[-1])}')" if patch_downsample else ""
+        found.append((f"a {stem[2]}x{stem[3]} patch stem ('{named('downsample_layers.0.0.weight')}' {list(stem)}{extra}; "
+                      f"the backbone's is {STEM_PATCH}x{STEM_PATCH})", f" built with patch_size={stem[2]}"))
+    kernels = sorted({tuple(v[2:]) for k, v in shapes.items() if k.endswith(".dwconv.weight") and len(v) == 4})
+    odd = [k for k in kernels if k != (DWCONV_KERNEL, DWCONV_KERNEL)]
+    if odd:
+        first = next(k for k in sorted(shapes) if k.endswith(".dwconv.weight") and tuple(shapes[k][2:]) == odd[0])
+        found.append((f"a {odd[0][0]}x{odd[0][1]} depthwise kernel ('{named(first)}' {list(shapes[first])}; the backbone's is "
+                      f"{DWCONV_KERNEL}x{DWCONV_KERNEL})", f" built with kernel_sizes={odd[0][0]}"))
+    dwconvs = [k for k in shapes if k.endswith(".dwconv.weight")]
+    if dwconvs and not any(k[: -len("weight")] + "bias" in shapes for k in dwconvs) and "downsample_layers.0.0.bias" not in shapes:
+        found.append((f"convolutions without bias ('{named('downsample_layers.0.0.weight')}' and "
+                      f"'{named(sorted(dwconvs)[0])}' have no bias)", " built with conv_bias=False"))
+    return found
+
+
+def refuse_unrepresentable(shapes: Mapping[str, Sequence[int]], arch: Architecture, name_of: NameOf) -> None:
+    """Raise NotConvNeXt naming a variant the backbone cannot represent, timm's name for it, and what to do."""
+    found = _findings(shapes, arch, name_of)
+    if not found:
+        return
+    size = _size_name(arch)
+    suffixes = "".join(s for _, s in found if s.startswith("_"))
+    options = [s for _, s in found if not s.startswith("_")]
+    if size is None:
+        spelled = f"a custom timm ConvNeXt (depths {list(arch.depths)}, dims {list(arch.dims)})" + "".join(options)
+    else:
+        spelled = f"timm's {size}{suffixes}" + ("," if options else "") + " and".join(options)
+    standard = _nearest_released(arch)
+    raise NotConvNeXt(
+        f"a ConvNeXt variant the Detectron2 backbone cannot represent: {'; '.join(what for what, _ in found)} "
+        f"-- {spelled}.",
+        f"No conversion makes it fit (the backbone has LayerNorm with bias, a {STEM_PATCH}x{STEM_PATCH} patch stem, "
+        f"{DWCONV_KERNEL}x{DWCONV_KERNEL} depthwise kernels and biased convolutions): use a standard variant such as {standard}.",
+    )
+
+
+# Problems named in one message before "and N more" (a block is 9 to 11 tensors).
+_SHOWN_PROBLEMS = 12
+
+
+def check_shapes(shapes: Mapping[str, Sequence[int]], arch: Architecture, name_of: Optional[NameOf] = None) -> None:
     """Raise NotConvNeXt listing every difference between `shapes` and what `arch` needs."""
     expected = canonical_shapes(arch)
+    named = name_of or (lambda key: key)
     problems = []
     for name in sorted(set(expected) - set(shapes)):
-        problems.append(f"missing {name} {list(expected[name])}")
+        problems.append(f"missing {named(name)} {list(expected[name])}")
     for name in sorted(set(shapes) - set(expected)):
-        problems.append(f"unexpected {name} {list(shapes[name])}")
+        problems.append(f"unexpected {named(name)} {list(shapes[name])}")
     for name in sorted(set(shapes) & set(expected)):
         if tuple(shapes[name]) != expected[name]:
-            problems.append(f"{name} has shape {list(shapes[name])}, expected {list(expected[name])}")
+            problems.append(f"{named(name)} has shape {list(shapes[name])}, expected {list(expected[name])}")
     if problems:
-        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+        more = len(problems) - _SHOWN_PROBLEMS
+        shown = "; ".join(problems[:_SHOWN_PROBLEMS]) + (f"; and {more} more" if more > 0 else "")
         raise NotConvNeXt(
             f"inconsistent ConvNeXt ({arch.describe()}): {shown}.",
             "The file is damaged or mixes architectures; re-export it from the model that trained it.",

@@ -56,12 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("src", metavar="SRC", help="the broken (or suspect) file")
     r.add_argument("dst", metavar="DST", help="file to write; .pth/.pt = torch file, .pkl = Detectron2 model zoo")
     r.add_argument("--force", action="store_true", help="overwrite DST if it exists")
-    v = sub.add_parser("verify", parents=[common], help="load a checkpoint as train_net.py would and fail on anything but fresh output norms")
+    v = sub.add_parser("verify", parents=[common],
+                       help="load a checkpoint as train_net.py would; fail when training would not start from its weights")
     v.add_argument("ckpt", metavar="CKPT", help="the Detectron2 checkpoint (a '?matching_heuristics=True' suffix is honoured)")
     v.add_argument("--config", metavar="YAML", help="the training config (default: this project's backbone, shaped like CKPT)")
     v.add_argument("--import", dest="imports", metavar="MODULE|FILE.py", action="append", default=[],
                    help="module or .py file that registers your backbone (a file is loaded without its package's __init__: the CPU-only CI case); repeatable, in order")
     v.add_argument("--source", metavar="SRC", help="also compare features with the backbone given SRC's weights")
+    v.add_argument("--strict", action="store_true", help="warnings (e.g. checkpoint tensors nobody uses) fail too (exit 1)")
     i = sub.add_parser("inspect", parents=[common], help="say what a checkpoint holds and what Detectron2 would make of it")
     i.add_argument("src", metavar="SRC", help="checkpoint to read")
     i.add_argument("--from", dest="layout", metavar="LAYOUT", help=_layout_help())
@@ -96,6 +98,9 @@ def format_report(r: ConversionReport) -> str:
             reasons.setdefault(r.drop_reasons.get(key, "left out"), []).append(key)
         for reason, keys in reasons.items():
             lines.append(f"  dropped    {len(keys)} tensors, {reason}: {_summarise_names(keys)}")
+    if r.left_out:
+        parts = ", ".join(f"{part} x{count}" for part, count in r.left_out.items())
+        lines.append(f"  left out   {sum(r.left_out.values())} tensors of the detector around the backbone: {parts}")
     if r.renamed:
         lines.append(f"  renamed    {len(r.renamed)} tensors from {r.layout} names to official names")
     fixes = sorted(set(r.reshaped.values()))
@@ -134,6 +139,9 @@ def format_inspection(r: InspectReport) -> str:
         lines.append(f"  reshaped   {len(r.reshaped)} tensors on conversion ({'; '.join(sorted(set(r.reshaped.values())))})")
     if r.left_out:
         lines.append(f"  left out   {len(r.left_out)} tensors on conversion: {_summarise_names(sorted(r.left_out))}")
+    if r.detector_parts:
+        parts = ", ".join(f"{part} x{count}" for part, count in r.detector_parts.items())
+        lines.append(f"  detector   {sum(r.detector_parts.values())} tensors around the backbone, left out on conversion: {parts}")
     if r.problems:
         lines.append("  Detectron2 loading this file as it is:")
         lines += [f"    - {p}" for p in r.problems]
@@ -154,22 +162,46 @@ def format_repair(r: RepairReport) -> str:
     return "\n".join(lines)
 
 
+def _verdict(r: Any) -> str:
+    """The first line: what a CI log shows."""
+    if r.problems:
+        return f"verify: FAIL: {r.problems[0]}"
+    if r.warnings and r.strict:
+        return f"verify: FAIL: --strict: {r.warnings[0]}"
+    return f"verify: OK with warnings ({len(r.warnings)})" if r.warnings else "verify: OK"
+
+
 def format_verification(r: Any) -> str:
-    head = "verify: OK" if r.ok else f"verify: FAIL: {r.problems[0]}"
-    lines = [head, f"  checkpoint {r.checkpoint}", f"  backbone   {r.backbone}" + (f" from {r.config}" if r.config else " (this project's, shaped like the checkpoint)")]
-    if r.error is None:
-        lines.append(f"  loaded     {r.loaded} tensors" + (" (names matched by matching_heuristics)" if r.heuristics else " (exact names)"))
+    """The human report of `verify`: the verdict line, then what was loaded into what."""
+    source = f" from {r.config}" if r.config else " (this project's, shaped like the checkpoint)"
+    lines = [_verdict(r), f"  checkpoint {r.checkpoint}", f"  backbone   {r.backbone}{source}"]
+    if not r.load_attempted:
+        lines.append(f"  model      not built, nothing loaded: {r.whole_model_reason}")
+    elif r.whole_model:
+        lines.append(f"  model      {r.meta_architecture}, built whole on CPU as train_net.py builds it")
+    else:
+        lines.append(f"  model      backbone only: whole model not built: {r.whole_model_reason}; "
+                     "checkpoint keys that could match outside the backbone were not checked")
+    if r.error is None and r.load_attempted:
+        how = " (names matched by matching_heuristics)" if r.heuristics else " (exact names)"
+        lines.append(f"  loaded     {r.loaded} backbone tensors{how}")
         lines.append(f"  fresh      {len(r.fresh)} output-norm tensors initialised by the backbone (expected)")
-        lines.append(f"  missing    {len(r.missing)}; unexpected {len(r.unexpected)}; shape-skipped {len(r.shape_skipped)}")
+        lines.append(f"  missing    {len(r.missing)}; unused {len(r.unexpected)}; shape-skipped {len(r.shape_skipped)}")
+        if r.whole_model:
+            lines.append(f"  outside    {r.loaded_outside} tensors loaded outside the backbone; "
+                         f"{r.initialised_outside} keep the model's initialisation")
     if r.renamed:
         lines.append(f"  renamed    {len(r.renamed)} by matching_heuristics")
     for change, count in r.dtype_changes.items():
         lines.append(f"  dtype      {count} tensors cast {change} on load")
     if r.feature_difference is not None:
         lines.append(f"  features   max relative difference to --source {r.feature_difference:.1e}")
-    lines += [f"  problem    {p}" for p in r.problems[1:]]
-    if not r.ok:
-        lines.append("  fix        convnext-d2 repair CKPT FIXED.pth (or convert the original checkpoint again)")
+    shown = 1 if r.problems else 0
+    lines += [f"  problem    {p}" for p in r.problems[shown:]]
+    shown = 1 if not r.problems and r.strict else 0
+    lines += [f"  warning    {w}" for w in r.warnings[shown:]]
+    if r.fix and not r.ok:
+        lines.append(f"  fix        {r.fix}")
     return "\n".join(lines)
 
 
@@ -227,7 +259,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "verify":
         from .verify import verify
 
-        report = verify(args.ckpt, config=args.config, imports=args.imports, source=args.source)
+        report = verify(args.ckpt, config=args.config, imports=args.imports, source=args.source, strict=args.strict)
         _emit(args, report, format_verification)
         return EXIT_OK if report.ok else EXIT_PROBLEM
     if args.command == "inspect":

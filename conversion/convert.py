@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 from .architecture import Architecture, canonical_shapes, infer_architecture
 from .diagnose import d2_problems
 from .errors import NonFiniteWeights, NotConvNeXt
-from .layouts import LAYOUTS, Canonical, classifier_names, to_canonical
+from .layouts import LAYOUTS, Canonical, classifier_names, source_name_of, to_canonical
 from .containers import select_state_dict
 from .formats import AUTHOR, check_source, is_torch_zip, output_format
 from .target import ALL_OUTPUTS, DEFAULT_PREFIX, Target, fresh_output_norms, to_target
@@ -56,6 +56,9 @@ class ConversionReport:
     # Target names of tensors holding NaN or Inf; None when not checked (streamed .pth without strict).
     non_finite: Optional[List[str]] = None
     streamed: bool = False  # a torch archive converted without loading it (tensor bytes copied or written one at a time)
+    # A detection / segmentation checkpoint's parts besides the backbone (neck., roi_head., sem_seg_head., ...):
+    # top-level prefix -> tensor count, left out of the file.
+    left_out: Dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -90,7 +93,7 @@ def prepare(
     """
     name, version = _parse_forced_layout(layout)
     canonical = to_canonical(state_dict, forced=name)
-    arch = infer_architecture({k: tuple(v.shape) for k, v in canonical.state_dict.items()})
+    arch = infer_architecture({k: tuple(v.shape) for k, v in canonical.state_dict.items()}, source_name_of(canonical))
     if version is not None and arch.version != version:
         evidence = next((canonical.source_names[k] for k in canonical.state_dict if ".grn." in k), "no GRN tensors")
         raise NotConvNeXt(
@@ -276,6 +279,7 @@ def _report(
         bytes_written=nbytes,
         notes=d2_problems(src, source_format, loaded, canonical.layout, canonical.prefix, classifier_names(canonical)),
         streamed=streamed,
+        left_out=dict(canonical.left_out),
     )
 
 

@@ -37,7 +37,7 @@ MAX_RELATIVE_DIFFERENCE = 1e-4
 
 
 def _d2_model(arch: Architecture) -> torch.nn.Module:
-    from .d2 import build_holder, config_for
+    from .d2_loading import build_holder, config_for
 
     return build_holder(config_for(None, DEPTHS=list(arch.depths), DIMS=list(arch.dims)))
 
@@ -74,7 +74,7 @@ def run(workdir: str, out=sys.stdout) -> bool:
         report = convert(src, dst)
         print(format_report(report), file=out)
         model = _d2_model(arch)
-        from .d2 import load_observed
+        from .d2_loading import load_observed
 
         seen = load_observed(model, dst)
         if seen.error is not None:

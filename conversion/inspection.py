@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from .architecture import infer_architecture
 from .diagnose import d2_problems
-from .layouts import LAYOUTS, classifier_names, to_canonical
+from .layouts import LAYOUTS, classifier_names, source_name_of, to_canonical
 from .containers import select_state_dict
 from .formats import check_source, is_torch_zip
 
@@ -35,6 +35,8 @@ class InspectReport:
     dtypes: Dict[str, int]
     reshaped: Dict[str, str] = field(default_factory=dict)
     left_out: Dict[str, str] = field(default_factory=dict)  # source name -> why a conversion leaves it out
+    # A detector's or segmenter's parts around its `backbone.` (neck., roi_head., ...) -> tensor count.
+    detector_parts: Dict[str, int] = field(default_factory=dict)
     problems: List[str] = field(default_factory=list)  # what Detectron2 would hit loading the file as is
     bytes_read: Optional[int] = None  # of the file, when only a torch archive's index was read
 
@@ -69,7 +71,7 @@ def inspect_checkpoint(path: str, *, layout: Optional[str] = None) -> InspectRep
     loaded, fmt, bytes_read = _read(path)
     state_dict, container = select_state_dict(loaded)
     canonical = to_canonical(state_dict, forced=layout)
-    arch = infer_architecture({k: tuple(v.shape) for k, v in canonical.state_dict.items()})
+    arch = infer_architecture({k: tuple(v.shape) for k, v in canonical.state_dict.items()}, source_name_of(canonical))
     dtypes: Dict[str, int] = {}
     for tensor in canonical.state_dict.values():
         name = str(tensor.dtype).replace("torch.", "")
@@ -94,6 +96,7 @@ def inspect_checkpoint(path: str, *, layout: Optional[str] = None) -> InspectRep
         dtypes=dtypes,
         reshaped={canonical.source_names[k]: fix for k, fix in canonical.reshaped.items()},
         left_out=dict(canonical.dropped),
+        detector_parts=dict(canonical.left_out),
         problems=d2_problems(path, fmt, loaded, canonical.layout, canonical.prefix, classifier_names(canonical)),
         bytes_read=bytes_read,
     )

@@ -7,14 +7,16 @@ source dict from a canonical one with `from_canonical` and check the round trip)
 
     "stages.{s}.blocks.{b}.conv_dw.{p}"  <->  "stages.{s}.{b}.dwconv.{p}"
 
-A field is `{name}` (digits), `{name|codec}` (digits transformed, e.g. torchvision's
-stage `s` lives at `features.{2s+1}`), or `{name=a|b}` (one of the words); `{p}` is
-`weight` or `bias`.  Facts (names, shapes) from LAYOUTS.md and each library's code.
+The template language (fields, codecs, shape fixes) is in `templates.py`.  Facts (names,
+shapes) come from each library's code.
 
 Recognition: each layout has marker keys only it writes; the prefix in front of the
 first marker (`backbone.`, `convnext.`, `visual.trunk.`, `module.`...) is found and
 stripped.  When two layouts claim a dict the more specific one (more markers, or a
 fixed prefix) wins; a tie is an error naming both.
+
+Over 400 lines on purpose: the nine layout tables are data read side by side (when a layout
+is added or checked), next to the one recognise / map / invert routine they feed.
 """
 from __future__ import annotations
 
@@ -23,197 +25,19 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .errors import NotConvNeXt
+from .templates import (  # noqa: F401  (Template, _CODECS, the fixes: the tables' vocabulary, re-exported)
+    _CODECS,
+    GRN_VECTOR,
+    LAYER_SCALE_3D,
+    NO_FIX,
+    SQUEEZE_1X1,
+    Layout,
+    Template,
+    _pairs,
+)
 
 if TYPE_CHECKING:
     import torch
-
-# ---------------------------------------------------------------- templates
-
-
-def _odd(value: int, to_source: bool) -> Optional[int]:
-    """torchvision: stage s is features[2s+1]."""
-    if to_source:
-        return 2 * value + 1
-    return (value - 1) // 2 if value % 2 == 1 else None
-
-
-def _even(value: int, to_source: bool) -> Optional[int]:
-    """torchvision: the downsample before stage i is features[2i] (i=0: the stem)."""
-    if to_source:
-        return 2 * value
-    return value // 2 if value % 2 == 0 else None
-
-
-def _plus1(value: int, to_source: bool) -> Optional[int]:
-    """Hugging Face Backbone: output norm i is hidden_states_norms.stage{i+1}."""
-    if to_source:
-        return value + 1
-    return value - 1 if value >= 1 else None
-
-
-_CODECS: Dict[str, Callable[[int, bool], Optional[int]]] = {"odd": _odd, "even": _even, "plus1": _plus1}
-_FIELD = re.compile(r"\{(\w+)(?:\|(\w+)|=([\w|]+))?\}")
-
-
-class Template:
-    """A name pattern with named fields, matchable and formattable."""
-
-    def __init__(self, text: str, words_of: Optional[Mapping[str, str]] = None) -> None:
-        self.text = text
-        self.codecs: Dict[str, Optional[str]] = {}
-        self.words: Dict[str, str] = {}
-        pattern, pos = "", 0
-        for m in _FIELD.finditer(text):
-            name, codec, words = m.group(1), m.group(2), m.group(3)
-            if name == "p" and words is None:
-                words = "weight|bias"
-            words = words or (words_of or {}).get(name)
-            if words:
-                self.words[name] = words
-            pattern += re.escape(text[pos:m.start()])
-            pattern += f"(?P<{name}>{words})" if words else f"(?P<{name}>\\d+)"
-            self.codecs[name] = codec if not words else "word"
-            pos = m.end()
-        self.regex = re.compile("^" + pattern + re.escape(text[pos:]) + "$")
-
-    def match(self, key: str, to_source: bool) -> Optional[Dict[str, Any]]:
-        """Field values in canonical terms (codecs undone when reading a source name)."""
-        m = self.regex.match(key)
-        if m is None:
-            return None
-        values: Dict[str, Any] = {}
-        for name, raw in m.groupdict().items():
-            codec = self.codecs[name]
-            if codec == "word":
-                values[name] = raw
-            elif codec is None:
-                values[name] = int(raw)
-            else:
-                decoded = _CODECS[codec](int(raw), False) if not to_source else int(raw)
-                if decoded is None:
-                    return None
-                values[name] = decoded
-        return values
-
-    def format(self, values: Mapping[str, Any], to_source: bool) -> str:
-        def field_value(m: "re.Match[str]") -> str:
-            name, codec = m.group(1), m.group(2)
-            value = values[name]
-            return str(_CODECS[codec](value, True) if (codec and to_source) else value)
-
-        return _FIELD.sub(field_value, self.text)
-
-
-# ---------------------------------------------------------------- shape fixes
-# Each is (to canonical, to source); both are views, so values stay bit-identical.
-
-
-def _squeeze_1x1(t: "torch.Tensor") -> "torch.Tensor":
-    """timm conv-MLP models store Linear weights as 1x1 convs [out, in, 1, 1]."""
-    return t.reshape(t.shape[0], t.shape[1]) if t.ndim == 4 else t
-
-
-def _unsqueeze_1x1(t: "torch.Tensor") -> "torch.Tensor":
-    return t.reshape(t.shape[0], t.shape[1], 1, 1) if t.ndim == 2 else t
-
-
-def _grn_4d(t: "torch.Tensor") -> "torch.Tensor":
-    """Official GRN parameters are [1, 1, 1, E]; timm and mmpretrain store [E]."""
-    return t.reshape(1, 1, 1, -1)
-
-
-def _grn_1d(t: "torch.Tensor") -> "torch.Tensor":
-    return t.reshape(-1)
-
-
-def _layer_scale_1d(t: "torch.Tensor") -> "torch.Tensor":
-    """torchvision layer scale is [C, 1, 1]; official `gamma` is [C]."""
-    return t.reshape(-1)
-
-
-def _layer_scale_3d(t: "torch.Tensor") -> "torch.Tensor":
-    return t.reshape(-1, 1, 1)
-
-
-@dataclass(frozen=True)
-class Fix:
-    name: str
-    to_canonical: Callable[["torch.Tensor"], "torch.Tensor"]
-    to_source: Callable[["torch.Tensor"], "torch.Tensor"]
-
-
-SQUEEZE_1X1 = Fix("[out,in,1,1] -> [out,in]", _squeeze_1x1, _unsqueeze_1x1)
-GRN_VECTOR = Fix("[E] -> [1,1,1,E]", _grn_4d, _grn_1d)
-LAYER_SCALE_3D = Fix("[C,1,1] -> [C]", _layer_scale_1d, _layer_scale_3d)
-# The conv-MLP fix is optional in the source direction: only conv-MLP models need it.
-NO_FIX = Fix("", lambda t: t, lambda t: t)
-
-
-@dataclass(frozen=True)
-class Pair:
-    """One source template and its canonical template (plus a shape fix)."""
-
-    source: Template
-    canonical: Template
-    fix: Fix = NO_FIX
-    outside_prefix: bool = False  # the source key carries no layout prefix (HF `classifier`)
-
-
-def _pairs(*rows: Tuple[Any, ...]) -> Tuple[Pair, ...]:
-    out = []
-    for row in rows:
-        source, canonical = row[0], row[1]
-        fix = row[2] if len(row) > 2 and row[2] is not None else NO_FIX
-        outside = len(row) > 3 and bool(row[3])
-        source_template = Template(source)
-        # The canonical side names the same word fields ({m}); it inherits their alternatives.
-        out.append(Pair(source_template, Template(canonical, source_template.words), fix, outside))
-    return tuple(out)
-
-
-@dataclass(frozen=True)
-class Layout:
-    """One library's naming of ConvNeXt weights.
-
-    Attributes:
-        name: stable identifier used by `--from` and in reports.
-        markers: source keys (after the prefix) that together identify the layout.
-        pairs: the mapping table (first matching pair wins, in both directions).
-        drops: source templates of tensors deliberately left out, with the reason.
-        prefixes: the only prefixes this layout comes with (None: any).
-        describe: one line for reports and `--from` help.
-    """
-
-    name: str
-    markers: Tuple[str, ...]
-    pairs: Tuple[Pair, ...]
-    describe: str
-    drops: Tuple[Tuple[Template, str], ...] = ()
-    drop_outside_prefix: Optional[str] = None  # reason to drop every key outside the prefix
-    prefixes: Optional[Tuple[str, ...]] = None
-    post: Optional[Callable[[Dict[str, "torch.Tensor"], Dict[str, str]], None]] = None  # layout-specific renames
-
-    @property
-    def specificity(self) -> int:
-        return len(self.markers) + (1 if self.prefixes is not None else 0)
-
-    def rename(self, key: str, inverse: bool = False, outside: bool = False) -> Optional[Tuple[str, Fix]]:
-        """(new name, fix) for one key, or None when no pair applies."""
-        for pair in self.pairs:
-            if pair.outside_prefix != outside:
-                continue
-            frm, to = (pair.canonical, pair.source) if inverse else (pair.source, pair.canonical)
-            values = frm.match(key, to_source=inverse)
-            if values is not None:
-                return to.format(values, to_source=inverse), pair.fix
-        return None
-
-    def drop_reason(self, key: str) -> Optional[str]:
-        for template, reason in self.drops:
-            if template.match(key, to_source=False) is not None:
-                return reason
-        return None
-
 
 # ---------------------------------------------------------------- the layouts
 
@@ -236,6 +60,9 @@ OFFICIAL = Layout(
 
 _TIMM_ROWS = (
     ("stem.{j}.{p}", "downsample_layers.0.{j}.{p}"),
+    # patch_size != 4 gives stage 0 a downsample; no official name holds it, so it is named for
+    # what it is and the architecture check refuses it as the variant it is.
+    ("stages.0.downsample.{j}.{p}", "patch_downsample.{j}.{p}"),
     ("stages.{i}.downsample.{j}.{p}", "downsample_layers.{i}.{j}.{p}"),
     ("stages.{s}.blocks.{b}.conv_dw.{p}", "stages.{s}.{b}.dwconv.{p}"),
     ("stages.{s}.blocks.{b}.norm.{p}", "stages.{s}.{b}.norm.{p}"),
@@ -269,7 +96,7 @@ def _features_only(text: str) -> str:
 TIMM_FEATURES = Layout(
     name="timm-features",
     markers=("stages_0.blocks.0.conv_dw.weight",),
-    pairs=_pairs(*[(_features_only(r[0]),) + tuple(r[1:]) for r in _TIMM_ROWS[:9]]),
+    pairs=_pairs(*[(_features_only(r[0]),) + tuple(r[1:]) for r in _TIMM_ROWS[:10]]),
     describe="timm features_only models (stem_0, stages_0, ...)",
 )
 
@@ -279,8 +106,9 @@ OPEN_CLIP = Layout(
     pairs=TIMM.pairs,
     drops=_TIMM_DROPS,
     drop_outside_prefix="OpenCLIP tensors outside the image trunk (projection head, text tower)",
-    prefixes=("visual.trunk.",),
-    describe="OpenCLIP ConvNeXt towers (timm trunk under visual.trunk.)",
+    # `visual.trunk.`: a whole CLIP model; `trunk.`: the image tower saved alone (`model.visual.state_dict()`).
+    prefixes=("visual.trunk.", "trunk."),
+    describe="OpenCLIP ConvNeXt towers (timm trunk under visual.trunk. or trunk.)",
 )
 
 HUGGINGFACE = Layout(
@@ -337,8 +165,9 @@ MMPRETRAIN = Layout(
         ("downsample_layers.{i}.{j}.{p}", "downsample_layers.{i}.{j}.{p}"),
         ("stages.{s}.{b}.depthwise_conv.{p}", "stages.{s}.{b}.dwconv.{p}"),
         ("stages.{s}.{b}.norm.{p}", "stages.{s}.{b}.norm.{p}"),
-        ("stages.{s}.{b}.pointwise_conv1.{p}", "stages.{s}.{b}.pwconv1.{p}"),
-        ("stages.{s}.{b}.pointwise_conv2.{p}", "stages.{s}.{b}.pwconv2.{p}"),
+        # linear_pw_conv=False builds the pointwise layers as 1x1 convolutions ([out, in, 1, 1]).
+        ("stages.{s}.{b}.pointwise_conv1.{p}", "stages.{s}.{b}.pwconv1.{p}", SQUEEZE_1X1),
+        ("stages.{s}.{b}.pointwise_conv2.{p}", "stages.{s}.{b}.pwconv2.{p}", SQUEEZE_1X1),
         ("stages.{s}.{b}.gamma", "stages.{s}.{b}.gamma"),
         ("stages.{s}.{b}.grn.{g=gamma|beta}", "stages.{s}.{b}.grn.{g}", GRN_VECTOR),
         # Reading, `norm{i}` claims norm3 first and `_mmpretrain_final_norm` decides what it is;
@@ -351,16 +180,54 @@ MMPRETRAIN = Layout(
     post=_mmpretrain_final_norm,
 )
 
+# DINOv3's final norm.  The original code builds `norm` and aliases it as `norms[3]` (identities for
+# stages 0-2); its dense outputs (`get_intermediate_layers`, the patch tokens of `forward_features`)
+# are the last stage's map normalised per position by it, and transformers' DINOv3ConvNextModel applies
+# its `layer_norm` to every patch token (and to the pooled token) the same way.  A per-position
+# LayerNorm on the res5 map is exactly what the backbone's output norm `norm3` computes, so the final
+# norm becomes the trained `norm3` (not a classifier norm to drop): res5 then equals DINOv3's own dense
+# features, and only norm0..2 are fresh.
+_DINOV3_FINAL_NORM = "norm3.{p}"
+
 DINOV3 = Layout(
     name="dinov3",
     markers=OFFICIAL.markers + ("norms.3.weight",),
-    pairs=_OFFICIAL_PAIRS,
+    pairs=_pairs(
+        *[(pair.source.text, pair.canonical.text) for pair in _OFFICIAL_PAIRS if pair.source.text.startswith(("downsample", "stages"))],
+        ("norm.{p}", _DINOV3_FINAL_NORM),
+        ("head.{p}", "head.{p}"),
+    ),
     drops=((Template("norms.{i}.{p}"), "DINOv3 alias of norm (the same tensor)"),),
-    describe="DINOv3 ConvNeXt (official names plus the norms.3 alias of norm)",
+    describe="DINOv3 ConvNeXt, original repository (official names plus the norms.3 alias of norm -> norm3)",
+)
+
+DINOV3_HF = Layout(
+    name="dinov3-hf",
+    markers=("stages.0.layers.0.depthwise_conv.weight",),
+    pairs=_pairs(
+        # Stage 0's downsample_layers are the stem (conv, norm); later stages' are (norm, conv), as official.
+        ("stages.{i}.downsample_layers.{j}.{p}", "downsample_layers.{i}.{j}.{p}"),
+        ("stages.{s}.layers.{b}.gamma", "stages.{s}.{b}.gamma"),
+        ("stages.{s}.layers.{b}.depthwise_conv.{p}", "stages.{s}.{b}.dwconv.{p}"),
+        ("stages.{s}.layers.{b}.layer_norm.{p}", "stages.{s}.{b}.norm.{p}"),
+        ("stages.{s}.layers.{b}.pointwise_conv1.{p}", "stages.{s}.{b}.pwconv1.{p}"),
+        ("stages.{s}.layers.{b}.pointwise_conv2.{p}", "stages.{s}.{b}.pwconv2.{p}"),
+        # DINOv3ConvNextModel keeps `layer_norm` beside its `model.` encoder (outside the prefix).
+        ("layer_norm.{p}", _DINOV3_FINAL_NORM, None, True),
+    ),
+    describe="DINOv3 ConvNeXt as transformers writes it (DINOv3ConvNextModel / Backbone, with or without model.)",
 )
 
 LAYOUTS: Dict[str, Layout] = {
-    layout.name: layout for layout in (OFFICIAL, TIMM, TIMM_FEATURES, OPEN_CLIP, HUGGINGFACE, TORCHVISION, MMPRETRAIN, DINOV3)
+    layout.name: layout
+    for layout in (OFFICIAL, TIMM, TIMM_FEATURES, OPEN_CLIP, HUGGINGFACE, TORCHVISION, MMPRETRAIN, DINOV3, DINOV3_HF)
+}
+
+# `--from NAME` also accepts the layouts a user would file under NAME: transformers' DINOv3 is both
+# a Hugging Face file and a DINOv3 file.
+FORCED_FAMILIES: Dict[str, Tuple[str, ...]] = {
+    "huggingface": ("huggingface", "dinov3-hf"),
+    "dinov3": ("dinov3", "dinov3-hf"),
 }
 
 # ---------------------------------------------------------------- recognition and mapping
@@ -376,6 +243,21 @@ class Canonical:
     source_names: Dict[str, str]  # canonical name -> name in the source dict
     dropped: Dict[str, str] = field(default_factory=dict)  # source name -> why it was left out
     reshaped: Dict[str, str] = field(default_factory=dict)  # canonical name -> shape fix applied
+    # A detector's or segmenter's other parts (neck, heads), by top-level prefix -> tensor count.
+    left_out: Dict[str, int] = field(default_factory=dict)
+
+
+def source_name_of(canonical: "Canonical") -> Callable[[str], str]:
+    """canonical name -> the file's name for it: the one read, or the one the layout would give a
+    tensor the file lacks (so "missing" names a key the user can look for)."""
+
+    def name_of(key: str) -> str:
+        if key in canonical.source_names:
+            return canonical.source_names[key]
+        hit = LAYOUTS[canonical.layout].rename(key, inverse=True)
+        return canonical.prefix + hit[0] if hit is not None else key
+
+    return name_of
 
 
 def classifier_names(canonical: "Canonical") -> List[str]:
@@ -427,7 +309,19 @@ def _claims(layout: Layout, keys: Sequence[str]) -> List[str]:
     return sorted(p for p in prefixes if all(p + m in keyset for m in layout.markers))
 
 
+# Backbones a detection checkpoint may hold instead of a ConvNeXt: ResNet-style bottleneck names as
+# torchvision / mmdet (`layer1.0.conv1`) and Detectron2 (`res2.0.conv1`, `bottom_up.res2...`) write them.
+_RESNET_KEY = re.compile(r"^(.*\.)?(layer[1-4]|res[2-5])\.0\.conv1\.weight$")
+
+
 def _refuse_known_non_targets(keys: Sequence[str]) -> None:
+    resnet = sorted(k for k in keys if _RESNET_KEY.match(k))
+    if resnet and not any(k.endswith(m) for k in keys for layout in LAYOUTS.values() for m in layout.markers[:1]):
+        raise NotConvNeXt(
+            f"the weights are a ResNet, not a ConvNeXt ({len(keys)} keys, ResNet blocks such as '{resnet[0]}'): "
+            "no layout of this tool converts it.",
+            "Convert a checkpoint whose backbone is a ConvNeXt; a ResNet loads into Detectron2's own ResNet backbone.",
+        )
     kernels = sorted(k for k in keys if k.endswith(".kernel"))
     if kernels:
         raise NotConvNeXt(
@@ -451,16 +345,20 @@ def recognise(keys: Sequence[str], forced: Optional[str] = None) -> Tuple[Layout
             message names the markers looked for and a sample of the keys.
     """
     if forced is not None:
-        layout = LAYOUTS[forced]
-        prefixes = _claims(layout, keys)
-        if len(prefixes) != 1:
+        family = FORCED_FAMILIES.get(forced, (forced,))
+        claimed = [(LAYOUTS[name], p) for name in family for p in _claims(LAYOUTS[name], keys)]
+        if claimed:
+            best = max(layout.specificity for layout, _ in claimed)
+            claimed = [(layout, p) for layout, p in claimed if layout.specificity == best]
+        if len(claimed) != 1:
+            markers = " or ".join(f"'{LAYOUTS[name].markers[0]}'" for name in family)
+            where = "under several prefixes: " + ", ".join(p for _, p in claimed) if claimed else "anywhere"
             raise NotConvNeXt(
-                f"--from {forced}: the keys do not carry its marker '{layout.markers[0]}' "
-                f"({'under several prefixes: ' + ', '.join(prefixes) if prefixes else 'anywhere'}); "
+                f"--from {forced}: the keys do not carry its marker {markers} ({where}); "
                 f"keys such as {', '.join(sorted(keys)[:4])}.",
                 "Drop --from to let the layout be recognised.",
             )
-        return layout, prefixes[0]
+        return claimed[0]
     _refuse_known_non_targets(keys)
     found = [(layout, p) for layout in LAYOUTS.values() for p in _claims(layout, keys)]
     if found:
@@ -477,6 +375,40 @@ def recognise(keys: Sequence[str], forced: Optional[str] = None) -> Tuple[Layout
         )
     names = ", ".join(f"{layout.name} (prefix '{prefix}')" for layout, prefix in found)
     raise NotConvNeXt(f"the keys match several layouts equally: {names}.", "Say which with --from LAYOUT.")
+
+
+# Where a detector keeps its ConvNeXt: `backbone.` (mmdet, mmseg, Detectron2 meta-architectures whose
+# backbone is the ConvNeXt itself) or `backbone.bottom_up.` (Detectron2's FPN wrapping it).
+DETECTOR_BACKBONES = ("backbone.bottom_up.", "backbone.")
+
+
+def detector_outer_prefix(prefix: str) -> Optional[str]:
+    """What wraps a detector's parts when the ConvNeXt sits at `backbone.` or `backbone.bottom_up.`
+    ('' for mmdet, mmseg and Detectron2 models), or None when the weights are not a detector's backbone.
+
+    Detection and segmentation checkpoints (mmdet Mask R-CNN / Cascade, mmseg UperNet, Detectron2's
+    `model_final.pth`) keep the ConvNeXt there beside `neck.`, `rpn_head.`, `roi_head.`,
+    `decode_head.`, `auxiliary_head.`, `sem_seg_head.`, an FPN's `backbone.fpn_*` and the like: the
+    ConvNeXt is what converts, the rest is left out and counted by part.
+    """
+    for backbone in DETECTOR_BACKBONES:
+        if prefix == backbone or prefix.endswith("." + backbone):
+            return prefix[: -len(backbone)]
+    return None
+
+
+def _is_convnext_name(key: str) -> bool:
+    """A name some layout gives a ConvNeXt tensor: outside a detector's backbone it means two dicts were mixed."""
+    return any(layout.rename(key) is not None for layout in LAYOUTS.values())
+
+
+def _top_level_part(key: str) -> str:
+    """`neck.fpn_convs.0.conv.bias` -> `neck.`; a top-level tensor (`pixel_mean`) is its own part;
+    beside an FPN's bottom-up ConvNeXt, `backbone.fpn_lateral2.weight` -> `backbone.fpn_lateral2.`."""
+    head, dot, rest = key.partition(".")
+    if head == "backbone" and dot:
+        return head + dot + _top_level_part(rest)
+    return head + dot
 
 
 def to_canonical(state_dict: Mapping[str, Any], forced: Optional[str] = None) -> Canonical:
@@ -497,6 +429,8 @@ def to_canonical(state_dict: Mapping[str, Any], forced: Optional[str] = None) ->
     reshaped: Dict[str, str] = {}
     unclaimed: List[str] = []
     collisions: List[str] = []
+    left_out: Dict[str, int] = {}
+    detector = detector_outer_prefix(prefix)
     # Keys a layout writes outside its own prefix (HF `classifier`, mmpretrain `head.fc`) sit under
     # whatever wraps the whole model: `model.convnext.` -> `model.classifier`.  Outer wrappers first.
     outers = [prefix[: i + 1] for i in range(len(prefix) - 1, -1, -1) if prefix[i] == "."][1:] + [""]
@@ -512,6 +446,9 @@ def to_canonical(state_dict: Mapping[str, Any], forced: Optional[str] = None) ->
             reason = layout.drop_reason(key[len(prefix):]) if inside else layout.drop_outside_prefix
             if reason:
                 dropped[key] = reason
+            elif not inside and detector is not None and key.startswith(detector) and not _is_convnext_name(key[len(detector):]):
+                part = _top_level_part(key[len(detector):])
+                left_out[part] = left_out.get(part, 0) + 1
             else:
                 unclaimed.append(key)
             continue
@@ -529,7 +466,8 @@ def to_canonical(state_dict: Mapping[str, Any], forced: Optional[str] = None) ->
     if unclaimed or collisions:
         parts = []
         if unclaimed:
-            parts.append(f"{len(unclaimed)} key(s) outside the {layout.name} layout: {', '.join(sorted(unclaimed)[:8])}")
+            more = f" and {len(unclaimed) - 16} more" if len(unclaimed) > 16 else ""
+            parts.append(f"{len(unclaimed)} key(s) outside the {layout.name} layout: {', '.join(sorted(unclaimed)[:16])}{more}")
         if collisions:
             parts.append(f"colliding keys: {'; '.join(collisions[:4])}")
         raise NotConvNeXt(
@@ -538,7 +476,7 @@ def to_canonical(state_dict: Mapping[str, Any], forced: Optional[str] = None) ->
         )
     if layout.post is not None:
         layout.post(out, names)
-    return Canonical(out, layout.name, prefix, names, dropped, reshaped)
+    return Canonical(out, layout.name, prefix, names, dropped, reshaped, dict(sorted(left_out.items())))
 
 
 def from_canonical(

@@ -1,10 +1,19 @@
-"""`verify`: will training start from these weights?  Load a checkpoint into the backbone a
-config names, exactly as Detectron2's train_net.py does, and report every way it falls short.
+"""`verify`: will training start from these weights?  Load a checkpoint as Detectron2's train_net.py
+does and report every way it falls short, separating what matters from what does not.
 
-Only the fresh output norms (`backbone.norm{i}`, which no ImageNet file has) may be missing;
-anything else missing, unused, shape-skipped, claimed twice by `matching_heuristics`, or raised
-by Detectron2 is a problem (exit 1).  With a source checkpoint, the backbone's features are also
-compared with the same backbone given the source's weights through the converter's mapping.
+What is loaded into: the whole model, built with `build_model(cfg)` on the CPU, when the config's
+`MODEL.META_ARCHITECTURE` is registered (the user's package imported); otherwise the backbone the
+config names, alone, and the report says what that could not check.  Without a config, this
+project's backbone shaped like the checkpoint.
+
+Problems (exit 1) are what would make training not start from the pretrained weights, or change
+something silently: a backbone weight left without a value (other than the fresh output norms
+`backbone.norm{i}`, which no ImageNet file has), a shape skip, Detectron2 raising, a
+`matching_heuristics` match that is ambiguous or loads a checkpoint tensor into a module outside the
+backbone, NaN/Inf among the loaded weights, a config that names no backbone.  Warnings (exit 0; exit
+1 with `strict`) change nothing in training: checkpoint tensors nobody uses, heuristic near-misses
+Detectron2 skips.  With a source checkpoint, the backbone's features are also compared with the same
+backbone given the source's weights through the converter's mapping.
 """
 from __future__ import annotations
 
@@ -13,50 +22,71 @@ import os
 import re
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from .architecture import infer_architecture
+from .containers import select_state_dict
 from .errors import ConversionError
 from .heuristics import heuristic_assignment
 from .imports import load_imports
 from .layouts import to_canonical
-from .containers import select_state_dict
 from .read import read_checkpoint
 from .target import to_target
 
+BACKBONE_PREFIX = "backbone."
 FRESH_OUTPUT_NORM = re.compile(r"^backbone\.norm\d+\.(weight|bias)$")
 # Features are compared in fp32 on CPU; both sides run the same modules, so any difference
 # beyond round-off means different weights.  1e-4 of the output's scale leaves wide margin.
 FEATURE_TOLERANCE = 1e-4
 FEATURE_INPUT = (1, 3, 64, 64)  # divisible by the backbone's stride 32
+LISTED = 8  # names spelled out in one report line; --json has them all
+REPAIR_FIX = "convnext-d2 repair CKPT FIXED.pth (or convert the original checkpoint again)"
+NO_CONFIG = "no --config given"
 
 
 @dataclass
 class VerifyReport:
-    """Everything `verify` found (also its `--json` output)."""
+    """Everything `verify` found (also its `--json` output).
+
+    `problems` decide the exit status; `warnings` do too under `strict`.  `whole_model` says
+    whether the load went into the model train_net.py builds (else `whole_model_reason` says why
+    not, and the backbone alone was loaded).
+    """
 
     checkpoint: str
     config: Optional[str]
     backbone: str
+    strict: bool = False
+    meta_architecture: Optional[str] = None
+    whole_model: bool = False
+    whole_model_reason: Optional[str] = None
+    load_attempted: bool = True  # False when the config names no backbone: nothing was built or loaded
     heuristics: bool = False
-    loaded: int = 0
+    loaded: int = 0  # backbone tensors that took a checkpoint value
+    loaded_outside: int = 0  # tensors outside the backbone that did
+    initialised_outside: int = 0  # tensors outside the backbone left as the model built them
     fresh: List[str] = field(default_factory=list)
     missing: List[str] = field(default_factory=list)
     unexpected: List[str] = field(default_factory=list)
     shape_skipped: List[str] = field(default_factory=list)
     renamed: Dict[str, str] = field(default_factory=dict)  # model key -> checkpoint key (heuristics)
-    ambiguous: Dict[str, List[str]] = field(default_factory=dict)
+    ambiguous: Dict[str, List[str]] = field(default_factory=dict)  # checkpoint key -> model keys
+    outside_backbone: Dict[str, str] = field(default_factory=dict)  # model key -> checkpoint key (heuristics)
+    heuristic_shape_misses: Dict[str, str] = field(default_factory=dict)  # model key -> checkpoint key
+    non_finite: List[str] = field(default_factory=list)
     dtype_changes: Dict[str, str] = field(default_factory=dict)  # "float16 -> float32": count as str
-    warnings: List[str] = field(default_factory=list)
+    log_warnings: List[str] = field(default_factory=list)
     error: Optional[str] = None
     feature_difference: Optional[float] = None
     problems: List[str] = field(default_factory=list)
+    warnings: List[str] = field(default_factory=list)
+    fix: Optional[str] = None
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        return not self.problems and not (self.strict and self.warnings)
 
     def to_dict(self) -> Dict[str, Any]:
         out = asdict(self)
@@ -90,29 +120,180 @@ def _architecture_of(path: str) -> Dict[str, Any]:
     }
 
 
-def _build(d2: Any, config: Optional[str], checkpoint: str) -> Any:
+# ---------------------------------------------------------------- config and model
+
+
+def _config(d2l: Any, config: Optional[str], checkpoint: str) -> Any:
+    if not config:
+        return d2l.config_for(None, **_architecture_of(checkpoint.split("?", 1)[0]))
+    if not os.path.isfile(config):
+        raise UnusableVerifyInput(f"--config {config}: no such file.", "Pass the training config (a Detectron2 YAML).")
     try:
-        cfg = d2.config_for(config) if config else d2.config_for(None, **_architecture_of(checkpoint.split("?", 1)[0]))
-    except ConversionError:
-        raise
-    except Exception as err:
-        raise UnusableVerifyInput(f"--config {config}: cannot read it ({_short_error(err)}).", "Check the YAML.") from None
-    try:
-        return cfg, d2.build_holder(cfg)
-    except KeyError as err:
+        return d2l.config_for(config)
+    except Exception as err:  # YAML syntax, not a mapping, a key of the wrong type: all unusable
         raise UnusableVerifyInput(
-            f"backbone '{cfg.MODEL.BACKBONE.NAME}' is not registered ({err}).",
-            "Pass --import MODULE for the module that registers it (e.g. your project's backbone module).",
+            f"--config {config}: not a usable Detectron2 YAML config ({_short_error(err)}).",
+            "Pass the YAML file train_net.py is given with --config-file.",
         ) from None
 
 
-def _compare_with_source(holder: Any, source: str, report: VerifyReport) -> None:
+def _no_backbone_report(report: VerifyReport, cfg: Any) -> VerifyReport:
+    """The config names no backbone: Detectron2 would build its default, so nothing is loaded."""
+    default = cfg.MODEL.BACKBONE.NAME
+    what = f"{default}, a ResNet-{cfg.MODEL.RESNETS.DEPTH}" if default == "build_resnet_backbone" else default
+    report.backbone = default
+    report.whole_model_reason = "the config names no backbone"
+    report.load_attempted = False
+    report.problems.append(
+        f"MODEL.BACKBONE.NAME is not set in {report.config}: Detectron2 builds its default backbone "
+        f"instead ({what}), into which no ConvNeXt weight loads"
+    )
+    report.fix = "set MODEL.BACKBONE.NAME to your ConvNeXt backbone's registered name (e.g. D2ConvNeXt, with --import)"
+    return report
+
+
+def _backbone_only(d2l: Any, cfg: Any) -> Any:
+    try:
+        return d2l.build_holder(cfg)
+    except Exception as err:  # the user's backbone code: nothing can be verified without it
+        raise UnusableVerifyInput(
+            f"backbone '{cfg.MODEL.BACKBONE.NAME}' cannot be built from this config ({_short_error(err)}).",
+            "Check MODEL.CONVNEXT (or your backbone's section) in the config.",
+        ) from None
+
+
+def _model(d2l: Any, cfg: Any, config: Optional[str]) -> Tuple[Any, Optional[str]]:
+    """(model, None) for the whole model train_net.py builds, else (backbone holder, why not)."""
+    from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY
+
+    if cfg.MODEL.BACKBONE.NAME not in BACKBONE_REGISTRY:
+        raise UnusableVerifyInput(
+            f"backbone '{cfg.MODEL.BACKBONE.NAME}' is not registered in Detectron2's BACKBONE_REGISTRY.",
+            "Pass --import MODULE for the module that registers it (e.g. your project's backbone module).",
+        )
+    if not config:
+        return _backbone_only(d2l, cfg), NO_CONFIG
+    meta = cfg.MODEL.META_ARCHITECTURE
+    if meta not in META_ARCH_REGISTRY:
+        why = f"MODEL.META_ARCHITECTURE '{meta}' is not registered (--import the module that registers it)"
+    else:
+        try:
+            model = d2l.build_whole_model(cfg)
+        except Exception as err:  # a missing dataset, a compiled op, the user's bug: fall back, say why
+            why = f"building {meta} failed ({_short_error(err)})"
+        else:
+            if isinstance(getattr(model, d2l.BACKBONE_ATTRIBUTE, None), torch.nn.Module):
+                return model, None
+            why = f"{meta} has no .{d2l.BACKBONE_ATTRIBUTE} module"
+    return _backbone_only(d2l, cfg), why
+
+
+# ---------------------------------------------------------------- what the load did
+
+
+def _names(keys: Sequence[str], limit: int = LISTED) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def _in_backbone(key: str) -> bool:
+    return key.startswith(BACKBONE_PREFIX)
+
+
+def _classify_load(
+    report: VerifyReport, inc: Any, model_shapes: Mapping[str, Tuple[int, ...]], ckpt: Sequence[str]
+) -> List[str]:
+    """Fill the key lists from fvcore's incompatible keys; return the model keys that took a checkpoint value."""
+    report.shape_skipped = sorted(k for k, *_ in inc.incorrect_shapes)
+    # fvcore drops shape-mismatched tensors before loading, so they reappear as missing: count them once.
+    missing = {k for k in inc.missing_keys if k not in report.shape_skipped}
+    report.fresh = sorted(k for k in missing if FRESH_OUTPUT_NORM.match(k))
+    report.missing = sorted(k for k in missing if _in_backbone(k) and not FRESH_OUTPUT_NORM.match(k))
+    report.unexpected = sorted(inc.unexpected_keys)
+    skipped, in_file = set(report.shape_skipped), set(ckpt)
+    # Not missing is not the same as loaded: Detectron2 forgives pixel_mean/std, and FrozenBatchNorm2d
+    # fills absent running statistics itself; only a key whose checkpoint name is in the file took a value.
+    loaded = [k for k in model_shapes if k not in missing and k not in skipped and report.renamed.get(k, k) in in_file]
+    report.loaded = sum(1 for k in loaded if _in_backbone(k))
+    report.loaded_outside = len(loaded) - report.loaded
+    report.initialised_outside = sum(1 for k in model_shapes if not _in_backbone(k)) - report.loaded_outside
+    return loaded
+
+
+Shapes = Mapping[str, Tuple[int, ...]]
+
+
+def _heuristic_findings(report: VerifyReport, model_shapes: Shapes, ckpt: Shapes) -> None:
+    """Detectron2's longest-suffix rule, computed ahead: what it renames, where it lands, what it skips."""
+    assignment = heuristic_assignment(model_shapes, ckpt)
+    report.renamed = assignment.renamed
+    report.ambiguous = assignment.ambiguous
+    # A suffix match outside the backbone puts an ImageNet tensor into a decoder module of equal shape.
+    report.outside_backbone = {m: c for m, c in assignment.renamed.items() if not _in_backbone(m)}
+    report.heuristic_shape_misses = {m: c for m, c in assignment.shape_skipped if not _in_backbone(m)}
+
+
+def _dtype_changes(
+    report: VerifyReport, loaded: Sequence[str], model_dtypes: Mapping[str, str], ckpt_dtypes: Mapping[str, str]
+) -> None:
+    source_of = {m: c for m, c in report.renamed.items()}
+    for key in loaded:
+        src = source_of.get(key, key)
+        if src in ckpt_dtypes and ckpt_dtypes[src] != model_dtypes[key]:
+            change = f"{ckpt_dtypes[src]} -> {model_dtypes[key]}"
+            report.dtype_changes[change] = str(int(report.dtype_changes.get(change, "0")) + 1)
+
+
+def _problems(report: VerifyReport, heuristics_matched_nothing: bool) -> List[str]:
+    """Most telling first: what Detectron2 refuses, what it changes silently, what cannot fit, what stays random."""
+    out = []
+    for key, models in report.ambiguous.items():
+        out.append(f"matching_heuristics: checkpoint key '{key}' matches {len(models)} model keys ({_names(models, 3)}); "
+                   "Detectron2 raises on it")
+    if report.error is not None:
+        out.append(f"Detectron2 cannot load it: {report.error}")
+    if report.outside_backbone and not report.ambiguous and report.error is None:
+        pairs = [f"'{c}' into {m}" for m, c in sorted(report.outside_backbone.items())]
+        out.append(f"matching_heuristics loads {len(pairs)} checkpoint tensors into modules outside the backbone, "
+                   f"silently replacing their initialisation: {_names(pairs, 3)}")
+    if report.shape_skipped:
+        out.append(f"{len(report.shape_skipped)} tensors skipped for a shape mismatch (wrong variant?): "
+                   f"{_names(report.shape_skipped, 4)}")
+    if report.missing:
+        out.append(f"{len(report.missing)} backbone weights missing (they would train from random init): "
+                   f"{_names(report.missing, 4)}")
+    if report.non_finite:
+        out.append(f"{len(report.non_finite)} loaded weights hold NaN or Inf: {_names(report.non_finite, 4)}")
+    if heuristics_matched_nothing:
+        out.append("matching_heuristics matched nothing")
+    return out
+
+
+def _warnings(report: VerifyReport) -> List[str]:
+    """What training ignores: said, and fatal only under --strict."""
+    out = []
+    if report.unexpected:
+        out.append(f"{len(report.unexpected)} checkpoint tensors unused by the model: {_names(report.unexpected)} "
+                   "(training ignores them; convnext-d2 repair CKPT FIXED.pth writes the file without them)")
+    by_ckpt: Dict[str, List[str]] = {}
+    for m, c in sorted(report.heuristic_shape_misses.items()):
+        by_ckpt.setdefault(c, []).append(m)
+    for c, models in by_ckpt.items():
+        out.append(f"matching_heuristics: checkpoint key '{c}' suffix-matches {len(models)} model key(s) of another shape "
+                   f"outside the backbone ({_names(models, 3)}); Detectron2 skips each with a log warning")
+    if report.heuristics and not report.whole_model:
+        out.append(f"whole model not built: {report.whole_model_reason}; checkpoint keys that could match outside "
+                   "the backbone were not checked (the file uses matching_heuristics)")
+    return out
+
+
+def _compare_with_source(backbone: torch.nn.Module, source: str, report: VerifyReport) -> None:
     loaded, _ = read_checkpoint(source)
     canonical = to_canonical(select_state_dict(loaded)[0])
     target = to_target(canonical.state_dict, prefix="").state_dict
-    reference = copy.deepcopy(holder.backbone)
+    reference = copy.deepcopy(backbone)
     result = reference.load_state_dict(target, strict=False)
-    stray = [k for k in result.missing_keys if not FRESH_OUTPUT_NORM.match("backbone." + k)]
+    stray = [k for k in result.missing_keys if not FRESH_OUTPUT_NORM.match(BACKBONE_PREFIX + k)]
     if stray or result.unexpected_keys:
         report.problems.append(
             f"--source does not fit this backbone: {len(stray)} missing, {len(result.unexpected_keys)} unused "
@@ -121,7 +302,7 @@ def _compare_with_source(holder: Any, source: str, report: VerifyReport) -> None
         return
     image = torch.randn(*FEATURE_INPUT, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ours, theirs = holder.backbone(image), reference(image)
+        ours, theirs = backbone.eval()(image), reference.eval()(image)
     worst = 0.0
     for name, tensor in theirs.items():
         scale = tensor.abs().max().clamp_min(1e-12)
@@ -139,8 +320,16 @@ def verify(
     config: Optional[str] = None,
     imports: Sequence[str] = (),
     source: Optional[str] = None,
+    strict: bool = False,
 ) -> VerifyReport:
-    """Load `checkpoint` as train_net.py would and list every problem (see the module docstring).
+    """Load `checkpoint` as train_net.py would and report problems and warnings (see the module docstring).
+
+    Args:
+        checkpoint: the Detectron2 file (a `?matching_heuristics=True` suffix is honoured, as Detectron2 does).
+        config: the training YAML; its meta-architecture is built whole when registered.
+        imports: modules to import first (they register the user's backbone and meta-architecture).
+        source: the original checkpoint, to compare the backbone's features with.
+        strict: warnings count as failures (`report.ok` is False when there are any).
 
     Raises:
         ConversionError: unusable input (missing file, import or config failure), exit 2.
@@ -150,51 +339,38 @@ def verify(
     load_imports(imports)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # detectron2 0.7 scripts helpers at import
-        from . import d2
-    cfg, holder = _build(d2, config, checkpoint)
-    model_shapes = {k: tuple(v.shape) for k, v in holder.state_dict().items()}
-    model_dtypes = {k: str(v.dtype).replace("torch.", "") for k, v in holder.state_dict().items()}
-    seen = d2.load_observed(holder, checkpoint)
+        from . import d2_loading as d2l
+    cfg = _config(d2l, config, checkpoint)
     report = VerifyReport(
-        checkpoint=os.path.abspath(checkpoint), config=config, backbone=cfg.MODEL.BACKBONE.NAME, heuristics=seen.heuristics
+        checkpoint=os.path.abspath(checkpoint), config=config, backbone=cfg.MODEL.BACKBONE.NAME, strict=strict
     )
+    if config and not d2l.names_a_backbone(config):
+        return _no_backbone_report(report, cfg)
+    model, report.whole_model_reason = _model(d2l, cfg, config)
+    report.whole_model = report.whole_model_reason is None
+    report.meta_architecture = cfg.MODEL.META_ARCHITECTURE if report.whole_model else None
+    state = model.state_dict()
+    model_shapes = {k: tuple(v.shape) for k, v in state.items()}
+    model_dtypes = {k: str(v.dtype).replace("torch.", "") for k, v in state.items()}
+    seen = d2l.load_observed(model, checkpoint)
+    report.heuristics = seen.heuristics
     if seen.heuristics and seen.checkpoint_shapes:
-        assignment = heuristic_assignment(model_shapes, seen.checkpoint_shapes)
-        report.renamed = assignment.renamed
-        report.ambiguous = assignment.ambiguous
+        _heuristic_findings(report, model_shapes, seen.checkpoint_shapes)
     if seen.error is not None:
         report.error = _short_error(seen.error)
-        report.problems.append(f"Detectron2 cannot load it: {report.error}")
     if seen.incompatible is not None:
-        inc = seen.incompatible
-        report.shape_skipped = sorted(k for k, *_ in inc.incorrect_shapes)
-        # fvcore drops shape-mismatched tensors before loading, so they reappear as missing: count them once.
-        missing = [k for k in inc.missing_keys if k not in report.shape_skipped]
-        report.fresh = sorted(k for k in missing if FRESH_OUTPUT_NORM.match(k))
-        report.missing = sorted(k for k in missing if not FRESH_OUTPUT_NORM.match(k))
-        report.unexpected = sorted(inc.unexpected_keys)
-        report.loaded = len(model_shapes) - len(missing) - len(report.shape_skipped)
-        names = {v: k for k, v in report.renamed.items()} if report.renamed else {}
-        for key in model_shapes:
-            src = names.get(key, key)
-            if key not in inc.missing_keys and src in seen.checkpoint_dtypes and seen.checkpoint_dtypes[src] != model_dtypes[key]:
-                change = f"{seen.checkpoint_dtypes[src]} -> {model_dtypes[key]}"
-                report.dtype_changes[change] = str(int(report.dtype_changes.get(change, "0")) + 1)
-    report.warnings = [
-        r.getMessage().splitlines()[0] for r in seen.records if r.levelno >= 30 and "not found in the checkpoint" not in r.getMessage()
+        loaded = _classify_load(report, seen.incompatible, model_shapes, list(seen.checkpoint_shapes))
+        _dtype_changes(report, loaded, model_dtypes, seen.checkpoint_dtypes)
+        report.non_finite = d2l.non_finite(model, loaded)
+    report.log_warnings = [
+        r.getMessage().splitlines()[0]
+        for r in seen.records
+        if r.levelno >= 30 and "not found in the checkpoint" not in r.getMessage()
     ]
-    # Most telling first: what cannot fit, then what stays random, then what is left over.
-    if report.shape_skipped:
-        report.problems.append(f"{len(report.shape_skipped)} tensors skipped for a shape mismatch (wrong variant?): {', '.join(report.shape_skipped[:4])}")
-    if report.missing:
-        report.problems.append(f"{len(report.missing)} backbone weights missing (they would train from random init): {', '.join(report.missing[:4])}")
-    if report.unexpected:
-        report.problems.append(f"{len(report.unexpected)} checkpoint tensors unused by the model: {', '.join(report.unexpected[:4])}")
-    if report.ambiguous:
-        key, models = next(iter(report.ambiguous.items()))
-        report.problems.append(f"matching_heuristics: checkpoint key '{key}' matches {len(models)} model keys ({', '.join(models[:3])})")
-    if seen.heuristics and report.error is None and report.loaded == 0:
-        report.problems.append("matching_heuristics matched nothing")
+    report.problems = _problems(report, seen.heuristics and report.error is None and report.loaded == 0)
+    report.warnings = _warnings(report)
     if source is not None and report.error is None and not report.problems:
-        _compare_with_source(holder, source, report)
+        _compare_with_source(model.backbone, source, report)
+    if report.problems:
+        report.fix = REPAIR_FIX
     return report

@@ -89,7 +89,7 @@ def test_layer_scale_on_some_blocks_only_is_inconsistent():
 
 def test_many_problems_are_all_counted_in_one_message():
     """One message lists the problems (sorted), and says how many more there are."""
-    shapes = canonical_shapes(Architecture((3, 3, 3, 3), (8, 8, 8, 8)))
+    shapes = canonical_shapes(Architecture((4, 4, 4, 4), (8, 8, 8, 8)))  # 16 problems, 12 named
     for name in [k for k in shapes if k.endswith("pwconv1.bias")]:
         shapes[name] = (1,)
     with pytest.raises(NotConvNeXt, match=r"and 4 more"):

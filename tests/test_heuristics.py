@@ -111,3 +111,31 @@ def test_longest_suffix_wins_and_dotted_boundaries_are_respected():
     got = heuristic_assignment(model, ckpt)
     assert got.taken == {"backbone.res2.conv1.weight": "res2.conv1.weight", "backbone.conv1.weight": "conv1.weight"}
     assert got.ambiguous == {}
+
+
+@pytest.mark.parametrize("last_width,decoder_norms", [(48, 1), (32, 1), (32, 2)], ids=["apart", "silent", "raising"])
+def test_heuristic_assignment_equals_detectron2s_on_a_built_whole_model(tmp_path, last_width, decoder_norms):
+    """On the DI-MaskDINO-like detector verify builds (tests/dimaskdino_like.py): the assignment that
+    verify's outside-the-backbone verdict rests on is Detectron2's own, key for key."""
+    from conversion.d2_loading import build_whole_model, config_for
+
+    from . import dimaskdino_like  # noqa: F401  (registers the meta-architecture)
+
+    yaml = tmp_path / "model.yaml"
+    yaml.write_text(
+        "MODEL:\n  META_ARCHITECTURE: \"DIMaskDINOLike\"\n  BACKBONE: {NAME: \"D2ConvNeXt\"}\n"
+        f"  CONVNEXT: {{DEPTHS: [1, 1, 1, 1], DIMS: [8, 16, 32, {last_width}]}}\n"
+        "  DIMASKDINO_LIKE: {HIDDEN_DIM: 32, ENC_LAYERS: 1, DEC_LAYERS: 1, ENC_FFN: 32, DEC_FFN: 32, NUM_QUERIES: 4, "
+        f"NUM_CLASSES: 3, DECODER_NORMS: {decoder_norms}}}\n"
+    )
+    model = {k: tuple(v.shape) for k, v in build_whole_model(config_for(str(yaml))).state_dict().items()}
+    raw = dict(canonical_shapes(Architecture((1, 1, 1, 1), (8, 16, 32, last_width), num_classes=5, classifier_norm=True)))
+    ours = heuristic_assignment(model, raw)
+    theirs, skipped, error = _detectron2_assignment(model, raw)
+    if decoder_norms == 2:
+        assert error is not None and set(ours.ambiguous) == {"norm.weight", "norm.bias"}
+        return
+    assert error is None and ours.taken == theirs and sorted(c for _, c in ours.shape_skipped) == skipped  # checkpoint keys warned about
+    outside = sorted(m for m, c in ours.taken.items() if not m.startswith("backbone.") and m != c)
+    expected = ["sem_seg_head.predictor.decoder.norm.bias", "sem_seg_head.predictor.decoder.norm.weight"]
+    assert outside == (expected if last_width == 32 else []), outside

@@ -169,8 +169,8 @@ def test_cli_verify_with_an_unusable_import_exits_2_in_two_plain_lines(tmp_path,
 @pytest.mark.parametrize(
     "case, text, expected",
     [
-        ("not-yaml", "MODEL: [unclosed\n  : : :\n", "cannot read it (ParserError"),
-        ("not-a-mapping", "just text, not a mapping\n", "cannot read it"),
+        ("not-yaml", "MODEL: [unclosed\n  : : :\n", "not a usable Detectron2 YAML config (ParserError"),
+        ("not-a-mapping", "just text, not a mapping\n", "not a usable Detectron2 YAML config"),
         ("unregistered-backbone", "MODEL:\n  BACKBONE:\n    NAME: NoSuchBackbone_xyz\n", "'NoSuchBackbone_xyz' is not registered"),
     ],
 )

@@ -9,15 +9,24 @@ D2 backbone by the real `DetectionCheckpointer` (`assert_clean_load`), and every
 
 - timm `ConvNeXt` V1, V2 (`use_grn=True`), conv-MLP: `forward_intermediates(x, intermediates_only=True)`;
 - timm `features_only` models (`stem_0`, `stages_0`...): their outputs are the stage outputs;
-- OpenCLIP: a CLIP-shaped module holding the timm trunk at `visual.trunk` (see `FakeCLIP`);
+- OpenCLIP: real `open_clip.create_model(...)` CLIP models (random init, a registered tiny text
+  tower, timm's convnext_atto image tower), saved whole (`visual.trunk.`) and as the image tower alone
+  (`model.visual.state_dict()`: `trunk.` plus `head.proj.weight`, also re-prefixed `visual.`);
+- mmpretrain: its `ImageClassifier` with its own `ConvNeXt` (V1, and V2 with GRN and no layer scale),
+  saved as mmengine saves a published checkpoint (`meta` + `state_dict`): the raw outputs of its own
+  `downsample_layers` / `stages` modules;
+- DINOv3 as transformers writes it: `DINOv3ConvNextModel` (`save_pretrained`: the hub's names without
+  `model.`; and its `state_dict()`, with it) and `DINOv3ConvNextBackbone` (`feature_maps`);
 - Hugging Face `ConvNextForImageClassification`, `ConvNextModel`, `ConvNextBackbone` (also its
   normed `feature_maps` against the D2 forward), `ConvNextV2ForImageClassification`:
   `hidden_states[1:]` of `output_hidden_states=True` (entry 0 is the stem output);
 - torchvision `ConvNeXt`: the `features` slices `[0:2]`, `[2:4]`, `[4:6]`, `[6:8]`.
 
-mmpretrain and DINOv3 have no installable library here, so their files are built from canonical
-weights with `from_canonical` and the original is timm's `ConvNeXt` given the same canonical weights
-through timm's own `checkpoint_filter_fn` (test_equivalence's `timm_original`).
+The original DINOv3 repository cannot be installed here (no package, nothing downloadable), so its
+files are built from canonical weights with `from_canonical` and the original is timm's `ConvNeXt`
+given the same canonical weights through timm's own `checkpoint_filter_fn` (test_equivalence's
+`timm_original`); tests/layouts/test_libraries.py pins the names it writes to a literal key list taken
+from that repository's code.
 
 The largest relative difference per layout is printed (`pytest -s`), with a table at the end.
 """
@@ -25,8 +34,8 @@ The largest relative difference per layout is printed (`pytest -s`), with a tabl
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -110,10 +119,10 @@ def randomise_(model: nn.Module, seed: int) -> Dict[str, int]:
                 noise = torch.randn(p.shape, generator=g, dtype=torch.float64)
                 if isinstance(module, nn.LayerNorm):
                     value, kind = (1.0 + 0.1 * noise if leaf == "weight" else 0.1 * noise), "layer_norm"
+                elif "grn" in type(module).__name__.lower() or "globalresponsenorm" in type(module).__name__.lower():
+                    value, kind = 0.2 * noise, "grn"  # before layer scale: mmpretrain's GRN names its weight `gamma`
                 elif leaf in _LAYER_SCALE_NAMES:
                     value, kind = 0.5 + 0.1 * noise, "layer_scale"
-                elif "grn" in type(module).__name__.lower() or "globalresponsenorm" in type(module).__name__.lower():
-                    value, kind = 0.2 * noise, "grn"
                 else:
                     value, kind = 0.05 * noise, "other"
                 p.copy_(value.to(p.dtype))
@@ -136,7 +145,19 @@ class Original:
     prefix: str
     save: Callable[[nn.Module, str], str]  # writes the model the library's way into a folder, returns the file
     dropped: Sequence[str] = ()  # source keys the conversion must drop (at least these)
-    fresh: bool = True  # the file has no output norms: the D2 backbone's norm{i} are fresh
+    fresh: Sequence[str] = ()  # target keys the D2 backbone initialises itself (set below: FRESH_ALL)
+
+    def __post_init__(self) -> None:
+        if self.fresh == ():
+            self.fresh = FRESH_ALL
+
+
+# The D2 backbone's output norms, as Detectron2 names them: fresh unless the file trains them.
+FRESH_ALL = (
+    "backbone.norm0.weight", "backbone.norm0.bias", "backbone.norm1.weight", "backbone.norm1.bias",
+    "backbone.norm2.weight", "backbone.norm2.bias", "backbone.norm3.weight", "backbone.norm3.bias",
+)
+FRESH_BUT_RES5 = FRESH_ALL[:6]
 
 
 def torch_save(model: nn.Module, directory: str) -> str:
@@ -267,54 +288,142 @@ def timm_features(name: str, version: int) -> Callable[[], Original]:
     return build
 
 
-class FakeOpenCLIPVisual(nn.Module):
-    """The structure of open_clip's `TimmModel` (open_clip/timm_model.py): the timm model is `trunk`
-    (built with num_classes=0, so it keeps `head.norm` and has no `head.fc`), followed by `head`, a
-    Sequential whose Linear `proj` maps the pooled features to the joint embedding."""
+# ---------------------------------------------------------------- OpenCLIP (real open_clip, random init)
 
-    def __init__(self, trunk: nn.Module, embed_dim: int) -> None:
-        super().__init__()
-        self.trunk = trunk
-        proj = nn.Linear(trunk.num_features, embed_dim, bias=False)
-        self.head = nn.Sequential(OrderedDict(drop=nn.Dropout(0.0), proj=proj))
-
-
-class FakeCLIP(nn.Module):
-    """open_clip's `CLIP` attribute names (open_clip/model.py): `visual` plus a (here tiny) text tower.
-
-    open_clip itself is not installed; its state dict differs from this one only in the size of
-    the text tower, which the converter must drop whole (everything outside `visual.trunk.`).
-    """
-
-    def __init__(self, trunk: nn.Module, embed_dim: int = 12, vocab: int = 20, context: int = 7) -> None:
-        super().__init__()
-        self.visual = FakeOpenCLIPVisual(trunk, embed_dim)
-        self.token_embedding = nn.Embedding(vocab, embed_dim)
-        self.positional_embedding = nn.Parameter(torch.zeros(context, embed_dim))
-        self.ln_final = nn.LayerNorm(embed_dim)
-        self.text_projection = nn.Parameter(torch.zeros(embed_dim, embed_dim))
-        self.logit_scale = nn.Parameter(torch.tensor(4.6))
+# open_clip builds its ConvNeXt towers from timm models by name; a registered config keeps the text
+# tower tiny (the conversion drops it whole) and the image tower timm's convnext_atto (depths and dims
+# cannot be overridden through open_clip).  pretrained=None: random init, nothing downloaded.
+OPEN_CLIP_MODEL = "convnext-d2-test-atto"
+OPEN_CLIP_CONFIG = {
+    "embed_dim": 16,
+    "vision_cfg": {
+        "timm_model_name": "convnext_atto",
+        "timm_model_pretrained": False,
+        "timm_pool": "",
+        "timm_proj": "linear",
+        "timm_drop": 0.0,
+        "timm_drop_path": 0.0,
+        "image_size": 64,
+    },
+    "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1},
+}
+ATTO = Architecture((2, 2, 6, 2), (40, 80, 160, 320), 1, True, None, True)
 
 
-def open_clip_trunk() -> Original:
-    return Original(
-        label="open_clip V1",
-        model=FakeCLIP(TimmConvNeXt(depths=DEPTHS, dims=DIMS, num_classes=0)),
-        stage_outputs=lambda m, x: _timm_intermediates(m.visual.trunk, x),
-        arch=v1(classes=None),
-        layout="open_clip",
-        prefix="visual.trunk.",
-        save=torch_save,
-        dropped=(
-            "visual.trunk.head.norm.weight",
-            "visual.head.proj.weight",
-            "token_embedding.weight",
-            "positional_embedding",
-            "ln_final.weight",
-            "text_projection",
-            "logit_scale",
-        ),
+def create_open_clip_model(directory: str) -> nn.Module:
+    """A real `open_clip.create_model(...)` CLIP model with a ConvNeXt image tower."""
+    open_clip = require("open_clip")
+    import json
+
+    with open(os.path.join(directory, f"{OPEN_CLIP_MODEL}.json"), "w") as f:
+        json.dump(OPEN_CLIP_CONFIG, f)
+    open_clip.add_model_config(directory)
+    return open_clip.create_model(OPEN_CLIP_MODEL, pretrained=None)
+
+
+def _open_clip_trunk_outputs(model: nn.Module, x: torch.Tensor) -> List[torch.Tensor]:
+    return _timm_intermediates(model.visual.trunk, x)
+
+
+def _save_tower(prefix: str) -> Callable[[nn.Module, str], str]:
+    """`model.visual.state_dict()` as users save the image tower alone, optionally re-prefixed `visual.`."""
+
+    def save(model: nn.Module, directory: str) -> str:
+        path = os.path.join(directory, "tower.pth")
+        torch.save({prefix + k: v for k, v in model.visual.state_dict().items()}, path)
+        return path
+
+    return save
+
+
+def open_clip_model(which: str) -> Callable[[], Original]:
+    """The whole CLIP model (`visual.trunk.`), or its image tower alone with and without `visual.`."""
+    prefix, save, dropped = {
+        "clip": ("visual.trunk.", torch_save, ("visual.head.proj.weight", "token_embedding.weight", "logit_scale")),
+        "tower": ("trunk.", _save_tower(""), ("head.proj.weight", "trunk.head.norm.weight")),
+        "visual-tower": ("visual.trunk.", _save_tower("visual."), ("visual.head.proj.weight",)),
+    }[which]
+
+    def build() -> Original:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as directory:
+            model = create_open_clip_model(directory)
+        return Original(
+            label=f"open_clip V1 ({which}, open_clip.create_model)",
+            model=model,
+            stage_outputs=_open_clip_trunk_outputs,
+            arch=ATTO,
+            layout="open_clip",
+            prefix=prefix,
+            save=save,
+            dropped=dropped,
+        )
+
+    return build
+
+
+# ---------------------------------------------------------------- mmpretrain (real, random init)
+
+
+def mmpretrain_models():
+    """mmpretrain's model registry.  Under transformers 5 `import mmpretrain.models` fails on its
+    multimodal BERT ("NoneType takes no arguments") unless WITH_MULTIMODAL is off first."""
+    dependency = require("mmpretrain.utils.dependency")
+    dependency.WITH_MULTIMODAL = False
+    return require("mmpretrain.models")
+
+
+MM_ARCH = {"depths": list(DEPTHS), "channels": list(DIMS)}
+
+
+def mmpretrain_classifier(version: int, linear_pw_conv: bool = True) -> nn.Module:
+    """mmpretrain's ImageClassifier with its ConvNeXt (V2: GRN, no layer scale) and a linear head;
+    linear_pw_conv=False builds the pointwise layers as 1x1 convolutions."""
+    models = mmpretrain_models()
+    backbone = dict(type="ConvNeXt", arch=MM_ARCH, linear_pw_conv=linear_pw_conv)
+    if version == 2:
+        backbone.update(use_grn=True, layer_scale_init_value=0.0)
+    return models.build_classifier(
+        dict(type="ImageClassifier", backbone=backbone, neck=dict(type="GlobalAveragePooling"),
+             head=dict(type="LinearClsHead", num_classes=CLASSES, in_channels=DIMS[-1]))
     )
+
+
+def mmpretrain_stage_outputs(backbone: nn.Module, x: torch.Tensor) -> List[torch.Tensor]:
+    """The raw stage outputs through mmpretrain's own modules (its forward returns normed or pooled ones)."""
+    outs = []
+    for downsample, stage in zip(backbone.downsample_layers, backbone.stages):
+        x = stage(downsample(x))
+        outs.append(x)
+    return outs
+
+
+def mmengine_save(model: nn.Module, directory: str) -> str:
+    """A published mmpretrain checkpoint as mmengine writes it: `meta` plus `state_dict`."""
+    require("mmengine")
+    from mmengine.runner.checkpoint import get_state_dict, save_checkpoint, weights_to_cpu
+
+    path = os.path.join(directory, "epoch_300.pth")
+    meta = {"mmengine_version": "0.10.7", "epoch": 300, "iter": 1200, "seed": 0, "dataset_meta": {"classes": ["a"] * CLASSES}}
+    save_checkpoint({"meta": meta, "state_dict": weights_to_cpu(get_state_dict(model))}, path)
+    return path
+
+
+def mmpretrain_original(version: int, linear_pw_conv: bool = True) -> Callable[[], Original]:
+    def build() -> Original:
+        return Original(
+            label=f"mmpretrain V{version} (ImageClassifier, mmengine checkpoint)" + ("" if linear_pw_conv else ", 1x1-conv pointwise"),
+            model=mmpretrain_classifier(version, linear_pw_conv),
+            stage_outputs=lambda m, x: mmpretrain_stage_outputs(m.backbone, x),
+            arch=(v1 if version == 1 else v2)(),
+            layout="mmpretrain",
+            prefix="backbone.",
+            save=mmengine_save,
+            dropped=("head.fc.weight", "head.fc.bias", "backbone.norm3.weight", "backbone.norm3.bias"),
+        )
+
+    return build
 
 
 def _hf_hidden_states(model: nn.Module, x: torch.Tensor) -> List[torch.Tensor]:
@@ -367,7 +476,7 @@ def hf_backbone_v1() -> Original:
         layout="huggingface",
         prefix="",
         save=torch_save,
-        fresh=False,
+        fresh=[],
     )
 
 
@@ -410,21 +519,62 @@ def torchvision_v1() -> Original:
     )
 
 
+# ---------------------------------------------------------------- DINOv3 as transformers writes it
+
+
+def _dinov3_config(**kwargs):
+    return transformers.DINOv3ConvNextConfig(depths=list(DEPTHS), hidden_sizes=list(DIMS), **kwargs)
+
+
+def dinov3_hf_model(save: str) -> Callable[[], Original]:
+    """transformers' DINOv3ConvNextModel: its final `layer_norm` becomes the trained output norm 3."""
+
+    def build() -> Original:
+        return Original(
+            label=f"dinov3-hf V1 (DINOv3ConvNextModel, {save})",
+            model=transformers.DINOv3ConvNextModel(_dinov3_config()),
+            stage_outputs=_hf_hidden_states,
+            arch=Architecture(DEPTHS, DIMS, output_norms=(3,)),
+            layout="dinov3-hf",
+            # save_pretrained writes the hub's names (`stages.*`, `layer_norm.*`); the module's own
+            # state_dict() has the encoder under `model.`.
+            prefix={"save_pretrained": "", "state_dict": "model."}[save],
+            save={"save_pretrained": hf_save_pretrained, "state_dict": torch_save}[save],
+            fresh=FRESH_BUT_RES5,
+        )
+
+    return build
+
+
+def dinov3_hf_backbone() -> Original:
+    return Original(
+        label="dinov3-hf V1 (DINOv3ConvNextBackbone)",
+        model=transformers.DINOv3ConvNextBackbone(_dinov3_config(out_features=HF_STAGES)),
+        stage_outputs=lambda m, x: list(m(pixel_values=x).feature_maps),
+        arch=Architecture(DEPTHS, DIMS),
+        layout="dinov3-hf",
+        prefix="model.",
+        save=torch_save,
+    )
+
+
 class CanonicalThroughTimm(nn.Module):
     """For layouts without an installable library: timm's ConvNeXt holding given canonical weights."""
 
     def __init__(self, arch: Architecture, canonical: Dict[str, torch.Tensor]) -> None:
         super().__init__()
         self.canonical = canonical
-        self.timm = timm_original(arch, canonical)
+        # timm has no detection output norms (DINOv3's final norm is read as norm3): its trunk alone.
+        trunk = {k: v for k, v in canonical.items() if not (k.startswith("norm") and k[4:5].isdigit())}
+        self.timm = timm_original(dataclasses.replace(arch, output_norms=()), trunk)
 
 
 def from_canonical_layout(layout: str, version: int, prefix: str, container: str) -> Callable[[], Original]:
     """A file in `layout` built with from_canonical; the original is timm on the same canonical weights."""
 
     def build() -> Original:
-        # DINOv3 keeps the pooled norm (and its norms.3 alias) but no head.
-        arch = v1(classes=None) if layout == "dinov3" else (v1() if version == 1 else v2())
+        # DINOv3 keeps its final norm (and its norms.3 alias), read as output norm 3, and no head.
+        arch = Architecture(DEPTHS, DIMS, output_norms=(3,)) if layout == "dinov3" else (v1() if version == 1 else v2())
         canonical = random_state_dict(arch, seed=17 + version)
 
         def save(model: nn.Module, directory: str) -> str:
@@ -441,6 +591,7 @@ def from_canonical_layout(layout: str, version: int, prefix: str, container: str
             layout=layout,
             prefix=prefix,
             save=save,
+            fresh=FRESH_BUT_RES5 if layout == "dinov3" else FRESH_ALL,
         )
 
     return build
@@ -455,15 +606,21 @@ ORIGINALS: Dict[str, Callable[[], Original]] = {
     "timm-v1-head-mlp": timm_head_mlp,
     "timm-features-v1": timm_features("convnext_atto", 1),
     "timm-features-v2": timm_features("convnextv2_atto", 2),
-    "open_clip-v1": open_clip_trunk,
+    "open_clip-v1-clip": open_clip_model("clip"),
+    "open_clip-v1-tower": open_clip_model("tower"),
+    "open_clip-v1-visual-tower": open_clip_model("visual-tower"),
     "huggingface-v1-classification": hf_classification_v1,
     "huggingface-v1-model": hf_model_v1,
     "huggingface-v1-backbone": hf_backbone_v1,
     "huggingface-v2-classification": hf_classification_v2,
     "torchvision-v1": torchvision_v1,
-    "mmpretrain-v1": from_canonical_layout("mmpretrain", 1, "backbone.", "state_dict"),
-    "mmpretrain-v2": from_canonical_layout("mmpretrain", 2, "backbone.", "state_dict"),
+    "mmpretrain-v1": mmpretrain_original(1),
+    "mmpretrain-v2": mmpretrain_original(2),
+    "mmpretrain-v2-conv-pw": mmpretrain_original(2, linear_pw_conv=False),
     "dinov3-v1": from_canonical_layout("dinov3", 1, "", ""),
+    "dinov3-hf-v1-model": dinov3_hf_model("save_pretrained"),
+    "dinov3-hf-v1-model-state-dict": dinov3_hf_model("state_dict"),
+    "dinov3-hf-v1-backbone": dinov3_hf_backbone,
 }
 
 
@@ -481,16 +638,16 @@ def prepare(name: str, directory: str) -> Prepared:
         counts = randomise_(original.model, seed=sum(map(ord, name)))
         # The values that would hide a dropped tensor really were made non-trivial.
         if original.arch.version == 2:
-            assert counts["grn"] == 2 * sum(DEPTHS), counts
+            assert counts["grn"] == 2 * sum(original.arch.depths), counts
         elif original.arch.layer_scale:
-            assert counts["layer_scale"] == sum(DEPTHS), counts
+            assert counts["layer_scale"] == sum(original.arch.depths), counts
     original.model.eval()
     src = original.save(original.model, directory)
     dst = os.path.join(directory, "converted.pth")
     report = convert(src, dst)
     model = build_d2_model(original.arch)
     fill_with_sentinel(model)  # a load that does nothing cannot pass
-    assert_clean_load(load_with_detectron2(model, dst), expected_missing=report.fresh)
+    assert_clean_load(load_with_detectron2(model, dst), expected_missing=original.fresh)
     return Prepared(original, model.backbone.eval(), report)
 
 
@@ -524,7 +681,7 @@ def test_converted_file_reports_the_librarys_layout(prepared: Prepared):
     assert (r.layout, r.source_prefix) == (o.layout, o.prefix)
     assert (tuple(r.depths), tuple(r.dims), r.version) == (o.arch.depths, o.arch.dims, o.arch.version)
     assert set(o.dropped) <= set(r.dropped), f"not dropped: {sorted(set(o.dropped) - set(r.dropped))}"
-    assert (r.fresh != []) == o.fresh
+    assert sorted(r.fresh) == sorted(o.fresh)
 
 
 def test_stage_outputs_equal_the_librarys_own(prepared: Prepared):
@@ -552,6 +709,25 @@ def test_hf_backbone_feature_maps_equal_the_d2_forward(tmp_path):
     _record(label, refs, gots)
     # The randomised norms are not the identity: this compares something the raw-output test does not.
     assert all(not torch.allclose(r, g, atol=1e-3) for r, g in zip(raw, gots)), "output norms changed nothing"
+
+
+@pytest.mark.parametrize("name", ["dinov3-hf-v1-model", "dinov3-hf-v1-model-state-dict"])
+def test_dinov3_final_norm_is_res5s_output_norm_against_transformers_dense_output(tmp_path, name):
+    """DINOv3ConvNextModel applies its final `layer_norm` to every patch token of the last stage; read as
+    norm3, the D2 res5 output equals those tokens (`last_hidden_state[:, 1:]`, token 0 is the pooled one)."""
+    dino = prepare(name, str(tmp_path))
+    x = image(INPUT, seed=INPUT_SEED + 2)
+    with torch.no_grad():
+        tokens = dino.original.model(pixel_values=x).last_hidden_state
+        res5 = dino.backbone(x)["res5"]
+        raw = dino.backbone.stage_outputs(x)[3]
+    n, c, h, w = res5.shape
+    assert tokens.shape == (n, 1 + h * w, c), tokens.shape
+    dense = tokens[:, 1:].transpose(1, 2).reshape(n, c, h, w)
+    label = f"{dino.original.label}: res5 vs last_hidden_state patch tokens"
+    assert_stages_close([dense], [res5], rtol=RTOL, atol_scale=ATOL_SCALE, case=label)
+    _record(label, [dense], [res5])
+    assert not torch.allclose(raw, res5, atol=1e-3), "the final norm changed nothing: the comparison would be vacuous"
 
 
 def test_hf_layer_norm_eps_is_the_official_1e6_except_the_pooled_norm():

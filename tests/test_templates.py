@@ -68,7 +68,7 @@ def test_no_source_name_is_claimed_by_two_rows_with_different_meanings(name):
                 continue  # written as norm3, told apart from output norm 3 by the head (see _mmpretrain_final_norm)
             hit = layout.rename(canonical, inverse=True) or layout.rename(canonical, inverse=True, outside=True)
             if hit is None:
-                continue  # a name the layout has none for (e.g. torchvision GRN): test_layouts pins those
+                continue  # a name the layout has none for (e.g. torchvision GRN): tests/layouts/test_table.py pins those
             source, _ = hit
             back = layout.rename(source) or layout.rename(source, outside=True)
             assert back is not None and back[0] == canonical, f"{name}: {canonical} -> {source} -> {back}"

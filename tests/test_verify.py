@@ -1,5 +1,7 @@
 """`verify`: passes on a correct file, fails (exit 1) with the right reason on each broken kind,
-for each style of target backbone; exit 2 for unusable input."""
+for each style of target backbone; exit 2 for unusable input.  Verdicts are read through `--json`
+(or the Python API); the human report has one snapshot test, at the end.  The whole-model cases
+(a DI-MaskDINO-like detector) are in test_verify_whole_model.py."""
 from __future__ import annotations
 
 import json
@@ -25,10 +27,13 @@ OFFICIAL = random_state_dict(ARCH, seed=21)
 STYLES = "tests.d2_styles"
 
 
-def _yaml(tmp_path, name="D2ConvNeXt", arch=ARCH, out=("res2", "res3", "res4", "res5")):
+def _yaml(tmp_path, name="D2ConvNeXt", arch=ARCH, out=("res2", "res3", "res4", "res5"), meta=None):
+    """A project's YAML; without `meta`, Detectron2's default meta-architecture (GeneralizedRCNN) is built."""
     path = tmp_path / f"{name}.yaml"
     path.write_text(
         "MODEL:\n"
+        + (f"  META_ARCHITECTURE: \"{meta}\"\n" if meta else "")
+        +
         f"  BACKBONE: {{NAME: \"{name}\", FREEZE_AT: 0}}\n"
         "  WEIGHTS: \"\"\n"
         "  MaskDINO: {HIDDEN_DIM: 256}  # a project's own section: must not break the merge\n"
@@ -70,6 +75,9 @@ def test_verify_each_target_style_expects_exactly_its_own_fresh_norms(tmp_path, 
     path, src, _ = converted
     result = verify(path, config=_yaml(tmp_path, style, out=out), imports=[STYLES], source=src)
     assert result.ok, result.problems
+    # Built whole (GeneralizedRCNN, the default) where its heads fit these outputs: its FrozenBatchNorm2d
+    # fills its own running statistics, which is not loading anything from the file.
+    assert result.loaded_outside == 0 and (result.whole_model or "res4" not in out), result.whole_model_reason
     assert result.fresh == sorted(f"backbone.norm{i}.{p}" for i in fresh for p in ("weight", "bias"))
 
 
@@ -82,10 +90,6 @@ def _broken(tmp_path, kind):
     if kind == "timm-names":
         torch.save({"model": {"backbone." + k: v for k, v in from_canonical(backbone, "timm").items()}}, tmp_path / "x.pth")
         return str(tmp_path / "x.pth"), None
-    if kind == "classifier-norm-under-heuristics":  # Mask2Former/MaskDINO converter: raw official dict
-        with open(tmp_path / "x.pkl", "wb") as f:
-            pickle.dump({"model": {k: v.numpy() for k, v in OFFICIAL.items()}, "__author__": "third_party", "matching_heuristics": True}, f)
-        return str(tmp_path / "x.pkl"), None
     if kind == "wrong-variant-for-config":
         other = Architecture((1, 2, 1, 1), (8, 16, 8, 24))
         torch.save({"model": random_state_dict(other)}, tmp_path / "o.pth")
@@ -95,38 +99,53 @@ def _broken(tmp_path, kind):
         torch.save({"model": random_state_dict(V2)}, tmp_path / "o.pth")
         convert(str(tmp_path / "o.pth"), str(tmp_path / "x.pth"))
         return str(tmp_path / "x.pth"), ARCH
+    if kind == "nan-in-a-weight":
+        poisoned = {"backbone." + k: v.clone() for k, v in backbone.items()}
+        poisoned["backbone.stages.1.0.pwconv1.weight"][0, 0] = float("nan")
+        poisoned["backbone.downsample_layers.0.0.bias"][1] = float("inf")
+        torch.save({"model": poisoned}, tmp_path / "x.pth")
+        return str(tmp_path / "x.pth"), None
     raise ValueError(kind)
 
 
 BROKEN_KINDS = [
     ("missing-prefix", "backbone weights missing"),
     ("timm-names", "backbone weights missing"),
-    ("classifier-norm-under-heuristics", "unused by the model: head.bias, head.weight, norm.bias, norm.weight"),
     ("wrong-variant-for-config", "skipped for a shape mismatch"),
     ("v2-file-for-v1-config", "backbone weights missing (they would train from random init): backbone.stages.0.0.gamma"),
+    ("nan-in-a-weight", "2 loaded weights hold NaN or Inf: backbone.downsample_layers.0.0.bias, backbone.stages.1.0.pwconv1.weight"),
 ]
+
+
+def _verify_json(capsys, *args):
+    status = main(["verify", *map(str, args), "--json"])
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err, captured.err
+    return status, json.loads(captured.out)
 
 
 @pytest.mark.parametrize("kind,reason", BROKEN_KINDS, ids=[k for k, _ in BROKEN_KINDS])
 def test_verify_fails_each_broken_kind_with_its_reason(tmp_path, capsys, kind, reason):
     path, config_arch = _broken(tmp_path, kind)
-    args = ["verify", path]
-    if config_arch is not None or kind == "classifier-norm-under-heuristics":
-        args += ["--config", _yaml(tmp_path, "D2ConvNeXt", arch=config_arch or ARCH), "--import", STYLES]
-    status = main(args)
-    out = capsys.readouterr().out
-    assert status == 1, out
-    first = out.splitlines()[0]
-    assert first.startswith("verify: FAIL:") and reason in first, out
-    print(f"{kind}: exit {status}: {first}")
+    args = [path]
+    if config_arch is not None:
+        args += ["--config", _yaml(tmp_path, "D2ConvNeXt", arch=config_arch), "--import", STYLES]
+    status, report = _verify_json(capsys, *args)
+    assert status == 1 and not report["ok"], report
+    assert reason in report["problems"][0], report["problems"]
 
 
-def test_verify_heuristics_classifier_norm_is_detected_as_the_cause(tmp_path):
-    """Under matching_heuristics the pooled norm.weight is what fails to fit (a shape skip)."""
-    path, _ = _broken(tmp_path, "classifier-norm-under-heuristics")
-    result = verify(path, config=_yaml(tmp_path, "D2ConvNeXt"), imports=[STYLES])
-    assert result.heuristics and not result.ok
-    assert result.renamed and all(result.renamed[m] == m[len("backbone."):] for m in result.renamed if m.startswith("backbone.stages"))
+def test_verify_raw_official_dict_under_heuristics_loads_every_backbone_weight_with_warnings(tmp_path, capsys):
+    """The Mask2Former/MaskDINO converters' output: every backbone weight found by the heuristics; the
+    classifier is left over (a warning, exit 0), and each backbone key took its own official name."""
+    with open(tmp_path / "x.pkl", "wb") as f:
+        pickle.dump({"model": {k: v.numpy() for k, v in OFFICIAL.items()}, "__author__": "third_party", "matching_heuristics": True}, f)
+    status, report = _verify_json(capsys, tmp_path / "x.pkl", "--config", _yaml(tmp_path, "D2ConvNeXt", meta="MaskDINO"), "--import", STYLES)
+    assert status == 0 and report["heuristics"] and report["problems"] == [], report["problems"]
+    assert report["unexpected"] == ["head.bias", "head.weight", "norm.bias", "norm.weight"]
+    backbone = sorted(k for k in OFFICIAL if k not in CLASSIFIER_KEYS)
+    assert report["renamed"] == {"backbone." + k: k for k in backbone}
+    assert report["warnings"][0].startswith("4 checkpoint tensors unused by the model: head.bias, head.weight, norm.bias, norm.weight")
 
 
 def test_verify_honours_a_matching_heuristics_query_on_the_path(converted):
@@ -153,26 +172,79 @@ def test_verify_source_comparison_catches_different_weights(tmp_path, converted)
     assert not result.ok and result.feature_difference > 1e-2 and "features differ" in result.problems[0]
 
 
-@pytest.mark.parametrize(
-    "args,fragment",
-    [
-        (["verify", "nope.pth"], "no such file"),
-        (["verify", "{ok}", "--import", "no_such_module_xyz"], "cannot import"),
-        (["verify", "{ok}", "--config", "{yaml_unregistered}"], "not registered"),
-    ],
-    ids=["missing-file", "bad-import", "unregistered-backbone"],
-)
-def test_verify_unusable_input_exits_2(tmp_path, capsys, converted, args, fragment):
-    (tmp_path / "u.yaml").write_text("MODEL:\n  BACKBONE: {NAME: \"NoSuchBackbone\"}\n")
-    args = [a.format(ok=converted[0], yaml_unregistered=tmp_path / "u.yaml") for a in args]
+def test_verify_config_naming_no_backbone_says_so_instead_of_listing_resnet_keys(tmp_path, capsys, converted):
+    """Without MODEL.BACKBONE.NAME Detectron2 builds its default ResNet: that is the finding (exit 1)."""
+    (tmp_path / "nobackbone.yaml").write_text("MODEL:\n  META_ARCHITECTURE: \"GeneralizedRCNN\"\n  CONVNEXT: {DIMS: [8, 16, 8, 16]}\n")
+    status, report = _verify_json(capsys, converted[0], "--config", tmp_path / "nobackbone.yaml")
+    assert status == 1 and report["missing"] == [] and report["loaded"] == 0 and report["load_attempted"] is False
+    assert report["problems"] == [
+        f"MODEL.BACKBONE.NAME is not set in {tmp_path / 'nobackbone.yaml'}: Detectron2 builds its default backbone "
+        "instead (build_resnet_backbone, a ResNet-50), into which no ConvNeXt weight loads"
+    ]
+    assert report["fix"].startswith("set MODEL.BACKBONE.NAME to your ConvNeXt backbone's registered name")
+
+
+def test_verify_backbone_name_from_a_base_config_counts_as_set(tmp_path, capsys, converted):
+    (tmp_path / "base.yaml").write_text("MODEL:\n  BACKBONE: {NAME: \"build_convnext_d2_backbone\"}\n  CONVNEXT: {DEPTHS: [1, 2, 1, 1], DIMS: [8, 16, 8, 16]}\n")
+    (tmp_path / "child.yaml").write_text("_BASE_: base.yaml\nMODEL:\n  META_ARCHITECTURE: \"NotHere\"\n")
+    status, report = _verify_json(capsys, converted[0], "--config", tmp_path / "child.yaml")
+    assert status == 0 and report["backbone"] == "build_convnext_d2_backbone" and report["loaded"] == converted[2].kept
+
+
+def test_verify_strict_fails_on_warnings_only(tmp_path, capsys):
+    sd = {"backbone." + k: v for k, v in OFFICIAL.items() if not k.startswith("head.")}  # keeps backbone.norm.*
+    torch.save({"model": sd}, tmp_path / "fork.pth")
+    relaxed, report = _verify_json(capsys, tmp_path / "fork.pth")
+    strict, strict_report = _verify_json(capsys, tmp_path / "fork.pth", "--strict")
+    assert (relaxed, strict) == (0, 1)
+    assert report["warnings"] == strict_report["warnings"] and len(report["warnings"]) == 1
+    assert report["unexpected"] == ["backbone.norm.bias", "backbone.norm.weight"] and report["problems"] == []
+
+
+def test_verify_python_api_strict_matches_the_cli(tmp_path):
+    sd = {"backbone." + k: v for k, v in OFFICIAL.items() if not k.startswith("head.")}
+    torch.save({"model": sd}, tmp_path / "fork.pth")
+    assert verify(str(tmp_path / "fork.pth")).ok is True
+    strict = verify(str(tmp_path / "fork.pth"), strict=True)
+    assert strict.ok is False and strict.strict is True and strict.problems == [] and strict.warnings
+
+
+UNUSABLE = [
+    (["verify", "nope.pth"], "no such file"),
+    (["verify", "{ok}", "--import", "no_such_module_xyz"], "cannot import"),
+    (["verify", "{ok}", "--config", "{unregistered}"], "backbone 'NoSuchBackbone' is not registered"),
+    (["verify", "{ok}", "--config", "{ok}"], "not a usable Detectron2 YAML config"),
+    (["verify", "{ok}", "--config", "{a_list}"], "not a usable Detectron2 YAML config"),
+    (["verify", "{ok}", "--config", "{bad_yaml}"], "not a usable Detectron2 YAML config"),
+    (["verify", "{ok}", "--config", "missing.yaml"], "--config missing.yaml: no such file"),
+    (["verify", "{ok}", "--config", "{bad_depths}"], "cannot be built from this config (ValueError: MODEL.CONVNEXT.DEPTHS"),
+]
+
+
+@pytest.mark.parametrize("args,fragment", UNUSABLE,
+                         ids=["missing-file", "bad-import", "unregistered-backbone", "binary-config", "yaml-list",
+                              "yaml-syntax", "missing-config", "backbone-raises"])
+def test_verify_unusable_input_exits_2(tmp_path, capsys, converted, args, fragment, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    files = {
+        "unregistered": "MODEL:\n  BACKBONE: {NAME: \"NoSuchBackbone\"}\n",
+        "a_list": "- MODEL\n- BACKBONE\n",
+        "bad_yaml": "MODEL: {BACKBONE: [unclosed\n",
+        "bad_depths": "MODEL:\n  BACKBONE: {NAME: \"build_convnext_d2_backbone\"}\n  CONVNEXT: {DEPTHS: [1, 1]}\n",
+    }
+    for name, text in files.items():
+        (tmp_path / f"{name}.yaml").write_text(text)
+    args = [a.format(ok=converted[0], **{n: tmp_path / f"{n}.yaml" for n in files}) for a in args]
     assert main(args) == 2
-    assert fragment in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err and 1 <= len(err.splitlines()) <= 2, err
 
 
 def test_verify_json(converted, capsys):
-    assert main(["verify", converted[0], "--json"]) == 0
-    data = json.loads(capsys.readouterr().out)
-    assert data["ok"] is True and len(data["fresh"]) == 8 and data["missing"] == []
+    status, data = _verify_json(capsys, converted[0])
+    assert status == 0 and data["ok"] is True and len(data["fresh"]) == 8 and data["missing"] == []
+    assert data["problems"] == [] and data["warnings"] == [] and data["whole_model"] is False
+    assert data["whole_model_reason"] == "no --config given"
 
 
 def test_verify_reports_dtype_casts_on_load(tmp_path):
@@ -183,7 +255,62 @@ def test_verify_reports_dtype_casts_on_load(tmp_path):
     assert result.ok and result.dtype_changes == {"float16 -> float32": str(result.loaded)}
 
 
-def test_verify_human_report_first_line_says_ok_or_the_first_problem(tmp_path, converted, capsys):
-    assert main(["verify", converted[0]]) == 0
-    out = capsys.readouterr().out.splitlines()
-    assert out[0] == "verify: OK" and any(line.strip().startswith("fresh      8") for line in out)
+WHOLE_MODEL_YAML = """\
+MODEL:
+  META_ARCHITECTURE: "DIMaskDINOLike"
+  BACKBONE: {NAME: "D2ConvNeXt", FREEZE_AT: 0}
+  CONVNEXT: {DEPTHS: [1, 2, 1, 1], DIMS: [8, 16, 8, 16]}
+  DIMASKDINO_LIKE: {HIDDEN_DIM: 32, ENC_LAYERS: 1, DEC_LAYERS: 1, ENC_FFN: 32, DEC_FFN: 32, NUM_QUERIES: 4}
+"""
+
+# One snapshot per verdict: OK with warnings (backbone only), FAIL under --strict (whole model), FAIL.
+SNAPSHOTS = {
+    "ok-with-warnings-backbone-only": """\
+verify: OK with warnings (1)
+  checkpoint <tmp>/fork.pth
+  backbone   D2ConvNeXt from <tmp>/D2ConvNeXt.yaml
+  model      backbone only: whole model not built: MODEL.META_ARCHITECTURE 'MaskDINO' is not registered (--import the module that registers it); checkpoint keys that could match outside the backbone were not checked
+  loaded     61 backbone tensors (exact names)
+  fresh      8 output-norm tensors initialised by the backbone (expected)
+  missing    0; unused 2; shape-skipped 0
+  warning    2 checkpoint tensors unused by the model: backbone.norm.bias, backbone.norm.weight (training ignores them; convnext-d2 repair CKPT FIXED.pth writes the file without them)
+""",
+    "strict-whole-model": """\
+verify: FAIL: --strict: 2 checkpoint tensors unused by the model: backbone.norm.bias, backbone.norm.weight (training ignores them; convnext-d2 repair CKPT FIXED.pth writes the file without them)
+  checkpoint <tmp>/fork.pth
+  backbone   D2ConvNeXt from <tmp>/whole.yaml
+  model      DIMaskDINOLike, built whole on CPU as train_net.py builds it
+  loaded     61 backbone tensors (exact names)
+  fresh      8 output-norm tensors initialised by the backbone (expected)
+  missing    0; unused 2; shape-skipped 0
+  outside    0 tensors loaded outside the backbone; 97 keep the model's initialisation
+""",
+    "fail": """\
+verify: FAIL: 61 backbone weights missing (they would train from random init): backbone.downsample_layers.0.0.bias, backbone.downsample_layers.0.0.weight, backbone.downsample_layers.0.1.bias, backbone.downsample_layers.0.1.weight and 57 more
+  checkpoint <tmp>/x.pth
+  backbone   build_convnext_d2_backbone (this project's, shaped like the checkpoint)
+  model      backbone only: whole model not built: no --config given; checkpoint keys that could match outside the backbone were not checked
+  loaded     0 backbone tensors (exact names)
+  fresh      8 output-norm tensors initialised by the backbone (expected)
+  missing    61; unused 61; shape-skipped 0
+  warning    61 checkpoint tensors unused by the model: downsample_layers.0.0.bias, downsample_layers.0.0.weight, downsample_layers.0.1.bias, downsample_layers.0.1.weight, downsample_layers.1.0.bias, downsample_layers.1.0.weight, downsample_layers.1.1.bias, downsample_layers.1.1.weight and 53 more (training ignores them; convnext-d2 repair CKPT FIXED.pth writes the file without them)
+  fix        convnext-d2 repair CKPT FIXED.pth (or convert the original checkpoint again)
+""",
+}
+
+
+@pytest.mark.parametrize("case", list(SNAPSHOTS))
+def test_verify_human_report_snapshot(tmp_path, capsys, case):
+    """The one check of the human layout (everything else reads --json)."""
+    fork = {"backbone." + k: v for k, v in OFFICIAL.items() if not k.startswith("head.")}
+    torch.save({"model": fork}, tmp_path / "fork.pth")
+    (tmp_path / "whole.yaml").write_text(WHOLE_MODEL_YAML)
+    args, status = {
+        "ok-with-warnings-backbone-only": (
+            [tmp_path / "fork.pth", "--config", _yaml(tmp_path, "D2ConvNeXt", meta="MaskDINO"), "--import", STYLES], 0),
+        "strict-whole-model": (
+            [tmp_path / "fork.pth", "--config", tmp_path / "whole.yaml", "--import", "tests.dimaskdino_like", "--strict"], 1),
+        "fail": ([_broken(tmp_path, "missing-prefix")[0]], 1),
+    }[case]
+    assert main(["verify", *map(str, args)]) == status
+    assert capsys.readouterr().out.replace(str(tmp_path), "<tmp>") == SNAPSHOTS[case]

@@ -84,13 +84,27 @@ def in_layout(canonical: Mapping[str, torch.Tensor], layout: str, prefix: Option
     rules = LAYOUTS[layout]
     if prefix is None:
         prefix = rules.prefixes[0] if rules.prefixes else ""
+    canonical = _final_norm_as_output_norm(canonical, rules)
     # A library without a classifier (timm features_only) has no name for `head`/`norm`: its files lack them.
-    nameless = [k for k in CLASSIFIER_KEYS if k in canonical
-                and rules.rename(k, inverse=True) is None and rules.rename(k, inverse=True, outside=True) is None]
+    nameless = [k for k in CLASSIFIER_KEYS if k in canonical and not _has_name(rules, k)]
     try:
         return from_canonical({k: v for k, v in canonical.items() if k not in nameless}, layout, prefix)
     except NotConvNeXt as err:
         raise ValueError(f"these weights cannot be written in the {layout} layout: {err.message}") from None
+
+
+def _has_name(rules: Any, canonical_key: str) -> bool:
+    return rules.rename(canonical_key, inverse=True) is not None or rules.rename(canonical_key, inverse=True, outside=True) is not None
+
+
+def _final_norm_as_output_norm(canonical: Mapping[str, torch.Tensor], rules: Any) -> Dict[str, torch.Tensor]:
+    """Where a library's final `norm` is res5's trained output norm (the tables name `norm3` but not
+    the pooled `norm`: DINOv3), the generated final norm is written as that: same shape, same values."""
+    if "norm.weight" not in canonical or "norm3.weight" in canonical:
+        return dict(canonical)
+    if _has_name(rules, "norm.weight") or not _has_name(rules, "norm3.weight"):
+        return dict(canonical)
+    return {("norm3." + k[len("norm."):] if k.startswith("norm.") else k): v for k, v in canonical.items()}
 
 
 def wrap(state_dict: Mapping[str, Any], container: str, wrapper_prefix: str = "", ema: Optional[Mapping[str, Any]] = None) -> Any:
