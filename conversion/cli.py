@@ -60,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="load a checkpoint as train_net.py would; fail when training would not start from its weights")
     v.add_argument("ckpt", metavar="CKPT", help="the Detectron2 checkpoint (a '?matching_heuristics=True' suffix is honoured)")
     v.add_argument("--config", metavar="YAML", help="the training config (default: this project's backbone, shaped like CKPT)")
-    v.add_argument("--import", dest="imports", metavar="MODULE", action="append", default=[],
-                   help="import this module first (registers your backbone, e.g. DI-MaskDINO's); repeatable")
+    v.add_argument("--import", dest="imports", metavar="MODULE|FILE.py", action="append", default=[],
+                   help="module or .py file that registers your backbone (a file is loaded without its package's __init__: the CPU-only CI case); repeatable, in order")
     v.add_argument("--source", metavar="SRC", help="also compare features with the backbone given SRC's weights")
     v.add_argument("--strict", action="store_true", help="warnings (e.g. checkpoint tensors nobody uses) fail too (exit 1)")
     i = sub.add_parser("inspect", parents=[common], help="say what a checkpoint holds and what Detectron2 would make of it")

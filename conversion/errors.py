@@ -54,3 +54,7 @@ class VerificationFailed(ConversionError):
 
 class NonFiniteWeights(ConversionError):
     """`--strict`: the weights hold NaN or Inf (without it, a warning)."""
+
+
+class UnusableImport(ConversionError):
+    """An `--import` module or file that cannot be used: missing, not Python, raising, registering nothing."""

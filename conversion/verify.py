@@ -18,7 +18,6 @@ backbone given the source's weights through the converter's mapping.
 from __future__ import annotations
 
 import copy
-import importlib
 import os
 import re
 import warnings
@@ -31,6 +30,7 @@ from .architecture import infer_architecture
 from .containers import select_state_dict
 from .errors import ConversionError
 from .heuristics import heuristic_assignment
+from .imports import load_imports
 from .layouts import to_canonical
 from .read import read_checkpoint
 from .target import to_target
@@ -103,17 +103,6 @@ def _short_error(err: BaseException) -> str:
     lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(err).splitlines() if line.strip()] or [""]
     cause = next((line for line in lines if "WeightsUnpickler" in line or "persistent id" in line), lines[0])
     return f"{type(err).__name__}: {cause[:240]}"
-
-
-def _import_modules(modules: Sequence[str]) -> None:
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except Exception as err:  # any failure to import the user's code is the same fact for them
-            raise UnusableVerifyInput(
-                f"--import {name}: cannot import it ({type(err).__name__}: {err}).",
-                "Run from the directory that makes it importable (or set PYTHONPATH).",
-            ) from None
 
 
 def _architecture_of(path: str) -> Dict[str, Any]:
@@ -347,7 +336,7 @@ def verify(
     """
     if not os.path.isfile(checkpoint.split("?", 1)[0]):
         raise UnusableVerifyInput(f"{checkpoint}: no such file.", "Check the path.")
-    _import_modules(imports)
+    load_imports(imports)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # detectron2 0.7 scripts helpers at import
         from . import d2_loading as d2l

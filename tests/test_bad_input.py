@@ -29,7 +29,7 @@ from conversion import write
 from conversion.architecture import Architecture
 from conversion.cli import main
 
-from .support import random_canonical_state_dict, require, torch_load_weights_only
+from .support import random_canonical_state_dict, require, torch_load_weights_only, torchvision_model
 from .test_cli import assert_plain_error, run_cli
 
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -84,8 +84,7 @@ def _saved(obj: object) -> bytes:
 
 @functools.lru_cache(maxsize=None)
 def _resnet50_bytes() -> bytes:
-    torchvision = require("torchvision")
-    return _saved(torchvision.models.resnet50(weights=None).state_dict())
+    return _saved(torchvision_model("resnet50").state_dict())
 
 
 class _RunsCode:

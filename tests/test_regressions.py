@@ -20,7 +20,15 @@ from conversion.read import ZIP_MAGIC
 from conversion.synthetic import random_state_dict
 from conversion.target import fresh_output_norms
 
-from .support import assert_clean_load, assert_loaded_equal, build_d2_model, load_with_detectron2, require
+from .support import (
+    TORCH_LOADS_WEIGHTS_ONLY_BY_DEFAULT,
+    assert_clean_load,
+    assert_loaded_equal,
+    build_d2_model,
+    load_with_detectron2,
+    require,
+    torch_load_weights_only,
+)
 
 require("detectron2")
 
@@ -116,8 +124,11 @@ def test_namespace_in_pth_breaks_detectron2_on_torch_2_6_but_converts(tmp_path, 
     """torch >= 2.6 loads with weights_only=True; a training checkpoint with `args` no longer loads as is."""
     path = tmp_path / "checkpoint-best.pth"
     torch.save({"model": official, "epoch": 299, "args": argparse.Namespace(model="convnext_tiny")}, path)
-    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
-        load_with_detectron2(build_d2_model(ARCH), str(path))
+    if TORCH_LOADS_WEIGHTS_ONLY_BY_DEFAULT:
+        with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+            load_with_detectron2(build_d2_model(ARCH), str(path))
+    else:  # torch < 2.6 unpickles anything: the file loads (with nothing matching, official names)
+        assert load_with_detectron2(build_d2_model(ARCH), str(path)).unexpected
     _assert_our_conversion_loads(tmp_path, path, official)
 
 
@@ -125,8 +136,11 @@ def test_numpy_arrays_in_pth_break_detectron2_on_torch_2_6_but_convert(tmp_path,
     """A .pth of numpy arrays is refused by weights_only loading; we read it and write tensors only."""
     path = tmp_path / "numpy.pth"
     torch.save({"model": {k: v.numpy() for k, v in _d2_names(official).items()}}, path)
-    with pytest.raises(pickle.UnpicklingError):
-        load_with_detectron2(build_d2_model(ARCH), str(path))
+    if TORCH_LOADS_WEIGHTS_ONLY_BY_DEFAULT:
+        with pytest.raises(pickle.UnpicklingError):
+            load_with_detectron2(build_d2_model(ARCH), str(path))
+    else:  # torch < 2.6 reads numpy arrays in a .pth, and Detectron2 converts them
+        assert sorted(load_with_detectron2(build_d2_model(ARCH), str(path)).missing) == sorted(fresh_output_norms(ARCH))
     _assert_our_conversion_loads(tmp_path, path, official)
-    data = torch.load(tmp_path / "fixed.pth", weights_only=True)
+    data = torch_load_weights_only(tmp_path / "fixed.pth")
     assert all(type(v) is torch.Tensor for v in data["model"].values())

@@ -68,3 +68,34 @@ def test_released_tiny_has_182_tensors(data):
 
     arch = Architecture((3, 3, 9, 3), (96, 192, 384, 768), num_classes=data.draw(st.sampled_from([1000, 21841])), classifier_norm=True)
     assert len(canonical_shapes(arch)) == 20 + 9 * sum(arch.depths) == 182
+
+
+@given(S.layouts())
+def test_layouts_come_from_the_layout_tables(layout):
+    """Drawn layouts are the converter's own (a layout added to the tables is drawn too)."""
+    from conversion.layouts import LAYOUTS
+
+    assert layout in LAYOUTS
+
+
+@given(S.layout_state_dicts())
+def test_layout_state_dicts_are_recognised_as_their_layout_with_the_same_weights(drawn):
+    """The converter reads a drawn source back as its layout, to exactly the canonical weights drawn with it."""
+    from conversion.layouts import to_canonical
+    from conversion.testing import in_layout
+
+    layout, arch, canonical, source = drawn
+    back = to_canonical(source)
+    # Or a layout that writes the very same names (DINOv3 without the classifier's norm is an official file).
+    assert back.layout == layout or set(in_layout(canonical, back.layout)) == set(source), (layout, back.layout)
+    classifier_free = {k: v for k, v in canonical.items() if k in back.state_dict}
+    assert set(canonical) - set(back.state_dict) <= set(CLASSIFIER_KEYS), "only a classifier may be absent (timm features_only)"
+    assert all(torch.equal(back.state_dict[k], v) for k, v in classifier_free.items())
+    assert infer_architecture({k: tuple(v.shape) for k, v in canonical.items()}) == arch
+
+
+@given(S.layout_state_dicts(layout="torchvision"))
+def test_a_pinned_layout_draws_only_what_that_library_can_express(drawn):
+    """torchvision has no ConvNeXt V2: its drawn sources are all V1."""
+    layout, arch, _, source = drawn
+    assert layout == "torchvision" and arch.version == 1 and not any(".grn." in k for k in source)

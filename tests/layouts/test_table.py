@@ -27,7 +27,7 @@ from conversion.layouts import LAYOUTS, from_canonical, recognise, to_canonical
 from conversion.synthetic import random_state_dict
 
 from .. import strategies as S
-from ..support import require
+from ..support import require, require_torchvision_convnext
 from .table import CLASSIFIER, POOLED_NORM, NO_HEAD, OUTPUT_NORMS, FINAL_NORM, SPECS, SHARED_NAMES, OPEN_CLIP_EXTRAS, _with_head, LayoutCase, build_case, layout_cases, assert_same_tensors
 
 # ---------------------------------------------------------------- the table itself
@@ -158,8 +158,8 @@ def _library_model(which: str):
         holder.backbone = backbone
         return holder, "mmpretrain", "backbone.", True, OUTPUT_NORMS
     if which == "torchvision-v1":
-        require("torchvision")
-        from torchvision.models.convnext import CNBlockConfig, ConvNeXt as TorchvisionConvNeXt
+        convnext = require_torchvision_convnext()
+        CNBlockConfig, TorchvisionConvNeXt = convnext.CNBlockConfig, convnext.ConvNeXt
 
         settings = [CNBlockConfig(dims[i], dims[i + 1] if i < 3 else None, depths[i]) for i in range(4)]
         return TorchvisionConvNeXt(block_setting=settings, num_classes=3), "torchvision", "", False, CLASSIFIER

@@ -1,0 +1,61 @@
+"""`assert_loads_clean`: the `verify` gate as an assertion a test suite can call."""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Sequence, Union
+
+from ..errors import ConversionError
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def unusable_input_message(err: ConversionError) -> str:
+    """The two lines the CLI prints for unusable input, so a test failure reads like `convnext-d2 verify`."""
+    return f"convnext-d2: error: {err.message}" + (f"\nconvnext-d2: {err.hint}" if err.hint else "")
+
+
+def assert_loads_clean(
+    checkpoint: PathLike,
+    config: Optional[PathLike] = None,
+    imports: Sequence[str] = (),
+    source: Optional[PathLike] = None,
+    strict: bool = False,
+) -> Any:
+    """Assert that training would start from `checkpoint`'s weights, as `convnext-d2 verify` decides.
+
+    Args:
+        checkpoint: the Detectron2 checkpoint (`MODEL.WEIGHTS`); a `?matching_heuristics=True`
+            suffix is honoured, as Detectron2 honours it.
+        config: the training YAML (default: this project's backbone, shaped like the checkpoint).
+        imports: modules or `.py` files that register the config's backbone, in order.
+        source: the original checkpoint; the backbone's features are then compared with it.
+        strict: warnings (e.g. unused checkpoint tensors) fail too.
+
+    Returns:
+        verify's report (`.ok`, `.problems`, `.warnings`, ...), for further assertions.
+
+    Raises:
+        AssertionError: verify found a problem (the message is its human report), or the input is
+            unusable (the message is the CLI's error lines: missing file, import or config failure).
+
+    Example:
+        >>> assert_loads_clean("weights/convnext_tiny_d2.pth", config="configs/tiny.yaml",
+        ...                    imports=["mypkg/modeling/backbone/convnext.py"])  # doctest: +SKIP
+    """
+    from ..cli import format_verification
+    from ..verify import verify
+
+    options = {"strict": True} if strict else {}  # verify has `strict` since the warnings verdicts
+    try:
+        report = verify(
+            os.fspath(checkpoint),
+            config=None if config is None else os.fspath(config),
+            imports=tuple(os.fspath(i) for i in imports),
+            source=None if source is None else os.fspath(source),
+            **options,
+        )
+    except ConversionError as err:
+        raise AssertionError(unusable_input_message(err)) from None
+    if not report.ok:
+        raise AssertionError(format_verification(report))
+    return report
