@@ -1,6 +1,6 @@
 """Command line: parse arguments, call the library, print.  Nothing else lives here.
 
-Exit status (DESIGN.md): 0 success, 1 a verification found a problem, 2 unusable input
+Exit status (the public contract, docs/design.md): 0 success, 1 a verification found a problem, 2 unusable input
 or arguments.  Errors are one or two plain lines on stderr; `--debug` adds the traceback.
 """
 from __future__ import annotations

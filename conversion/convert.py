@@ -318,7 +318,7 @@ class RepairReport:
 def repair(src: str, dst: str, *, force: bool = False) -> RepairReport:
     """Diagnose why Detectron2 cannot (or silently does not) load `src`, and write a fixed `dst`.
 
-    Each documented failure (BACKGROUND.md) is named as a cause; the fix is a conversion, so the
+    Each documented failure (docs/troubleshooting.md) is named as a cause; the fix is a conversion, so the
     output has exact `backbone.` names, no classifier, and the format its extension names.  A file
     that already loads cleanly is reported fine and nothing is written.
 

@@ -1,11 +1,11 @@
-"""What Detectron2 would make of a file as it is (LAYOUTS.md, "How Detectron2 reads MODEL.WEIGHTS").
+"""What Detectron2 would make of a file as it is (docs/design.md, "How Detectron2 reads a file").
 
 Detectron2 picks its reader by extension: `.pkl` goes through plain `pickle.load` and
 needs `model` *and* `__author__` to be taken as-is; anything else goes through
 `torch.load` (with `weights_only=True` from torch 2.6), and a dict without `model` is
 wrapped whole.  Then names must equal the model's (`backbone.` + official names for a
 ConvNeXt backbone), or they are skipped with a warning.  Each problem below is one
-documented way a file fails loudly or, worse, silently (BACKGROUND.md).
+documented way a file fails loudly or, worse, silently (each listed in docs/troubleshooting.md).
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 - `.pth` / `.pt`: `torch.save({"model": tensors, "__author__": ...})`.  Only tensors and
   plain containers, so `torch.load(weights_only=True)` (Detectron2 on torch >= 2.6) reads it.
 - `.pkl`: Detectron2 model-zoo format, plain `pickle` of numpy arrays with `__author__`
-  (without it Detectron2 takes the dict for Caffe2 blobs; see BACKGROUND.md).
+  (without it Detectron2 takes the dict for Caffe2 blobs and wraps it again; docs/troubleshooting.md).
 
 The bytes go to a temporary file beside the destination, are synced, read back and
 compared tensor by tensor, and only then renamed over the destination: a failure at any

@@ -1,6 +1,6 @@
 """Bad input: every malformed or hostile source and every unusable destination ends in exit
 status 2 and a message naming the problem; nothing from the file runs; nothing is written,
-not even half (DESIGN.md, "Bad input").
+not even half (docs/design.md, "Safety").
 
 The cases are one table.  Each builds its files in a fresh folder that is also the working
 directory of the run, so paths in arguments and messages are short and relative.  The table

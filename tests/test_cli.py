@@ -1,5 +1,5 @@
 """The command line as a user meets it: a real `python -m conversion` process, its exit status,
-its stdout and its stderr (DESIGN.md, "Public contract").
+its stdout and its stderr (docs/design.md, "Public contract").
 
 Each test here starts a Python process (about two seconds: it imports torch), so each one checks
 something only a real process shows: the exit status the shell sees, what reaches stdout and
@@ -67,7 +67,7 @@ def error_lines(stderr: str, usage: bool = False) -> List[str]:
 
 
 def assert_plain_error(stderr: str, usage: bool = False) -> None:
-    """DESIGN.md: errors are one or two plain lines on stderr, never a traceback (unless --debug)."""
+    """The contract (docs/design.md): errors are one or two plain lines on stderr, never a traceback (unless --debug)."""
     assert "Traceback" not in stderr, f"a traceback escaped:\n{stderr}"
     lines = error_lines(stderr, usage)
     assert 1 <= len(lines) <= 2, f"expected one or two error lines, got {len(lines)}:\n{stderr}"

@@ -1,6 +1,6 @@
 """Faults while writing: a killed process, a full disk, a file-size limit, a read-only or vanishing
 directory.  The destination is never left half-written: it is absent (or, with --force, exactly the
-old file) unless the conversion finished (DESIGN.md, "Bad input": nothing half-written).
+old file) unless the conversion finished (docs/design.md, "Safety": nothing half-written).
 
 The process-level faults are real: a `python -m conversion convert` child is killed with a signal
 while its temporary file exists, or runs under `RLIMIT_FSIZE`, or writes into a tmpfs that fills

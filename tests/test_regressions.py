@@ -1,4 +1,4 @@
-"""Each real-world failure from BACKGROUND.md, rebuilt exactly as the failing tool built it.
+"""Each real-world failure of docs/troubleshooting.md, rebuilt exactly as the failing tool built it.
 
 Two kinds of assertion per failure: the *fact* (Detectron2's real checkpointer really
 fails, or silently loads nothing, on the broken file), so the test would notice if a

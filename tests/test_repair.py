@@ -1,5 +1,5 @@
 """`repair`: one regression test per documented broken Detectron2 file, each built exactly as the
-failing tool built it (BACKGROUND.md).  For each: Detectron2's real checkpointer fails (or silently
+failing tool built it (the failures of docs/troubleshooting.md).  For each: Detectron2's real checkpointer fails (or silently
 loads nothing) on the broken file, `repair` names the cause, and the repaired file loads through
 `DetectionCheckpointer` with nothing unexpected and every tensor equal to the source.
 """

@@ -63,7 +63,7 @@ def test_classifier_architectures_carry_head_and_pooled_norm(arch):
 
 @given(st.data())
 def test_released_tiny_has_182_tensors(data):
-    """Sanity anchor to LAYOUTS.md: official V1 files hold 20 + 9*D tensors (Tiny: 182)."""
+    """Sanity anchor to the released files: official V1 files hold 20 + 9*D tensors (Tiny: 182)."""
     from conversion.architecture import Architecture
 
     arch = Architecture((3, 3, 9, 3), (96, 192, 384, 768), num_classes=data.draw(st.sampled_from([1000, 21841])), classifier_norm=True)

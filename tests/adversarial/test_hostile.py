@@ -70,7 +70,7 @@ from ..test_cli import ROOT, assert_plain_error
 EXIT_USAGE = 2
 TEMP_PREFIX = ".convnext-d2-"  # write.py's temporary files beside the destination
 TINY = Architecture(depths=(1, 1, 1, 1), dims=(4, 4, 4, 4), num_classes=2, classifier_norm=True)
-CLASSIFIER_PREFIXES = ("head.", "norm.")  # dropped by every conversion (DESIGN.md)
+CLASSIFIER_PREFIXES = ("head.", "norm.")  # dropped by every conversion (docs/design.md, output formats)
 # A real process imports torch (~2 s); a hung one must not hang the suite.
 PROCESS_TIMEOUT_S = 120
 # How long a reader may take on a tiny special file before it counts as hanging.
