@@ -94,6 +94,11 @@ def _reader_problems(path: str, fmt: str, loaded: Any) -> List[str]:
     return problems
 
 
+def _asks_for_heuristics(fmt: str, loaded: Any) -> bool:
+    """A model-zoo `.pkl` whose dict sets `matching_heuristics`: Detectron2 then matches names by suffix."""
+    return fmt == "pickle" and isinstance(loaded, dict) and bool(loaded.get("matching_heuristics") is True)
+
+
 def d2_problems(
     path: str,
     fmt: str,
@@ -114,9 +119,15 @@ def d2_problems(
         )
     elif source_prefix is not None and source_prefix != D2_PREFIX:
         spelled = f"start with '{source_prefix}' instead of '{D2_PREFIX}'" if source_prefix else f"lack the '{D2_PREFIX}' prefix"
-        problems.append(
-            f"names {spelled}: Detectron2 loads none of them (only log warnings; training starts from random init)."
-        )
+        if _asks_for_heuristics(fmt, loaded):
+            problems.append(
+                f"names {spelled}: Detectron2 matches them only through the file's matching_heuristics "
+                "(longest name suffix), which can also hand them to modules outside the backbone."
+            )
+        else:
+            problems.append(
+                f"names {spelled}: Detectron2 loads none of them (only log warnings; training starts from random init)."
+            )
     classifier = sorted(classifier_names or [])
     if classifier:
         problems.append(

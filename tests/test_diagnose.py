@@ -116,3 +116,15 @@ def test_numpy_2_pickles_are_named(tmp_path):
 def test_other_layouts_are_named_before_prefix_problems():
     problems = d2_problems("x.pth", "torch-zip", {"model": {"w": torch.zeros(1)}}, layout="timm", source_prefix="")
     assert len(problems) == 1 and "names are in the timm layout" in problems[0]
+
+
+def test_a_heuristics_pkl_without_prefix_is_not_called_unloadable(tmp_path):
+    """MaskDINO's converter writes raw official names with `matching_heuristics: True`: Detectron2 matches
+    them by suffix (it does load them), so the diagnosis names the heuristics, not random init."""
+    raw = {k: v.numpy() for k, v in SD.items()}
+    with open(tmp_path / "maskdino_style.pkl", "wb") as f:
+        pickle.dump({"model": raw, "__author__": "maskdino", "matching_heuristics": True}, f)
+
+    problem = _one(_problems(tmp_path / "maskdino_style.pkl"), "lack the 'backbone.' prefix")
+
+    assert "matching_heuristics" in problem and "random init" not in problem, problem
