@@ -484,3 +484,35 @@ def test_a_fault_right_after_the_temporary_file_is_created_leaves_nothing(
         assert status == EXIT_USAGE and "internal error" not in err, err
         assert_plain_error(err)
         assert os.listdir(out) == []
+
+
+class _Interrupted(Exception):
+    """What the CLI's SIGTERM handler raises, in miniature."""
+
+
+@pytest.mark.skipif(not hasattr(os, "O_TMPFILE") or not hasattr(signal, "pthread_sigmask"), reason="Linux unnamed files only")
+def test_a_signal_while_the_unnamed_file_probe_has_a_name_leaves_no_probe(tmp_path: Path, monkeypatch):
+    """The one-off probe of whether unnamed files can be linked in gives a file a name for a moment; a
+    SIGTERM arriving right then (the CLI raises on it) is held until the probe is gone, then delivered."""
+    real_link = atomic._link_fd
+    seen: List[List[str]] = []
+
+    def link_then_signal(fd: int, target: str) -> None:
+        real_link(fd, target)
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives while the probe has its name
+        seen.append(sorted(os.listdir(tmp_path)))
+
+    def raise_interrupted(signum, frame):
+        raise _Interrupted()
+
+    monkeypatch.setattr(atomic, "_link_fd", link_then_signal)
+    monkeypatch.setattr(atomic, "_publishable", {})
+    previous = signal.signal(signal.SIGTERM, raise_interrupted)
+    try:
+        with pytest.raises(_Interrupted):
+            atomic.anonymous_beside(str(tmp_path / "x.pth"), str(tmp_path))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+    assert seen and seen[0] and seen[0][0].startswith(".convnext-d2-probe-"), f"the probe was not linked: {seen}"
+    assert os.listdir(tmp_path) == [], f"left behind: {os.listdir(tmp_path)}"

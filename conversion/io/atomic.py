@@ -8,10 +8,13 @@ leaves nothing; where a filesystem has no unnamed files (or cannot link them in)
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import signal
+import threading
 import tempfile
-from typing import BinaryIO, Callable, Dict, Optional, Tuple
+from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Tuple
 
 from ..errors import DestinationError
 
@@ -56,20 +59,48 @@ def _link_fd(fd: int, target: str) -> None:
         raise
 
 
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Defer SIGTERM and SIGINT to the end of the block, then deliver them to the handlers in place.
+
+    Python runs signal handlers in the main thread between bytecodes, whichever thread the kernel
+    picked, so masking the signal in this thread would not do (torch starts threads of its own):
+    the handlers themselves are swapped for one that only records.  Outside the main thread no
+    handler can be set, and nothing of ours raises on a signal there, so there is nothing to hold.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: List[int] = []
+    held = (signal.SIGTERM, signal.SIGINT)
+    previous = {signum: signal.signal(signum, lambda signum, frame: arrived.append(signum)) for signum in held}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(arrived):
+            signal.raise_signal(signum)
+
+
 def _can_publish(directory: str) -> bool:
     """Whether an unnamed file in `directory` can later be linked in (tried once per filesystem)."""
     device = os.stat(directory).st_dev
     if device not in _publishable:
         probe = os.path.join(directory, f".convnext-d2-probe-{os.getpid()}-{os.urandom(4).hex()}")
         fd = os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600)
-        try:
-            _link_fd(fd, probe)
-            unlink_quietly(probe)
-            _publishable[device] = True
-        except OSError:
-            _publishable[device] = False
-        finally:
-            os.close(fd)
+        # The probe has a name for a moment: hold SIGTERM and Ctrl-C (the CLI turns both into an
+        # exception) until it is gone, so an interrupted conversion cannot leave it behind
+        # (SIGKILL in those microseconds still can: nothing catches it).
+        with _signals_held():
+            try:
+                _link_fd(fd, probe)
+                unlink_quietly(probe)
+                _publishable[device] = True
+            except OSError:
+                _publishable[device] = False
+            finally:
+                os.close(fd)
     return _publishable[device]
 
 
