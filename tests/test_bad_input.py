@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import functools
 import hashlib
-import importlib
 import io
 import os
 import pickle
@@ -25,6 +24,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import pytest
 import torch
 
+from conversion import pipeline
 from conversion import write
 from conversion.architecture import Architecture
 from conversion.cli import main
@@ -413,7 +413,7 @@ def test_a_file_that_reads_back_different_is_never_installed(destination, tmp_pa
 
     monkeypatch.setattr(write, "encode", corrupting_encode)
     # This is the load-and-save writer's check; the streamed path has its own test below.
-    monkeypatch.setattr(importlib.import_module("conversion.convert"), "STREAM_TORCH_ARCHIVES", False)
+    monkeypatch.setattr(pipeline, "STREAM_TORCH_ARCHIVES", False)
     before = snapshot(tmp_path)
 
     status = main(["convert", *destination])

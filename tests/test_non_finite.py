@@ -2,17 +2,17 @@
 --strict on every path before anything is written."""
 from __future__ import annotations
 
-import importlib
 
 import pytest
 import torch
 
+from conversion import pipeline
 from conversion.architecture import Architecture
 from conversion.cli import main
 from conversion.synthetic import random_state_dict
 
 ARCH = Architecture((1, 1, 1, 1), (8, 8, 8, 8), num_classes=2, classifier_norm=True)
-CONVERT_MODULE = importlib.import_module("conversion.convert")
+CONVERT_MODULE = pipeline
 
 
 @pytest.fixture(params=["streamed", "loaded"])

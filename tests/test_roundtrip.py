@@ -7,7 +7,6 @@ warning, and (b) every tensor of the model equal to the source.
 """
 from __future__ import annotations
 
-import importlib
 import os
 import tempfile
 
@@ -16,6 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conversion import pipeline
 from conversion import convert
 from conversion.architecture import CLASSIFIER_KEYS, RELEASED_VARIANTS, Architecture
 from conversion.synthetic import random_state_dict
@@ -37,7 +37,7 @@ require("detectron2")
 @pytest.fixture(autouse=True, params=["streamed", "loaded"])
 def conversion_path(request, monkeypatch):
     """Every round trip runs twice: torch archives -> .pth streamed (bytes copied) and loaded-and-saved."""
-    monkeypatch.setattr(importlib.import_module("conversion.convert"), "STREAM_TORCH_ARCHIVES", request.param == "streamed")
+    monkeypatch.setattr(pipeline, "STREAM_TORCH_ARCHIVES", request.param == "streamed")
     return request.param
 
 SMALL = Architecture((2, 1, 3, 1), (8, 16, 24, 32), num_classes=5, classifier_norm=True)
@@ -45,7 +45,7 @@ FORMATS = (".pth", ".pkl", ".pt")
 
 
 def _streaming_on():
-    return importlib.import_module("conversion.convert").STREAM_TORCH_ARCHIVES
+    return pipeline.STREAM_TORCH_ARCHIVES
 
 
 def _expected_model_state(sd, prefix="backbone."):

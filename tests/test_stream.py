@@ -3,7 +3,6 @@ load-and-save path once loaded, torch-free, small reads, 64-byte aligned records
 that catches corruption.  (The round-trip and property suites run on both paths as well.)"""
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import pickle
@@ -18,6 +17,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conversion import pipeline
 from conversion import convert
 from conversion.architecture import Architecture
 from conversion.errors import VerificationFailed
@@ -29,7 +29,7 @@ from . import strategies as S
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = Architecture((1, 2, 1, 1), (8, 16, 8, 16), num_classes=5, classifier_norm=True)
-CONVERT_MODULE = importlib.import_module("conversion.convert")
+CONVERT_MODULE = pipeline
 
 
 def _loaded(path):
