@@ -24,7 +24,6 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import pytest
 import torch
 
-from conversion import pipeline
 from conversion import write
 from conversion.architecture import Architecture
 from conversion.cli import main
@@ -412,8 +411,11 @@ def test_a_file_that_reads_back_different_is_never_installed(destination, tmp_pa
         return real_encode({k: v + 1 for k, v in state_dict.items()}, fmt)
 
     monkeypatch.setattr(write, "encode", corrupting_encode)
-    # This is the load-and-save writer's check; the streamed path has its own test below.
-    monkeypatch.setattr(pipeline, "STREAM_TORCH_ARCHIVES", False)
+    # This is the buffered writer's check (a legacy torch source is read whole); the byte-copy
+    # writer has its own test below.
+    legacy = io.BytesIO()
+    torch.save({"model": _good_state_dict()}, legacy, _use_new_zipfile_serialization=False)
+    (tmp_path / GOOD).write_bytes(legacy.getvalue())
     before = snapshot(tmp_path)
 
     status = main(["convert", *destination])
