@@ -3,7 +3,7 @@
 Importing this package never imports detectron2, timm or transformers; the
 Detectron2 backbone lives in `conversion.d2`.
 """
-from .convert import ConversionReport, convert
+from .pipeline import ConversionReport, convert
 from .errors import (
     ContainerError,
     ConversionError,

@@ -15,7 +15,7 @@ import traceback
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 from . import __version__
-from .convert import ConversionReport, RepairReport, convert, repair
+from .pipeline import ConversionReport, RepairReport, convert, repair
 from .errors import ConversionError
 from .inspection import InspectReport, inspect_checkpoint
 from .layouts import LAYOUTS

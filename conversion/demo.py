@@ -25,7 +25,7 @@ import torch
 
 from .architecture import RELEASED_VARIANTS, Architecture
 from .cli import format_report
-from .convert import convert
+from .pipeline import convert
 from .synthetic import random_state_dict
 
 VARIANT = "convnext_tiny"

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional
 
 from .architecture import infer_architecture
 from .diagnose import d2_problems
 from .layouts import LAYOUTS, classifier_names, source_name_of, to_canonical
 from .containers import check_weight_types, select_state_dict
-from .formats import check_source, is_torch_zip
+from .read import open_source
 
 
 @dataclass
@@ -38,28 +38,10 @@ class InspectReport:
     # A detector's or segmenter's parts around its `backbone.` (neck., roi_head., ...) -> tensor count.
     detector_parts: Dict[str, int] = field(default_factory=dict)
     problems: List[str] = field(default_factory=list)  # what Detectron2 would hit loading the file as is
-    bytes_read: Optional[int] = None  # of the file, when only a torch archive's index was read
+    bytes_read: Optional[int] = None  # of the file, when only its metadata was read (torch archive, safetensors)
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
-
-
-def _read(path: str) -> Tuple[Any, str, Optional[int]]:
-    """(objects, format, bytes read): a torch archive's index only when possible (tensor bytes are
-    never needed to inspect), else the whole file."""
-    check_source(path)
-    if is_torch_zip(path):
-        from .stream import NotStreamable, read_index
-
-        try:
-            index = read_index(path)
-            return index.objects, "torch-zip", index.bytes_read
-        except NotStreamable:
-            pass
-    from .read import read_checkpoint
-
-    loaded, fmt = read_checkpoint(path)
-    return loaded, fmt, None
 
 
 def inspect_checkpoint(path: str, *, layout: Optional[str] = None) -> InspectReport:
@@ -68,7 +50,9 @@ def inspect_checkpoint(path: str, *, layout: Optional[str] = None) -> InspectRep
     Raises:
         ConversionError: unreadable, no state dict, or not a ConvNeXt this tool knows.
     """
-    loaded, fmt, bytes_read = _read(path)
+    # Metadata only: a torch archive's index, a safetensors header; other formats are read whole.
+    source = open_source(path, metadata_only=True)
+    loaded, fmt, bytes_read = source.objects, source.format, source.bytes_read
     state_dict, container = select_state_dict(loaded)
     check_weight_types(state_dict)
     canonical = to_canonical(state_dict, forced=layout)

@@ -13,10 +13,11 @@ import collections
 import io
 import itertools
 import os
-from typing import Any, Callable, Dict, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from .errors import UnreadableCheckpoint, UnsafeCheckpoint
-from .formats import ZIP_MAGIC, check_source
+from .formats import ZIP_MAGIC, check_source, is_torch_zip
 from .io.handles import ITEM_SIZE, STORAGE_DTYPES, StorageRef, TensorRef
 from .io.safe_pickle import Placeholder, StorageType, safe_load
 
@@ -243,3 +244,45 @@ def placeholders_in(obj: Any, path: str = "") -> Dict[str, str]:
             found.update(placeholders_in(v, f"{path}[{i}]"))
     return found
 
+
+
+@dataclass
+class Source:
+    """An opened checkpoint: its objects (plain containers whose leaves are tensor handles or
+    tensors and arrays in memory), the format its bytes are in, and for a torch archive read by its
+    index the index itself (the byte-copy writers need its records)."""
+
+    path: str
+    format: str  # torch-zip, torch-legacy, pickle, safetensors
+    objects: Any
+    index: Any = None  # an io.torchzip.ArchiveIndex when the leaves are TensorRefs into its records
+    bytes_read: Optional[int] = None  # of the file, where only metadata was read
+
+
+def open_source(path: str, *, metadata_only: bool = False) -> Source:
+    """Open `path` reading as little as its format allows: a torch archive by its index (tensor
+    bytes stay in the file, as `TensorRef`s), with `metadata_only` a safetensors file by its
+    header; everything else is read whole, into tensors and arrays.
+
+    Raises:
+        UnreadableCheckpoint, UnsafeCheckpoint: as `read_checkpoint`.
+    """
+    check_source(path)
+    if is_torch_zip(path):
+        from .io.torchzip import read_index
+
+        index = read_index(path)
+        return Source(path, "torch-zip", index.objects, index, index.bytes_read)
+    if metadata_only:
+        from .io.safetensors_header import read_header
+
+        header = read_header(path)
+        if header is not None:
+            return Source(path, "safetensors", header.tensors, None, header.bytes_read)
+    return load_source(path)
+
+
+def load_source(path: str) -> Source:
+    """`path` read whole: every tensor in memory (what the buffered writer needs)."""
+    loaded, fmt = read_checkpoint(path)
+    return Source(path, fmt, loaded)

@@ -14,8 +14,9 @@ typed-storage persistent ids), records are 64-byte aligned as torch aligns them,
 read back: every copied record's CRC-32 is checked against the source's and the new index is parsed
 and compared.
 
-An archive whose weights are not all plain stored references (deflated records, numpy arrays
-among the weights) raises `NotStreamable`, and the caller reads it whole instead.
+Only archives whose weights are all plain stored references reach these writers: the pipeline
+(conversion/pipeline.py) sends deflated records, numpy arrays among the weights and shape fixes of
+non-contiguous tensors to the buffered writer instead.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .errors import UnreadableCheckpoint, VerificationFailed
 from .formats import write_atomically
-from .io.handles import ITEM_SIZE, STORAGE_DTYPES, NotStreamable, StorageRef, TensorRef, contiguous_stride  # noqa: F401
+from .io.handles import ITEM_SIZE, STORAGE_DTYPES, StorageRef, TensorRef, contiguous_stride  # noqa: F401
 from .io.torchzip import (  # noqa: F401  (read_index, check_references, ArchiveIndex: this module's readers)
     ALIGNMENT,
     COMPRESSION_BOUND,
@@ -232,7 +233,7 @@ class _RecordArray:
 
     def __init__(self, ref: TensorRef, fd: int, data_offset: int, record_crc: Optional[int] = None) -> None:
         if not ref.is_contiguous():
-            raise NotStreamable("non-contiguous tensor")
+            raise ValueError("a non-contiguous tensor cannot be copied as one run of bytes (the pipeline writes it buffered)")
         self.ref, self.fd, self.data_offset = ref, fd, data_offset
         # A tensor spanning its whole storage is the whole record: its bytes must match the record's CRC.
         whole = ref.offset == 0 and ref.numel() == ref.storage.numel

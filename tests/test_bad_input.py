@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import functools
 import hashlib
-import importlib
 import io
 import os
 import pickle
@@ -412,8 +411,11 @@ def test_a_file_that_reads_back_different_is_never_installed(destination, tmp_pa
         return real_encode({k: v + 1 for k, v in state_dict.items()}, fmt)
 
     monkeypatch.setattr(write, "encode", corrupting_encode)
-    # This is the load-and-save writer's check; the streamed path has its own test below.
-    monkeypatch.setattr(importlib.import_module("conversion.convert"), "STREAM_TORCH_ARCHIVES", False)
+    # This is the buffered writer's check (a legacy torch source is read whole); the byte-copy
+    # writer has its own test below.
+    legacy = io.BytesIO()
+    torch.save({"model": _good_state_dict()}, legacy, _use_new_zipfile_serialization=False)
+    (tmp_path / GOOD).write_bytes(legacy.getvalue())
     before = snapshot(tmp_path)
 
     status = main(["convert", *destination])

@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conversion.architecture import Architecture
-from conversion.convert import prepare
+from conversion.pipeline import prepare
 from conversion.errors import NotConvNeXt
 from conversion.layouts import from_canonical, to_canonical
 from conversion.containers import select_state_dict

@@ -2,8 +2,6 @@
 --strict on every path before anything is written."""
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 
@@ -12,20 +10,20 @@ from conversion.cli import main
 from conversion.synthetic import random_state_dict
 
 ARCH = Architecture((1, 1, 1, 1), (8, 8, 8, 8), num_classes=2, classifier_norm=True)
-CONVERT_MODULE = importlib.import_module("conversion.convert")
 
 
 @pytest.fixture(params=["streamed", "loaded"])
-def path_taken(request, monkeypatch):
-    monkeypatch.setattr(CONVERT_MODULE, "STREAM_TORCH_ARCHIVES", request.param == "streamed")
+def path_taken(request):
+    """Which writer runs follows from the source: a torch zip's records are copied ("streamed"), a
+    legacy torch file is read whole ("loaded")."""
     return request.param
 
 
-def _source(tmp_path, dtype, poison):
+def _source(tmp_path, dtype, poison, path_taken):
     sd = random_state_dict(ARCH, dtype=dtype)
     if poison is not None:
         sd["stages.2.0.pwconv1.weight"][3, 1] = poison
-    torch.save({"model": sd}, tmp_path / "src.pth")
+    torch.save({"model": sd}, tmp_path / "src.pth", _use_new_zipfile_serialization=path_taken == "streamed")
     return str(tmp_path / "src.pth")
 
 
@@ -33,7 +31,7 @@ def _source(tmp_path, dtype, poison):
 @pytest.mark.parametrize("poison", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("ext", [".pth", ".pkl"])
 def test_strict_refuses_non_finite_weights_and_writes_nothing(tmp_path, capsys, path_taken, dtype, poison, ext):
-    src = _source(tmp_path, dtype, poison)
+    src = _source(tmp_path, dtype, poison, path_taken)
     assert main(["convert", src, str(tmp_path / f"out{ext}"), "--strict"]) == 2
     err = capsys.readouterr().err
     assert "NaN or Inf" in err and "backbone.stages.2.0.pwconv1.weight" in err
@@ -42,7 +40,7 @@ def test_strict_refuses_non_finite_weights_and_writes_nothing(tmp_path, capsys, 
 
 @pytest.mark.parametrize("ext", [".pth", ".pkl"])
 def test_without_strict_non_finite_weights_convert_and_are_reported(tmp_path, capsys, path_taken, ext):
-    src = _source(tmp_path, torch.float32, float("nan"))
+    src = _source(tmp_path, torch.float32, float("nan"), path_taken)
     assert main(["convert", src, str(tmp_path / f"out{ext}")]) == 0
     captured = capsys.readouterr()
     if path_taken == "loaded":
@@ -54,6 +52,6 @@ def test_without_strict_non_finite_weights_convert_and_are_reported(tmp_path, ca
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_strict_accepts_finite_weights(tmp_path, capsys, path_taken, dtype):
-    src = _source(tmp_path, dtype, None)
+    src = _source(tmp_path, dtype, None, path_taken)
     assert main(["convert", src, str(tmp_path / "out.pth"), "--strict", "--json"]) == 0
     assert '"non_finite": []' in capsys.readouterr().out

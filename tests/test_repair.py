@@ -16,7 +16,7 @@ import torch
 
 from conversion.architecture import CLASSIFIER_KEYS, Architecture
 from conversion.cli import main
-from conversion.convert import repair
+from conversion.pipeline import repair
 from conversion.synthetic import random_state_dict
 from conversion.target import fresh_output_norms
 

@@ -7,7 +7,6 @@ warning, and (b) every tensor of the model equal to the source.
 """
 from __future__ import annotations
 
-import importlib
 import os
 import tempfile
 
@@ -34,30 +33,26 @@ from .support import (
 require("detectron2")
 
 
-@pytest.fixture(autouse=True, params=["streamed", "loaded"])
-def conversion_path(request, monkeypatch):
-    """Every round trip runs twice: torch archives -> .pth streamed (bytes copied) and loaded-and-saved."""
-    monkeypatch.setattr(importlib.import_module("conversion.convert"), "STREAM_TORCH_ARCHIVES", request.param == "streamed")
+@pytest.fixture(scope="module", params=["zip", "legacy"])
+def source_kind(request):
+    """Every round trip runs on both kinds of torch file: a zip archive (its storage bytes copied into
+    the output) and a legacy pre-1.6 file (read whole, tensors written with torch.save / pickle)."""
     return request.param
 
 SMALL = Architecture((2, 1, 3, 1), (8, 16, 24, 32), num_classes=5, classifier_norm=True)
 FORMATS = (".pth", ".pkl", ".pt")
 
 
-def _streaming_on():
-    return importlib.import_module("conversion.convert").STREAM_TORCH_ARCHIVES
-
-
 def _expected_model_state(sd, prefix="backbone."):
     return {prefix + k: v for k, v in sd.items() if k not in CLASSIFIER_KEYS}
 
 
-def _roundtrip(tmpdir, arch, container_obj, source_weights, ext, *, ema=False, out_features=None):
+def _roundtrip(tmpdir, arch, container_obj, source_weights, ext, kind, *, ema=False, out_features=None):
     src = os.path.join(tmpdir, "source.pth")
-    torch.save(container_obj, src)
+    torch.save(container_obj, src, _use_new_zipfile_serialization=kind == "zip")
     dst = os.path.join(tmpdir, "converted" + ext)
     report = convert(src, dst, ema=ema)
-    assert report.streamed == _streaming_on(), "the path under test was not taken"
+    assert report.streamed == (kind == "zip"), "the writer under test was not the one taken"
     model = build_d2_model(arch, out_features)
     fill_with_sentinel(model)
     result = load_with_detectron2(model, dst)
@@ -68,43 +63,43 @@ def _roundtrip(tmpdir, arch, container_obj, source_weights, ext, *, ema=False, o
 
 
 @pytest.mark.parametrize("ext", [".pth", ".pkl"])  # .pt is the same writer as .pth: small tests cover it
-def test_roundtrip_convnext_tiny_released_file(tmp_path, ext):
+def test_roundtrip_convnext_tiny_released_file(source_kind, tmp_path, ext):
     """A released-style `{"model": ...}` ConvNeXt-Tiny file loads cleanly in every output format."""
     depths, dims = RELEASED_VARIANTS[1]["convnext_tiny"]
     arch = Architecture(depths, dims, num_classes=1000, classifier_norm=True)
     sd = random_state_dict(arch)
-    report, _ = _roundtrip(str(tmp_path), arch, {"model": sd}, sd, ext)
+    report, _ = _roundtrip(str(tmp_path), arch, {"model": sd}, sd, ext, source_kind)
     assert report.variant == "convnext_tiny" and report.kept == 178 and len(report.dropped) == 4
 
 
 @pytest.mark.parametrize("ext", FORMATS)
 @pytest.mark.parametrize("container", S.CONTAINERS)
 @pytest.mark.parametrize("wrapper", ["", "module."])
-def test_roundtrip_every_container(tmp_path, ext, container, wrapper):
+def test_roundtrip_every_container(source_kind, tmp_path, ext, container, wrapper):
     """Bare, `model`, `state_dict` and training checkpoints (optimizer, epoch, args...), DDP-wrapped or not."""
     sd = random_state_dict(SMALL, seed=1)
-    _roundtrip(str(tmp_path), SMALL, S.wrap(sd, container, wrapper), sd, ext)
+    _roundtrip(str(tmp_path), SMALL, S.wrap(sd, container, wrapper), sd, ext, source_kind)
 
 
 @pytest.mark.parametrize("ext", [".pth", ".pkl"])
-def test_roundtrip_ema_weights_of_a_training_checkpoint(tmp_path, ext):
+def test_roundtrip_ema_weights_of_a_training_checkpoint(source_kind, tmp_path, ext):
     """`ema=True` loads `model_ema`, not `model` (their values differ)."""
     sd, ema = random_state_dict(SMALL, seed=1), random_state_dict(SMALL, seed=2)
-    _roundtrip(str(tmp_path), SMALL, S.wrap(sd, "training", ema=ema), ema, ext, ema=True)
+    _roundtrip(str(tmp_path), SMALL, S.wrap(sd, "training", ema=ema), ema, ext, source_kind, ema=True)
 
 
 @pytest.mark.parametrize("out_features", [["res5"], ["res3", "res5"], ["res2", "res3", "res4"]])
-def test_roundtrip_only_requested_output_norms_are_fresh(tmp_path, out_features):
+def test_roundtrip_only_requested_output_norms_are_fresh(source_kind, tmp_path, out_features):
     """With the DI-MaskDINO fork's rule (norm{i} only for requested outputs) exactly those are missing."""
     sd = random_state_dict(SMALL)
-    _roundtrip(str(tmp_path), SMALL, {"model": sd}, sd, ".pth", out_features=out_features)
+    _roundtrip(str(tmp_path), SMALL, {"model": sd}, sd, ".pth", source_kind, out_features=out_features)
 
 
-def test_roundtrip_detection_checkpoint_with_trained_output_norms(tmp_path):
+def test_roundtrip_detection_checkpoint_with_trained_output_norms(source_kind, tmp_path):
     """A detection backbone's own trained `norm{i}` are kept: nothing is missing at all."""
     arch = Architecture(SMALL.depths, SMALL.dims, output_norms=(0, 1, 2, 3))
     sd = random_state_dict(arch)
-    report, _ = _roundtrip(str(tmp_path), arch, {"model": sd}, sd, ".pkl")
+    report, _ = _roundtrip(str(tmp_path), arch, {"model": sd}, sd, ".pkl", source_kind)
     assert report.fresh == []
 
 
@@ -115,11 +110,11 @@ def test_roundtrip_detection_checkpoint_with_trained_output_norms(tmp_path):
     S.wrapper_prefixes(),
 )
 @settings(max_examples=15)
-def test_roundtrip_property_any_architecture_dtype_container(drawn, ext, container, wrapper):
+def test_roundtrip_property_any_architecture_dtype_container(source_kind, drawn, ext, container, wrapper):
     """Any small V1/V2 architecture, dtype, key order and container round-trips exactly."""
     arch, sd = drawn
     with tempfile.TemporaryDirectory() as tmp:
-        _roundtrip(tmp, arch, S.wrap(sd, container, wrapper), sd, ext)
+        _roundtrip(tmp, arch, S.wrap(sd, container, wrapper), sd, ext, source_kind)
 
 
 def test_roundtrip_gate_fails_on_a_file_without_the_backbone_prefix(tmp_path):

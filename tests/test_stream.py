@@ -3,7 +3,6 @@ load-and-save path once loaded, torch-free, small reads, 64-byte aligned records
 that catches corruption.  (The round-trip and property suites run on both paths as well.)"""
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import pickle
@@ -29,7 +28,6 @@ from . import strategies as S
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = Architecture((1, 2, 1, 1), (8, 16, 8, 16), num_classes=5, classifier_norm=True)
-CONVERT_MODULE = importlib.import_module("conversion.convert")
 
 
 def _loaded(path):
@@ -37,10 +35,13 @@ def _loaded(path):
     return {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(v) for k, v in data["model"].items()}
 
 
-def _both_paths(tmp, src, ext, monkeypatch):
+def _both_sources(tmp, obj, ext):
+    """`obj` saved as a torch zip (its records copied into the output) and as a legacy torch file
+    (read whole, written buffered), each converted: {streamed: (destination, report)}."""
     out = {}
     for streamed in (True, False):
-        monkeypatch.setattr(CONVERT_MODULE, "STREAM_TORCH_ARCHIVES", streamed)
+        src = os.path.join(tmp, f"src-{'zip' if streamed else 'legacy'}.pth")
+        torch.save(obj, src, _use_new_zipfile_serialization=streamed)
         dst = os.path.join(tmp, f"{'s' if streamed else 'l'}{ext}")
         report = convert(src, dst)
         assert report.streamed == streamed
@@ -55,16 +56,14 @@ def test_streamed_output_equals_the_load_and_save_output_once_loaded(drawn, ext)
     import tempfile
 
     _, sd = drawn
-    with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as mp:
-        src = os.path.join(tmp, "src.pth")
-        torch.save({"model": sd}, src)
-        out = _both_paths(tmp, src, ext, mp)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = _both_sources(tmp, {"model": sd}, ext)
         streamed, loaded = _loaded(out[True][0]), _loaded(out[False][0])
         assert list(streamed) == list(loaded)
         for name in loaded:
             assert streamed[name].dtype == loaded[name].dtype and torch.equal(streamed[name], loaded[name]), name
         a, b = out[True][1].to_dict(), out[False][1].to_dict()
-        for key in ("streamed", "bytes_written", "destination", "non_finite"):  # non_finite: checked only when loaded
+        for key in ("streamed", "bytes_written", "source", "destination", "non_finite"):  # non_finite: checked only when loaded
             a.pop(key), b.pop(key)
         assert a == b
 
@@ -150,15 +149,53 @@ def test_a_streamed_conversion_never_imports_torch(tmp_path, ext):
     assert json.loads(proc.stdout)["streamed"] is True
 
 
-def test_tensor_references_reshape_only_contiguous_views():
-    from conversion.stream import NotStreamable, StorageRef, TensorRef
+def test_tensor_references_reshape_contiguous_views_in_place_and_mark_the_others():
+    from conversion.io.handles import ReshapedRef, StorageRef, TensorRef, is_record
 
     ref = TensorRef(StorageRef("0", "FloatStorage", 24), 0, (2, 3, 4), (12, 4, 1))
     assert ref.reshape(6, 4).stride == (4, 1) and ref.reshape(-1).shape == (24,) and ref.reshape((1, 1, 1, 24)).shape == (1, 1, 1, 24)
-    assert ref.numel() == 24 and ref.dtype == "float32" and ref.ndim == 3
+    assert ref.numel() == 24 and ref.dtype == "float32" and ref.ndim == 3 and is_record(ref.reshape(6, 4))
     transposed = TensorRef(ref.storage, 0, (4, 3, 2), (1, 4, 12))
-    with pytest.raises(NotStreamable):
-        transposed.reshape(24)
+    fixed = transposed.reshape(24)
+    assert fixed == ReshapedRef(transposed, (24,)) and not is_record(fixed)
+    assert fixed.reshape(-1, 6).shape == (4, 6) and fixed.numel() == 24 and fixed.dtype == "float32"
+
+
+@pytest.mark.parametrize("ext", [".pth", ".pkl"])
+def test_a_shape_fix_of_a_non_contiguous_tensor_is_written_buffered(tmp_path, ext):
+    """torchvision's layer scale [C, 1, 1] saved as a permuted view: its reshape to [C] is no run of
+    the record, so the zip is read whole and written as the same tensors from a legacy file are."""
+    from conversion.layouts import from_canonical
+
+    sd = from_canonical(random_state_dict(ARCH), "torchvision")
+    name = "features.1.0.layer_scale"
+    sd[name] = sd[name].reshape(1, 1, -1).permute(2, 0, 1)  # same values, strides (1, C, C)
+    assert sd[name].stride() != (1, 1, 1)
+    digests = {}
+    for streamed in (True, False):
+        src = tmp_path / f"src{int(streamed)}.pth"
+        torch.save(sd, src, _use_new_zipfile_serialization=streamed)
+        dst = tmp_path / f"out{int(streamed)}{ext}"
+        report = convert(str(src), str(dst))
+        assert report.streamed is False and report.reshaped["backbone.stages.0.0.gamma"] == "[C,1,1] -> [C]"
+        digests[streamed] = dst.read_bytes()
+    assert digests[True] == digests[False]
+    got = _loaded(tmp_path / f"out1{ext}")["backbone.stages.0.0.gamma"]
+    assert torch.equal(got, sd[name].reshape(-1))
+
+
+@pytest.mark.parametrize("ext, copied", [(".pth", True), (".pkl", False)])
+def test_a_non_contiguous_tensor_is_copied_into_a_pth_and_built_for_a_pkl(tmp_path, ext, copied):
+    """A transposed view keeps its strides in a torch archive (the record copies as is), but a
+    model-zoo array is written in element order, so a .pkl builds the tensor in memory."""
+    sd = random_state_dict(ARCH)
+    name = "stages.1.0.pwconv1.weight"
+    sd[name] = sd[name].t().contiguous().t()  # same values and shape, column-major
+    assert not sd[name].is_contiguous()
+    torch.save(sd, tmp_path / "src.pth")
+    report = convert(str(tmp_path / "src.pth"), str(tmp_path / f"out{ext}"))
+    assert report.streamed is copied
+    assert torch.equal(_loaded(tmp_path / f"out{ext}")["backbone." + name], sd[name])
 
 
 def test_the_index_refuses_anything_but_tensor_data(tmp_path):

@@ -1,13 +1,16 @@
 """Tensor handles: what a reader knows about a tensor before (or instead of) reading its bytes.
 
-A `StorageRef` names a run of bytes (a torch archive's storage record, a legacy file's storage,
-an inner archive's bytes); a `TensorRef` is a strided view into one.  The layouts, the report and
-the streamed writers work on these; only the loaded path turns them into torch tensors.
+A `StorageRef` names a run of bytes (a torch archive's storage record, a safetensors file's data
+section, a legacy file's storage, an inner archive's bytes); a `TensorRef` is a strided view into one.
+Readers hand out containers whose leaves are these handles or tensors and arrays already in memory;
+the layouts, the report and the writers work on either, through the same few members (`shape`,
+`dtype`, `ndim`, `numel()`, `reshape()`).  Which writer runs is decided by what the leaves are: zip
+records are copied byte for byte, anything else is built in memory and written buffered.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Tuple
+from typing import Any, Tuple
 
 # Storage class names in persistent ids -> dtype names (torch/storage.py, _utils.py).
 STORAGE_DTYPES = {
@@ -25,10 +28,6 @@ STORAGE_DTYPES = {
     "ComplexDoubleStorage": "complex128",
 }
 ITEM_SIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1, "complex64": 8, "complex128": 16}
-
-
-class NotStreamable(Exception):
-    """This archive needs the ordinary path (not an error: the caller falls back)."""
 
 
 @dataclass(frozen=True)
@@ -66,19 +65,56 @@ class TensorRef:
     def is_contiguous(self) -> bool:
         return self.stride == contiguous_stride(self.shape)
 
-    def reshape(self, *shape: int) -> "TensorRef":
-        """A view with another shape (the layouts' shape fixes); only for contiguous references."""
-        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
-            shape = tuple(shape[0])
-        shape = tuple(shape)
-        if -1 in shape:
-            known = 1
-            for d in shape:
-                known *= d if d != -1 else 1
-            shape = tuple(self.numel() // known if d == -1 else d for d in shape)
+    def reshape(self, *shape: int) -> "Any":
+        """The layouts' shape fixes: a strided view of the same record when the elements are in
+        order; otherwise a `ReshapedRef`, which no byte copy can express (the buffered writer builds it)."""
+        new = _resolved_shape(shape, self.numel())
         if not self.is_contiguous():
-            raise NotStreamable("reshape of a non-contiguous tensor")
-        return replace(self, shape=shape, stride=contiguous_stride(shape))
+            return ReshapedRef(self, new)
+        return replace(self, shape=new, stride=contiguous_stride(new))
+
+
+@dataclass(frozen=True)
+class ReshapedRef:
+    """A shape fix applied to a non-contiguous tensor: its elements are not one run of the record
+    in the new order, so only a writer that builds tensors in memory can write it."""
+
+    base: TensorRef
+    shape: Tuple[int, ...]
+
+    @property
+    def dtype(self) -> str:
+        return self.base.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def numel(self) -> int:
+        return self.base.numel()
+
+    def is_contiguous(self) -> bool:
+        return False
+
+    def reshape(self, *shape: int) -> "ReshapedRef":
+        return ReshapedRef(self.base, _resolved_shape(shape, self.numel()))
+
+
+def _resolved_shape(shape: Tuple[Any, ...], numel: int) -> Tuple[int, ...]:
+    """`reshape`'s argument forms (`reshape(2, 3)`, `reshape((2, 3))`, one `-1`) as a plain shape."""
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = tuple(shape[0])
+    if -1 in shape:
+        known = 1
+        for d in shape:
+            known *= d if d != -1 else 1
+        shape = tuple(numel // known if d == -1 else d for d in shape)
+    return tuple(shape)
+
+
+def is_record(value: Any) -> bool:
+    """A tensor whose bytes are one strided view of a storage record (what a byte copy can write)."""
+    return type(value) is TensorRef
 
 
 def contiguous_stride(shape: Tuple[int, ...]) -> Tuple[int, ...]:

@@ -178,3 +178,86 @@ def test_inspect_finds_no_problem_in_a_converted_file(tmp_path, capsys, layout, 
     assert (report["layout"], report["source_prefix"], report["container"]) == ("official", D2_PREFIX, "model")
     assert report["num_classes"] is None
     assert "Detectron2 loading this file as it is: no problem found" in human
+
+
+# ---------------------------------------------------------------- inspect reads metadata only
+
+
+def _safetensors_file(path, sd) -> int:
+    """Save `sd` with the real safetensors writer; return the header's length from the file's first 8 bytes."""
+    require("safetensors.torch").save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    with open(path, "rb") as f:
+        return int.from_bytes(f.read(8), "little")
+
+
+def _rchar() -> int:
+    """Bytes this process has read through read system calls so far (Linux's own count)."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+
+
+def _no_whole_file_reads(monkeypatch) -> None:
+    """safetensors' own readers map the file (bytes read through a map are not in rchar): make them
+    unusable, so every byte inspect reads goes through a read call and is counted."""
+    st = require("safetensors")
+    st_torch = require("safetensors.torch")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("inspect read the tensors of a safetensors file")
+
+    monkeypatch.setattr(st_torch, "load_file", refuse)
+    monkeypatch.setattr(st_torch, "safe_open", refuse, raising=False)
+    monkeypatch.setattr(st, "safe_open", refuse)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_inspect_of_a_safetensors_file_reads_its_header_and_tells_what_a_torch_file_tells(tmp_path, dtype):
+    from conversion.inspection import inspect_checkpoint
+
+    sd = {k: v.to(dtype) for k, v in random_state_dict(Architecture((1, 1, 2, 1), (8, 16, 24, 32), num_classes=5, classifier_norm=True)).items()}
+    header = _safetensors_file(tmp_path / "w.safetensors", sd)
+    torch.save(sd, tmp_path / "w.pth")
+    got = inspect_checkpoint(str(tmp_path / "w.safetensors")).to_dict()
+    want = inspect_checkpoint(str(tmp_path / "w.pth")).to_dict()
+    assert got["format"] == "safetensors" and got["bytes_read"] == 8 + header
+    assert [p for p in got["problems"] if "safetensors" in p], got["problems"]
+    for key in ("path", "file_bytes", "format", "bytes_read", "problems"):
+        got.pop(key), want.pop(key)
+    assert got == want
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="counts reads through Linux's /proc/self/io")
+@pytest.mark.parametrize("kind", ["torch-zip", "safetensors"])
+def test_inspect_reads_under_a_mebibyte_of_a_100_mb_file(tmp_path, monkeypatch, kind):
+    from conversion.inspection import inspect_checkpoint
+
+    arch = Architecture((3, 3, 9, 3), (96, 192, 384, 768), num_classes=1000, classifier_norm=True)
+    path = tmp_path / ("tiny.pth" if kind == "torch-zip" else "tiny.safetensors")
+    sd = random_state_dict(arch)
+    if kind == "torch-zip":
+        torch.save(sd, path)
+    else:
+        _safetensors_file(path, sd)
+        _no_whole_file_reads(monkeypatch)
+    del sd
+    inspect_checkpoint(str(path))  # first call: imports happen now, not inside the measured one
+    before = _rchar()
+    report = inspect_checkpoint(str(path))
+    read = _rchar() - before
+    assert report.format == kind and report.file_bytes > 100e6
+    assert read < 1 << 20, f"inspect read {read} bytes of a {report.file_bytes}-byte {kind} file"
+
+
+def test_a_safetensors_file_whose_header_overruns_it_is_refused_as_the_whole_reader_refuses_it(tmp_path):
+    from conversion.errors import UnreadableCheckpoint
+    from conversion.inspection import inspect_checkpoint
+    from conversion.read import load_checkpoint
+
+    _safetensors_file(tmp_path / "w.safetensors", random_state_dict(Architecture((1, 1, 1, 1), (8, 8, 8, 8))))
+    data = (tmp_path / "w.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) - 100])  # tensors declared past the end
+    with pytest.raises(UnreadableCheckpoint) as whole:
+        load_checkpoint(str(tmp_path / "cut.safetensors"))
+    with pytest.raises(UnreadableCheckpoint, match="cut.safetensors") as inspected:
+        inspect_checkpoint(str(tmp_path / "cut.safetensors"))
+    assert inspected.value.message == whole.value.message

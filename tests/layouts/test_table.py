@@ -20,7 +20,7 @@ import torch
 from hypothesis import given
 
 from conversion.architecture import Architecture
-from conversion.convert import prepare
+from conversion.pipeline import prepare
 from conversion.errors import NotConvNeXt
 from conversion.inspection import inspect_checkpoint
 from conversion.layouts import LAYOUTS, from_canonical, recognise, to_canonical

@@ -1,7 +1,11 @@
-"""The conversion pipeline: read -> canonical -> architecture -> target -> write.
+"""The conversion pipeline: open -> plan (weights, canonical names, architecture, target names,
+writer) -> report -> write, one path for every source format.
 
-`convert` is the one public entry; each step is a pure function in its own module,
-so tests can exercise any step alone and the CLI only formats the report.
+`read.open_source` gives plain containers whose leaves are tensor handles (records of a torch zip)
+or tensors and arrays in memory; `plan` maps them once and chooses the writer by what the leaves
+are; the report is built from the plan before the destination is touched.  `convert` and `repair`
+are the public entries; each step is a pure function in its own module, so tests can exercise any
+step alone and the CLI only formats the report.
 """
 from __future__ import annotations
 
@@ -15,13 +19,10 @@ from .diagnose import d2_problems
 from .errors import NonFiniteWeights, NotConvNeXt
 from .layouts import LAYOUTS, Canonical, classifier_names, source_name_of, to_canonical
 from .containers import check_weight_types, select_state_dict
-from .formats import AUTHOR, check_source, is_torch_zip, output_format
-from .read import placeholders_in
+from .formats import AUTHOR, output_format
+from .io.handles import is_record
+from .read import Source, load_source, open_source, placeholders_in
 from .target import ALL_OUTPUTS, DEFAULT_PREFIX, Target, fresh_output_norms, to_target
-
-# torch archive -> .pth copies tensor bytes instead of loading them (see stream.py); tests switch
-# this off to run the same properties through the load-and-save path.
-STREAM_TORCH_ARCHIVES = True
 
 # Reading and writing tensors needs torch (~640 MB resident just to import); they are imported
 # only on the paths that need them, so a streamed conversion runs without torch at all.
@@ -107,6 +108,48 @@ def prepare(
     return arch, canonical, to_target(ordered, prefix=prefix)
 
 
+@dataclass
+class Plan:
+    """Everything decided about a conversion before the destination is touched."""
+
+    source: Source
+    container: Optional[str]
+    arch: Architecture
+    canonical: Canonical
+    target: Target
+    copies_bytes: bool  # every written tensor is a stored zip record: the writer copies its bytes
+
+
+def plan(source: Source, fmt: str, *, ema: bool = False, prefix: str = DEFAULT_PREFIX, layout: Optional[str] = None) -> Plan:
+    """Select the weights, map them to target names and choose the writer, from the source's handles.
+
+    The writer follows from the leaves: stored zip records (and, for `.pkl`, elements in storage
+    order) are copied byte for byte; anything else (deflated records, numpy arrays among the
+    weights, a shape fix of a non-contiguous tensor) is written buffered, from the same file read
+    whole, so the output is what torch.save / pickle make of those tensors.
+    """
+    state_dict, container = select_state_dict(source.objects, ema=ema)
+    check_weight_types(state_dict)
+    if source.index is not None:
+        if not (source.index.streamable and all(is_record(v) for v in state_dict.values())):
+            return _read_whole(source, fmt, ema=ema, prefix=prefix, layout=layout)
+        from .io.torchzip import check_references
+
+        check_references(source.index, state_dict)  # every tensor, dropped ones too: a broken archive is refused whole
+    arch, canonical, target = prepare(state_dict, prefix=prefix, layout=layout)
+    if source.index is not None:
+        if all(is_record(v) and (fmt == "torch" or v.is_contiguous()) for v in target.state_dict.values()):
+            return Plan(source, container, arch, canonical, target, copies_bytes=True)
+        return _read_whole(source, fmt, ema=ema, prefix=prefix, layout=layout)
+    check_weight_types(target.state_dict, tensors_only=True)
+    return Plan(source, container, arch, canonical, target, copies_bytes=False)
+
+
+def _read_whole(source: Source, fmt: str, **options: Any) -> Plan:
+    """The plan for handles no byte copy can write: the same file read whole, its tensors in memory."""
+    return plan(load_source(source.path), fmt, **options)
+
+
 def convert(
     src: str,
     dst: str,
@@ -142,115 +185,57 @@ def convert(
         (178, ['head.bias', 'head.weight', 'norm.bias', 'norm.weight'])
     """
     fmt = output_format(dst)  # refuse a bad extension before reading a large file
-    check_source(src)
-    if STREAM_TORCH_ARCHIVES and is_torch_zip(src):
-        from .stream import NotStreamable
-
-        try:
-            return _convert_streamed(
-                src, dst, fmt, ema=ema, prefix=prefix, layout=layout, force=force, progress=progress, strict=strict
-            )
-        except NotStreamable:
-            pass  # an archive the streamed path does not handle: load and save it instead
-    from .read import read_checkpoint
-
-    loaded, source_format = read_checkpoint(src)
-    return convert_loaded(src, loaded, source_format, dst, ema=ema, prefix=prefix, layout=layout, force=force, strict=strict)
+    planned = plan(open_source(src), fmt, ema=ema, prefix=prefix, layout=layout)
+    return _convert(planned, dst, fmt, prefix=prefix, force=force, progress=progress, strict=strict)
 
 
-def _refuse_non_finite(names: List[str], strict: bool) -> None:
-    if strict and names:
+def _convert(
+    planned: Plan, dst: str, fmt: str, *, prefix: str, force: bool, progress: Optional[Callable[[int, int], None]] = None, strict: bool = False
+) -> ConversionReport:
+    """Check the values, build the report, then write: everything that can fail about the input
+    happens before the destination is written."""
+    bad = _non_finite(planned, strict)
+    if strict and bad:
         raise NonFiniteWeights(
-            f"{len(names)} tensor(s) hold NaN or Inf: {', '.join(names[:5])}; nothing was written (--strict).",
+            f"{len(bad)} tensor(s) hold NaN or Inf: {', '.join(bad[:5])}; nothing was written (--strict).",
             "Fix or re-export the checkpoint; without --strict it converts with a warning.",
         )
-
-
-def _convert_streamed(
-    src: str,
-    dst: str,
-    fmt: str,
-    *,
-    ema: bool,
-    prefix: str,
-    layout: Optional[str],
-    force: bool,
-    progress: Optional[Callable[[int, int], None]] = None,
-    strict: bool = False,
-) -> ConversionReport:
-    """A torch archive converted without loading it: for .pth a new index with the storages copied
-    as bytes; for .pkl the arrays written one at a time.  Memory stays small whatever the size."""
-    from .stream import check_references, non_finite, read_index, write_streamed, write_streamed_pickle
-
-    from .io.handles import NotStreamable, TensorRef
-
-    index = read_index(src)
-    state_dict, container = select_state_dict(index.objects, ema=ema)
-    check_weight_types(state_dict)
-    if not index.streamable or not all(isinstance(v, TensorRef) for v in state_dict.values()):
-        raise NotStreamable("compressed records or numpy arrays among the weights")
-    check_references(index, state_dict)  # every tensor, dropped ones too: a broken archive is refused whole
-    arch, canonical, target = prepare(state_dict, prefix=prefix, layout=layout)
-    # Checking means reading every byte, which a streamed copy otherwise never does: only when asked.
-    bad = non_finite(index, target.state_dict) if strict else None
-    _refuse_non_finite(bad or [], strict)
-    # Everything that can fail about the input happens before the destination is written.
-    report = _report(src, dst, fmt, index.objects, "torch-zip", container, arch, canonical, target, 0, prefix, streamed=True)
+    report = _report(planned, dst, fmt, prefix)
     report.non_finite = bad
-    if fmt == "torch":
-        payload = {"model": dict(target.state_dict), "__author__": AUTHOR}
-        keep = sorted({ref.storage.key for ref in target.state_dict.values()})
-        report.bytes_written = write_streamed(dst, index, payload, keep, force=force, source=src, progress=progress)
-    else:
-        report.bytes_written = write_streamed_pickle(dst, index, dict(target.state_dict), AUTHOR, force=force, source=src, progress=progress)
+    report.bytes_written = _write(planned, dst, fmt, force=force, progress=progress)
     return report
 
 
-def convert_loaded(
-    src: str,
-    loaded: Any,
-    source_format: str,
-    dst: str,
-    *,
-    ema: bool = False,
-    prefix: str = DEFAULT_PREFIX,
-    layout: Optional[str] = None,
-    force: bool = False,
-    strict: bool = False,
-) -> ConversionReport:
-    """`convert` for a source already read with `read_checkpoint` (used by `repair`)."""
+def _non_finite(planned: Plan, strict: bool) -> Optional[List[str]]:
+    """Target names holding NaN or Inf.  A byte copy never reads the bytes otherwise, so it checks
+    only when asked (None: not checked); tensors in memory are always checked."""
+    if planned.copies_bytes:
+        from .stream import non_finite
+
+        return non_finite(planned.source.index, planned.target.state_dict) if strict else None
     import torch
 
-    from .write import write_checkpoint
-
-    fmt = output_format(dst)
-    state_dict, container = select_state_dict(loaded, ema=ema)
-    check_weight_types(state_dict)
-    arch, canonical, target = prepare(state_dict, prefix=prefix, layout=layout)
-    check_weight_types(target.state_dict, tensors_only=True)
-    bad = [k for k, t in target.state_dict.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-    _refuse_non_finite(bad, strict)
-    # Everything that can fail about the input happens before the destination is written.
-    report = _report(src, dst, fmt, loaded, source_format, container, arch, canonical, target, 0, prefix)
-    report.non_finite = bad
-    _, report.bytes_written = write_checkpoint(dst, target.state_dict, force=force, source=src)
-    return report
+    return [k for k, t in planned.target.state_dict.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
-def _report(
-    src: str,
-    dst: str,
-    fmt: str,
-    loaded: Any,
-    source_format: str,
-    container: Optional[str],
-    arch: Architecture,
-    canonical: Canonical,
-    target: Target,
-    nbytes: int,
-    prefix: str,
-    streamed: bool = False,
-) -> ConversionReport:
+def _write(planned: Plan, dst: str, fmt: str, *, force: bool, progress: Optional[Callable[[int, int], None]]) -> int:
+    """The one writer the handles call for; returns the bytes written."""
+    src, model = planned.source.path, dict(planned.target.state_dict)
+    if not planned.copies_bytes:
+        from .write import write_checkpoint
+
+        return write_checkpoint(dst, model, force=force, source=src)[1]
+    from .stream import write_streamed, write_streamed_pickle
+
+    index = planned.source.index
+    if fmt == "torch":
+        keep = sorted({ref.storage.key for ref in model.values()})
+        return write_streamed(dst, index, {"model": model, "__author__": AUTHOR}, keep, force=force, source=src, progress=progress)
+    return write_streamed_pickle(dst, index, model, AUTHOR, force=force, source=src, progress=progress)
+
+
+def _report(planned: Plan, dst: str, fmt: str, prefix: str) -> ConversionReport:
+    source, arch, canonical, target = planned.source, planned.arch, planned.canonical, planned.target
     dtypes: Dict[str, int] = {}
     changes: Dict[str, str] = {}
     for tensor in target.state_dict.values():
@@ -264,10 +249,10 @@ def _report(
         if canonical.source_names[c] != canonical.prefix + c  # a prefix alone is not a rename
     }
     return ConversionReport(
-        source=os.path.abspath(src),
+        source=os.path.abspath(source.path),
         destination=os.path.abspath(dst),
         layout=canonical.layout,
-        container=container,
+        container=planned.container,
         source_prefix=canonical.prefix,
         variant=arch.variant,
         version=arch.version,
@@ -288,12 +273,18 @@ def _report(
         fresh=fresh_output_norms(arch, ALL_OUTPUTS, prefix),
         dtypes=dtypes,
         dtype_changes=changes,
-        bytes_written=nbytes,
-        notes=d2_problems(src, source_format, loaded, canonical.layout, canonical.prefix, classifier_names(canonical)),
-        streamed=streamed,
+        bytes_written=0,
+        notes=_problems(planned),
+        streamed=planned.copies_bytes,
         left_out=dict(canonical.left_out),
-        read_past=placeholders_in(loaded),
+        read_past=placeholders_in(source.objects),
     )
+
+
+def _problems(planned: Plan) -> List[str]:
+    """What Detectron2 would have made of the source as it was (names and containers only)."""
+    source, canonical = planned.source, planned.canonical
+    return d2_problems(source.path, source.format, source.objects, canonical.layout, canonical.prefix, classifier_names(canonical))
 
 
 @dataclass
@@ -325,15 +316,11 @@ def repair(src: str, dst: str, *, force: bool = False) -> RepairReport:
     Raises:
         ConversionError: unusable input or destination (nothing is written).
     """
-    from .read import read_checkpoint
-
-    output_format(dst)
-    loaded, source_format = read_checkpoint(src)
-    state_dict, container = select_state_dict(loaded)
-    check_weight_types(state_dict)
-    _, canonical, _ = prepare(state_dict)
-    causes = d2_problems(src, source_format, loaded, canonical.layout, canonical.prefix, classifier_names(canonical))
+    fmt = output_format(dst)
+    # Read whole, as before the byte-copy writers existed: a repaired file is what torch.save makes.
+    planned = plan(load_source(src), fmt)
+    causes = _problems(planned)
     if not causes:
         return RepairReport(os.path.abspath(src), os.path.abspath(dst), [])
-    report = convert_loaded(src, loaded, source_format, dst, force=force)
+    report = _convert(planned, dst, fmt, prefix=DEFAULT_PREFIX, force=force)
     return RepairReport(os.path.abspath(src), os.path.abspath(dst), causes, report)

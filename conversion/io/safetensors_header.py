@@ -1,0 +1,74 @@
+"""safetensors files by their header: every tensor's name, dtype, shape and byte range, without
+reading a tensor byte (what `inspect` needs).
+
+The format: an 8-byte little-endian header length N, N bytes of JSON
+(`{name: {"dtype": "F32", "shape": [..], "data_offsets": [begin, end]}, "__metadata__": {..}}`,
+offsets counted from the end of the header), then the data.  A header this reader does not
+fully understand (an unknown dtype, offsets that disagree with the shape or the file) gives None,
+and the caller reads the file whole, so its refusal is the full reader's.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+from .handles import ITEM_SIZE, STORAGE_DTYPES, StorageRef, TensorRef, contiguous_stride
+
+# safetensors dtype codes -> torch storage class names (the handles' element types).
+_STORAGE_OF = {
+    "F32": "FloatStorage", "F16": "HalfStorage", "BF16": "BFloat16Storage", "F64": "DoubleStorage",
+    "I64": "LongStorage", "I32": "IntStorage", "I16": "ShortStorage", "I8": "CharStorage",
+    "U8": "ByteStorage", "BOOL": "BoolStorage",
+}
+# The same bound the whole-file reader's format sniffing uses.
+MAX_HEADER_BYTES = 100_000_000
+
+
+@dataclass
+class Header:
+    tensors: Dict[str, TensorRef]  # in name order, as safetensors' own loader returns them
+    bytes_read: int
+
+
+def read_header(path: str) -> Optional[Header]:
+    """The tensors a safetensors file declares, as handles; None where the header is not one
+    this reader can vouch for (the whole-file reader then decides)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(8)
+        if len(head) < 8:
+            return None
+        length = int.from_bytes(head, "little")
+        if not 2 <= length <= min(MAX_HEADER_BYTES, size - 8):
+            return None
+        raw = f.read(length)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except ValueError:
+        return None
+    tensors = _handles(header, size - 8 - length) if isinstance(header, dict) else None
+    return None if tensors is None else Header(tensors, 8 + length)
+
+
+def _handles(header: Dict[str, Any], data_bytes: int) -> Optional[Dict[str, TensorRef]]:
+    out: Dict[str, TensorRef] = {}
+    for name in sorted(k for k in header if k != "__metadata__"):
+        entry = header[name]
+        if not isinstance(entry, dict) or entry.get("dtype") not in _STORAGE_OF:
+            return None
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            return None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+            return None
+        storage = _STORAGE_OF[entry["dtype"]]
+        numel = 1
+        for d in shape:
+            numel *= d
+        begin, end = offsets
+        if not 0 <= begin <= end <= data_bytes or end - begin != numel * ITEM_SIZE[STORAGE_DTYPES[storage]]:
+            return None
+        out[name] = TensorRef(StorageRef(name, storage, numel), 0, tuple(shape), contiguous_stride(tuple(shape)))
+    return out
