@@ -124,12 +124,13 @@ def main(argv: Sequence[str] = ()) -> int:
                 while f.read(1 << 24):
                     pass
             out = lambda name: os.path.join(work, name)  # noqa: E731
+            load_before = os.getloadavg()  # the machine may be shared: quote the load with the numbers
             cp = median_of(lambda: ["cp", src, out("cp.pth")], args.repeat, probe=False, cleanup=[out("cp.pth")])
             _write(work, "baseline.py", BASELINE)
             base = median_of(lambda: [os.path.join(work, "baseline.py"), src, out("base.pth"), "0"], args.repeat, cleanup=[out("base.pth")])
             base_mmap = median_of(lambda: [os.path.join(work, "baseline.py"), src, out("base_mmap.pth"), "1"], args.repeat, cleanup=[out("base_mmap.pth")])
             ours = median_of(lambda: ["-m", "conversion", "convert", src, out("ours.pth")], args.repeat, cleanup=[out("ours.pth")])
-            ours_pkl = median_of(lambda: ["-m", "conversion", "convert", src, out("ours.pkl")], max(1, args.repeat - 2 if variant == "xxlarge" else args.repeat), cleanup=[out("ours.pkl")])
+            ours_pkl = median_of(lambda: ["-m", "conversion", "convert", src, out("ours.pkl")], args.repeat, cleanup=[out("ours.pkl")])
             insp = median_of(lambda: ["-m", "conversion", "inspect", src, "--json"], args.repeat)
             inspected = json.loads(subprocess.run([sys.executable, "-m", "conversion", "inspect", src, "--json"], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT)).stdout)
             same = _same_tensors(out("ours.pth"), out("base.pth"))
@@ -140,6 +141,7 @@ def main(argv: Sequence[str] = ()) -> int:
                     "x_cp": r["wall"] / cp["wall"], "x_base": r["wall"] / base["wall"], "rss_x_file": r["rss"] / size,
                 })
             rows[-1]["inspect_bytes_read"] = inspected.get("bytes_read")
+            rows[-1]["load"] = (load_before, os.getloadavg())
             rows[-3]["same_as_baseline"] = same
             for f in ("cp.pth", "base.pth", "base_mmap.pth", "ours.pth", "ours.pkl"):
                 if os.path.exists(out(f)):
@@ -183,6 +185,10 @@ def render(rows: List[dict]) -> str:
             f"| {r['variant']} ({r['params'] / 1e6:.0f} M) | {r['size'] / 1e9:.2f} GB | {r['tool']}{note} | {r['wall']:.2f} | "
             f"{r['x_cp']:.2f} | {r['x_base']:.2f} | {r['rss'] / 1e6:.0f} | {r['rss_x_file']:.3f} | {read} |"
         )
+    for r in rows:
+        if "load" in r:
+            (b1, b5, _), (a1, a5, _) = r["load"]
+            lines.append(f"\nLoad average (1 min, 5 min) around the {r['variant']} runs: {b1:.2f}, {b5:.2f} before; {a1:.2f}, {a5:.2f} after.")
     return "\n".join(lines) + "\n"
 
 
