@@ -267,3 +267,20 @@ def test_crcs_of_ranges_equal_zlib_over_each_slice(tmp_path, monkeypatch, worker
         with pytest.raises(EOFError):
             crc.crcs_of_ranges(f.fileno(), [(0, 1), (len(blob) - 5, 10)])
     assert got == [zlib.crc32(blob[s:s + n]) for s, n in ranges]
+
+
+def test_streamed_pkl_writes_slices_of_a_shared_record_exactly(tmp_path):
+    """Two tensors viewing one storage (offsets 0 and n): neither is a whole record, so their bytes
+    go through Python, not the kernel copy; the pickle, read by the standard unpickler, holds each
+    tensor's own values."""
+    sd = random_state_dict(ARCH)
+    a, b = "stages.0.0.pwconv1.weight", "stages.0.0.pwconv2.weight"
+    shared = torch.cat([sd[a].flatten(), sd[b].flatten()])
+    sd[a], sd[b] = shared[: sd[a].numel()].view(sd[a].shape), shared[sd[a].numel():].view(sd[b].shape)
+    torch.save({"model": sd}, tmp_path / "src.pth")
+    report = convert(str(tmp_path / "src.pth"), str(tmp_path / "out.pkl"))
+    assert report.streamed
+    with open(tmp_path / "out.pkl", "rb") as f:
+        got = pickle.load(f, encoding="latin1")["model"]
+    for name in (a, b, "stages.1.0.pwconv1.weight"):
+        assert np.array_equal(got["backbone." + name], sd[name].numpy()), name
