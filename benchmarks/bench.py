@@ -1,13 +1,15 @@
 """Benchmark: convnext-d2 against `cp` and the usual torch.load/rename/torch.save, on synthetic
 official-layout checkpoints (Tiny, Large, XXLarge) generated here (nothing can be downloaded).
 
-Each command runs as its own process, in turns, `--repeat` times; the table gives medians of wall
-time and peak resident memory (ru_maxrss of the child), bytes read (the child's read syscalls,
-/proc/<pid>/io rchar; copy_file_range copies in the kernel and is not counted there), and ratios to
-`cp` and to the baseline.  The page cache is warm for every command alike (the source is read once
-before timing); say so when quoting the numbers.
+Each command runs as its own process, in turns (each contender once per turn), `--repeat` turns;
+the table gives medians of wall time, peak resident memory (VmHWM of the child), bytes read (the
+child's /proc/<pid>/io rchar: read syscalls, and copy_file_range's bytes, which the kernel counts
+there although they never reach the process), and ratios to `cp` and to the baseline.  With
+`--before DIR` the convnext-d2 commands of another checkout run in the same turns and both outputs
+are compared byte for byte.  The page cache is warm for every command alike (the source is read
+once before timing); say so when quoting the numbers, with the load average the table records.
 
-    python benchmarks/bench.py [--variants tiny,large,xxlarge] [--repeat 3] [--workdir DIR] [--markdown FILE]
+    python benchmarks/bench.py [--variants tiny,large,xxlarge] [--repeat 3] [--workdir DIR] [--markdown FILE] [--before DIR]
 """
 from __future__ import annotations
 
@@ -68,15 +70,15 @@ def make_checkpoint(variant: str, path: str) -> int:
     return sum(t.numel() for t in sd.values())
 
 
-def run(argv: List[str], probe: bool = True) -> Dict[str, float]:
+def run(argv: List[str], probe: bool = True, root: str = ROOT) -> Dict[str, float]:
     """Wall time (s), peak RSS (bytes) and bytes read of one child process."""
     if probe:
         cmd = [sys.executable, "-c", _PROBE, json.dumps(argv)]
     else:
         cmd = ["/usr/bin/time", "-f", "%M", *argv]
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = dict(os.environ, PYTHONPATH=root)
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root)  # `-c` puts the cwd first on sys.path
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{argv} failed:\n{proc.stderr[-2000:]}")
@@ -84,16 +86,6 @@ def run(argv: List[str], probe: bool = True) -> Dict[str, float]:
         stats = json.loads(proc.stderr.strip().splitlines()[-1])
         return {"wall": wall, "rss": stats["rss"], "read": stats["rchar"]}
     return {"wall": wall, "rss": int(proc.stderr.strip().splitlines()[-1]) * 1024, "read": float("nan")}
-
-
-def median_of(argv_for_run, repeat: int, probe: bool = True, cleanup: Sequence[str] = ()) -> Dict[str, float]:
-    results = []
-    for _ in range(repeat):
-        for path in cleanup:
-            if os.path.exists(path):
-                os.unlink(path)
-        results.append(run(argv_for_run(), probe))
-    return {k: statistics.median(r[k] for r in results) for k in results[0]}
 
 
 def machine() -> str:
@@ -105,12 +97,32 @@ def machine() -> str:
             f"torch {torch.__version__}, {platform.system()} {platform.release()}")
 
 
+def _git_head(root: str) -> str:
+    proc = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return proc.stdout.strip() or os.path.basename(root.rstrip("/"))
+
+
+def run_in_turns(contenders: List[dict], repeat: int) -> Dict[str, Dict[str, float]]:
+    """Each contender once per turn, `repeat` turns, so that a change in the machine's load (it may
+    be shared) falls on every contender alike; medians per contender."""
+    results: Dict[str, List[Dict[str, float]]] = {c["name"]: [] for c in contenders}
+    for _ in range(repeat):
+        for c in contenders:
+            for path in c.get("cleanup", ()):
+                if os.path.exists(path):
+                    os.unlink(path)
+            results[c["name"]].append(run(c["argv"], c.get("probe", True), c.get("root", ROOT)))
+    return {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in results.items()}
+
+
 def main(argv: Sequence[str] = ()) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--variants", default="tiny,large,xxlarge")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--workdir", default=None, help="where the synthetic checkpoints go (needs ~4x the largest)")
+    ap.add_argument("--workdir", default=None, help="where the synthetic checkpoints go (needs ~8x the largest)")
     ap.add_argument("--markdown", default=None, help="also write the table to this file")
+    ap.add_argument("--before", default=None, help="another checkout of convnext-d2 (e.g. `git worktree add DIR main`) "
+                    "whose convert and inspect run in the same turns, for a before/after table; outputs are compared byte for byte")
     args = ap.parse_args(list(argv))
     work = args.workdir or tempfile.mkdtemp(prefix="convnext-d2-bench-")
     os.makedirs(work, exist_ok=True)
@@ -124,24 +136,40 @@ def main(argv: Sequence[str] = ()) -> int:
                 while f.read(1 << 24):
                     pass
             out = lambda name: os.path.join(work, name)  # noqa: E731
-            cp = median_of(lambda: ["cp", src, out("cp.pth")], args.repeat, probe=False, cleanup=[out("cp.pth")])
             _write(work, "baseline.py", BASELINE)
-            base = median_of(lambda: [os.path.join(work, "baseline.py"), src, out("base.pth"), "0"], args.repeat, cleanup=[out("base.pth")])
-            base_mmap = median_of(lambda: [os.path.join(work, "baseline.py"), src, out("base_mmap.pth"), "1"], args.repeat, cleanup=[out("base_mmap.pth")])
-            ours = median_of(lambda: ["-m", "conversion", "convert", src, out("ours.pth")], args.repeat, cleanup=[out("ours.pth")])
-            ours_pkl = median_of(lambda: ["-m", "conversion", "convert", src, out("ours.pkl")], max(1, args.repeat - 2 if variant == "xxlarge" else args.repeat), cleanup=[out("ours.pkl")])
-            insp = median_of(lambda: ["-m", "conversion", "inspect", src, "--json"], args.repeat)
+            trees = [("", ROOT)] + ([(f" (before: {_git_head(args.before)})", os.path.abspath(args.before))] if args.before else [])
+            contenders = [
+                {"name": "cp", "argv": ["cp", src, out("cp.pth")], "probe": False, "cleanup": [out("cp.pth")]},
+                {"name": "baseline load/rename/save", "argv": [out("baseline.py"), src, out("base.pth"), "0"], "cleanup": [out("base.pth")]},
+                {"name": "baseline, mmap load", "argv": [out("baseline.py"), src, out("base_mmap.pth"), "1"], "cleanup": [out("base_mmap.pth")]},
+            ]
+            for label, root in trees:
+                tag = "before" if label else "ours"
+                contenders += [
+                    {"name": f"convnext-d2 convert -> .pth{label}", "argv": ["-m", "conversion", "convert", src, out(f"{tag}.pth")], "cleanup": [out(f"{tag}.pth")], "root": root},
+                    {"name": f"convnext-d2 convert -> .pkl{label}", "argv": ["-m", "conversion", "convert", src, out(f"{tag}.pkl")], "cleanup": [out(f"{tag}.pkl")], "root": root},
+                    {"name": f"convnext-d2 inspect{label}", "argv": ["-m", "conversion", "inspect", src, "--json"], "root": root},
+                ]
+            load_before = os.getloadavg()  # the machine may be shared: quote the load with the numbers
+            medians = run_in_turns(contenders, args.repeat)
+            load_after = os.getloadavg()
+            cp, base = medians["cp"], medians["baseline load/rename/save"]
             inspected = json.loads(subprocess.run([sys.executable, "-m", "conversion", "inspect", src, "--json"], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT)).stdout)
             same = _same_tensors(out("ours.pth"), out("base.pth"))
-            for name, r in [("cp", cp), ("baseline load/rename/save", base), ("baseline, mmap load", base_mmap),
-                            ("convnext-d2 convert -> .pth", ours), ("convnext-d2 convert -> .pkl", ours_pkl), ("convnext-d2 inspect", insp)]:
+            identical = {ext: _same_bytes(out(f"ours{ext}"), out(f"before{ext}")) for ext in (".pth", ".pkl")} if args.before else {}
+            for c in contenders:
+                r = medians[c["name"]]
                 rows.append({
-                    "variant": VARIANTS[variant], "params": params, "size": size, "tool": name, **r,
+                    "variant": VARIANTS[variant], "params": params, "size": size, "tool": c["name"], **r,
                     "x_cp": r["wall"] / cp["wall"], "x_base": r["wall"] / base["wall"], "rss_x_file": r["rss"] / size,
                 })
-            rows[-1]["inspect_bytes_read"] = inspected.get("bytes_read")
-            rows[-3]["same_as_baseline"] = same
-            for f in ("cp.pth", "base.pth", "base_mmap.pth", "ours.pth", "ours.pkl"):
+                if c["name"] == "convnext-d2 inspect":
+                    rows[-1]["inspect_bytes_read"] = inspected.get("bytes_read")
+                if c["name"] == "convnext-d2 convert -> .pth":
+                    rows[-1]["same_as_baseline"] = same
+            rows[-1]["load"] = (load_before, load_after)
+            rows[-1]["identical"] = identical
+            for f in ("cp.pth", "base.pth", "base_mmap.pth", "ours.pth", "ours.pkl", "before.pth", "before.pkl"):
                 if os.path.exists(out(f)):
                     os.unlink(out(f))
             os.unlink(src)
@@ -154,6 +182,16 @@ def main(argv: Sequence[str] = ()) -> int:
         with open(args.markdown, "w") as f:
             f.write(table)
     return 0
+
+
+def _same_bytes(a: str, b: str) -> bool:
+    with open(a, "rb") as x, open(b, "rb") as y:
+        while True:
+            u, v = x.read(1 << 24), y.read(1 << 24)
+            if u != v:
+                return False
+            if not u:
+                return True
 
 
 def _write(work: str, name: str, text: str) -> None:
@@ -183,6 +221,12 @@ def render(rows: List[dict]) -> str:
             f"| {r['variant']} ({r['params'] / 1e6:.0f} M) | {r['size'] / 1e9:.2f} GB | {r['tool']}{note} | {r['wall']:.2f} | "
             f"{r['x_cp']:.2f} | {r['x_base']:.2f} | {r['rss'] / 1e6:.0f} | {r['rss_x_file']:.3f} | {read} |"
         )
+    for r in rows:
+        if "load" in r:
+            (b1, b5, _), (a1, a5, _) = r["load"]
+            lines.append(f"\nLoad average (1 min, 5 min) around the {r['variant']} runs: {b1:.2f}, {b5:.2f} before; {a1:.2f}, {a5:.2f} after.")
+        for ext, same in r.get("identical", {}).items():
+            lines.append(f"{r['variant']}: {ext} output {'byte-identical to' if same else 'DIFFERS from'} the before checkout's.")
     return "\n".join(lines) + "\n"
 
 

@@ -11,8 +11,13 @@ The index is read by the one safe unpickler (conversion/io/torchzip.py, conversi
 with storages as references, so nothing in the file executes and no tensor byte is read.  The new
 index is written with the same opcodes torch uses (protocol 2, `torch._utils._rebuild_tensor_v2`,
 typed-storage persistent ids), records are 64-byte aligned as torch aligns them, and the result is
-read back: every copied record's CRC-32 is checked against the source's and the new index is parsed
-and compared.
+read back: every record's CRC-32 is computed once, by one thread per core (conversion/io/crc.py),
+and checked against the source's, and the new index is parsed and compared.  The `.pkl` writer
+copies whole records in the kernel as well (only bfloat16 tensors and slices of a record pass
+through Python) and reads its output back the same way.
+
+(Over 400 lines: both writers and their read-backs stay together, because each read-back mirrors
+its writer opcode for opcode.)
 
 Only archives whose weights are all plain stored references reach these writers: the pipeline
 (conversion/pipeline.py) sends deflated records, numpy arrays among the weights and shape fixes of
@@ -28,10 +33,11 @@ import pickle
 import struct
 import zipfile
 import zlib
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .errors import UnreadableCheckpoint, VerificationFailed
 from .formats import write_atomically
+from .io.crc import crc_of_range as _crc_of_range, crcs_of_ranges
 from .io.handles import ITEM_SIZE, STORAGE_DTYPES, StorageRef, TensorRef, contiguous_stride  # noqa: F401
 from .io.torchzip import (  # noqa: F401  (read_index, check_references, ArchiveIndex: this module's readers)
     ALIGNMENT,
@@ -157,42 +163,26 @@ def write_archive(dst_file: Any, index: ArchiveIndex, payload: Any, keep: List[s
                     progress(done, total)
 
 
-def _crc_of_range(fd: int, start: int, size: int) -> int:
-    """CRC-32 of a file range through a memory map of just that range (no copy into Python, and
-    mapped one record at a time, so resident memory peaks at the largest record, not the file)."""
-    if size == 0:
-        return zlib.crc32(b"")
-    base = start - start % mmap.ALLOCATIONGRANULARITY
-    with mmap.mmap(fd, size + (start - base), access=mmap.ACCESS_READ, offset=base) as mm:
-        view = memoryview(mm)
-        try:
-            return zlib.crc32(view[start - base:])
-        finally:
-            view.release()
-
-
 def check_archive(
     path: str, expected: Any, copied_crcs: Dict[str, int], shown_as: str = "", source: Optional[ArchiveIndex] = None
 ) -> None:
     """Read the written archive back: every record's bytes against its stored CRC-32, copied
     records' CRCs against the source's, and the index against what was meant to be written.
 
-    The bytes are checksummed through memory maps (no copy into Python), so verifying costs a
-    fraction of the copy itself.  Errors name `shown_as` (the destination), not the temporary file."""
+    Each record is checksummed once, in parallel (`crcs_of_ranges`).  A copied record's stored CRC
+    is the source record's, so that one pass proves both that the copy is faithful and that the
+    source's bytes were intact; only when a record fails is the source record checked, to say
+    which file is at fault.  Errors name `shown_as` (the destination), not the temporary file."""
     shown = shown_as or path
     try:
         with open(path, "rb") as f, zipfile.ZipFile(f) as zf:
-            for info in zf.infolist():
-                crc = _crc_of_range(f.fileno(), _data_offset(f, info), info.file_size)
+            infos = zf.infolist()
+            ranges = [(_data_offset(f, info), info.file_size) for info in infos]
+            crcs = crcs_of_ranges(f.fileno(), ranges)
+            for info, crc in zip(infos, crcs):
                 key = info.filename[len("archive/"):]
                 if crc != info.CRC or (key in copied_crcs and copied_crcs[key] != crc):
-                    if source is not None and key in source.records:
-                        with open(source.path, "rb") as src:
-                            original = source.records[key]
-                            if _crc_of_range(src.fileno(), _data_offset(src, original), original.file_size) != original.CRC:
-                                raise UnreadableCheckpoint(
-                                    f"{source.path}: record {key} fails its CRC-32: the archive is corrupt.", "Re-download or re-save it."
-                                )
+                    _blame_source(source, key)
                     raise VerificationFailed(f"{shown}: record {key} does not read back as written.", "Report this as a bug.")
         got = read_index(path).objects
     except (VerificationFailed, UnreadableCheckpoint):
@@ -201,6 +191,21 @@ def check_archive(
         raise VerificationFailed(f"{shown}: written archive does not read back ({type(err).__name__}: {err}).", "Report this as a bug.") from None
     if got != expected:
         raise VerificationFailed(f"{shown}: written index does not read back as written.", "Report this as a bug.")
+
+
+def _blame_source(source: Optional[ArchiveIndex], key: str) -> None:
+    """A written record failed its CRC: if the source's record fails its own CRC too, the source is
+    corrupt (exit 2, re-download), not the writing (exit 1)."""
+    if source is None or key not in source.records:
+        return
+    with open(source.path, "rb") as src:
+        original = source.records[key]
+        try:
+            intact = _crc_of_range(src.fileno(), _data_offset(src, original), original.file_size) == original.CRC
+        except EOFError:
+            intact = False
+        if not intact:
+            raise UnreadableCheckpoint(f"{source.path}: record {key} fails its CRC-32: the archive is corrupt.", "Re-download or re-save it.")
 
 
 def write_streamed(
@@ -229,12 +234,13 @@ _BYTEARRAY = _Global("builtins", "bytearray")
 
 
 class _RecordArray:
-    """A tensor to be pickled as a numpy array: its bytes are read from the archive when written."""
+    """A tensor to be pickled as a numpy array: its bytes come from the archive when written."""
 
     def __init__(self, ref: TensorRef, fd: int, data_offset: int, record_crc: Optional[int] = None) -> None:
         if not ref.is_contiguous():
             raise ValueError("a non-contiguous tensor cannot be copied as one run of bytes (the pipeline writes it buffered)")
-        self.ref, self.fd, self.data_offset = ref, fd, data_offset
+        self.ref, self.fd = ref, fd
+        self.start = data_offset + ref.offset * _ITEM_SIZE[ref.dtype]
         # A tensor spanning its whole storage is the whole record: its bytes must match the record's CRC.
         whole = ref.offset == 0 and ref.numel() == ref.storage.numel
         self.record_crc = record_crc if whole else None
@@ -243,6 +249,13 @@ class _RecordArray:
     def nbytes(self) -> int:
         return self.ref.numel() * _ITEM_SIZE[self.ref.dtype]
 
+    @property
+    def copied(self) -> bool:
+        """Whether the bytes are copied file to file (in the kernel): the whole record, stored as it
+        is.  Its CRC is the record's, checked when the written file is read back; a slice of a
+        record, or a bfloat16 tensor (widened), goes through Python instead."""
+        return self.record_crc is not None and self.ref.dtype != "bfloat16"
+
     def read_into(self, buffer: bytearray) -> memoryview:
         """The tensor's bytes, read into `buffer` (reused: fresh allocations per tensor cost more
         in page faults than the copy itself), as they are to be stored (bfloat16 widened)."""
@@ -250,7 +263,7 @@ class _RecordArray:
         view = memoryview(buffer)[:count]
         done = 0
         while done < count:
-            n = os.preadv(self.fd, [view[done:]], self.data_offset + self.ref.offset * _ITEM_SIZE[self.ref.dtype] + done)
+            n = os.preadv(self.fd, [view[done:]], self.start + done)
             if n == 0:
                 raise UnreadableCheckpoint("source archive is truncated", "Re-download or re-save it.")
             done += n
@@ -273,21 +286,31 @@ class _ModelZooStreamPickler(pickle._Pickler):
 
     def __init__(self, f: Any, largest: int, total: int = 0, progress: Progress = None) -> None:
         super().__init__(f, protocol=4)
+        self.f = f
         self.digests: Dict[int, Tuple[int, int]] = {}
-        self.buffer = bytearray(largest)
+        self.buffer = bytearray(largest)  # for the arrays that go through Python only
         self.total, self.done, self.progress = total, 0, progress
 
     def _save_record_array(self, obj: _RecordArray) -> None:
         # numpy.ndarray(shape, dtype, bytearray(<bytes>)), spelled out opcode by opcode so the bytes
-        # go from the read buffer to the file (BINBYTES8 outside any frame, as pickle does for
-        # large payloads); nothing per tensor stays in memory.
-        data = obj.read_into(self.buffer)
-        self.digests[id(obj)] = (zlib.crc32(data), len(data))
+        # go from the source (or the read buffer) to the file (BINBYTES8 outside any frame, as
+        # pickle does for large payloads); nothing per tensor stays in memory.
         self.save(_NDARRAY)
         self.save(obj.ref.shape)
         self.save(NUMPY_DTYPES[obj.ref.dtype])
         self.save(_BYTEARRAY)
-        self.framer.write_large_bytes(pickle.BINBYTES8 + struct.pack("<Q", len(data)), data)
+        if obj.copied:
+            assert obj.record_crc is not None
+            self.framer.write_large_bytes(pickle.BINBYTES8 + struct.pack("<Q", obj.nbytes), b"")
+            self.f.flush()  # hand over to the fd: the copy happens in the kernel
+            at = self.f.tell()
+            _copy_range(obj.fd, self.f.fileno(), obj.start, obj.nbytes)
+            self.f.seek(at + obj.nbytes)
+            self.digests[id(obj)] = (obj.record_crc, obj.nbytes)
+        else:
+            data = obj.read_into(self.buffer)
+            self.digests[id(obj)] = (zlib.crc32(data), len(data))
+            self.framer.write_large_bytes(pickle.BINBYTES8 + struct.pack("<Q", len(data)), data)
         self.write(pickle.TUPLE1 + pickle.REDUCE + pickle.TUPLE3 + pickle.REDUCE)
         self.memo.clear()  # arrays are never shared
         self.done += obj.nbytes
@@ -303,45 +326,67 @@ class _ModelZooStreamPickler(pickle._Pickler):
 
 
 class _Digest:
-    def __init__(self, crc: int, size: int) -> None:
-        self.crc, self.size = crc, size
+    """An array's payload in the written pickle: where it lies, and (once computed) its CRC-32."""
+
+    def __init__(self, size: int, start: int = -1, crc: Optional[int] = None) -> None:
+        self.size, self.start, self.crc = size, start, crc
 
 
 class _DigestUnpickler(pickle._Unpickler):  # pure Python: its opcode table can be extended
-    """Reads a written model-zoo pickle back as (shape, dtype, crc, size) per array: each array's
-    bytes are checksummed in place in the file (a memory map), never copied into Python."""
+    """Reads a written model-zoo pickle back as (shape, dtype, digest) per array without reading
+    the arrays' bytes: large payloads (outside frames) are skipped and listed in `pending`, to be
+    checksummed afterwards in parallel by `crcs_of_ranges`."""
 
     dispatch = dict(pickle._Unpickler.dispatch)
 
     def __init__(self, f: Any) -> None:
         super().__init__(f)
         self._file = f
+        self.pending: List[_Digest] = []
 
     def _load_binbytes8(self) -> None:
         (size,) = struct.unpack("<Q", self.read(8))
         if self._unframer.current_frame is None:  # a large payload, written outside frames
             start = self._file.tell()
-            self.append(_Digest(_crc_of_range(self._file.fileno(), start, size), size))
+            digest = _Digest(size, start)
+            self.pending.append(digest)
             self._file.seek(start + size)
         else:
             data = self.read(size)
-            self.append(_Digest(zlib.crc32(data), len(data)))
+            digest = _Digest(len(data), crc=zlib.crc32(data))
+        self.append(digest)
 
     dispatch[pickle.BINBYTES8[0]] = _load_binbytes8
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) == ("numpy", "ndarray"):
-            return lambda shape, dtype, buf: (tuple(shape), dtype, buf.crc, buf.size)
+            return lambda shape, dtype, buf: (tuple(shape), dtype, buf)
         if (module, name) == ("builtins", "bytearray"):
             return lambda digest: digest
         raise VerificationFailed(f"written pickle names {module}.{name}", "Report this as a bug.")
+
+    def load_digests(self) -> Any:
+        """The pickle, each array as (shape, dtype, crc, size)."""
+        got = self.load()
+        if self._file.seek(0, os.SEEK_END) < max((d.start + d.size for d in self.pending), default=0):
+            raise EOFError("the file ends inside an array")
+        for digest, crc in zip(self.pending, crcs_of_ranges(self._file.fileno(), [(d.start, d.size) for d in self.pending])):
+            digest.crc = crc
+        model = got.get("model") if isinstance(got, dict) else None
+        if isinstance(model, dict):
+            got["model"] = {k: v[:2] + (v[2].crc, v[2].size) if isinstance(v, tuple) and len(v) == 3 else v for k, v in model.items()}
+        return got
 
 
 def write_streamed_pickle(
     dst: str, index: ArchiveIndex, model: Dict[str, TensorRef], author: str, *, force: bool, source: str, progress: Progress = None
 ) -> int:
     """Atomically write a Detectron2 model-zoo .pkl from a torch archive, one tensor in memory at a time,
-    then read it back comparing every array's shape, dtype and bytes (CRC-32) with what was meant."""
+    then read it back comparing every array's shape, dtype and bytes (CRC-32) with what was meant.
+
+    Whole records are copied in the kernel and their expected CRC is the source record's, so the
+    one read-back pass also proves the source's bytes intact; a failing array whose source record
+    fails its own CRC is blamed on the source (UnreadableCheckpoint), otherwise on the writing."""
     expected: Dict[str, Any] = {}
 
     def write(f: Any) -> None:
@@ -349,7 +394,7 @@ def write_streamed_pickle(
             offsets = {key[len("data/"):]: _data_offset(src, info) for key, info in index.records.items() if key.startswith("data/")}
             crcs = {key[len("data/"):]: info.CRC for key, info in index.records.items() if key.startswith("data/")}
             arrays = {name: _RecordArray(ref, src.fileno(), offsets[ref.storage.key], crcs[ref.storage.key]) for name, ref in model.items()}
-            largest = max((arr.nbytes for arr in arrays.values()), default=0)
+            largest = max((arr.nbytes for arr in arrays.values() if not arr.copied), default=0)
             pickler = _ModelZooStreamPickler(f, largest, sum(a.nbytes for a in arrays.values()), progress)
             pickler.dump({"model": arrays, "__author__": author})
             for name, arr in arrays.items():
@@ -358,10 +403,14 @@ def write_streamed_pickle(
     def verify(tmp: str) -> None:
         try:
             with open(tmp, "rb") as f:
-                got = _DigestUnpickler(f).load()
+                got = _DigestUnpickler(f).load_digests()
         except Exception as err:  # a pickle we just wrote that does not parse back
             raise VerificationFailed(f"{dst}: written pickle does not read back ({type(err).__name__}: {err}).", "Report this as a bug.") from None
         if not isinstance(got, dict) or got.get("__author__") != author or got.get("model") != expected:
+            written = got.get("model") if isinstance(got, dict) and isinstance(got.get("model"), dict) else {}
+            for name, want in expected.items():
+                if written.get(name) != want:
+                    _blame_source(index, f"data/{model[name].storage.key}")
             raise VerificationFailed(f"{dst}: written pickle does not read back as written.", "Report this as a bug.")
 
     return write_atomically(dst, force=force, source=source, write=write, verify=verify)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import struct
 import subprocess
 import sys
 import zipfile
@@ -100,14 +101,15 @@ def test_streamed_pkl_widens_bfloat16_exactly(tmp_path):
     assert got.dtype == np.float32 and torch.equal(torch.from_numpy(got), sd["stages.0.0.gamma"].float())
 
 
-def test_a_streamed_pkl_that_reads_back_different_is_never_installed(tmp_path, monkeypatch):
+@pytest.mark.parametrize("ext", [".pth", ".pkl"])
+def test_a_streamed_file_that_reads_back_different_is_never_installed(tmp_path, monkeypatch, ext):
     from conversion import stream
 
     torch.save({"model": random_state_dict(ARCH)}, tmp_path / "src.pth")
-    real = stream._crc_of_range
-    monkeypatch.setattr(stream, "_crc_of_range", lambda *a: real(*a) ^ 1)  # as if one byte differed on disk
-    with pytest.raises(VerificationFailed):
-        convert(str(tmp_path / "src.pth"), str(tmp_path / "out.pkl"))
+    real = stream.crcs_of_ranges  # the read-back of the written file (the source's own check is left alone)
+    monkeypatch.setattr(stream, "crcs_of_ranges", lambda fd, ranges: [c ^ 1 for c in real(fd, ranges)])  # as if one byte differed on disk
+    with pytest.raises(VerificationFailed, match="does not read back as written"):
+        convert(str(tmp_path / "src.pth"), str(tmp_path / f"out{ext}"))
     assert sorted(os.listdir(tmp_path)) == ["src.pth"]
 
 
@@ -217,3 +219,105 @@ def test_a_written_index_is_what_torch_reads(tmp_path):
     assert loaded["__author__"] == "convnext-d2"
     for name, tensor in loaded["model"].items():
         assert tensor.dtype == torch.float16 and torch.equal(tensor, sd[name]) and tensor.is_contiguous(), name
+
+
+def _record_data_start(data: bytes, member: str) -> int:
+    """Where a stored member's bytes start, from its local header (parsed here, not by the project)."""
+    at = data.index(b"PK\x03\x04")  # the first local header; torch writes them in order, stored
+    while True:
+        name_len, extra_len = struct.unpack_from("<HH", data, at + 26)
+        name = data[at + 30:at + 30 + name_len].decode()
+        size = struct.unpack_from("<I", data, at + 22)[0]
+        if name == member:
+            return at + 30 + name_len + extra_len
+        at = data.index(b"PK\x03\x04", at + 30 + name_len + extra_len + size)
+
+
+@pytest.mark.parametrize("ext", [".pth", ".pkl"])
+def test_a_source_record_that_fails_its_crc_is_refused_as_a_corrupt_source(tmp_path, ext):
+    """One byte of a kept tensor's record flipped on disk, the directory's CRC left as it was (what a
+    bad disk or transfer does): the bytes are copied in the kernel without being read, so the one
+    read-back pass must catch it, and blame the source (exit 2 class), leaving nothing."""
+    from conversion.errors import UnreadableCheckpoint
+
+    sd = random_state_dict(ARCH)
+    torch.save({"model": sd}, tmp_path / "src.pth")
+    with zipfile.ZipFile(tmp_path / "src.pth") as zf:
+        members = [n for n in zf.namelist() if "/data/" in n]
+    data = bytearray((tmp_path / "src.pth").read_bytes())
+    member = members[len(members) // 2]  # a record in the middle: not the first one the threads finish
+    at = _record_data_start(bytes(data), member) + 5
+    data[at] ^= 0x40
+    (tmp_path / "src.pth").write_bytes(bytes(data))
+    with pytest.raises(UnreadableCheckpoint, match=r"src\.pth: record data/\d+ fails its CRC-32: the archive is corrupt"):
+        convert(str(tmp_path / "src.pth"), str(tmp_path / f"out{ext}"))
+    assert sorted(os.listdir(tmp_path)) == ["src.pth"]
+
+
+@pytest.mark.parametrize("ext", [".pth", ".pkl"])
+def test_one_copied_record_gone_wrong_among_many_is_caught(tmp_path, monkeypatch, ext):
+    """The read-back runs on a pool of threads: a single bad record, late in the file, still fails it."""
+    from conversion import stream
+
+    torch.save({"model": random_state_dict(ARCH)}, tmp_path / "src.pth")
+    real_copy, copied = stream._copy_range, []
+
+    def copy_and_remember(src_fd, dst_fd, src_offset, count):  # where each copied record landed
+        real_copy(src_fd, dst_fd, src_offset, count)
+        copied.append((os.lseek(dst_fd, 0, os.SEEK_CUR) - count, count))
+
+    monkeypatch.setattr(stream, "_copy_range", copy_and_remember)
+    monkeypatch.setattr(stream, "crcs_of_ranges", _flipping_before(stream.crcs_of_ranges, copied))
+    with pytest.raises(VerificationFailed, match="does not read back as written"):
+        convert(str(tmp_path / "src.pth"), str(tmp_path / f"out{ext}"))
+    assert len(copied) > 10, "every kept record is copied in the kernel, for .pkl too"
+    assert sorted(os.listdir(tmp_path)) == ["src.pth"]
+
+
+def _flipping_before(real, copied):
+    """crcs_of_ranges, run after flipping one byte of the third-to-last copied record in the written file."""
+    def run(fd, ranges):
+        start, count = copied[-3]
+        byte = os.pread(fd, 1, start + count // 2)
+        with open(f"/proc/self/fd/{fd}", "r+b") as f:
+            f.seek(start + count // 2)
+            f.write(bytes([byte[0] ^ 0x01]))
+        return real(fd, ranges)
+    return run
+
+
+@pytest.mark.parametrize("workers", [1, 2, 7])
+def test_crcs_of_ranges_equal_zlib_over_each_slice(tmp_path, monkeypatch, workers):
+    """Ranges of every size around the read window (empty, one byte, window +- 1, several windows),
+    at unaligned starts, in any number of threads: each CRC equals zlib's over that slice."""
+    import zlib
+
+    from conversion.io import crc
+
+    monkeypatch.setattr(crc, "_CRC_WORKERS", workers)
+    window = crc._CRC_WINDOW
+    blob = np.random.default_rng(0).integers(0, 256, 3 * window + 1000, dtype=np.uint8).tobytes()
+    (tmp_path / "blob").write_bytes(blob)
+    ranges = [(0, 0), (3, 1), (17, window - 1), (1, window), (5, window + 1), (999, 3 * window), (len(blob) - 10, 10)]
+    with open(tmp_path / "blob", "rb") as f:
+        got = crc.crcs_of_ranges(f.fileno(), ranges)
+        with pytest.raises(EOFError):
+            crc.crcs_of_ranges(f.fileno(), [(0, 1), (len(blob) - 5, 10)])
+    assert got == [zlib.crc32(blob[s:s + n]) for s, n in ranges]
+
+
+def test_streamed_pkl_writes_slices_of_a_shared_record_exactly(tmp_path):
+    """Two tensors viewing one storage (offsets 0 and n): neither is a whole record, so their bytes
+    go through Python, not the kernel copy; the pickle, read by the standard unpickler, holds each
+    tensor's own values."""
+    sd = random_state_dict(ARCH)
+    a, b = "stages.0.0.pwconv1.weight", "stages.0.0.pwconv2.weight"
+    shared = torch.cat([sd[a].flatten(), sd[b].flatten()])
+    sd[a], sd[b] = shared[: sd[a].numel()].view(sd[a].shape), shared[sd[a].numel():].view(sd[b].shape)
+    torch.save({"model": sd}, tmp_path / "src.pth")
+    report = convert(str(tmp_path / "src.pth"), str(tmp_path / "out.pkl"))
+    assert report.streamed
+    with open(tmp_path / "out.pkl", "rb") as f:
+        got = pickle.load(f, encoding="latin1")["model"]
+    for name in (a, b, "stages.1.0.pwconv1.weight"):
+        assert np.array_equal(got["backbone." + name], sd[name].numpy()), name
