@@ -165,3 +165,20 @@ def test_repair_json_report(tmp_path, capsys):
     assert main(["repair", str(broken), str(tmp_path / "fixed.pth"), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["repaired"] is True and data["causes"] and data["conversion"]["kept"] == len(BACKBONE)
+
+
+@pytest.mark.parametrize("ext", [".pth", ".pkl"])
+def test_repairing_a_torch_archive_streams_it_as_convert_does(tmp_path, ext):
+    """A torch archive is repaired the way `convert` converts it (index rewritten, records copied), so
+    repairing a multi-GB file costs what converting it costs: the two outputs are the same bytes."""
+    from conversion import convert
+
+    broken = tmp_path / "no_prefix.pth"
+    torch.save({"model": OFFICIAL}, broken)
+
+    repaired = repair(str(broken), str(tmp_path / f"repaired{ext}"))
+    converted = convert(str(broken), str(tmp_path / f"converted{ext}"))
+
+    assert repaired.causes and repaired.conversion is not None
+    assert repaired.conversion.streamed and converted.streamed
+    assert (tmp_path / f"repaired{ext}").read_bytes() == (tmp_path / f"converted{ext}").read_bytes()
