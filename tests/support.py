@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import pytest
 import torch
@@ -93,3 +93,22 @@ def build_d2_model(arch: Architecture, out_features: Optional[Sequence[str]] = N
     """`conversion.testing.loading.build_d2_model`, skipping where Detectron2 is absent (core)."""
     require("detectron2")
     return _loading.build_d2_model(arch, out_features)
+
+
+def plugin_option_names() -> List[str]:
+    """The options the convnext-d2 pytest plugin adds, read off its `pytest_addoption` hook."""
+    from conversion.testing import plugin
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.names: List[str] = []
+
+        def getgroup(self, *args: Any, **kwargs: Any) -> "Recorder":
+            return self
+
+        def addoption(self, *names: str, **kwargs: Any) -> None:
+            self.names += names
+
+    recorder = Recorder()
+    plugin.pytest_addoption(recorder)  # type: ignore[arg-type]
+    return recorder.names

@@ -12,7 +12,8 @@ from typing import List
 import pytest
 
 from conversion.cli import build_parser
-from conversion.testing import plugin
+
+from .support import plugin_option_names
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ["docs/zh-CN.md", "docs/ci-gate.md", "README.md", "examples/dimaskdino-ci/README.md"]
@@ -43,21 +44,6 @@ def _parse(command: str) -> None:
         raise AssertionError(f"the documented command does not parse (exit {exit_.code}): {command}") from None
 
 
-def _plugin_options() -> List[str]:
-    class Recorder:
-        names: List[str] = []
-
-        def getgroup(self, *args, **kwargs):
-            return self
-
-        def addoption(self, *names, **kwargs):
-            self.names += names
-
-    recorder = Recorder()
-    plugin.pytest_addoption(recorder)  # type: ignore[arg-type]
-    return recorder.names
-
-
 @pytest.mark.parametrize("doc", DOCS)
 def test_every_documented_convnext_d2_command_parses(doc, capsys):
     commands = shown_commands((ROOT / doc).read_text(encoding="utf-8"), "convnext-d2")
@@ -69,7 +55,7 @@ def test_every_documented_convnext_d2_command_parses(doc, capsys):
 
 @pytest.mark.parametrize("doc", DOCS)
 def test_every_documented_plugin_option_exists(doc):
-    options = set(_plugin_options())
+    options = set(plugin_option_names())
     for command in shown_commands((ROOT / doc).read_text(encoding="utf-8"), "pytest"):
         used = [a.split("=", 1)[0] for a in shlex.split(command) if a.startswith("--convnext-d2-")]
         assert set(used) <= options, f"{doc}: unknown plugin options {sorted(set(used) - options)} in: {command}"

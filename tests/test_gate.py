@@ -17,7 +17,7 @@ import pytest
 from conversion.architecture import Architecture
 from conversion.testing import write_synthetic_checkpoint
 
-from .support import require
+from .support import plugin_option_names, require
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN = "conversion.testing.plugin"
@@ -89,22 +89,9 @@ def test_the_plugin_is_inert_without_its_options(tmp_path):
 
 def test_the_options_are_namespaced():
     """Only `--convnext-d2-*` options: nothing another plugin or suite might also define."""
-    from conversion.testing import plugin
-
-    class Recorder:
-        def __init__(self) -> None:
-            self.names: List[str] = []
-
-        def getgroup(self, *args, **kwargs):
-            return self
-
-        def addoption(self, *names, **kwargs):
-            self.names += names
-
-    recorder = Recorder()
-    plugin.pytest_addoption(recorder)  # type: ignore[arg-type]
-    assert recorder.names and all(n.startswith("--convnext-d2-") for n in recorder.names), recorder.names
-    assert {"--convnext-d2-checkpoint", "--convnext-d2-config", "--convnext-d2-import", "--convnext-d2-source"} <= set(recorder.names)
+    names = plugin_option_names()
+    assert names and all(n.startswith("--convnext-d2-") for n in names), names
+    assert {"--convnext-d2-checkpoint", "--convnext-d2-config", "--convnext-d2-import", "--convnext-d2-source"} <= set(names)
 
 
 @pytest.fixture
