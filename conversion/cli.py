@@ -293,9 +293,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConversionError as err:
         if args.debug:
             traceback.print_exc()
-        print(f"convnext-d2: error: {err.message}", file=sys.stderr)
-        if err.hint:
-            print(f"convnext-d2: {err.hint}", file=sys.stderr)
+        print(err.as_printed(), file=sys.stderr)
         return err.exit_status
     except KeyboardInterrupt:
         print("convnext-d2: interrupted; nothing was written.", file=sys.stderr)

@@ -25,6 +25,10 @@ class ConversionError(Exception):
     def __str__(self) -> str:  # keeps `str(err)` useful in logs and tests
         return self.message if not self.hint else f"{self.message}\n{self.hint}"
 
+    def as_printed(self, program: str = "convnext-d2") -> str:
+        """The one or two lines the CLI prints on stderr (also the message of a failing gate test)."""
+        return f"{program}: error: {self.message}" + (f"\n{program}: {self.hint}" if self.hint else "")
+
 
 class UnreadableCheckpoint(ConversionError):
     """The source file cannot be read as a checkpoint at all."""

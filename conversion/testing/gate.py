@@ -9,11 +9,6 @@ from ..errors import ConversionError
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-def unusable_input_message(err: ConversionError) -> str:
-    """The two lines the CLI prints for unusable input, so a test failure reads like `convnext-d2 verify`."""
-    return f"convnext-d2: error: {err.message}" + (f"\nconvnext-d2: {err.hint}" if err.hint else "")
-
-
 def assert_loads_clean(
     checkpoint: PathLike,
     config: Optional[PathLike] = None,
@@ -55,7 +50,7 @@ def assert_loads_clean(
             **options,
         )
     except ConversionError as err:
-        raise AssertionError(unusable_input_message(err)) from None
+        raise AssertionError(err.as_printed()) from None  # reads like `convnext-d2 verify`
     if not report.ok:
         raise AssertionError(format_verification(report))
     return report
