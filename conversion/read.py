@@ -13,12 +13,12 @@ import collections
 import io
 import itertools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from .errors import UnreadableCheckpoint, UnsafeCheckpoint
 from .formats import ZIP_MAGIC, check_source, is_torch_zip
-from .io.handles import ITEM_SIZE, STORAGE_DTYPES, StorageRef, TensorRef
+from .io.handles import ITEM_SIZE, STORAGE_DTYPES, Location, StorageRef, TensorRef
 from .io.safe_pickle import Placeholder, StorageType, safe_load
 
 # First record of a legacy (pre-1.6, non-zip) torch.save file: this pickled int.
@@ -257,6 +257,9 @@ class Source:
     objects: Any
     index: Any = None  # an io.torchzip.ArchiveIndex when the leaves are TensorRefs into its records
     bytes_read: Optional[int] = None  # of the file, where only metadata was read
+    # Storage key -> where its bytes are, for every storage the leaves' TensorRefs name (being
+    # filled in format by format; empty where the leaves are tensors in memory).
+    storages: Dict[str, Location] = field(default_factory=dict)
 
 
 def open_source(path: str, *, metadata_only: bool = False) -> Source:

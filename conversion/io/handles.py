@@ -10,7 +10,7 @@ records are copied byte for byte, anything else is built in memory and written b
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple, Union
 
 # Storage class names in persistent ids -> dtype names (torch/storage.py, _utils.py).
 STORAGE_DTYPES = {
@@ -28,6 +28,36 @@ STORAGE_DTYPES = {
     "ComplexDoubleStorage": "complex128",
 }
 ITEM_SIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1, "complex64": 8, "complex128": 16}
+
+
+@dataclass(frozen=True)
+class FileBytes:
+    """A storage's bytes as one run of the source file, stored as they are (a stored zip record, a
+    safetensors tensor, a legacy torch storage, a pickled payload outside any frame)."""
+
+    offset: int  # absolute offset in the source file of the storage's first byte
+    nbytes: int
+    crc: Optional[int] = None  # CRC-32 of exactly these bytes, where the format records one (zip)
+
+
+@dataclass(frozen=True)
+class Inflated:
+    """A storage's bytes in a deflated zip member: inflated (bounded, CRC-checked) when read."""
+
+    member: str  # the member's full name in the archive
+    nbytes: int  # inflated size
+    crc: int
+
+
+@dataclass(frozen=True)
+class InMemory:
+    """A storage's bytes already in memory (an inner archive's storage, a payload inside a frame)."""
+
+    data: bytes
+
+
+# Where one storage's bytes are; a `Source` maps storage keys to these (see read.Source.storages).
+Location = Union[FileBytes, Inflated, InMemory]
 
 
 @dataclass(frozen=True)
