@@ -62,3 +62,7 @@ class NonFiniteWeights(ConversionError):
 
 class UnusableImport(ConversionError):
     """An `--import` module or file that cannot be used: missing, not Python, raising, registering nothing."""
+
+
+class UnusableVerifyInput(ConversionError):
+    """`verify`: a checkpoint path, a config or a backbone name that cannot be used."""

@@ -20,15 +20,15 @@ from __future__ import annotations
 import copy
 import os
 import re
-import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .architecture import infer_architecture
+from . import d2_loading as d2l
+from .architecture import Architecture, infer_architecture
 from .containers import select_state_dict
-from .errors import ConversionError
+from .errors import UnusableVerifyInput
 from .heuristics import heuristic_assignment
 from .imports import load_imports
 from .layouts import to_canonical
@@ -94,38 +94,26 @@ class VerifyReport:
         return out
 
 
-class UnusableVerifyInput(ConversionError):
-    """A module to import, a config or a backbone name that cannot be used (exit 2)."""
-
-
 def _short_error(err: BaseException) -> str:
     """One line: torch's long messages put the cause on a later line (the refused global)."""
-    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(err).splitlines() if line.strip()] or [""]
+    lines = [d2l.plain_text(line).strip() for line in str(err).splitlines() if line.strip()] or [""]
     cause = next((line for line in lines if "WeightsUnpickler" in line or "persistent id" in line), lines[0])
     return f"{type(err).__name__}: {cause[:240]}"
 
 
-def _architecture_of(path: str) -> Dict[str, Any]:
-    """MODEL.CONVNEXT overrides that make this project's backbone fit the checkpoint's weights."""
+def _architecture_of(path: str) -> Architecture:
+    """The architecture of the checkpoint's weights (this project's backbone is shaped to fit it)."""
     loaded, _ = read_checkpoint(path)
     canonical = to_canonical(select_state_dict(loaded)[0])
-    arch = infer_architecture({k: tuple(v.shape) for k, v in canonical.state_dict.items()})
-    return {
-        "DEPTHS": list(arch.depths),
-        "DIMS": list(arch.dims),
-        "USE_GRN": arch.version == 2,
-        "LAYER_SCALE_INIT_VALUE": 1e-6 if arch.layer_scale else 0.0,
-        # Only timm's XXLarge (OpenCLIP) exists at that size, and it was trained with eps 1e-5.
-        "LN_EPS": 1e-5 if arch.variant == "convnext_xxlarge" else 1e-6,
-    }
+    return infer_architecture({k: tuple(v.shape) for k, v in canonical.state_dict.items()})
 
 
 # ---------------------------------------------------------------- config and model
 
 
-def _config(d2l: Any, config: Optional[str], checkpoint: str) -> Any:
+def _config(config: Optional[str], checkpoint: str) -> Any:
     if not config:
-        return d2l.config_for(None, **_architecture_of(checkpoint.split("?", 1)[0]))
+        return d2l.config_for(None, **d2l.convnext_options(_architecture_of(checkpoint.split("?", 1)[0])))
     if not os.path.isfile(config):
         raise UnusableVerifyInput(f"--config {config}: no such file.", "Pass the training config (a Detectron2 YAML).")
     try:
@@ -152,7 +140,7 @@ def _no_backbone_report(report: VerifyReport, cfg: Any) -> VerifyReport:
     return report
 
 
-def _backbone_only(d2l: Any, cfg: Any) -> Any:
+def _backbone_only(cfg: Any) -> Any:
     try:
         return d2l.build_holder(cfg)
     except Exception as err:  # the user's backbone code: nothing can be verified without it
@@ -162,7 +150,7 @@ def _backbone_only(d2l: Any, cfg: Any) -> Any:
         ) from None
 
 
-def _model(d2l: Any, cfg: Any, config: Optional[str]) -> Tuple[Any, Optional[str]]:
+def _model(cfg: Any, config: Optional[str]) -> Tuple[Any, Optional[str]]:
     """(model, None) for the whole model train_net.py builds, else (backbone holder, why not)."""
     from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY
 
@@ -172,7 +160,7 @@ def _model(d2l: Any, cfg: Any, config: Optional[str]) -> Tuple[Any, Optional[str
             "Pass --import MODULE for the module that registers it (e.g. your project's backbone module).",
         )
     if not config:
-        return _backbone_only(d2l, cfg), NO_CONFIG
+        return _backbone_only(cfg), NO_CONFIG
     meta = cfg.MODEL.META_ARCHITECTURE
     if meta not in META_ARCH_REGISTRY:
         why = f"MODEL.META_ARCHITECTURE '{meta}' is not registered (--import the module that registers it)"
@@ -185,7 +173,7 @@ def _model(d2l: Any, cfg: Any, config: Optional[str]) -> Tuple[Any, Optional[str
             if isinstance(getattr(model, d2l.BACKBONE_ATTRIBUTE, None), torch.nn.Module):
                 return model, None
             why = f"{meta} has no .{d2l.BACKBONE_ATTRIBUTE} module"
-    return _backbone_only(d2l, cfg), why
+    return _backbone_only(cfg), why
 
 
 # ---------------------------------------------------------------- what the load did
@@ -337,16 +325,13 @@ def verify(
     if not os.path.isfile(checkpoint.split("?", 1)[0]):
         raise UnusableVerifyInput(f"{checkpoint}: no such file.", "Check the path.")
     load_imports(imports)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # detectron2 0.7 scripts helpers at import
-        from . import d2_loading as d2l
-    cfg = _config(d2l, config, checkpoint)
+    cfg = _config(config, checkpoint)
     report = VerifyReport(
         checkpoint=os.path.abspath(checkpoint), config=config, backbone=cfg.MODEL.BACKBONE.NAME, strict=strict
     )
     if config and not d2l.names_a_backbone(config):
         return _no_backbone_report(report, cfg)
-    model, report.whole_model_reason = _model(d2l, cfg, config)
+    model, report.whole_model_reason = _model(cfg, config)
     report.whole_model = report.whole_model_reason is None
     report.meta_architecture = cfg.MODEL.META_ARCHITECTURE if report.whole_model else None
     state = model.state_dict()
@@ -362,11 +347,7 @@ def verify(
         loaded = _classify_load(report, seen.incompatible, model_shapes, list(seen.checkpoint_shapes))
         _dtype_changes(report, loaded, model_dtypes, seen.checkpoint_dtypes)
         report.non_finite = d2l.non_finite(model, loaded)
-    report.log_warnings = [
-        r.getMessage().splitlines()[0]
-        for r in seen.records
-        if r.levelno >= 30 and "not found in the checkpoint" not in r.getMessage()
-    ]
+    report.log_warnings = [w.splitlines()[0] for w in seen.warnings() if "not found in the checkpoint" not in w]
     report.problems = _problems(report, seen.heuristics and report.error is None and report.loaded == 0)
     report.warnings = _warnings(report)
     if source is not None and report.error is None and not report.problems:
