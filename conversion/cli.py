@@ -18,7 +18,7 @@ from . import __version__
 from .pipeline import ConversionReport, RepairReport, convert, repair
 from .errors import ConversionError
 from .inspection import InspectReport, inspect_checkpoint
-from .layouts import LAYOUTS
+from .layouts import LAYOUTS, LayoutOption, parse_layout_option
 from .target import DEFAULT_PREFIX
 
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
@@ -28,6 +28,16 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse exits 2 already; keep its usage line short
         self.print_usage(sys.stderr)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _layout_option(text: str) -> LayoutOption:
+    """`--from`, parsed while the arguments are (a wrong name is a usage error, before any file is read)."""
+    try:
+        option = parse_layout_option(text)
+    except ConversionError as err:
+        raise argparse.ArgumentTypeError(f"{err.message} {err.hint}") from None
+    assert option is not None
+    return option
 
 
 def _layout_help() -> str:
@@ -48,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("dst", metavar="DST", help="file to write; .pth/.pt = torch file, .pkl = Detectron2 model zoo")
     c.add_argument("--ema", action="store_true", help="take the EMA weights of a training checkpoint (model_ema)")
     c.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"prepended to every name (default {DEFAULT_PREFIX!r}; '' for none)")
-    c.add_argument("--from", dest="layout", metavar="LAYOUT", help=_layout_help())
+    c.add_argument("--from", dest="layout", metavar="LAYOUT", type=_layout_option, help=_layout_help())
     c.add_argument("--force", action="store_true", help="overwrite DST if it exists")
     c.add_argument("--quiet", action="store_true", help="no progress bar and no summary (errors still go to stderr)")
     c.add_argument("--strict", action="store_true", help="refuse weights holding NaN or Inf (default: convert and warn)")
@@ -66,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--strict", action="store_true", help="warnings (e.g. checkpoint tensors nobody uses) fail too (exit 1)")
     i = sub.add_parser("inspect", parents=[common], help="say what a checkpoint holds and what Detectron2 would make of it")
     i.add_argument("src", metavar="SRC", help="checkpoint to read")
-    i.add_argument("--from", dest="layout", metavar="LAYOUT", help=_layout_help())
+    i.add_argument("--from", dest="layout", metavar="LAYOUT", type=_layout_option, help=_layout_help())
     return parser
 
 
@@ -243,11 +253,17 @@ def _progress_bar(enabled: bool) -> Iterator[Optional[Callable[[int, int], None]
             bar[0].close()
 
 
+def _layout_text(option: Optional[LayoutOption]) -> Optional[str]:
+    # convert() and inspect_checkpoint() take the option's text today; they will take the parsed
+    # LayoutOption itself once they call parse_layout_option (which returns a parsed one as it is).
+    return None if option is None else option.text
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command == "convert":
         with _progress_bar(enabled=not args.quiet) as progress:
             report = convert(
-                args.src, args.dst, ema=args.ema, prefix=args.prefix, layout=args.layout, force=args.force,
+                args.src, args.dst, ema=args.ema, prefix=args.prefix, layout=_layout_text(args.layout), force=args.force,
                 progress=progress, strict=args.strict,
             )
         if report.non_finite:
@@ -266,7 +282,7 @@ def _run(args: argparse.Namespace) -> int:
         _emit(args, report, format_verification)
         return EXIT_OK if report.ok else EXIT_PROBLEM
     if args.command == "inspect":
-        _emit(args, inspect_checkpoint(args.src, layout=args.layout), format_inspection)
+        _emit(args, inspect_checkpoint(args.src, layout=_layout_text(args.layout)), format_inspection)
         return EXIT_OK
     raise AssertionError(f"unhandled command {args.command}")  # argparse restricts the choices
 
