@@ -24,7 +24,7 @@ from typing import Dict, List, Sequence
 import torch
 
 from .architecture import RELEASED_VARIANTS, Architecture
-from .cli import format_report
+from .summaries import format_report
 from .pipeline import convert
 from .synthetic import random_state_dict
 

@@ -33,6 +33,7 @@ from .heuristics import heuristic_assignment
 from .imports import load_imports
 from .layouts import to_canonical
 from .read import read_checkpoint
+from .summaries import summarise_names
 from .target import to_target
 
 BACKBONE_PREFIX = "backbone."
@@ -179,11 +180,6 @@ def _model(cfg: Any, config: Optional[str]) -> Tuple[Any, Optional[str]]:
 # ---------------------------------------------------------------- what the load did
 
 
-def _names(keys: Sequence[str], limit: int = LISTED) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
-
-
 def _in_backbone(key: str) -> bool:
     return key.startswith(BACKBONE_PREFIX)
 
@@ -236,22 +232,22 @@ def _problems(report: VerifyReport, heuristics_matched_nothing: bool) -> List[st
     """Most telling first: what Detectron2 refuses, what it changes silently, what cannot fit, what stays random."""
     out = []
     for key, models in report.ambiguous.items():
-        out.append(f"matching_heuristics: checkpoint key '{key}' matches {len(models)} model keys ({_names(models, 3)}); "
-                   "Detectron2 raises on it")
+        out.append(f"matching_heuristics: checkpoint key '{key}' matches {len(models)} model keys "
+                   f"({summarise_names(models, 3)}); Detectron2 raises on it")
     if report.error is not None:
         out.append(f"Detectron2 cannot load it: {report.error}")
     if report.outside_backbone and not report.ambiguous and report.error is None:
         pairs = [f"'{c}' into {m}" for m, c in sorted(report.outside_backbone.items())]
         out.append(f"matching_heuristics loads {len(pairs)} checkpoint tensors into modules outside the backbone, "
-                   f"silently replacing their initialisation: {_names(pairs, 3)}")
+                   f"silently replacing their initialisation: {summarise_names(pairs, 3)}")
     if report.shape_skipped:
         out.append(f"{len(report.shape_skipped)} tensors skipped for a shape mismatch (wrong variant?): "
-                   f"{_names(report.shape_skipped, 4)}")
+                   f"{summarise_names(report.shape_skipped, 4)}")
     if report.missing:
         out.append(f"{len(report.missing)} backbone weights missing (they would train from random init): "
-                   f"{_names(report.missing, 4)}")
+                   f"{summarise_names(report.missing, 4)}")
     if report.non_finite:
-        out.append(f"{len(report.non_finite)} loaded weights hold NaN or Inf: {_names(report.non_finite, 4)}")
+        out.append(f"{len(report.non_finite)} loaded weights hold NaN or Inf: {summarise_names(report.non_finite, 4)}")
     if heuristics_matched_nothing:
         out.append("matching_heuristics matched nothing")
     return out
@@ -261,14 +257,14 @@ def _warnings(report: VerifyReport) -> List[str]:
     """What training ignores: said, and fatal only under --strict."""
     out = []
     if report.unexpected:
-        out.append(f"{len(report.unexpected)} checkpoint tensors unused by the model: {_names(report.unexpected)} "
-                   "(training ignores them; convnext-d2 repair CKPT FIXED.pth writes the file without them)")
+        out.append(f"{len(report.unexpected)} checkpoint tensors unused by the model: "
+                   f"{summarise_names(report.unexpected, LISTED)} (training ignores them; convnext-d2 repair CKPT FIXED.pth writes the file without them)")
     by_ckpt: Dict[str, List[str]] = {}
     for m, c in sorted(report.heuristic_shape_misses.items()):
         by_ckpt.setdefault(c, []).append(m)
     for c, models in by_ckpt.items():
         out.append(f"matching_heuristics: checkpoint key '{c}' suffix-matches {len(models)} model key(s) of another shape "
-                   f"outside the backbone ({_names(models, 3)}); Detectron2 skips each with a log warning")
+                   f"outside the backbone ({summarise_names(models, 3)}); Detectron2 skips each with a log warning")
     if report.heuristics and not report.whole_model:
         out.append(f"whole model not built: {report.whole_model_reason}; checkpoint keys that could match outside "
                    "the backbone were not checked (the file uses matching_heuristics)")

@@ -37,7 +37,7 @@ def assert_loads_clean(
         >>> assert_loads_clean("weights/convnext_tiny_d2.pth", config="configs/tiny.yaml",
         ...                    imports=["mypkg/modeling/backbone/convnext.py"])  # doctest: +SKIP
     """
-    from ..cli import format_verification
+    from ..summaries import format_verification
     from ..verify import verify
 
     options = {"strict": True} if strict else {}  # verify has `strict` since the warnings verdicts
