@@ -16,7 +16,6 @@ types import in an environment without Detectron2.
 from __future__ import annotations
 
 import logging
-import re
 import warnings
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 from .architecture import Architecture
+from .errors import plain_text
 
 if TYPE_CHECKING:
     from detectron2.config import CfgNode
@@ -33,13 +33,6 @@ if TYPE_CHECKING:
 BACKBONE_ATTRIBUTE = "backbone"
 # The loggers DetectionCheckpointer and fvcore's Checkpointer report through.
 CHECKPOINTER_LOGGERS = ("fvcore", "detectron2")
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def plain_text(message: str) -> str:
-    """`message` without the terminal colours fvcore puts around key names."""
-    return _ANSI.sub("", message)
-
 
 def _d2() -> Any:
     """`conversion.d2` (importing it registers the backbone).  Detectron2 0.7 warns while importing

@@ -19,7 +19,7 @@ import warnings
 from types import ModuleType
 from typing import Dict, Optional, Sequence, Set
 
-from .errors import UnusableImport
+from .errors import UnusableImport, describe_exception
 
 # A file already loaded (by resolved path) is not executed again: a second
 # `@BACKBONE_REGISTRY.register()` of the same class would make Detectron2's registry raise, and
@@ -43,7 +43,7 @@ def _import_detectron2() -> None:
             import detectron2.modeling  # noqa: F401
         except ImportError as err:
             raise UnusableImport(
-                f"--import needs Detectron2, which does not import here ({_first_line(err)}).",
+                f"--import needs Detectron2, which does not import here ({describe_exception(err)}).",
                 "Install Detectron2 in this environment (its registry is what --import fills).",
             ) from None
 
@@ -69,11 +69,6 @@ def _missing_module(err: BaseException) -> Optional[str]:
         current = current.__cause__ or current.__context__
         seen += 1
     return None
-
-
-def _first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return f"{type(err).__name__}: {lines[0][:200]}" if lines else type(err).__name__
 
 
 def _module_name_for(path: str) -> str:
@@ -110,15 +105,15 @@ def load_file(path: str) -> ModuleType:
         missing = _missing_module(err)
         if missing is not None:
             raise UnusableImport(
-                f"--import {path}: it imports '{missing}', which is not installed here ({_first_line(err)}).",
+                f"--import {path}: it imports '{missing}', which is not installed here ({describe_exception(err)}).",
                 f"Install {missing}, or pass a file that does not need it.",
             ) from None
         if isinstance(err, ImportError) and "relative import" in str(err):
             raise UnusableImport(
-                f"--import {path}: it uses a relative import, which needs its package ({_first_line(err)}).",
+                f"--import {path}: it uses a relative import, which needs its package ({describe_exception(err)}).",
                 "Import the module by name instead (its package's __init__ then runs), or make its imports absolute.",
             ) from None
-        raise UnusableImport(f"--import {path}: running it raised {_first_line(err)}.", "Fix the file (or pass the right one).") from None
+        raise UnusableImport(f"--import {path}: running it raised {describe_exception(err)}.", "Fix the file (or pass the right one).") from None
     _LOADED_FILES[resolved] = module
     return module
 
@@ -140,7 +135,7 @@ def import_module_spec(name: str) -> ModuleType:
                 f"(a compiled extension that is not built?).",
                 _FILE_HINT,
             ) from None
-        raise UnusableImport(f"--import {name}: cannot import it: it raised {_first_line(err)}.", _FILE_HINT) from None
+        raise UnusableImport(f"--import {name}: cannot import it: it raised {describe_exception(err)}.", _FILE_HINT) from None
 
 
 def load_imports(specs: Sequence[str]) -> None:

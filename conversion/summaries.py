@@ -26,6 +26,11 @@ def summarise_names(names: List[str], limit: int = 6) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+def _by_part(counts: Dict[str, int]) -> str:
+    """`neck. x8, roi_head. x4`: a detector's parts (top-level prefixes) and their tensor counts."""
+    return ", ".join(f"{part} x{count}" for part, count in counts.items())
+
+
 def format_report(r: "ConversionReport") -> str:
     """`convert`'s summary: what was kept, dropped, renamed, reshaped and written."""
     name = r.variant or "custom variant"
@@ -43,8 +48,7 @@ def format_report(r: "ConversionReport") -> str:
         for reason, keys in reasons.items():
             lines.append(f"  dropped    {len(keys)} tensors, {reason}: {summarise_names(keys)}")
     if r.left_out:
-        parts = ", ".join(f"{part} x{count}" for part, count in r.left_out.items())
-        lines.append(f"  left out   {sum(r.left_out.values())} tensors of the detector around the backbone: {parts}")
+        lines.append(f"  left out   {sum(r.left_out.values())} tensors of the detector around the backbone: {_by_part(r.left_out)}")
     if r.read_past:
         classes = sorted(set(r.read_past.values()))
         lines.append(f"  read past  {len(r.read_past)} non-weight objects, not built (nothing imported or run): {summarise_names(classes)}")
@@ -88,8 +92,8 @@ def format_inspection(r: "InspectReport") -> str:
     if r.left_out:
         lines.append(f"  left out   {len(r.left_out)} tensors on conversion: {summarise_names(sorted(r.left_out))}")
     if r.detector_parts:
-        parts = ", ".join(f"{part} x{count}" for part, count in r.detector_parts.items())
-        lines.append(f"  detector   {sum(r.detector_parts.values())} tensors around the backbone, left out on conversion: {parts}")
+        total = sum(r.detector_parts.values())
+        lines.append(f"  detector   {total} tensors around the backbone, left out on conversion: {_by_part(r.detector_parts)}")
     if r.problems:
         lines.append("  Detectron2 loading this file as it is:")
         lines += [f"    - {p}" for p in r.problems]

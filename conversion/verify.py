@@ -28,7 +28,7 @@ import torch
 from . import d2_loading as d2l
 from .architecture import Architecture, infer_architecture
 from .containers import select_state_dict
-from .errors import UnusableVerifyInput
+from .errors import UnusableVerifyInput, describe_exception
 from .heuristics import heuristic_assignment
 from .imports import load_imports
 from .layouts import to_canonical
@@ -95,13 +95,6 @@ class VerifyReport:
         return out
 
 
-def _short_error(err: BaseException) -> str:
-    """One line: torch's long messages put the cause on a later line (the refused global)."""
-    lines = [d2l.plain_text(line).strip() for line in str(err).splitlines() if line.strip()] or [""]
-    cause = next((line for line in lines if "WeightsUnpickler" in line or "persistent id" in line), lines[0])
-    return f"{type(err).__name__}: {cause[:240]}"
-
-
 def _architecture_of(path: str) -> Architecture:
     """The architecture of the checkpoint's weights (this project's backbone is shaped to fit it)."""
     loaded, _ = read_checkpoint(path)
@@ -121,7 +114,7 @@ def _config(config: Optional[str], checkpoint: str) -> Any:
         return d2l.config_for(config)
     except Exception as err:  # YAML syntax, not a mapping, a key of the wrong type: all unusable
         raise UnusableVerifyInput(
-            f"--config {config}: not a usable Detectron2 YAML config ({_short_error(err)}).",
+            f"--config {config}: not a usable Detectron2 YAML config ({describe_exception(err)}).",
             "Pass the YAML file train_net.py is given with --config-file.",
         ) from None
 
@@ -146,7 +139,7 @@ def _backbone_only(cfg: Any) -> Any:
         return d2l.build_holder(cfg)
     except Exception as err:  # the user's backbone code: nothing can be verified without it
         raise UnusableVerifyInput(
-            f"backbone '{cfg.MODEL.BACKBONE.NAME}' cannot be built from this config ({_short_error(err)}).",
+            f"backbone '{cfg.MODEL.BACKBONE.NAME}' cannot be built from this config ({describe_exception(err)}).",
             "Check MODEL.CONVNEXT (or your backbone's section) in the config.",
         ) from None
 
@@ -169,7 +162,7 @@ def _model(cfg: Any, config: Optional[str]) -> Tuple[Any, Optional[str]]:
         try:
             model = d2l.build_whole_model(cfg)
         except Exception as err:  # a missing dataset, a compiled op, the user's bug: fall back, say why
-            why = f"building {meta} failed ({_short_error(err)})"
+            why = f"building {meta} failed ({describe_exception(err)})"
         else:
             if isinstance(getattr(model, d2l.BACKBONE_ATTRIBUTE, None), torch.nn.Module):
                 return model, None
@@ -338,7 +331,7 @@ def verify(
     if seen.heuristics and seen.checkpoint_shapes:
         _heuristic_findings(report, model_shapes, seen.checkpoint_shapes)
     if seen.error is not None:
-        report.error = _short_error(seen.error)
+        report.error = describe_exception(seen.error)
     if seen.incompatible is not None:
         loaded = _classify_load(report, seen.incompatible, model_shapes, list(seen.checkpoint_shapes))
         _dtype_changes(report, loaded, model_dtypes, seen.checkpoint_dtypes)
