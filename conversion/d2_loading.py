@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import warnings
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
@@ -34,12 +34,31 @@ BACKBONE_ATTRIBUTE = "backbone"
 # The loggers DetectionCheckpointer and fvcore's Checkpointer report through.
 CHECKPOINTER_LOGGERS = ("fvcore", "detectron2")
 
-def _d2() -> Any:
-    """`conversion.d2` (importing it registers the backbone).  Detectron2 0.7 warns while importing
-    its modeling package (FutureWarning: torch.jit.script), noise on a gate's console: silenced here."""
+def import_modeling() -> None:
+    """Import Detectron2's modeling package (its registries).  Detectron2 0.7 scripts helpers at
+    import, which torch 2.x answers with a FutureWarning each, noise on a gate's console: silenced.
+
+    Raises:
+        ImportError: Detectron2 does not import here.
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        from . import d2
+        import detectron2.modeling  # noqa: F401
+
+
+def registered_names() -> Set[str]:
+    """Names in the registries a config can name: `backbone:NAME`, `meta_arch:NAME`."""
+    import_modeling()
+    from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY
+
+    return {f"backbone:{name}" for name, _ in BACKBONE_REGISTRY} | {f"meta_arch:{name}" for name, _ in META_ARCH_REGISTRY}
+
+
+def _d2() -> Any:
+    """`conversion.d2`, imported on first use (importing it registers the backbone)."""
+    import_modeling()
+    from . import d2
+
     return d2
 
 

@@ -15,9 +15,8 @@ import importlib
 import importlib.util
 import os
 import sys
-import warnings
 from types import ModuleType
-from typing import Dict, Optional, Sequence, Set
+from typing import Dict, Optional, Sequence
 
 from .errors import UnusableImport, describe_exception
 
@@ -35,24 +34,16 @@ def is_file_spec(spec: str) -> bool:
 
 
 def _import_detectron2() -> None:
-    """Import Detectron2's modeling first, as verify does: Detectron2 0.7 scripts helpers at import,
-    which torch 2.x answers with a FutureWarning per helper; the user's module then finds it imported."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        try:
-            import detectron2.modeling  # noqa: F401
-        except ImportError as err:
-            raise UnusableImport(
-                f"--import needs Detectron2, which does not import here ({describe_exception(err)}).",
-                "Install Detectron2 in this environment (its registry is what --import fills).",
-            ) from None
+    """Import Detectron2's modeling first, as verify does: the user's module then finds it imported."""
+    from .d2_loading import import_modeling
 
-
-def _registered_names() -> Set[str]:
-    """Names in the registries a config can name (backbones, meta-architectures)."""
-    from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY
-
-    return {f"backbone:{name}" for name, _ in BACKBONE_REGISTRY} | {f"meta_arch:{name}" for name, _ in META_ARCH_REGISTRY}
+    try:
+        import_modeling()
+    except ImportError as err:
+        raise UnusableImport(
+            f"--import needs Detectron2, which does not import here ({describe_exception(err)}).",
+            "Install Detectron2 in this environment (its registry is what --import fills).",
+        ) from None
 
 
 def _missing_module(err: BaseException) -> Optional[str]:
@@ -148,8 +139,11 @@ def load_imports(specs: Sequence[str]) -> None:
     Raises:
         UnusableImport: a spec that cannot be used (exit 2), naming it and the cause.
     """
-    if specs:
-        _import_detectron2()
+    if not specs:
+        return
+    _import_detectron2()
+    from .d2_loading import registered_names  # torch and Detectron2 are imported by now
+
     for spec in specs:
         if not is_file_spec(spec):
             import_module_spec(spec)
@@ -157,9 +151,9 @@ def load_imports(specs: Sequence[str]) -> None:
         resolved = os.path.realpath(spec)
         if resolved in _LOADED_FILES:
             continue
-        before = _registered_names()
+        before = registered_names()
         load_file(spec)
-        if not _registered_names() - before:
+        if not registered_names() - before:
             _LOADED_FILES.pop(resolved, None)
             raise UnusableImport(
                 f"--import {spec}: the file registers no backbone (nothing new in Detectron2's BACKBONE_REGISTRY).",
