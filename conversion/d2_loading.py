@@ -25,12 +25,13 @@ from torch import nn
 
 from .architecture import Architecture
 from .errors import plain_text
+from .target import BACKBONE_PREFIX
 
 if TYPE_CHECKING:
     from detectron2.config import CfgNode
 
-# Every Detectron2 meta-architecture keeps its backbone here, so checkpoint names are `backbone.*`.
-BACKBONE_ATTRIBUTE = "backbone"
+# Where every Detectron2 meta-architecture keeps its backbone (so checkpoint names are `backbone.*`).
+BACKBONE_ATTRIBUTE = BACKBONE_PREFIX.rstrip(".")
 # The loggers DetectionCheckpointer and fvcore's Checkpointer report through.
 CHECKPOINTER_LOGGERS = ("fvcore", "detectron2")
 

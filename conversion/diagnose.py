@@ -14,9 +14,7 @@ import os
 from typing import Any, Iterator, List, Mapping, Optional, Tuple
 
 from .containers import is_array
-
-
-D2_PREFIX = "backbone."
+from .target import BACKBONE_PREFIX
 
 
 def _walk(obj: Any, path: str = "") -> Iterator[Tuple[str, Any]]:
@@ -117,8 +115,8 @@ def d2_problems(
             f"names are in the {layout} layout: a Detectron2 ConvNeXt with official names loads none of them "
             "(every weight missing, training starts from random init)."
         )
-    elif source_prefix is not None and source_prefix != D2_PREFIX:
-        spelled = f"start with '{source_prefix}' instead of '{D2_PREFIX}'" if source_prefix else f"lack the '{D2_PREFIX}' prefix"
+    elif source_prefix is not None and source_prefix != BACKBONE_PREFIX:
+        spelled = f"start with '{source_prefix}' instead of '{BACKBONE_PREFIX}'" if source_prefix else f"lack the '{BACKBONE_PREFIX}' prefix"
         if _asks_for_heuristics(fmt, loaded):
             problems.append(
                 f"names {spelled}: Detectron2 matches them only through the file's matching_heuristics "

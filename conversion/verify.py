@@ -31,12 +31,11 @@ from .containers import select_state_dict
 from .errors import UnusableVerifyInput, describe_exception
 from .heuristics import heuristic_assignment
 from .imports import load_imports
-from .layouts import to_canonical
+from .layouts import Canonical, to_canonical
 from .read import read_checkpoint
 from .summaries import summarise_names
-from .target import to_target
+from .target import BACKBONE_PREFIX, to_target
 
-BACKBONE_PREFIX = "backbone."
 FRESH_OUTPUT_NORM = re.compile(r"^backbone\.norm\d+\.(weight|bias)$")
 # Features are compared in fp32 on CPU; both sides run the same modules, so any difference
 # beyond round-off means different weights.  1e-4 of the output's scale leaves wide margin.
@@ -95,11 +94,15 @@ class VerifyReport:
         return out
 
 
+def _canonical_of(path: str) -> Canonical:
+    """A checkpoint's weights in canonical names, read as `convert` reads them."""
+    loaded, _ = read_checkpoint(path)
+    return to_canonical(select_state_dict(loaded)[0])
+
+
 def _architecture_of(path: str) -> Architecture:
     """The architecture of the checkpoint's weights (this project's backbone is shaped to fit it)."""
-    loaded, _ = read_checkpoint(path)
-    canonical = to_canonical(select_state_dict(loaded)[0])
-    return infer_architecture({k: tuple(v.shape) for k, v in canonical.state_dict.items()})
+    return infer_architecture({k: tuple(v.shape) for k, v in _canonical_of(path).state_dict.items()})
 
 
 # ---------------------------------------------------------------- config and model
@@ -265,9 +268,7 @@ def _warnings(report: VerifyReport) -> List[str]:
 
 
 def _compare_with_source(backbone: torch.nn.Module, source: str, report: VerifyReport) -> None:
-    loaded, _ = read_checkpoint(source)
-    canonical = to_canonical(select_state_dict(loaded)[0])
-    target = to_target(canonical.state_dict, prefix="").state_dict
+    target = to_target(_canonical_of(source).state_dict, prefix="").state_dict
     reference = copy.deepcopy(backbone)
     result = reference.load_state_dict(target, strict=False)
     stray = [k for k in result.missing_keys if not FRESH_OUTPUT_NORM.match(BACKBONE_PREFIX + k)]
