@@ -7,7 +7,8 @@ package is imported here, so a rule cannot be satisfied by import-time side effe
 - Python's pure-Python pickler/unpickler internals (`pickle._Pickler`, `_Unpickler`, the framer)
   only where the expected list below says (the reader/writer redesign shrinks it);
 - no file of the repository points to the project's contract files outside it;
-- every module over 400 lines says why at its top.
+- every module over 400 lines says why at its top;
+- every error type is in `errors.py`.
 
 The expected lists are literals: a change that breaks a rule, or that lets a list shrink, fails
 here with a message saying which line to change.
@@ -67,6 +68,10 @@ LONG_TESTS_BEING_SPLIT = {
     "tests/test_faults.py", "tests/test_layout_equivalence.py",
 }
 LONG_REASON = re.compile(r"(over|more than) (~\s*)?400 lines", re.IGNORECASE)
+
+# Exception classes defined outside errors.py: only the CLI's SIGTERM signal (a BaseException so
+# that no `except Exception` swallows it; it is no error a user can cause).
+EXCEPTIONS_OUTSIDE_ERRORS = {"conversion/cli.py": {"_Terminated"}}
 
 # The contract files kept outside the repository (spelled in pieces so this file does not name them).
 OUTSIDE_FILES = re.compile(r"\b(" + "|".join(("DESIGN", "LAYOUTS", "BACKGROUND", "STYLE")) + r")\." + "md" + r"\b")
@@ -245,3 +250,24 @@ def test_no_test_module_grows_over_400_lines_without_saying_why():
 
     new = {m: n for m, n in found.items() if m not in LONG_TESTS_BEING_SPLIT}
     assert new == {}, f"test modules over {MAX_LINES} lines without a reason at their top (split by concern): {new}"
+
+
+def _base_names(node: ast.ClassDef) -> Set[str]:
+    return {b.id if isinstance(b, ast.Name) else b.attr for b in node.bases if isinstance(b, (ast.Name, ast.Attribute))}
+
+
+def test_every_error_type_is_in_errors_py():
+    ours = {n.name for n in ast.walk(_tree(PACKAGE / "errors.py")) if isinstance(n, ast.ClassDef)}
+    assert "ConversionError" in ours
+
+    def is_exception(base: str) -> bool:
+        return base in ours or base.endswith(("Error", "Exception")) or base in {"Warning", "KeyboardInterrupt"}
+
+    found = {}
+    for path in _package_modules():
+        if path.name == "errors.py":
+            continue
+        names = {n.name for n in ast.walk(_tree(path)) if isinstance(n, ast.ClassDef) and any(map(is_exception, _base_names(n)))}
+        if names:
+            found[_relative(path)] = names
+    assert found == EXCEPTIONS_OUTSIDE_ERRORS, f"error types outside conversion/errors.py (move them there): {found}"
