@@ -267,7 +267,8 @@ def test_every_error_type_is_in_errors_py():
     for path in _package_modules():
         if path.name == "errors.py":
             continue
-        names = {n.name for n in ast.walk(_tree(path)) if isinstance(n, ast.ClassDef) and any(map(is_exception, _base_names(n)))}
+        classes = [n for n in ast.walk(_tree(path)) if isinstance(n, ast.ClassDef)]
+        names = {n.name for n in classes if any(map(is_exception, _base_names(n)))}
         if names:
             found[_relative(path)] = names
     assert found == EXCEPTIONS_OUTSIDE_ERRORS, f"error types outside conversion/errors.py (move them there): {found}"
