@@ -2,7 +2,8 @@
 package is imported here, so a rule cannot be satisfied by import-time side effects):
 
 - only `conversion/io/torchzip.py` touches `zipfile` internals;
-- only `d2.py`, `d2_loading.py`, `verify.py` and `conversion/testing/` import detectron2;
+- only `d2.py`, `d2_loading.py`, `verify.py` and `conversion/testing/` import detectron2, and only
+  `d2_loading.py` (the loading harness) touches `DetectionCheckpointer._load_model`, here or in tests;
 - the CLI imports the public verbs only, no reader/writer internals, and nothing imports the CLI;
 - Python's pure-Python pickler/unpickler internals (`pickle._Pickler`, `_Unpickler`, the framer)
   only where the expected list below says (the reader/writer redesign shrinks it);
@@ -41,6 +42,7 @@ ZIPFILE_INTERNALS_ALLOWED = {"conversion/io/torchzip.py"}
 
 DETECTRON2_ALLOWED = {"conversion/d2.py", "conversion/d2_loading.py", "conversion/verify.py"}
 DETECTRON2_ALLOWED_FOLDERS = ("conversion/testing/",)
+LOAD_MODEL_WRAPPERS = {"conversion/d2_loading.py"}
 
 # What the CLI may import: the public verbs and their report types, the layout names for --help and
 # --from, the default prefix, the errors it prints, and the summaries it prints.
@@ -187,6 +189,18 @@ def test_only_the_detectron2_side_imports_detectron2():
     outside = [m for m in importers if m not in DETECTRON2_ALLOWED and not m.startswith(DETECTRON2_ALLOWED_FOLDERS)]
     assert outside == [], f"modules importing detectron2 besides d2*.py, verify.py and testing/: {outside}"
     assert "conversion/d2_loading.py" in importers, "the rule reads imports inside functions (d2_loading's are)"
+
+
+def test_only_the_loading_harness_wraps_load_model():
+    sources = _package_modules() + sorted((ROOT / "tests").rglob("*.py")) + sorted((ROOT / "benchmarks").glob("*.py"))
+    wrappers = {
+        _relative(p) for p in sources
+        if any(isinstance(n, ast.Attribute) and n.attr == "_load_model" for n in ast.walk(_tree(p)))
+    }
+
+    assert wrappers == LOAD_MODEL_WRAPPERS, (
+        f"DetectionCheckpointer._load_model is observed in one place (conversion/d2_loading.py): {sorted(wrappers)}"
+    )
 
 
 def test_the_cli_imports_only_the_public_verbs():
