@@ -11,20 +11,10 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, List, Mapping, Optional
 
-from .containers import is_array
+from .containers import is_array, walk
 from .target import BACKBONE_PREFIX
-
-
-def _walk(obj: Any, path: str = "") -> Iterator[Tuple[str, Any]]:
-    yield path, obj
-    if isinstance(obj, Mapping):
-        for k, v in obj.items():
-            yield from _walk(v, f"{path}.{k}" if path else str(k))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from _walk(v, f"{path}[{i}]")
 
 
 def _has_arrays(obj: Any) -> bool:
@@ -82,7 +72,7 @@ def _reader_problems(path: str, fmt: str, loaded: Any) -> List[str]:
         # Objects read past (placeholders: Namespace, loggers, configs) and arrays: torch's allowlist has neither.
         unsafe = sorted(
             {v.cls.rsplit(".", 1)[-1] if type(v).__name__ == "Placeholder" else type(v).__name__
-             for _, v in _walk(loaded) if type(v).__name__ in ("Placeholder", "ndarray") or isinstance(v, argparse.Namespace)}
+             for _, v in walk(loaded) if type(v).__name__ in ("Placeholder", "ndarray") or isinstance(v, argparse.Namespace)}
         )
         if unsafe:
             problems.append(
