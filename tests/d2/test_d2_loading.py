@@ -14,7 +14,7 @@ from conversion.architecture import RELEASED_VARIANTS, Architecture
 from conversion.errors import describe_exception, plain_text
 from conversion.testing import loading
 
-from .support import require
+from ..support import require
 
 ATTO = Architecture(*RELEASED_VARIANTS[1]["convnext_atto"])
 ATTO_V2 = Architecture(*RELEASED_VARIANTS[2]["convnextv2_atto"], version=2, layer_scale=False)

@@ -10,7 +10,7 @@ from conversion.cli import build_parser
 from conversion.errors import NotConvNeXt
 from conversion.layouts import LayoutOption, check_pinned_version, parse_layout_option, to_canonical
 
-from .support import random_canonical_state_dict
+from ..support import random_canonical_state_dict
 
 # The layout names `--from` accepts, written out (not read from the table under test).
 LAYOUT_NAMES = [
