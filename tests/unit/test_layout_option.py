@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import pytest
 
+from conversion import convert
 from conversion.architecture import RELEASED_VARIANTS, Architecture
 from conversion.cli import build_parser
 from conversion.errors import NotConvNeXt
+from conversion.inspection import inspect_checkpoint
 from conversion.layouts import LayoutOption, check_pinned_version, parse_layout_option, to_canonical
+from conversion.testing import write_synthetic_checkpoint
 
 from ..support import random_canonical_state_dict
 
@@ -110,42 +113,32 @@ def test_without_a_pin_any_version_passes():
 PENDING = pytest.mark.xfail(strict=True, reason="pipeline/inspection do not call parse_layout_option yet")
 
 
-@PENDING
-def test_inspect_takes_a_pinned_layout_as_convert_does(tmp_path):
-    from conversion.inspection import inspect_checkpoint
-    from conversion.testing import write_synthetic_checkpoint
-
+@pytest.fixture
+def atto_file(tmp_path):
+    """An official ConvNeXt-Atto (V1) file."""
     path = str(tmp_path / "atto.pth")
     write_synthetic_checkpoint(path, variant="convnext_atto")
+    return path
 
-    report = inspect_checkpoint(path, layout="official-v1")
+
+@PENDING
+def test_inspect_takes_a_pinned_layout_as_convert_does(atto_file):
+    report = inspect_checkpoint(atto_file, layout="official-v1")
 
     assert (report.layout, report.version) == ("official", 1)
     with pytest.raises(NotConvNeXt, match=r"--from official-v2: the weights are ConvNeXt V1 \(evidence: no GRN"):
-        inspect_checkpoint(path, layout="official-v2")
+        inspect_checkpoint(atto_file, layout="official-v2")
 
 
 @PENDING
-def test_convert_takes_the_option_the_cli_parsed(tmp_path):
-    from conversion import convert
-    from conversion.testing import write_synthetic_checkpoint
-
-    path = str(tmp_path / "atto.pth")
-    write_synthetic_checkpoint(path, variant="convnext_atto")
-
-    report = convert(path, str(tmp_path / "out.pth"), layout=LayoutOption("official", 1))
+def test_convert_takes_the_option_the_cli_parsed(atto_file, tmp_path):
+    report = convert(atto_file, str(tmp_path / "out.pth"), layout=LayoutOption("official", 1))
 
     assert (report.layout, report.version) == ("official", 1)
 
 
-def test_convert_takes_the_text_the_python_api_documents(tmp_path):
-    from conversion import convert
-    from conversion.testing import write_synthetic_checkpoint
-
-    path = str(tmp_path / "atto.pth")
-    write_synthetic_checkpoint(path, variant="convnext_atto")
-
-    assert convert(path, str(tmp_path / "out.pth"), layout="official-v1").layout == "official"
+def test_convert_takes_the_text_the_python_api_documents(atto_file, tmp_path):
+    assert convert(atto_file, str(tmp_path / "out.pth"), layout="official-v1").layout == "official"
     with pytest.raises(NotConvNeXt, match=r"--from official-v2: the weights are ConvNeXt V1 \(evidence: no GRN"):
-        convert(path, str(tmp_path / "out2.pth"), layout="official-v2")
+        convert(atto_file, str(tmp_path / "out2.pth"), layout="official-v2")
     assert not (tmp_path / "out2.pth").exists()
