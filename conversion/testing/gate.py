@@ -40,14 +40,13 @@ def assert_loads_clean(
     from ..summaries import format_verification
     from ..verify import verify
 
-    options = {"strict": True} if strict else {}  # verify has `strict` since the warnings verdicts
     try:
         report = verify(
             os.fspath(checkpoint),
             config=None if config is None else os.fspath(config),
             imports=tuple(os.fspath(i) for i in imports),
             source=None if source is None else os.fspath(source),
-            **options,
+            strict=strict,
         )
     except ConversionError as err:
         raise AssertionError(err.as_printed()) from None  # reads like `convnext-d2 verify`
