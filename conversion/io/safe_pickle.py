@@ -29,28 +29,39 @@ from __future__ import annotations
 
 import _compat_pickle
 import collections
+import os
 import pickle
 import struct
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..errors import UnreadableCheckpoint, UnsafeCheckpoint
-from .allowlist import _BUILDERS, Placeholder, StorageType, _corrupt, _dtype, _PendingArray, _PendingDtype, _Rebuilder, resolve
+from .allowlist import _BUILDERS, Payload, Placeholder, StorageType, _corrupt, _dtype, _PendingArray, _PendingDtype, _Rebuilder, resolve
+from .handles import FileBytes, Location
 
-__all__ = ["MAX_DEPTH", "MAX_OBJECTS", "BUDGET_SLACK", "Placeholder", "StorageType", "SafeUnpickler", "safe_load"]
+__all__ = ["MAX_DEPTH", "MAX_OBJECTS", "BUDGET_SLACK", "PAYLOAD_THRESHOLD", "Payload", "Placeholder", "StorageType", "SafeUnpickler", "safe_load"]
 
 MAX_DEPTH = 100  # a state dict is 2-4 levels deep; a training checkpoint rarely more than 10
 MAX_OBJECTS = 1_000_000  # containers and objects built by one pickle
 BUDGET_SLACK = 1 << 20  # bytes any file may build beyond its own size (small files, headers)
+# Payload mode: byte strings longer than this are left in the file (a `Payload`: offset and size).
+PAYLOAD_THRESHOLD = 4096
+# Payload mode: a frame longer than this is not read ahead (frames are only a read-ahead hint;
+# the pickler's own frames are about 64 KiB): its opcodes are read from the file as they come.
+_FRAME_READ_AHEAD = 256 * 1024
 
 # ---------------------------------------------------------------- the unpickler
 
 
-def _length_checked(fmt: str, size: int, make: Callable[[bytes], Any]) -> Callable[["SafeUnpickler"], None]:
-    """An opcode handler reading a length then that many bytes, checked against what is left."""
+def _length_checked(fmt: str, size: int, make: Callable[[bytes], Any], kind: Optional[str] = None) -> Callable[["SafeUnpickler"], None]:
+    """An opcode handler reading a length then that many bytes, checked against what is left.
+    With `kind` (byte strings), payload mode leaves a long one in the file as a `Payload`."""
 
     def load(self: "SafeUnpickler") -> None:
         (n,) = struct.unpack(fmt, self.read(size))
         self.check_left(n)
+        if kind is not None and self.skip_payloads and n > self.payload_threshold:
+            self.append(Payload(self.skip(n), kind))
+            return
         data = self.read(n)
         if len(data) != n:
             raise pickle.UnpicklingError("pickle data was truncated")
@@ -67,6 +78,9 @@ class SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcode
         budget: bytes the rebuilders may produce in all (the caller sets it from the file's size).
         persistent_load: what a persistent id means (torch archives); None refuses them.
         load_from_bytes: torch.storage._load_from_bytes (a pickled tensor's inner archive).
+        skip_payloads: payload mode: byte strings over `payload_threshold` bytes are not read but
+            become `Payload`s (where they are in `file`, which must be the source file itself), and
+            numpy arrays become `ArrayRef`s over `storages`; every check and bound is the same.
     """
 
     dispatch = dict(pickle._Unpickler.dispatch)
@@ -79,6 +93,8 @@ class SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcode
         budget: int,
         persistent_load: Optional[Callable[[Any], Any]] = None,
         load_from_bytes: Optional[Callable[[bytes], Any]] = None,
+        skip_payloads: bool = False,
+        payload_threshold: int = PAYLOAD_THRESHOLD,
     ) -> None:
         super().__init__(file, encoding="latin1")
         self._file, self._end = file, file.tell() + size
@@ -91,6 +107,10 @@ class SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcode
         self._pending_slots: Dict[int, List[Any]] = {}  # id of a pending object -> its memo keys
         self.placeholders: List[str] = []  # dotted class names read past, in order of appearance
         self._objects = 0
+        self.skip_payloads, self.payload_threshold = skip_payloads, payload_threshold
+        self.storages: Dict[str, Location] = {}  # payload mode: the arrays' storages, by key
+        self.modules: set = set()  # modules the pickle's globals name (e.g. numpy._core: pickled by numpy 2)
+        self._frame_start = 0  # file offset of the current frame's first byte
 
     # -- bounds
 
@@ -106,6 +126,37 @@ class SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcode
     def _frame_left(self) -> int:
         frame = getattr(self._unframer, "current_frame", None)
         return len(frame.getbuffer()) - frame.tell() if frame is not None else 0
+
+    # -- payload mode
+
+    def skip(self, n: int) -> FileBytes:
+        """Step over `n` bytes (already checked against what is left) without reading them; where they are."""
+        frame = self._unframer.current_frame
+        if frame is not None:
+            at = frame.tell()
+            left = len(frame.getbuffer()) - at
+            if left > 0:  # inside a read-ahead frame: the bytes are one run of the file all the same
+                if n > left:
+                    raise pickle.UnpicklingError("pickle exhausted before end of frame")
+                frame.seek(n, os.SEEK_CUR)
+                return FileBytes(self._frame_start + at, n)
+            self._unframer.current_frame = None
+        start = self._file.tell()
+        self._file.seek(n, os.SEEK_CUR)
+        return FileBytes(start, n)
+
+    def payload_bytes(self, payload: Payload) -> bytes:
+        """A payload's bytes, read now (an inner archive, an array whose byte order is swapped)."""
+        loc = payload.location
+        data = os.pread(self._file.fileno(), loc.nbytes, loc.offset)
+        if len(data) != loc.nbytes:
+            raise _corrupt(f"the file ends inside a {loc.nbytes}-byte string at offset {loc.offset}.")
+        return data
+
+    def add_storage(self, location: Location) -> str:
+        key = f"array-{len(self.storages)}"
+        self.storages[key] = location
+        return key
 
     def _depth_of(self, items: Any, depth: int = 1) -> int:
         """Depth of a container about to hold `items` (checked before it exists: building a set or
@@ -148,6 +199,7 @@ class SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcode
     # -- globals and persistent ids
 
     def find_class(self, module: str, name: str) -> Any:
+        self.modules.add(module)
         if self.proto < 3:  # protocol 2 spells Python 2 names (__builtin__, copy_reg)
             if (module, name) in _compat_pickle.NAME_MAPPING:
                 module, name = _compat_pickle.NAME_MAPPING[(module, name)]
@@ -381,9 +433,9 @@ class SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcode
 
     # -- opcodes that read a declared number of bytes
 
-    dispatch[pickle.BINBYTES[0]] = _length_checked("<I", 4, bytes)
-    dispatch[pickle.BINBYTES8[0]] = _length_checked("<Q", 8, bytes)
-    dispatch[pickle.BYTEARRAY8[0]] = _length_checked("<Q", 8, bytearray)
+    dispatch[pickle.BINBYTES[0]] = _length_checked("<I", 4, bytes, "bytes")
+    dispatch[pickle.BINBYTES8[0]] = _length_checked("<Q", 8, bytes, "bytes")
+    dispatch[pickle.BYTEARRAY8[0]] = _length_checked("<Q", 8, bytearray, "bytearray")
     dispatch[pickle.BINUNICODE[0]] = _length_checked("<I", 4, lambda b: str(b, "utf-8", "surrogatepass"))
     dispatch[pickle.BINUNICODE8[0]] = _length_checked("<Q", 8, lambda b: str(b, "utf-8", "surrogatepass"))
     dispatch[pickle.LONG4[0]] = _length_checked("<i", 4, lambda b: int.from_bytes(b, "little", signed=True))
@@ -391,6 +443,9 @@ class SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcode
     def load_binstring(self) -> None:
         (n,) = struct.unpack("<i", self.read(4))
         self.check_left(n)
+        if self.skip_payloads and n > self.payload_threshold:  # a Python 2 string: its bytes as they are (latin-1)
+            self.append(Payload(self.skip(n), "str"))
+            return
         self.append(self._decode_string(self.read(n)))
 
     dispatch[pickle.BINSTRING[0]] = load_binstring
@@ -398,6 +453,12 @@ class SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcode
     def load_frame(self) -> None:
         (n,) = struct.unpack("<Q", self.read(8))
         self.check_left(n)
+        if self.skip_payloads and n > _FRAME_READ_AHEAD:  # not read ahead: its payloads stay in the file
+            if self._unframer.current_frame is not None and self._unframer.current_frame.read(1):
+                raise pickle.UnpicklingError("beginning of a new frame before end of current frame")
+            self._unframer.current_frame = None
+            return
+        self._frame_start = self._file.tell()
         self._unframer.load_frame(n)
 
     dispatch[pickle.FRAME[0]] = load_frame
@@ -424,6 +485,7 @@ class SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcode
 
 def safe_load(file: Any, *, size: int, budget: Optional[int] = None, **hooks: Any) -> Tuple[Any, List[str]]:
     """Unpickle one pickle from `file` (its next `size` bytes); return (objects, placeholders read past).
+    (`SafeUnpickler` itself, for payload mode: its `storages` and `modules` come with the objects.)
 
     Raises:
         UnsafeCheckpoint: the pickle names something that can only run code.
