@@ -45,9 +45,6 @@ MAX_OBJECTS = 1_000_000  # containers and objects built by one pickle
 BUDGET_SLACK = 1 << 20  # bytes any file may build beyond its own size (small files, headers)
 # Payload mode: byte strings longer than this are left in the file (a `Payload`: offset and size).
 PAYLOAD_THRESHOLD = 4096
-# Payload mode: a frame longer than this is not read ahead (frames are only a read-ahead hint;
-# the pickler's own frames are about 64 KiB): its opcodes are read from the file as they come.
-_FRAME_READ_AHEAD = 256 * 1024
 
 # ---------------------------------------------------------------- the unpickler
 
@@ -110,7 +107,6 @@ class SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcode
         self.skip_payloads, self.payload_threshold = skip_payloads, payload_threshold
         self.storages: Dict[str, Location] = {}  # payload mode: the arrays' storages, by key
         self.modules: set = set()  # modules the pickle's globals name (e.g. numpy._core: pickled by numpy 2)
-        self._frame_start = 0  # file offset of the current frame's first byte
 
     # -- bounds
 
@@ -130,17 +126,8 @@ class SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcode
     # -- payload mode
 
     def skip(self, n: int) -> FileBytes:
-        """Step over `n` bytes (already checked against what is left) without reading them; where they are."""
-        frame = self._unframer.current_frame
-        if frame is not None:
-            at = frame.tell()
-            left = len(frame.getbuffer()) - at
-            if left > 0:  # inside a read-ahead frame: the bytes are one run of the file all the same
-                if n > left:
-                    raise pickle.UnpicklingError("pickle exhausted before end of frame")
-                frame.seek(n, os.SEEK_CUR)
-                return FileBytes(self._frame_start + at, n)
-            self._unframer.current_frame = None
+        """Step over `n` bytes (already checked against what is left) without reading them; where they
+        are.  Payload mode reads no frame ahead, so every payload, in a frame or not, is a run of the file."""
         start = self._file.tell()
         self._file.seek(n, os.SEEK_CUR)
         return FileBytes(start, n)
@@ -453,12 +440,11 @@ class SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcode
     def load_frame(self) -> None:
         (n,) = struct.unpack("<Q", self.read(8))
         self.check_left(n)
-        if self.skip_payloads and n > _FRAME_READ_AHEAD:  # not read ahead: its payloads stay in the file
+        if self.skip_payloads:  # frames are only a read-ahead hint: not read ahead, their payloads stay in the file
             if self._unframer.current_frame is not None and self._unframer.current_frame.read(1):
                 raise pickle.UnpicklingError("beginning of a new frame before end of current frame")
             self._unframer.current_frame = None
             return
-        self._frame_start = self._file.tell()
         self._unframer.load_frame(n)
 
     dispatch[pickle.FRAME[0]] = load_frame
