@@ -311,8 +311,9 @@ def open_source(path: str, *, metadata_only: bool = False) -> Source:
         header = read_header(path)
         if header is not None:
             return Source(path, "safetensors", header.tensors, None, header.bytes_read)
-        if not _is_safetensors(path):
-            return open_pickled(path)
+    # The switch: once the writers pull bytes from `Source.storages`, drop "metadata_only and".
+    if metadata_only and not _is_safetensors(path):
+        return open_pickled(path)
     return load_source(path)
 
 
