@@ -201,3 +201,21 @@ def test_arrays_sharing_one_payload_still_spend_the_budget_once_each(tmp_path):
     for read in (load_checkpoint, lambda p: open_source(p, metadata_only=True)):
         with pytest.raises(UnreadableCheckpoint, match="builds more data than it holds"):
             read(str(path))
+
+
+def test_tensors_pickled_with_plain_pickle_come_back_through_their_inner_archives(tmp_path):
+    """pickle.dump of torch tensors: each storage is torch.storage._load_from_bytes(a torch file of
+    that storage); the inner file is read by the same rules and its bytes kept in memory."""
+    sd = dict(SD)
+    path = tmp_path / "tensors.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"model": sd, "__author__": "x"}, f)
+
+    source = open_pickled(str(path))
+    loaded = load_checkpoint(str(path))["model"]
+
+    for name, want in sd.items():
+        ref = source.objects["model"][name]
+        assert type(ref) is TensorRef and ref.shape == tuple(want.shape), name
+        assert isinstance(source.storages[ref.storage.key], InMemory), name
+        assert loaded[name].dtype == want.dtype and torch.equal(loaded[name], want), name
