@@ -20,10 +20,17 @@ pure-Python unpickler with the opcodes that build or call replaced, so that:
 - **no uninitialised memory**: every array takes exactly its bytes from the file, and every
   tensor reference must lie inside its storage.
 
+**Payload mode** (`skip_payloads`, what the handle readers use): byte strings longer than
+`PAYLOAD_THRESHOLD` (BINBYTES, BINBYTES8, BYTEARRAY8, BINSTRING) are stepped over, not read, and
+become `Payload`s (offset and size in the file); numpy arrays become `ArrayRef`s over storages
+listed in `storages`.  No frame is read ahead (frames are only a hint), so every payload is one
+run of the file.  Every length is still checked against the bytes left and every array still
+spends its bytes from the budget, so a payload never claims more than the file holds.
+
 The tensor side (which storages exist, what a persistent id means) belongs to the caller, given
 as `persistent_load` and, for pickled tensors, `load_from_bytes`.  What each global becomes is
-`allowlist`.  (Slightly over 400 lines: one handler per opcode that builds, changes, calls or
-reads a length, kept in one class so that every bound is visible in one place.)
+`allowlist`.  (About 480 lines: one handler per opcode that builds, changes, calls or reads a
+length, and payload mode's, kept in one class so that every bound is visible in one place.)
 """
 from __future__ import annotations
 
