@@ -337,6 +337,17 @@ def open_pickled(path: str) -> Source:
     return Source(path, pickled.format, pickled.objects, None, bytes_read, pickled.storages, pickled.modules)
 
 
+def materialize_source(source: Source) -> Any:
+    """A handle source's objects with every handle replaced by its tensor, array or bytes, reading
+    each storage once from `source.storages` (what `load_source` gives for the same file).
+
+    Raises:
+        UnreadableCheckpoint: a storage no longer in the file (it changed since it was opened).
+    """
+    with open(source.path, "rb", buffering=0) as f:
+        return _guarded(source.path, lambda: materialize(source.objects, _tensors(dict(source.storages), f.fileno())))
+
+
 def load_source(path: str) -> Source:
     """`path` read whole: every tensor in memory (what the buffered writer needs)."""
     loaded, fmt = read_checkpoint(path)

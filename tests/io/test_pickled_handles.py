@@ -219,3 +219,22 @@ def test_tensors_pickled_with_plain_pickle_come_back_through_their_inner_archive
         assert type(ref) is TensorRef and ref.shape == tuple(want.shape), name
         assert isinstance(source.storages[ref.storage.key], InMemory), name
         assert loaded[name].dtype == want.dtype and torch.equal(loaded[name], want), name
+
+
+@pytest.mark.parametrize("kind", ["legacy", "pickle"])
+def test_materializing_the_handles_gives_what_reading_whole_gives(tmp_path, kind):
+    from conversion.read import materialize_source
+
+    path = tmp_path / ("w.pth" if kind == "legacy" else "w.pkl")
+    if kind == "legacy":
+        torch.save({"model": SD, "epoch": 3}, path, _use_new_zipfile_serialization=False)
+    else:
+        with open(path, "wb") as f:
+            pickle.dump({"model": {k: v.numpy() for k, v in SD.items()}, "blob": b"\x07" * 5000}, f, protocol=4)
+    got, want = materialize_source(open_pickled(str(path))), load_checkpoint(str(path))
+    assert sorted(got) == sorted(want) and sorted(got["model"]) == sorted(want["model"])
+    for name, value in want["model"].items():
+        assert type(got["model"][name]) is type(value), name
+        assert (torch.equal if kind == "legacy" else np.array_equal)(got["model"][name], value), name
+    if kind == "pickle":
+        assert got["blob"] == want["blob"] == b"\x07" * 5000
