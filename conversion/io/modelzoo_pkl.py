@@ -11,7 +11,7 @@ import io
 import os
 import zlib
 from dataclasses import dataclass
-from typing import Any, Dict, List, Tuple, Union
+from typing import Any, Callable, Dict, List, Sequence, Tuple, Union
 
 from .crc import crcs_of_ranges
 from .handles import ArrayRef, FileBytes, InMemory, Location
@@ -71,9 +71,10 @@ def _walk_payloads(obj: Any, found: List[ArrayPayload]) -> None:
             _walk_payloads(v, found)
 
 
-def array_digests(path: str) -> Any:
+def array_digests(path: str, crcs: Callable[[int, Sequence[Tuple[int, int]]], List[int]] = crcs_of_ranges) -> Any:
     """The model-zoo pickle at `path` with each array as (shape, dtype, CRC-32 of its bytes, size):
-    what a writer compares with what it meant to write.  CRCs are computed in parallel.
+    what a writer compares with what it meant to write.  CRCs are computed by `crcs` (fd, ranges),
+    in parallel by default; a writer passes the one it uses for its own checks.
 
     Raises:
         UnreadableCheckpoint, UnsafeCheckpoint: as `read_array_payloads`.
@@ -83,8 +84,8 @@ def array_digests(path: str) -> Any:
     _walk_payloads(obj, arrays)
     in_file = [a for a in arrays if isinstance(a.payload, FileBytes)]
     with open(path, "rb", buffering=0) as f:
-        crcs = crcs_of_ranges(f.fileno(), [(a.payload.offset, a.payload.nbytes) for a in in_file])
-    digest = {id(a): (a.shape, a.dtype, crc, a.payload.nbytes) for a, crc in zip(in_file, crcs)}
+        found = crcs(f.fileno(), [(a.payload.offset, a.payload.nbytes) for a in in_file])
+    digest = {id(a): (a.shape, a.dtype, crc, a.payload.nbytes) for a, crc in zip(in_file, found)}
     for a in arrays:
         if isinstance(a.payload, InMemory):
             digest[id(a)] = (a.shape, a.dtype, zlib.crc32(a.payload.data), len(a.payload.data))
