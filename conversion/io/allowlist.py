@@ -206,12 +206,13 @@ def _array_ref(u: "SafeUnpickler", data: Any, dt: Any, shape: Tuple[int, ...], f
             raw = _np().frombuffer(raw, dt).astype(dt.newbyteorder("=")).tobytes()
         location = InMemory(raw)
     native = dt.newbyteorder("=") if not dt.isnative else dt
+    name = native.name  # computed by numpy in Python: once
     count = 1
     for d in shape:
         count *= d
-    storage = StorageRef(u.add_storage(location), _STORAGE_OF.get(native.name, native.name), count)
+    storage = StorageRef(u.add_storage(location), _STORAGE_OF.get(name, name), count)
     stride = tuple(reversed(contiguous_stride(tuple(reversed(shape))))) if fortran else contiguous_stride(shape)
-    return ArrayRef(storage, 0, shape, stride, array_dtype=native.str, array_name=native.name)
+    return ArrayRef(storage, 0, shape, stride, array_dtype=native.str, array_name=name)
 
 
 _STORAGE_OF = {dtype: storage for storage, dtype in STORAGE_DTYPES.items() if dtype != "bfloat16"}
