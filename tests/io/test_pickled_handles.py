@@ -238,3 +238,24 @@ def test_materializing_the_handles_gives_what_reading_whole_gives(tmp_path, kind
         assert (torch.equal if kind == "legacy" else np.array_equal)(got["model"][name], value), name
     if kind == "pickle":
         assert got["blob"] == want["blob"] == b"\x07" * 5000
+
+
+@pytest.mark.parametrize("dtype, storage", [("uint32", "uint32"), ("longdouble", "float128"), ("int8", "CharStorage"), ("bool", "BoolStorage")])
+def test_an_array_keeps_numpys_dtype_and_one_without_a_torch_storage_type_is_refused_as_a_weight(tmp_path, dtype, storage):
+    """The handle names numpy's dtype; where torch has no storage type for it (uint32, float128) the
+    layouts refuse it as a weight, with the words they use for the array itself."""
+    from conversion import convert
+    from conversion.errors import NotConvNeXt
+    from conversion.inspection import inspect_checkpoint
+
+    path = tmp_path / "w.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"model": {k: (v.numpy() * 10).astype(dtype) for k, v in SD.items()}, "__author__": "x"}, f, protocol=4)
+    ref = open_pickled(str(path)).objects["model"]["downsample_layers.0.0.weight"]
+    assert (ref.dtype, ref.storage.storage_type) == (np.dtype(dtype).name, storage)
+    if storage in ("uint32", "float128"):
+        says = rf"'downsample_layers\.0\.0\.weight' is not a weight tensor \(dtype {np.dtype(dtype).name}\)"
+        with pytest.raises(NotConvNeXt, match=says):
+            inspect_checkpoint(str(path))
+        with pytest.raises(NotConvNeXt, match=says):
+            convert(str(path), str(tmp_path / "out.pth"))
