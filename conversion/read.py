@@ -111,12 +111,15 @@ def materialize(obj: Any, build: Callable[[Any], Any], name: str = "") -> Any:
     if isinstance(obj, dict):
         out: Dict[Any, Any] = collections.OrderedDict() if isinstance(obj, collections.OrderedDict) else {}
         for k, v in obj.items():
-            out[k] = materialize(v, build, str(k))
+            key = materialize(k, build, name) if isinstance(k, (Payload, tuple)) else k  # a long bytes key
+            out[key] = materialize(v, build, str(k))
         return out
     if isinstance(obj, list):
         return [materialize(v, build, f"{name}[{i}]") for i, v in enumerate(obj)]
     if isinstance(obj, tuple):
         return tuple(materialize(v, build, f"{name}[{i}]") for i, v in enumerate(obj))
+    if isinstance(obj, (set, frozenset)):
+        return type(obj)(materialize(v, build, name) for v in obj)
     return obj
 
 

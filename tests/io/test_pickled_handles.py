@@ -259,3 +259,18 @@ def test_an_array_keeps_numpys_dtype_and_one_without_a_torch_storage_type_is_ref
             inspect_checkpoint(str(path))
         with pytest.raises(NotConvNeXt, match=says):
             convert(str(path), str(tmp_path / "out.pth"))
+
+
+def test_long_byte_strings_anywhere_come_back_as_what_they_were(tmp_path):
+    """Payloads left in the file are read back as bytes, bytearray or (Python 2) str wherever they
+    were: values, dict keys, tuples, sets."""
+    big = bytes(range(256)) * 20
+    obj = {"model": {k: v.numpy() for k, v in SD.items()}, "__author__": "x",
+           big: "a key", "t": (big, 1), "s": {big}, "f": frozenset([big + b"x"]), "ba": [bytearray(big)]}
+    path = tmp_path / "w.pkl"
+    with open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=4)
+    got = load_checkpoint(str(path))
+    for key in (big, "t", "s", "f", "ba", "__author__"):
+        assert got[key] == obj[key] and type(got[key]) is type(obj[key]), key
+    assert type(got["ba"][0]) is bytearray
