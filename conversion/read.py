@@ -166,8 +166,9 @@ def _read_pickled(f: Any, path: str, size: int) -> _Pickled:
     u = SafeUnpickler(f, size=size, budget=2 * size + BUDGET_SLACK, load_from_bytes=_inner_archive(storages), skip_payloads=True)
     obj = u.load()
     if isinstance(obj, int) and obj == LEGACY_TORCH_MAGIC:
-        objects, legacy = read_legacy(f, path, size)
-        return _Pickled("torch-legacy", objects, legacy, frozenset(u.modules))
+        modules: set = set()
+        objects, legacy = read_legacy(f, path, size, modules=modules)
+        return _Pickled("torch-legacy", objects, legacy, frozenset(modules))
     storages.update(u.storages)
     return _Pickled("pickle", obj, storages, frozenset(u.modules))
 

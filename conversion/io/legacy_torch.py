@@ -50,12 +50,13 @@ def _persistent_ids(declared: Dict[str, StorageRef]) -> Callable[[Any], Any]:
     return persistent
 
 
-def read_legacy(f: Any, path: str, size: int, *, in_file: bool = True) -> Tuple[Any, Dict[str, Location]]:
+def read_legacy(f: Any, path: str, size: int, *, in_file: bool = True, modules: Optional[set] = None) -> Tuple[Any, Dict[str, Location]]:
     """The rest of a legacy torch file after its magic number: (objects with `TensorRef` leaves,
     storage key -> location).  `f` is positioned after the magic; `size` is the whole file's size.
 
     With `in_file` (f is the source file itself) storages and large array payloads stay in the file
     as `FileBytes`; otherwise (`f` is an inner archive in memory) they are `InMemory` copies.
+    `modules`, if given, gets the modules the objects' globals name.
 
     Raises:
         UnreadableCheckpoint: a big-endian file, a storage list that disagrees with the objects,
@@ -72,6 +73,8 @@ def read_legacy(f: Any, path: str, size: int, *, in_file: bool = True) -> Tuple[
         raise UnreadableCheckpoint(f"{path}: a big-endian legacy torch file.", "Re-save it on a little-endian machine.")
     u = SafeUnpickler(f, size=left(), budget=2 * left() + BUDGET_SLACK, persistent_load=_persistent_ids(declared), skip_payloads=in_file)
     objects = u.load()
+    if modules is not None:
+        modules.update(u.modules)
     storages: Dict[str, Location] = dict(u.storages)
     keys, _ = safe_load(f, size=left())
     if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys) or set(keys) != set(declared):

@@ -274,3 +274,14 @@ def test_long_byte_strings_anywhere_come_back_as_what_they_were(tmp_path):
     for key in (big, "t", "s", "f", "ba", "__author__"):
         assert got[key] == obj[key] and type(got[key]) is type(obj[key]), key
     assert type(got["ba"][0]) is bytearray
+
+
+def test_the_source_lists_the_modules_its_pickles_name(tmp_path):
+    """What diagnose asks of a .pkl (pickled by numpy >= 2 names numpy._core) without searching its bytes."""
+    legacy, zoo = tmp_path / "w.pth", tmp_path / "w.pkl"
+    torch.save({"model": SD, "np": np.ones(3)}, legacy, _use_new_zipfile_serialization=False)
+    with open(zoo, "wb") as f:
+        pickle.dump({"model": {k: v.numpy() for k, v in SD.items()}, "__author__": "x"}, f)
+    core = "numpy._core.multiarray" if int(np.__version__.split(".")[0]) >= 2 else "numpy.core.multiarray"
+    assert {"torch._utils", core} <= open_pickled(str(legacy)).modules
+    assert {"numpy", core} <= open_pickled(str(zoo)).modules and "torch._utils" not in open_pickled(str(zoo)).modules
