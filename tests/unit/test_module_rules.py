@@ -57,7 +57,7 @@ PICKLE_INTERNAL_ATTRIBUTES = {"framer", "_unframer", "current_frame", "commit_fr
 # Today's users, per module.  The redesign (one safe unpickler in io/, writers that pull bytes per
 # handle) is to remove stream.py's index pickler and digest unpickler: delete its row then.
 PICKLE_INTERNALS_EXPECTED: Dict[str, Set[str]] = {
-    "conversion/io/safe_pickle.py": {"_Unpickler", "_unframer", "dispatch"},
+    "conversion/io/safe_pickle.py": {"_Unpickler", "_unframer", "current_frame", "dispatch"},
     "conversion/stream.py": {"_Pickler", "_Unpickler", "_unframer", "current_frame", "dispatch", "framer",
                              "write_large_bytes"},
 }
@@ -69,7 +69,8 @@ LONG_TESTS_BEING_SPLIT = {
     "tests/adversarial/test_hostile.py", "tests/cli/test_bad_input.py", "tests/d2/test_equivalence.py",
     "tests/io/test_faults.py", "tests/layouts/test_layout_equivalence.py",
 }
-LONG_REASON = re.compile(r"(over|more than) (~\s*)?400 lines", re.IGNORECASE)
+# How a docstring says it: "Over 400 lines on purpose: ...", "(About 480 lines: one handler per opcode ...)".
+LONG_REASON = re.compile(r"\b(over|more than|about|nearly|some|~)\s*(\d{3,})\s+lines\b", re.IGNORECASE)
 
 # Exception classes defined outside errors.py: only the CLI's SIGTERM signal (a BaseException so
 # that no `except Exception` swallows it; it is no error a user can cause).
@@ -245,7 +246,8 @@ def _long_without_reason(paths: List[Path]) -> Dict[str, int]:
     out = {}
     for path in paths:
         lines = len(path.read_text(encoding="utf-8").splitlines())
-        if lines > MAX_LINES and not LONG_REASON.search(ast.get_docstring(_tree(path)) or ""):
+        said = [int(m.group(2)) for m in LONG_REASON.finditer(ast.get_docstring(_tree(path)) or "")]
+        if lines > MAX_LINES and not any(n >= MAX_LINES for n in said):
             out[_relative(path)] = lines
     return out
 
@@ -254,7 +256,7 @@ def test_every_package_module_over_400_lines_says_why_at_its_top():
     found = _long_without_reason(_package_modules() + sorted((ROOT / "benchmarks").glob("*.py")))
 
     new = {m: n for m, n in found.items() if m not in LONG_WITHOUT_REASON_EXPECTED}
-    assert new == {}, f"modules over {MAX_LINES} lines without 'over 400 lines because ...' in their docstring: {new}"
+    assert new == {}, f"modules over {MAX_LINES} lines without 'Over 400 lines: <why>' in their docstring: {new}"
     fixed = sorted(LONG_WITHOUT_REASON_EXPECTED - set(found))
     assert fixed == [], f"these now say why or are short: delete them from LONG_WITHOUT_REASON_EXPECTED: {fixed}"
 
