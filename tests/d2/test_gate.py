@@ -148,7 +148,8 @@ def gate(tmp_path_factory) -> Dict[str, Any]:
     return {"files": files, "runs": runs}
 
 
-def test_the_gate_tests_pass_on_a_good_file_and_k_roundtrip_selects_them(gate):
+def test_the_gate_tests_pass_on_a_good_file_and_are_selected_by_their_keyword(gate):
+    """`-k roundtrip` selects the gate tests (the run asks for it and they run); this test itself is not a round trip."""
     status, stdout = gate["runs"]["good"]
     assert status == 0, stdout
     assert _outcomes(stdout) == ["PASSED convnext-d2::test_convnext_d2_roundtrip_checkpoint_loads_clean"], stdout
