@@ -5,6 +5,7 @@ loads nothing) on the broken file, `repair` names the cause, and the repaired fi
 """
 from __future__ import annotations
 
+import json
 import pickle
 import re
 import sys
@@ -134,18 +135,19 @@ def test_a_file_that_is_already_fine_is_reported_fine_and_left_alone(tmp_path, c
     assert main(["convert", str(tmp_path / "src.pth"), str(good)]) == 0
     before = good.read_bytes()
     capsys.readouterr()
-    assert main(["repair", str(good), str(tmp_path / "out.pth")]) == 0
-    out = capsys.readouterr().out
-    assert "nothing to repair" in out
+    assert main(["repair", str(good), str(tmp_path / "out.pth"), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["repaired"], data["causes"], data["conversion"]) == (False, [], None), data
     assert not (tmp_path / "out.pth").exists() and good.read_bytes() == before
 
 
 def test_repair_cli_names_the_cause_and_exits_0(tmp_path, capsys):
     broken = tmp_path / "broken.pkl"
     _pickle(broken, {"model": USER_NAMES})
-    assert main(["repair", str(broken), str(tmp_path / "fixed.pkl")]) == 0
-    out = capsys.readouterr().out
-    assert "cause(s) found" in out and "no '__author__'" in out and "wrote" in out
+    assert main(["repair", str(broken), str(tmp_path / "fixed.pkl"), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["repaired"] is True and any("no '__author__'" in c for c in data["causes"]), data["causes"]
+    assert data["conversion"]["destination"] == str(tmp_path / "fixed.pkl") and (tmp_path / "fixed.pkl").is_file()
 
 
 def test_repair_refuses_to_overwrite_without_force(tmp_path, capsys):
@@ -158,8 +160,6 @@ def test_repair_refuses_to_overwrite_without_force(tmp_path, capsys):
 
 
 def test_repair_json_report(tmp_path, capsys):
-    import json
-
     broken = tmp_path / "broken.pkl"
     _pickle(broken, {"model": USER_NAMES})
     assert main(["repair", str(broken), str(tmp_path / "fixed.pth"), "--json"]) == 0

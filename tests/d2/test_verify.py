@@ -1,6 +1,6 @@
 """`verify`: passes on a correct file, fails (exit 1) with the right reason on each broken kind,
 for each style of target backbone; exit 2 for unusable input.  Verdicts are read through `--json`
-(or the Python API); the human report has one snapshot test, at the end.  The whole-model cases
+(or the Python API); the human report has one snapshot test (tests/cli/test_human_output.py).  The whole-model cases
 (a DI-MaskDINO-like detector) are in test_verify_whole_model.py."""
 from __future__ import annotations
 
@@ -253,64 +253,3 @@ def test_verify_reports_dtype_casts_on_load(tmp_path):
     convert(str(tmp_path / "src.pth"), str(tmp_path / "half.pth"))
     result = verify(str(tmp_path / "half.pth"))
     assert result.ok and result.dtype_changes == {"float16 -> float32": str(result.loaded)}
-
-
-WHOLE_MODEL_YAML = """\
-MODEL:
-  META_ARCHITECTURE: "DIMaskDINOLike"
-  BACKBONE: {NAME: "D2ConvNeXt", FREEZE_AT: 0}
-  CONVNEXT: {DEPTHS: [1, 2, 1, 1], DIMS: [8, 16, 8, 16]}
-  DIMASKDINO_LIKE: {HIDDEN_DIM: 32, ENC_LAYERS: 1, DEC_LAYERS: 1, ENC_FFN: 32, DEC_FFN: 32, NUM_QUERIES: 4}
-"""
-
-# One snapshot per verdict: OK with warnings (backbone only), FAIL under --strict (whole model), FAIL.
-SNAPSHOTS = {
-    "ok-with-warnings-backbone-only": """\
-verify: OK with warnings (1)
-  checkpoint <tmp>/fork.pth
-  backbone   D2ConvNeXt from <tmp>/D2ConvNeXt.yaml
-  model      backbone only: whole model not built: MODEL.META_ARCHITECTURE 'MaskDINO' is not registered (--import the module that registers it); checkpoint keys that could match outside the backbone were not checked
-  loaded     61 backbone tensors (exact names)
-  fresh      8 output-norm tensors initialised by the backbone (expected)
-  missing    0; unused 2; shape-skipped 0
-  warning    2 checkpoint tensors unused by the model: backbone.norm.bias, backbone.norm.weight (training ignores them; convnext-d2 repair CKPT FIXED.pth writes the file without them)
-""",
-    "strict-whole-model": """\
-verify: FAIL: --strict: 2 checkpoint tensors unused by the model: backbone.norm.bias, backbone.norm.weight (training ignores them; convnext-d2 repair CKPT FIXED.pth writes the file without them)
-  checkpoint <tmp>/fork.pth
-  backbone   D2ConvNeXt from <tmp>/whole.yaml
-  model      DIMaskDINOLike, built whole on CPU as train_net.py builds it
-  loaded     61 backbone tensors (exact names)
-  fresh      8 output-norm tensors initialised by the backbone (expected)
-  missing    0; unused 2; shape-skipped 0
-  outside    0 tensors loaded outside the backbone; 97 keep the model's initialisation
-""",
-    "fail": """\
-verify: FAIL: 61 backbone weights missing (they would train from random init): backbone.downsample_layers.0.0.bias, backbone.downsample_layers.0.0.weight, backbone.downsample_layers.0.1.bias, backbone.downsample_layers.0.1.weight and 57 more
-  checkpoint <tmp>/x.pth
-  backbone   build_convnext_d2_backbone (this project's, shaped like the checkpoint)
-  model      backbone only: whole model not built: no --config given; checkpoint keys that could match outside the backbone were not checked
-  loaded     0 backbone tensors (exact names)
-  fresh      8 output-norm tensors initialised by the backbone (expected)
-  missing    61; unused 61; shape-skipped 0
-  warning    61 checkpoint tensors unused by the model: downsample_layers.0.0.bias, downsample_layers.0.0.weight, downsample_layers.0.1.bias, downsample_layers.0.1.weight, downsample_layers.1.0.bias, downsample_layers.1.0.weight, downsample_layers.1.1.bias, downsample_layers.1.1.weight and 53 more (training ignores them; convnext-d2 repair CKPT FIXED.pth writes the file without them)
-  fix        convnext-d2 repair CKPT FIXED.pth (or convert the original checkpoint again)
-""",
-}
-
-
-@pytest.mark.parametrize("case", list(SNAPSHOTS))
-def test_verify_human_report_snapshot(tmp_path, capsys, case):
-    """The one check of the human layout (everything else reads --json)."""
-    fork = {"backbone." + k: v for k, v in OFFICIAL.items() if not k.startswith("head.")}
-    torch.save({"model": fork}, tmp_path / "fork.pth")
-    (tmp_path / "whole.yaml").write_text(WHOLE_MODEL_YAML)
-    args, status = {
-        "ok-with-warnings-backbone-only": (
-            [tmp_path / "fork.pth", "--config", _yaml(tmp_path, "D2ConvNeXt", meta="MaskDINO"), "--import", STYLES], 0),
-        "strict-whole-model": (
-            [tmp_path / "fork.pth", "--config", tmp_path / "whole.yaml", "--import", "tests.dimaskdino_like", "--strict"], 1),
-        "fail": ([_broken(tmp_path, "missing-prefix")[0]], 1),
-    }[case]
-    assert main(["verify", *map(str, args)]) == status
-    assert capsys.readouterr().out.replace(str(tmp_path), "<tmp>") == SNAPSHOTS[case]
