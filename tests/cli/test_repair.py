@@ -15,18 +15,19 @@ import numpy as np
 import pytest
 import torch
 
-from conversion.architecture import CLASSIFIER_KEYS, Architecture
+from conversion.architecture import Architecture
 from conversion.cli import main
 from conversion.pipeline import repair
 from conversion.synthetic import random_state_dict
-from conversion.target import fresh_output_norms
 
 from ..support import (
+    CLASSIFIER_NAMES,
     TORCH_LOADS_WEIGHTS_ONLY_BY_DEFAULT,
     assert_clean_load,
     assert_loaded_equal,
     build_d2_model,
     load_with_detectron2,
+    output_norm_names,
     require,
 )
 
@@ -36,7 +37,7 @@ ARCH = Architecture((1, 2, 1, 1), (8, 16, 8, 16), num_classes=4, classifier_norm
 OFFICIAL = random_state_dict(ARCH, seed=11)
 # What the user's converter wrote: `backbone.` names, head dropped, the pooled norm kept (the "180 kept").
 USER_NAMES = {"backbone." + k: v for k, v in OFFICIAL.items() if not k.startswith("head.")}
-BACKBONE = {"backbone." + k: v for k, v in OFFICIAL.items() if k not in CLASSIFIER_KEYS}
+BACKBONE = {"backbone." + k: v for k, v in OFFICIAL.items() if k not in CLASSIFIER_NAMES}
 
 
 def _numpy(sd):
@@ -124,7 +125,7 @@ def test_repair_fixes_each_documented_failure(tmp_path, case, name, build, d2_er
         assert report.repaired and any(cause in c for c in report.causes), report.causes
         model = build_d2_model(ARCH)
         result = load_with_detectron2(model, str(fixed))
-        assert_clean_load(result, fresh_output_norms(ARCH))
+        assert_clean_load(result, output_norm_names())
         assert_loaded_equal(model, BACKBONE)
         assert b"numpy._core" not in fixed.read_bytes()
 

@@ -16,17 +16,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conversion import convert
-from conversion.architecture import CLASSIFIER_KEYS, RELEASED_VARIANTS, Architecture
+from conversion.architecture import RELEASED_VARIANTS, Architecture
 from conversion.synthetic import random_state_dict
-from conversion.target import fresh_output_norms
 
 from .. import strategies as S
 from ..support import (
+    CLASSIFIER_NAMES,
     assert_clean_load,
     assert_loaded_equal,
     build_d2_model,
     fill_with_sentinel,
     load_with_detectron2,
+    output_norm_names,
+    output_norms_for,
     require,
 )
 
@@ -44,7 +46,7 @@ FORMATS = (".pth", ".pkl", ".pt")
 
 
 def _expected_model_state(sd, prefix="backbone."):
-    return {prefix + k: v for k, v in sd.items() if k not in CLASSIFIER_KEYS}
+    return {prefix + k: v for k, v in sd.items() if k not in CLASSIFIER_NAMES}
 
 
 def _save_source(tmpdir, container_obj, kind):
@@ -60,9 +62,13 @@ def _convert_and_load(src, dst, arch, source_weights, kind, *, ema=False, out_fe
     model = build_d2_model(arch, out_features) if model is None else model
     fill_with_sentinel(model)
     result = load_with_detectron2(model, dst)
-    expected_missing = fresh_output_norms(arch, out_features or ("res2", "res3", "res4", "res5"))
+    # the output norms of the requested outputs, less those the source already holds
+    expected_missing = [k for k in output_norms_for(out_features or ("res2", "res3", "res4", "res5"))
+                        if k[len("backbone."):] not in source_weights]
     assert_clean_load(result, expected_missing)
     assert_loaded_equal(model, _expected_model_state(source_weights))
+    # convert reports every output norm the file lacks, whatever a given config requests
+    assert sorted(report.fresh) == sorted(k for k in output_norm_names() if k[len("backbone."):] not in source_weights)
     return report, model
 
 
@@ -148,7 +154,7 @@ def test_roundtrip_gate_fails_on_a_file_without_the_backbone_prefix(tmp_path):
     model = build_d2_model(SMALL)
     result = load_with_detectron2(model, str(tmp_path / "bare.pth"))
     with pytest.raises(AssertionError, match="missing keys differ"):
-        assert_clean_load(result, fresh_output_norms(SMALL))
+        assert_clean_load(result, output_norm_names())
     assert result.unexpected, "Detectron2 should report every prefix-less key as unused"
 
 

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from conversion import convert
-from conversion.architecture import CLASSIFIER_KEYS, Architecture
+from conversion.architecture import Architecture
 from conversion.cli import main
 from conversion.layouts import from_canonical
 from conversion.synthetic import random_state_dict
 
-from ..support import detectron2_reads_path_query, require
+from ..support import CLASSIFIER_NAMES, detectron2_reads_path_query, require
 
 require("detectron2")
 from conversion.verify import verify  # noqa: E402
@@ -83,7 +83,7 @@ def test_verify_each_target_style_expects_exactly_its_own_fresh_norms(tmp_path, 
 
 def _broken(tmp_path, kind):
     """Each broken kind, built as the tool that produced it did."""
-    backbone = {k: v for k, v in OFFICIAL.items() if k not in CLASSIFIER_KEYS}
+    backbone = {k: v for k, v in OFFICIAL.items() if k not in CLASSIFIER_NAMES}
     if kind == "missing-prefix":
         torch.save({"model": backbone}, tmp_path / "x.pth")
         return str(tmp_path / "x.pth"), None
@@ -143,7 +143,7 @@ def test_verify_raw_official_dict_under_heuristics_loads_every_backbone_weight_w
     status, report = _verify_json(capsys, tmp_path / "x.pkl", "--config", _yaml(tmp_path, "D2ConvNeXt", meta="MaskDINO"), "--import", STYLES)
     assert status == 0 and report["heuristics"] and report["problems"] == [], report["problems"]
     assert report["unexpected"] == ["head.bias", "head.weight", "norm.bias", "norm.weight"]
-    backbone = sorted(k for k in OFFICIAL if k not in CLASSIFIER_KEYS)
+    backbone = sorted(k for k in OFFICIAL if k not in CLASSIFIER_NAMES)
     assert report["renamed"] == {"backbone." + k: k for k in backbone}
     assert report["warnings"][0].startswith("4 checkpoint tensors unused by the model: head.bias, head.weight, norm.bias, norm.weight")
 
