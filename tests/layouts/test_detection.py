@@ -25,7 +25,6 @@ import torch
 
 from conversion import convert
 from conversion.architecture import Architecture
-
 from conversion.errors import NotConvNeXt
 
 from ..support import assert_clean_load, build_d2_model, fill_with_sentinel, load_with_detectron2, require, torch_load_weights_only
