@@ -16,7 +16,7 @@ from conversion.cli import main
 from conversion.layouts import from_canonical
 from conversion.synthetic import random_state_dict
 
-from ..support import CLASSIFIER_NAMES, detectron2_reads_path_query, require
+from ..support import CLASSIFIER_NAMES, detectron2_reads_path_query, output_norm_names, require
 
 require("detectron2")
 from conversion.verify import verify  # noqa: E402
@@ -57,8 +57,10 @@ def test_verify_passes_a_converted_file_and_agrees_with_the_converter_on_fresh_k
     path, src, report = converted
     result = verify(path, source=src)
     assert result.ok, result.problems
-    assert result.fresh == sorted(report.fresh) and result.missing == [] and result.unexpected == []
-    assert result.loaded == report.kept and result.feature_difference == 0.0
+    assert result.fresh == sorted(report.fresh) == sorted(output_norm_names())
+    assert result.missing == [] and result.unexpected == []
+    # ARCH (depths 1, 2, 1, 1): the stem and 3 downsamples hold 4 tensors each, each of 5 blocks 9
+    assert result.loaded == report.kept == 4 * 4 + 9 * 5 and result.feature_difference == 0.0
 
 
 @pytest.mark.parametrize(
