@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Any, List, Optional, Sequence
+import pickle
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import pytest
 import torch
@@ -112,3 +113,36 @@ def plugin_option_names() -> List[str]:
     recorder = Recorder()
     plugin.pytest_addoption(recorder)  # type: ignore[arg-type]
     return recorder.names
+
+
+# ---------------------------------------------------------------- independent oracles
+# Expected names and decoded files, written out here rather than taken from conversion/ (the code
+# under test): a test comparing the converter with its own constants or its own reader proves nothing.
+
+# The official layout's classifier: the pooled norm and the head (dropped by every conversion).
+CLASSIFIER_NAMES = ("norm.weight", "norm.bias", "head.weight", "head.bias")
+
+
+def output_norm_names(stages: Iterable[int] = (0, 1, 2, 3), prefix: str = "backbone.") -> List[str]:
+    """`norm{i}.weight` and `.bias` for each stage i (output res{i+2}): the norms a Detectron2 backbone
+    adds for its outputs, which no ImageNet file holds."""
+    return [f"{prefix}norm{i}.{p}" for i in stages for p in ("weight", "bias")]
+
+
+def output_norms_for(out_features: Iterable[str], prefix: str = "backbone.") -> List[str]:
+    """output_norm_names of the stages behind `res2`..`res5` outputs."""
+    return output_norm_names(sorted(int(name[len("res"):]) - 2 for name in out_features), prefix)
+
+
+def read_written(path: Any) -> Dict[str, Any]:
+    """A file the converter wrote, decoded without conversion/: `torch.load(weights_only=True)` for a
+    torch file, the standard unpickler for a `.pkl` (numpy arrays; the file is the test's own output)."""
+    if str(path).endswith(".pkl"):
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="latin1")
+    return torch_load_weights_only(path)
+
+
+def written_tensors(path: Any) -> Dict[str, torch.Tensor]:
+    """The `model` dict of a written file as tensors (a `.pkl` holds numpy arrays)."""
+    return {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(v) for k, v in read_written(path)["model"].items()}

@@ -235,7 +235,9 @@ def _reconstruct(u: "SafeUnpickler", args: tuple) -> Any:
 def _build_array(u: "SafeUnpickler", state: Any) -> Any:
     if not isinstance(state, tuple) or len(state) not in (4, 5):
         raise _corrupt("a numpy array's state is malformed.")
-    _version, shape, dtype, fortran, data = state if len(state) == 5 else (1,) + state
+    version, shape, dtype, fortran, data = state if len(state) == 5 else (1,) + state
+    if version not in (0, 1):  # numpy itself reads no other (its __setstate__ raises ValueError)
+        raise _corrupt(f"a numpy array's state has version {version!r}; numpy writes and reads only 0 and 1.")
     return _array_from(u, data, dtype, shape, bool(fortran), "an array")
 
 

@@ -1,11 +1,12 @@
-"""Bad input: every malformed or hostile source and every unusable destination ends in exit
-status 2 and a message naming the problem; nothing from the file runs; nothing is written,
-not even half (docs/design.md, "Safety").
+"""Bad input: every malformed or hostile source and every unusable destination is refused with
+the project's error for it and a message naming the problem; nothing from the file runs; nothing
+is written, not even half (docs/design.md, "Safety").
 
 The cases are one table.  Each builds its files in a fresh folder that is also the working
-directory of the run, so paths in arguments and messages are short and relative.  The table
-runs in-process through `conversion.cli.main` (fast); a few cases run again as a real process
-to prove the exit status the shell sees and that no traceback escapes.
+directory, so paths in arguments and messages are short and relative.  The table is checked at
+the library level (`conversion.convert` raises the case's error class, matching its message);
+the exit status each error class gives through the CLI is test_exit_statuses.py's, and a few
+cases run again as a real process to prove what the shell sees and that no traceback escapes.
 """
 from __future__ import annotations
 
@@ -16,17 +17,19 @@ import io
 import os
 import pickle
 import random
+import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple, Type
 
 import pytest
 import torch
 
-from conversion import write
+from conversion import convert, write
 from conversion.architecture import Architecture
 from conversion.cli import main
+from conversion.errors import ContainerError, ConversionError, DestinationError, NotConvNeXt, UnreadableCheckpoint, UnsafeCheckpoint
 
 from ..support import random_canonical_state_dict, require, torch_load_weights_only, torchvision_model
 from .test_cli import assert_plain_error, run_cli
@@ -48,6 +51,11 @@ class BadInput:
 
     args: Tuple[str, ...]
     says: Tuple[str, ...]
+
+    def convert(self) -> None:
+        """The same conversion through the library: `--force` is the only option the table uses."""
+        paths = [a for a in self.args if a != "--force"]
+        convert(paths[0], paths[1], force="--force" in self.args)
 
 
 Maker = Callable[[Path], BadInput]  # builds the case's files under the folder, returns the invocation
@@ -254,14 +262,22 @@ CASES: Dict[str, Maker] = {
     "destination-folder-missing": destination_folder_missing,
     "destination-is-directory": destination_is_a_directory,
 }
-# Run again as real processes: one per kind of failure (read, unsafe, recognise, destination).
+# The error each case raises (errors.py), written out.
+RAISES: Dict[str, Type[ConversionError]] = {
+    **dict.fromkeys(["missing-source", "directory-as-source", "empty-file", "random-bytes", "truncated-torch-file"],
+                    UnreadableCheckpoint),
+    **dict.fromkeys(["list-not-dict", "dict-without-tensors"], ContainerError),
+    **dict.fromkeys(["resnet50", "tensor-transposed", "stage-3-removed", "foreign-keys"], NotConvNeXt),
+    **dict.fromkeys(["pickle-runs-code", "torch-file-runs-code"], UnsafeCheckpoint),
+    **dict.fromkeys([name for name in CASES if name.startswith(("destination-", "extension-", "no-extension"))],
+                    DestinationError),
+}
+assert sorted(RAISES) == sorted(CASES), "every case says which error it raises"
+# Run again as real processes: a source the reader refuses, a hostile one (its code must not run in the
+# shell's process either) and a destination refused.
 IN_A_REAL_PROCESS = [
-    "missing-source",
     "random-bytes",
     "pickle-runs-code",
-    "torch-file-runs-code",
-    "foreign-keys",
-    "destination-exists",
     "destination-symlink-to-source",
 ]
 
@@ -302,31 +318,30 @@ def assert_says(stderr: str, fragments: Sequence[str]) -> None:
     assert missing == [], f"the error should name {missing}:\n{stderr}"
 
 
-@pytest.fixture(params=list(CASES.values()), ids=list(CASES))
-def bad(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> BadInput:
-    """One case of the table, built in `tmp_path`, which is also the working directory."""
+def all_of(fragments: Sequence[str]) -> str:
+    """A regex (for `pytest.raises(match=...)`) that finds every fragment, in any order."""
+    return "(?s)" + "".join(f"(?=.*{re.escape(f)})" for f in fragments)
+
+
+@pytest.fixture(params=list(CASES), ids=list(CASES))
+def case(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Tuple[str, BadInput]:
+    """One case of the table (name, invocation), built in `tmp_path`, which is also the working directory."""
     monkeypatch.chdir(tmp_path)
-    return request.param(tmp_path)
+    return request.param, CASES[request.param](tmp_path)
 
 
-# ---------------------------------------------------------------- in-process: the whole table
+# ---------------------------------------------------------------- the whole table, at the library level
 
 
-def test_bad_input_exits_2_with_one_or_two_lines_naming_the_problem(bad: BadInput, capsys):
-    status = main(["convert", *bad.args])
-
-    out, err = capsys.readouterr()
-    assert status == EXIT_USAGE, f"exit status {status}, stderr:\n{err}"
-    assert_says(err, bad.says)
-    assert_plain_error(err)
-    assert out == "", f"nothing belongs on stdout after an error:\n{out}"
-
-
-def test_bad_input_leaves_the_disk_as_it_was(bad: BadInput, tmp_path: Path, capsys):
+def test_bad_input_is_refused_with_its_error_naming_the_problem_and_leaves_the_disk_as_it_was(case, tmp_path: Path):
+    name, bad = case
     before = snapshot(tmp_path)
 
-    main(["convert", *bad.args])
+    with pytest.raises(RAISES[name], match=all_of(bad.says)) as refused:
+        bad.convert()
 
+    assert type(refused.value) is RAISES[name], f"{type(refused.value).__name__}: {refused.value}"
+    assert 1 <= len(str(refused.value).splitlines()) <= 2, str(refused.value)
     assert_disk_unchanged(tmp_path, before)
 
 

@@ -1,10 +1,12 @@
-"""The command line as a user meets it: a real `python -m conversion` process, its exit status,
-its stdout and its stderr (docs/design.md, "Public contract").
+"""The command line as a user meets it: its exit status, its stdout and its stderr (docs/design.md,
+"Public contract").
 
-Each test here starts a Python process (about two seconds: it imports torch), so each one checks
-something only a real process shows: the exit status the shell sees, what reaches stdout and
-stderr, and that no traceback escapes.  Bad inputs in bulk are tested in-process in
-test_bad_input.py.
+Most checks run `conversion.cli.main` in-process (the same parser and the same code path as
+`python -m conversion`, without a second start of torch) and read the report through `--json`.
+A few start a real `python -m conversion` process, for what only a real process shows: the exit
+status the shell sees for a success, an argument error and --debug, and that no traceback
+escapes.  Bad inputs in bulk are tested in test_bad_input.py; the human report's layout has one
+snapshot test (test_human_output.py).
 """
 from __future__ import annotations
 
@@ -14,13 +16,15 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import pytest
 import torch
 
-from conversion import __version__
+from conversion import __version__, convert
 from conversion.architecture import RELEASED_VARIANTS, Architecture
+from conversion.cli import main
+from conversion.errors import ContainerError
 from conversion.layouts import LAYOUTS
 
 from ..strategies import wrap
@@ -86,11 +90,18 @@ def written_model(path: Path) -> Dict[str, torch.Tensor]:
     return torch_load_weights_only(path)["model"]
 
 
-def summary_field(stdout: str, label: str) -> str:
-    """The value of one `  label    value` line of the human summary."""
-    m = re.search(rf"^\s*{label}\s+(.*)$", stdout, re.MULTILINE)
-    assert m, f"the summary has no '{label}' line:\n{stdout}"
-    return m.group(1)
+def run_in_process(*args: object, cwd: Path, capsys: pytest.CaptureFixture) -> Tuple[int, str, str]:
+    """(exit status, stdout, stderr) of `convnext-d2 ARGS` run in-process from `cwd`."""
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        status = main([str(a) for a in args])
+    except SystemExit as done:  # argparse refuses arguments by exiting, as the installed command does
+        status = done.code if isinstance(done.code, int) else 2
+    finally:
+        os.chdir(old)
+    out, err = capsys.readouterr()
+    return status, out, err
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -127,45 +138,37 @@ def training(tmp_path_factory: pytest.TempPathFactory):
 # ---------------------------------------------------------------- success
 
 
-@pytest.mark.parametrize("extension", [".pth", ".pkl"], ids=["torch-file", "model-zoo-pickle"])
-def test_convert_writes_the_file_and_summarises_layout_variant_kept_and_dropped(atto, tmp_path, extension):
+def test_convert_in_a_real_process_exits_0_silent_on_stderr_and_writes_the_file(atto, tmp_path):
     src, sd = atto
-    dst = tmp_path / f"convnext_atto_d2{extension}"
+    dst = tmp_path / "convnext_atto_d2.pth"
 
     result = run_cli("convert", src, dst.name, cwd=tmp_path)
 
     assert result.returncode == EXIT_OK, result.stderr
     assert result.stderr == "", f"a successful run should be silent on stderr:\n{result.stderr}"
-    assert dst.is_file() and dst.stat().st_size > 0, f"{dst} was not written"
-    out = result.stdout
-    assert summary_field(out, "layout").startswith("official"), out
-    assert summary_field(out, "variant").startswith("convnext_atto,"), out
-    kept = re.match(r"(\d+) tensors", summary_field(out, "kept"))
-    assert kept and int(kept.group(1)) == len(kept_names(sd)), f"kept should count every non-classifier tensor:\n{out}"
-    dropped = re.fullmatch(r"(\d+) tensors, classifier only [^:]*: (.*)", summary_field(out, "dropped"))
-    assert dropped, out
-    assert int(dropped.group(1)) == len(CLASSIFIER)
-    assert sorted(dropped.group(2).split(", ")) == CLASSIFIER
-    assert str(dst) in summary_field(out, "wrote"), out
+    assert result.stdout.startswith(f"converted {src}\n"), result.stdout
+    assert sorted(written_model(dst)) == kept_names(sd)
 
 
-def test_json_report_is_the_whole_stdout_and_describes_the_written_file(atto, tmp_path):
+@pytest.mark.parametrize("extension, fmt", [(".pth", "torch"), (".pkl", "pickle")], ids=["torch-file", "model-zoo-pickle"])
+def test_json_report_is_the_whole_stdout_and_describes_the_written_file(atto, tmp_path, capsys, extension, fmt):
     src, sd = atto
-    dst = tmp_path / "out.pkl"
+    dst = tmp_path / f"out{extension}"
 
-    result = run_cli("convert", src, dst.name, "--json", cwd=tmp_path)
+    status, out, err = run_in_process("convert", src, dst.name, "--json", cwd=tmp_path, capsys=capsys)
 
-    assert result.returncode == EXIT_OK, result.stderr
-    report = json.loads(result.stdout)  # the whole stdout: nothing printed around the JSON
+    assert status == EXIT_OK and err == "", err
+    report = json.loads(out)  # the whole stdout: nothing printed around the JSON
     assert {"layout", "variant", "kept", "dropped", "fresh", "prefix", "format", "bytes_written"} <= set(report)
     assert report["layout"] == "official"
     assert report["variant"] == "convnext_atto"
-    assert report["kept"] == len(kept_names(sd))
+    assert report["kept"] == len(kept_names(sd)) == 124  # convnext_atto: 20 + 9 * 12 tensors, less the classifier's 4
     assert sorted(report["dropped"]) == CLASSIFIER
     assert sorted(report["fresh"]) == sorted(FRESH), "the four output norms are the only fresh keys"
     assert len(report["fresh"]) == len(FRESH), f"fresh keys repeated: {report['fresh']}"
     assert report["prefix"] == "backbone."
-    assert report["format"] == "pickle"
+    assert report["format"] == fmt
+    assert report["destination"] == str(dst)
     assert report["bytes_written"] == os.path.getsize(dst), "bytes_written must be the size of the file on disk"
 
 
@@ -174,13 +177,13 @@ def test_json_report_is_the_whole_stdout_and_describes_the_written_file(atto, tm
     [([], "backbone."), (["--prefix", ""], ""), (["--prefix", "model.backbone."], "model.backbone.")],
     ids=["default-backbone", "empty", "model.backbone"],
 )
-def test_prefix_option_sets_the_prefix_of_every_written_name(small, tmp_path, args, prefix):
+def test_prefix_option_sets_the_prefix_of_every_written_name(small, tmp_path, capsys, args, prefix):
     src, sd = small
     dst = tmp_path / "out.pth"
 
-    result = run_cli("convert", src, dst, *args, cwd=tmp_path)
+    status, _, err = run_in_process("convert", src, dst, *args, cwd=tmp_path, capsys=capsys)
 
-    assert result.returncode == EXIT_OK, result.stderr
+    assert status == EXIT_OK, err
     model = written_model(dst)
     assert sorted(model) == kept_names(sd, prefix)
     for name in sd:
@@ -189,61 +192,60 @@ def test_prefix_option_sets_the_prefix_of_every_written_name(small, tmp_path, ar
 
 
 @pytest.mark.parametrize("use_ema", [True, False], ids=["--ema-takes-model_ema", "default-takes-model"])
-def test_ema_option_chooses_between_the_ema_and_the_model_weights_of_a_training_checkpoint(training, tmp_path, use_ema):
+def test_ema_option_chooses_between_the_ema_and_the_model_weights_of_a_training_checkpoint(training, tmp_path, capsys, use_ema):
     src, model, ema = training
     expected = ema if use_ema else model
     dst = tmp_path / "out.pth"
 
-    result = run_cli("convert", src, dst, *(["--ema"] if use_ema else []), cwd=tmp_path)
+    status, _, err = run_in_process("convert", src, dst, *(["--ema"] if use_ema else []), cwd=tmp_path, capsys=capsys)
 
-    assert result.returncode == EXIT_OK, result.stderr
+    assert status == EXIT_OK, err
     written = written_model(dst)
     assert sorted(written) == kept_names(expected)
     wrong = [k for k in expected if k not in CLASSIFIER and not torch.equal(written["backbone." + k], expected[k])]
     assert wrong == [], f"{len(wrong)} tensors are not the {'EMA' if use_ema else 'model'} weights: {wrong[:5]}"
 
 
-def test_ema_option_on_a_file_without_ema_weights_exits_2_saying_so(small, tmp_path):
+def test_ema_option_on_a_file_without_ema_weights_is_refused_saying_so(small, tmp_path):
     src, _ = small
     dst = tmp_path / "out.pth"
 
-    result = run_cli("convert", src, dst, "--ema", cwd=tmp_path)
+    with pytest.raises(ContainerError, match="EMA"):
+        convert(str(src), str(dst), ema=True)
 
-    assert result.returncode == EXIT_USAGE, result.stdout + result.stderr
-    assert "EMA" in result.stderr, result.stderr
-    assert_plain_error(result.stderr)
     assert not dst.exists()
 
 
-def test_from_official_reads_the_file_as_the_official_layout(small, tmp_path):
+def test_from_official_reads_the_file_as_the_official_layout(small, tmp_path, capsys):
     src, sd = small
     dst = tmp_path / "out.pth"
 
-    result = run_cli("convert", src, dst, "--from", "official", "--json", cwd=tmp_path)
+    status, out, err = run_in_process("convert", src, dst, "--from", "official", "--json", cwd=tmp_path, capsys=capsys)
 
-    assert result.returncode == EXIT_OK, result.stderr
-    assert json.loads(result.stdout)["layout"] == "official"
+    assert status == EXIT_OK, err
+    assert json.loads(out)["layout"] == "official"
     assert sorted(written_model(dst)) == kept_names(sd)
 
 
-def test_from_an_unknown_layout_exits_2_naming_the_known_layouts(small, tmp_path):
+def test_from_an_unknown_layout_exits_2_naming_the_known_layouts(small, tmp_path, capsys):
     src, _ = small
 
-    result = run_cli("convert", src, tmp_path / "out.pth", "--from", "nosuchlayout", cwd=tmp_path)
+    status, out, err = run_in_process("convert", src, tmp_path / "out.pth", "--from", "nosuchlayout", cwd=tmp_path, capsys=capsys)
 
-    assert result.returncode == EXIT_USAGE, result.stdout + result.stderr
-    assert "nosuchlayout" in result.stderr, result.stderr
-    missing = [name for name in LAYOUTS if name not in result.stderr]
-    assert missing == [], f"the error should name every known layout, lacks {missing}:\n{result.stderr}"
-    assert_plain_error(result.stderr, usage=True)  # refused while parsing the arguments
+    assert status == EXIT_USAGE, out + err
+    assert "nosuchlayout" in err, err
+    missing = [name for name in LAYOUTS if name not in err]
+    assert missing == [], f"the error should name every known layout, lacks {missing}:\n{err}"
+    assert_plain_error(err, usage=True)  # refused while parsing the arguments
     assert not (tmp_path / "out.pth").exists()
 
 
-def test_version_option_prints_the_package_version(tmp_path):
-    result = run_cli("--version", cwd=tmp_path)
+def test_version_option_prints_the_package_version(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
 
-    assert result.returncode == EXIT_OK, result.stderr
-    assert __version__ in result.stdout, result.stdout
+    assert done.value.code in (0, None)
+    assert __version__ in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -251,8 +253,18 @@ def test_version_option_prints_the_package_version(tmp_path):
     [[], ["frobnicate"], ["convert", "only-a-source.pth"]],
     ids=["no-arguments", "unknown-command", "convert-without-destination"],
 )
-def test_argument_errors_exit_2_with_the_usage_line(tmp_path, args: Sequence[str]):
-    result = run_cli(*args, cwd=tmp_path)
+def test_argument_errors_exit_2_with_the_usage_line(capsys, args: Sequence[str]):
+    with pytest.raises(SystemExit) as done:
+        main(list(args))
+
+    out, err = capsys.readouterr()
+    assert done.value.code == EXIT_USAGE, out + err
+    assert_plain_error(err, usage=True)
+    assert out == ""
+
+
+def test_an_argument_error_in_a_real_process_exits_2_with_the_usage_line(tmp_path):
+    result = run_cli("convert", "only-a-source.pth", cwd=tmp_path)
 
     assert result.returncode == EXIT_USAGE, result.stdout + result.stderr
     assert_plain_error(result.stderr, usage=True)

@@ -10,14 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from conversion.architecture import CLASSIFIER_KEYS, Architecture
+from conversion.architecture import Architecture
 from conversion.diagnose import d2_problems
 from conversion.inspection import inspect_checkpoint
 from conversion.synthetic import random_state_dict
 
+from ..support import CLASSIFIER_NAMES
+
 ARCH = Architecture((1, 1, 1, 1), (8, 8, 8, 8), num_classes=2, classifier_norm=True)
 SD = random_state_dict(ARCH)
-BACKBONE = {"backbone." + k: v for k, v in SD.items() if k not in CLASSIFIER_KEYS}
+BACKBONE = {"backbone." + k: v for k, v in SD.items() if k not in CLASSIFIER_NAMES}
 
 
 def _problems(path):
@@ -89,7 +91,7 @@ def test_objects_weights_only_refuses_are_named(tmp_path, extra, kind):
 
 @pytest.mark.parametrize("prefix,fragment", [("", "lack the 'backbone.' prefix"), ("model.", "start with 'model.' instead of 'backbone.'")])
 def test_a_wrong_prefix_is_named(tmp_path, prefix, fragment):
-    torch.save({"model": {prefix + k: v for k, v in SD.items() if k not in CLASSIFIER_KEYS}}, tmp_path / "x.pth")
+    torch.save({"model": {prefix + k: v for k, v in SD.items() if k not in CLASSIFIER_NAMES}}, tmp_path / "x.pth")
     assert "random init" in _one(_problems(tmp_path / "x.pth"), fragment)
 
 

@@ -5,6 +5,7 @@ loads nothing) on the broken file, `repair` names the cause, and the repaired fi
 """
 from __future__ import annotations
 
+import json
 import pickle
 import re
 import sys
@@ -14,18 +15,19 @@ import numpy as np
 import pytest
 import torch
 
-from conversion.architecture import CLASSIFIER_KEYS, Architecture
+from conversion.architecture import Architecture
 from conversion.cli import main
 from conversion.pipeline import repair
 from conversion.synthetic import random_state_dict
-from conversion.target import fresh_output_norms
 
 from ..support import (
+    CLASSIFIER_NAMES,
     TORCH_LOADS_WEIGHTS_ONLY_BY_DEFAULT,
     assert_clean_load,
     assert_loaded_equal,
     build_d2_model,
     load_with_detectron2,
+    output_norm_names,
     require,
 )
 
@@ -35,7 +37,7 @@ ARCH = Architecture((1, 2, 1, 1), (8, 16, 8, 16), num_classes=4, classifier_norm
 OFFICIAL = random_state_dict(ARCH, seed=11)
 # What the user's converter wrote: `backbone.` names, head dropped, the pooled norm kept (the "180 kept").
 USER_NAMES = {"backbone." + k: v for k, v in OFFICIAL.items() if not k.startswith("head.")}
-BACKBONE = {"backbone." + k: v for k, v in OFFICIAL.items() if k not in CLASSIFIER_KEYS}
+BACKBONE = {"backbone." + k: v for k, v in OFFICIAL.items() if k not in CLASSIFIER_NAMES}
 
 
 def _numpy(sd):
@@ -123,7 +125,7 @@ def test_repair_fixes_each_documented_failure(tmp_path, case, name, build, d2_er
         assert report.repaired and any(cause in c for c in report.causes), report.causes
         model = build_d2_model(ARCH)
         result = load_with_detectron2(model, str(fixed))
-        assert_clean_load(result, fresh_output_norms(ARCH))
+        assert_clean_load(result, output_norm_names())
         assert_loaded_equal(model, BACKBONE)
         assert b"numpy._core" not in fixed.read_bytes()
 
@@ -134,18 +136,19 @@ def test_a_file_that_is_already_fine_is_reported_fine_and_left_alone(tmp_path, c
     assert main(["convert", str(tmp_path / "src.pth"), str(good)]) == 0
     before = good.read_bytes()
     capsys.readouterr()
-    assert main(["repair", str(good), str(tmp_path / "out.pth")]) == 0
-    out = capsys.readouterr().out
-    assert "nothing to repair" in out
+    assert main(["repair", str(good), str(tmp_path / "out.pth"), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["repaired"], data["causes"], data["conversion"]) == (False, [], None), data
     assert not (tmp_path / "out.pth").exists() and good.read_bytes() == before
 
 
 def test_repair_cli_names_the_cause_and_exits_0(tmp_path, capsys):
     broken = tmp_path / "broken.pkl"
     _pickle(broken, {"model": USER_NAMES})
-    assert main(["repair", str(broken), str(tmp_path / "fixed.pkl")]) == 0
-    out = capsys.readouterr().out
-    assert "cause(s) found" in out and "no '__author__'" in out and "wrote" in out
+    assert main(["repair", str(broken), str(tmp_path / "fixed.pkl"), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["repaired"] is True and any("no '__author__'" in c for c in data["causes"]), data["causes"]
+    assert data["conversion"]["destination"] == str(tmp_path / "fixed.pkl") and (tmp_path / "fixed.pkl").is_file()
 
 
 def test_repair_refuses_to_overwrite_without_force(tmp_path, capsys):
@@ -158,8 +161,6 @@ def test_repair_refuses_to_overwrite_without_force(tmp_path, capsys):
 
 
 def test_repair_json_report(tmp_path, capsys):
-    import json
-
     broken = tmp_path / "broken.pkl"
     _pickle(broken, {"model": USER_NAMES})
     assert main(["repair", str(broken), str(tmp_path / "fixed.pth"), "--json"]) == 0

@@ -25,13 +25,13 @@ from hypothesis import strategies as st
 
 from conversion import ConversionReport, convert
 from conversion.architecture import Architecture
-from conversion.target import fresh_output_norms
 from tests.strategies import architectures, official_state_dicts, seeds
 from tests.support import (
     assert_clean_load,
     build_d2_model,
     fill_with_sentinel,
     load_with_detectron2,
+    output_norm_names,
     random_canonical_state_dict,
     require,
 )
@@ -408,7 +408,7 @@ def test_ln_eps_key_matches_timms_xxlarge_norm_eps(tmp_path):
     differences = {}
     for eps in (1e-5, 1e-6):
         holder = build_holder(config_for(None, DEPTHS=list(arch.depths), DIMS=list(arch.dims), LN_EPS=eps))
-        assert_clean_load(load_with_detectron2(holder, str(tmp_path / "out.pth")), fresh_output_norms(arch))
+        assert_clean_load(load_with_detectron2(holder, str(tmp_path / "out.pth")), output_norm_names())
         with torch.no_grad():
             ours = holder.backbone.stage_outputs(image)
         differences[eps] = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(ours, reference))

@@ -4,11 +4,13 @@
 `__init__` needs a compiled op that does not exist."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Dict, List, Tuple
 
 import pytest
 
@@ -48,13 +50,43 @@ def good_weights(tmp_path_factory) -> str:
     return write_synthetic_checkpoint(tmp_path_factory.mktemp("weights") / "convnext_tiny_d2.pth", layout="detectron2")
 
 
-def run_example_pytest(project: Path, weights: str) -> subprocess.CompletedProcess:
-    """The example's own `pytest`, with convnext-d2 importable and its plugin loaded as an install would."""
-    env = dict(os.environ, DIMASKDINO_WEIGHTS=weights)
+# The example's own pytest, once per weights file, all in one interpreter: each session is a fresh
+# `pytest.main` (its test module imported anew, so it reads DIMASKDINO_WEIGHTS again), and the
+# interpreter's start (torch, Detectron2: seconds) is paid once instead of once per file.
+_SESSIONS = r"""
+import contextlib, io, json, os, sys
+import pytest
+results = []
+for weights in json.loads(sys.argv[1]):
+    os.environ["DIMASKDINO_WEIGHTS"] = weights
+    sys.modules.pop("test_pretrained_weights", None)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = pytest.main(["-p", "no:cacheprovider", "-p", "conversion.testing.plugin", "-rA"])
+    results.append({"status": int(status), "stdout": out.getvalue()})
+print(json.dumps(results))
+"""
+
+
+def run_example_pytest(project: Path, *weights: str) -> List[Tuple[int, str]]:
+    """(exit status, stdout) of the example's own `pytest` for each weights file, with convnext-d2
+    importable and its plugin loaded as an install would."""
+    env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env.pop("PYTEST_ADDOPTS", None)
-    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "conversion.testing.plugin", "-rA"]
-    return subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=PYTEST_TIMEOUT_S)
+    done = subprocess.run([sys.executable, "-c", _SESSIONS, json.dumps(list(weights))], cwd=project, env=env,
+                          capture_output=True, text=True, timeout=PYTEST_TIMEOUT_S)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return [(r["status"], r["stdout"]) for r in json.loads(done.stdout.strip().splitlines()[-1])]
+
+
+@pytest.fixture(scope="module")
+def example_runs(project: Path, good_weights: str, tmp_path_factory) -> Dict[str, Tuple[int, str]]:
+    """The example's pytest on the good weights and on each broken kind: kind -> (exit status, stdout)."""
+    folder = tmp_path_factory.mktemp("broken")
+    files = {"good": good_weights}
+    files.update({kind: write_synthetic_checkpoint(folder / f"{kind}.pth", **options) for kind, (options, _) in BROKEN.items()})
+    return dict(zip(files, run_example_pytest(project, *files.values())))
 
 
 def test_the_packages_init_really_cannot_be_imported_here(project):
@@ -65,21 +97,20 @@ def test_the_packages_init_really_cannot_be_imported_here(project):
     assert out.returncode != 0 and "Please compile MultiScaleDeformableAttention" in out.stderr, out.stderr
 
 
-def test_the_examples_pytest_passes_with_good_weights(project, good_weights):
-    result = run_example_pytest(project, good_weights)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "2 passed" in result.stdout.splitlines()[-1], result.stdout
+def test_the_examples_pytest_passes_with_good_weights(example_runs):
+    status, stdout = example_runs["good"]
+    assert status == 0, stdout
+    assert "2 passed" in stdout.splitlines()[-1], stdout
 
 
 @pytest.mark.parametrize("kind", list(BROKEN))
-def test_the_examples_pytest_fails_on_each_broken_kind_naming_the_problem(project, tmp_path, kind):
-    options, problem = BROKEN[kind]
-    broken = write_synthetic_checkpoint(tmp_path / f"{kind}.pth", **options)
-    result = run_example_pytest(project, broken)
-    assert result.returncode == 1, result.stdout + result.stderr
-    assert "FAILED tests/test_pretrained_weights.py::test_pretrained_weights_load_into_the_backbone" in result.stdout
-    assert "verify: FAIL:" in result.stdout and problem in result.stdout, result.stdout
-    assert "PASSED tests/test_pretrained_weights.py::test_the_gate_rejects_weights_without_the_backbone_prefix" in result.stdout
+def test_the_examples_pytest_fails_on_each_broken_kind_naming_the_problem(example_runs, kind):
+    _, problem = BROKEN[kind]
+    status, stdout = example_runs[kind]
+    assert status == 1, stdout
+    assert "FAILED tests/test_pretrained_weights.py::test_pretrained_weights_load_into_the_backbone" in stdout
+    assert "verify: FAIL:" in stdout and problem in stdout, stdout
+    assert "PASSED tests/test_pretrained_weights.py::test_the_gate_rejects_weights_without_the_backbone_prefix" in stdout
 
 
 def test_cli_verify_gates_the_example_through_the_backbone_file(project, good_weights, tmp_path):

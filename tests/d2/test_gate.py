@@ -3,6 +3,7 @@
 verify's report.  Each test runs pytest in a subprocess on a throwaway suite, as another project would."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -10,7 +11,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 
@@ -94,49 +95,88 @@ def test_the_options_are_namespaced():
     assert {"--convnext-d2-checkpoint", "--convnext-d2-config", "--convnext-d2-import", "--convnext-d2-source"} <= set(names)
 
 
-@pytest.fixture
-def d2():
-    return require("detectron2")
+# Several pytest sessions in one interpreter: each a fresh `pytest.main` in its own folder, the
+# interpreter's start (torch, Detectron2: seconds) paid once.  Used for the gate's verdicts; the plugin's
+# inertness is checked in separate processes (a session after another could hide an import side effect).
+_SESSIONS = r"""
+import contextlib, io, json, os, sys
+import pytest
+results = []
+for cwd, args in json.loads(sys.argv[1]):
+    os.chdir(cwd)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = pytest.main(["-p", "no:cacheprovider", "-rA", "-p", "conversion.testing.plugin", *args])
+    results.append({"status": int(status), "stdout": out.getvalue()})
+print(json.dumps(results))
+"""
 
 
-def test_the_gate_tests_pass_on_a_good_file_and_k_roundtrip_selects_them(tmp_path, d2):
-    suite = _suite(tmp_path / "other")
-    good = write_synthetic_checkpoint(tmp_path / "good.pth", layout="detectron2", variant=SMALL)
-    result = run_pytest(suite, "--convnext-d2-checkpoint", good, "-k", "roundtrip")
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert _outcomes(result.stdout) == ["PASSED convnext-d2::test_convnext_d2_roundtrip_checkpoint_loads_clean"], result.stdout
-    assert f"convnext-d2 gate: {good}" in result.stdout, "the header says what is gated"
+def run_pytest_sessions(sessions: Dict[str, Tuple[Path, List[str]]]) -> Dict[str, Tuple[int, str]]:
+    """name -> (exit status, stdout) of `pytest ARGS` in each folder, the plugin loaded as an installed entry point would."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env.pop("PYTEST_ADDOPTS", None)
+    plan = [(str(cwd), [str(a) for a in args]) for cwd, args in sessions.values()]
+    done = subprocess.run([sys.executable, "-c", _SESSIONS, json.dumps(plan)], env=env, capture_output=True, text=True,
+                          timeout=PYTEST_TIMEOUT_S)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    return {name: (r["status"], r["stdout"]) for name, r in zip(sessions, results)}
 
 
-def test_the_gate_test_fails_on_a_bad_file_with_verifys_report(tmp_path, d2):
-    suite = _suite(tmp_path / "other")
-    raw = write_synthetic_checkpoint(tmp_path / "raw.pth", layout="official", variant=SMALL)
-    result = run_pytest(suite, "--convnext-d2-checkpoint", raw)
-    assert result.returncode == 1, result.stdout + result.stderr
-    assert "FAILED convnext-d2::test_convnext_d2_roundtrip_checkpoint_loads_clean" in _outcomes(result.stdout)
-    assert "verify: FAIL:" in result.stdout and "backbone weights missing" in result.stdout, result.stdout
-    assert "PASSED test_other.py::test_other_project_passes" in _outcomes(result.stdout), "the project's own tests still run"
-    assert "plugin.py" not in result.stdout, "no traceback into the plugin: the report says it all"
+@pytest.fixture(scope="module")
+def gate(tmp_path_factory) -> Dict[str, Any]:
+    """The gate on another project's suite: the files it is given, and each run's (exit status, stdout)."""
+    require("detectron2")
+    tmp = tmp_path_factory.mktemp("gate")
+    suite = _suite(tmp / "other")
+    files = {
+        "good": write_synthetic_checkpoint(tmp / "good.pth", layout="detectron2", variant=SMALL),
+        "raw": write_synthetic_checkpoint(tmp / "raw.pth", layout="official", variant=SMALL),
+        "missing": str(tmp / "nope.pth"),
+        "source": write_synthetic_checkpoint(tmp / "source.pth", layout="timm", variant=SMALL),
+        "other": write_synthetic_checkpoint(tmp / "other.pth", layout="timm", variant=SMALL, seed=7),
+    }
+    runs = run_pytest_sessions({
+        "good": (suite, ["--convnext-d2-checkpoint", files["good"], "-k", "roundtrip"]),
+        "raw": (suite, ["--convnext-d2-checkpoint", files["raw"]]),
+        "missing": (suite, ["--convnext-d2-checkpoint", files["missing"]]),
+        "features-equal": (suite, ["--convnext-d2-checkpoint", files["good"], "--convnext-d2-source", files["source"], "-k", "roundtrip"]),
+        "features-differ": (suite, ["--convnext-d2-checkpoint", files["good"], "--convnext-d2-source", files["other"], "-k", "features"]),
+    })
+    return {"files": files, "runs": runs}
 
 
-def test_a_missing_checkpoint_fails_the_gate_test_with_the_cli_message(tmp_path, d2):
-    suite = _suite(tmp_path / "other")
-    missing = str(tmp_path / "nope.pth")
-    result = run_pytest(suite, "--convnext-d2-checkpoint", missing)
-    assert result.returncode == 1 and "INTERNAL" not in result.stdout + result.stderr, result.stdout + result.stderr
-    assert f"convnext-d2: error: {missing}: no such file." in result.stdout, result.stdout
+def test_the_gate_tests_pass_on_a_good_file_and_are_selected_by_their_keyword(gate):
+    """`-k roundtrip` selects the gate tests (the run asks for it and they run); this test itself is not a round trip."""
+    status, stdout = gate["runs"]["good"]
+    assert status == 0, stdout
+    assert _outcomes(stdout) == ["PASSED convnext-d2::test_convnext_d2_roundtrip_checkpoint_loads_clean"], stdout
+    assert f"convnext-d2 gate: {gate['files']['good']}" in stdout, "the header says what is gated"
 
 
-def test_the_gate_compares_features_with_a_source(tmp_path, d2):
-    suite = _suite(tmp_path / "other")
-    source = write_synthetic_checkpoint(tmp_path / "source.pth", layout="timm", variant=SMALL)
-    good = write_synthetic_checkpoint(tmp_path / "good.pth", layout="detectron2", variant=SMALL)
-    other = write_synthetic_checkpoint(tmp_path / "other.pth", layout="timm", variant=SMALL, seed=7)
-    passed = run_pytest(suite, "--convnext-d2-checkpoint", good, "--convnext-d2-source", source, "-k", "roundtrip")
-    assert passed.returncode == 0, passed.stdout
-    assert "PASSED convnext-d2::test_convnext_d2_roundtrip_features_equal_the_source" in _outcomes(passed.stdout), passed.stdout
-    failed = run_pytest(suite, "--convnext-d2-checkpoint", good, "--convnext-d2-source", other, "-k", "features")
-    assert failed.returncode == 1 and "features differ from the source" in failed.stdout, failed.stdout
+def test_the_gate_test_fails_on_a_bad_file_with_verifys_report(gate):
+    status, stdout = gate["runs"]["raw"]
+    assert status == 1, stdout
+    assert "FAILED convnext-d2::test_convnext_d2_roundtrip_checkpoint_loads_clean" in _outcomes(stdout)
+    assert "verify: FAIL:" in stdout and "backbone weights missing" in stdout, stdout
+    assert "PASSED test_other.py::test_other_project_passes" in _outcomes(stdout), "the project's own tests still run"
+    assert "plugin.py" not in stdout, "no traceback into the plugin: the report says it all"
+
+
+def test_a_missing_checkpoint_fails_the_gate_test_with_the_cli_message(gate):
+    status, stdout = gate["runs"]["missing"]
+    assert status == 1 and "INTERNAL" not in stdout, stdout
+    assert f"convnext-d2: error: {gate['files']['missing']}: no such file." in stdout, stdout
+
+
+def test_the_gate_compares_features_with_a_source(gate):
+    status, stdout = gate["runs"]["features-equal"]
+    assert status == 0, stdout
+    assert "PASSED convnext-d2::test_convnext_d2_roundtrip_features_equal_the_source" in _outcomes(stdout), stdout
+    status, stdout = gate["runs"]["features-differ"]
+    assert status == 1 and "features differ from the source" in stdout, stdout
 
 
 def test_the_builder_fixture_writes_into_the_tests_tmp_path(tmp_path):
@@ -159,9 +199,9 @@ def test_the_builder_fixture_writes_into_the_tests_tmp_path(tmp_path):
     assert "no --convnext-d2-checkpoint given" in result.stdout
 
 
-def test_this_repositorys_old_option_names_still_work(tmp_path, d2):
+def test_this_repositorys_old_option_names_still_work(gate):
     """`pytest --checkpoint FILE` in this checkout is the plugin's `--convnext-d2-checkpoint`."""
-    raw = write_synthetic_checkpoint(tmp_path / "raw.pth", layout="official", variant=SMALL)
+    raw = gate["files"]["raw"]
     result = run_pytest(ROOT, "tests/unit/test_architecture.py", "--checkpoint", raw, "-k", "roundtrip", plugin=None)
     assert result.returncode == 1, result.stdout
     assert "FAILED convnext-d2::test_convnext_d2_roundtrip_checkpoint_loads_clean" in _outcomes(result.stdout), result.stdout

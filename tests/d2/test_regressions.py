@@ -15,17 +15,18 @@ import pytest
 import torch
 
 from conversion import convert
-from conversion.architecture import CLASSIFIER_KEYS, Architecture
+from conversion.architecture import Architecture
 from conversion.read import ZIP_MAGIC
 from conversion.synthetic import random_state_dict
-from conversion.target import fresh_output_norms
 
 from ..support import (
+    CLASSIFIER_NAMES,
     TORCH_LOADS_WEIGHTS_ONLY_BY_DEFAULT,
     assert_clean_load,
     assert_loaded_equal,
     build_d2_model,
     load_with_detectron2,
+    output_norm_names,
     require,
     torch_load_weights_only,
 )
@@ -42,14 +43,14 @@ def official():
 
 def _d2_names(sd, keep_classifier_norm=False):
     """What the user's scripts wrote: every name prefixed `backbone.`, `head.*` dropped."""
-    return {"backbone." + k: v for k, v in sd.items() if not k.startswith("head.") and (keep_classifier_norm or k not in CLASSIFIER_KEYS)}
+    return {"backbone." + k: v for k, v in sd.items() if not k.startswith("head.") and (keep_classifier_norm or k not in CLASSIFIER_NAMES)}
 
 
 def _assert_our_conversion_loads(tmp_path, src, official, ext=".pth"):
     dst = tmp_path / f"fixed{ext}"
     report = convert(str(src), str(dst))
     model = build_d2_model(ARCH)
-    assert_clean_load(load_with_detectron2(model, str(dst)), fresh_output_norms(ARCH))
+    assert_clean_load(load_with_detectron2(model, str(dst)), output_norm_names())
     assert_loaded_equal(model, _d2_names(official))
     return report
 
@@ -96,14 +97,14 @@ def test_pkl_with_author_loads_in_detectron2_with_exact_names(tmp_path, official
     with open(path, "wb") as f:
         pickle.dump({"model": _d2_names(official), "__author__": "x"}, f)
     model = build_d2_model(ARCH)
-    assert_clean_load(load_with_detectron2(model, str(path)), fresh_output_norms(ARCH))
+    assert_clean_load(load_with_detectron2(model, str(path)), output_norm_names())
     assert_loaded_equal(model, _d2_names(official))
 
 
 def test_pth_without_backbone_prefix_loads_nothing_silently(tmp_path, official):
     """Names without `backbone.`: Detectron2 loads nothing and only warns; training would start from random."""
     path = tmp_path / "no_prefix.pth"
-    torch.save({"model": {k: v for k, v in official.items() if k not in CLASSIFIER_KEYS}}, path)
+    torch.save({"model": {k: v for k, v in official.items() if k not in CLASSIFIER_NAMES}}, path)
     result = load_with_detectron2(build_d2_model(ARCH), str(path))  # no exception: that is the danger
     backbone_keys = [k for k in build_d2_model(ARCH).state_dict()]
     assert sorted(result.missing) == sorted(backbone_keys), "every backbone weight stays random"
@@ -140,7 +141,7 @@ def test_numpy_arrays_in_pth_break_detectron2_on_torch_2_6_but_convert(tmp_path,
         with pytest.raises(pickle.UnpicklingError):
             load_with_detectron2(build_d2_model(ARCH), str(path))
     else:  # torch < 2.6 reads numpy arrays in a .pth, and Detectron2 converts them
-        assert sorted(load_with_detectron2(build_d2_model(ARCH), str(path)).missing) == sorted(fresh_output_norms(ARCH))
+        assert sorted(load_with_detectron2(build_d2_model(ARCH), str(path)).missing) == sorted(output_norm_names())
     _assert_our_conversion_loads(tmp_path, path, official)
     data = torch_load_weights_only(tmp_path / "fixed.pth")
     assert all(type(v) is torch.Tensor for v in data["model"].values())

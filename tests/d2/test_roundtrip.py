@@ -16,17 +16,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conversion import convert
-from conversion.architecture import CLASSIFIER_KEYS, RELEASED_VARIANTS, Architecture
+from conversion.architecture import RELEASED_VARIANTS, Architecture
 from conversion.synthetic import random_state_dict
-from conversion.target import fresh_output_norms
 
 from .. import strategies as S
 from ..support import (
+    CLASSIFIER_NAMES,
     assert_clean_load,
     assert_loaded_equal,
     build_d2_model,
     fill_with_sentinel,
     load_with_detectron2,
+    output_norm_names,
+    output_norms_for,
     require,
 )
 
@@ -44,31 +46,58 @@ FORMATS = (".pth", ".pkl", ".pt")
 
 
 def _expected_model_state(sd, prefix="backbone."):
-    return {prefix + k: v for k, v in sd.items() if k not in CLASSIFIER_KEYS}
+    return {prefix + k: v for k, v in sd.items() if k not in CLASSIFIER_NAMES}
 
 
-def _roundtrip(tmpdir, arch, container_obj, source_weights, ext, kind, *, ema=False, out_features=None):
+def _save_source(tmpdir, container_obj, kind):
     src = os.path.join(tmpdir, "source.pth")
     torch.save(container_obj, src, _use_new_zipfile_serialization=kind == "zip")
-    dst = os.path.join(tmpdir, "converted" + ext)
+    return src
+
+
+def _convert_and_load(src, dst, arch, source_weights, kind, *, ema=False, out_features=None, model=None):
+    """Convert `src` to `dst`, load it into the backbone (`model`, or a new one) pre-filled with a sentinel, check both."""
     report = convert(src, dst, ema=ema)
     assert report.streamed == (kind == "zip"), "the writer under test was not the one taken"
-    model = build_d2_model(arch, out_features)
+    model = build_d2_model(arch, out_features) if model is None else model
     fill_with_sentinel(model)
     result = load_with_detectron2(model, dst)
-    expected_missing = fresh_output_norms(arch, out_features or ("res2", "res3", "res4", "res5"))
+    # the output norms of the requested outputs, less those the source already holds
+    expected_missing = [k for k in output_norms_for(out_features or ("res2", "res3", "res4", "res5"))
+                        if k[len("backbone."):] not in source_weights]
     assert_clean_load(result, expected_missing)
     assert_loaded_equal(model, _expected_model_state(source_weights))
+    # convert reports every output norm the file lacks, whatever a given config requests
+    assert sorted(report.fresh) == sorted(k for k in output_norm_names() if k[len("backbone."):] not in source_weights)
     return report, model
 
 
-@pytest.mark.parametrize("ext", [".pth", ".pkl"])  # .pt is the same writer as .pth: small tests cover it
-def test_roundtrip_convnext_tiny_released_file(source_kind, tmp_path, ext):
-    """A released-style `{"model": ...}` ConvNeXt-Tiny file loads cleanly in every output format."""
+def _roundtrip(tmpdir, arch, container_obj, source_weights, ext, kind, *, ema=False, out_features=None):
+    src = _save_source(tmpdir, container_obj, kind)
+    dst = os.path.join(tmpdir, "converted" + ext)
+    return _convert_and_load(src, dst, arch, source_weights, kind, ema=ema, out_features=out_features)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """(architecture, weights, backbone) of ConvNeXt-Tiny, built once for the module: every file below is
+    loaded into the same backbone, re-filled with the sentinel before each load."""
     depths, dims = RELEASED_VARIANTS[1]["convnext_tiny"]
     arch = Architecture(depths, dims, num_classes=1000, classifier_norm=True)
-    sd = random_state_dict(arch)
-    report, _ = _roundtrip(str(tmp_path), arch, {"model": sd}, sd, ext, source_kind)
+    return arch, random_state_dict(arch), build_d2_model(arch)
+
+
+@pytest.fixture(scope="module")
+def released_tiny_file(source_kind, tiny, tmp_path_factory):
+    """A released-style `{"model": ...}` ConvNeXt-Tiny file of each kind of torch file."""
+    return _save_source(str(tmp_path_factory.mktemp("tiny")), {"model": tiny[1]}, source_kind)
+
+
+@pytest.mark.parametrize("ext", [".pth", ".pkl"])  # .pt is the same writer as .pth: small tests cover it
+def test_roundtrip_convnext_tiny_released_file(source_kind, tiny, released_tiny_file, tmp_path, ext):
+    """A released-style `{"model": ...}` ConvNeXt-Tiny file loads cleanly in every output format."""
+    (arch, sd, model), src = tiny, released_tiny_file
+    report, _ = _convert_and_load(src, str(tmp_path / ("converted" + ext)), arch, sd, source_kind, model=model)
     assert report.variant == "convnext_tiny" and report.kept == 178 and len(report.dropped) == 4
 
 
@@ -125,7 +154,7 @@ def test_roundtrip_gate_fails_on_a_file_without_the_backbone_prefix(tmp_path):
     model = build_d2_model(SMALL)
     result = load_with_detectron2(model, str(tmp_path / "bare.pth"))
     with pytest.raises(AssertionError, match="missing keys differ"):
-        assert_clean_load(result, fresh_output_norms(SMALL))
+        assert_clean_load(result, output_norm_names())
     assert result.unexpected, "Detectron2 should report every prefix-less key as unused"
 
 

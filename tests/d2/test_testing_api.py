@@ -17,7 +17,7 @@ from conversion.read import read_checkpoint
 from conversion.synthetic import random_state_dict
 from conversion.testing import synthetic_layouts, write_synthetic_checkpoint
 
-from ..support import require
+from ..support import read_written, require
 
 SMALL = Architecture((1, 1, 2, 1), (8, 16, 24, 32), num_classes=5, classifier_norm=True)
 SMALL_BACKBONE_ONLY = Architecture((1, 1, 2, 1), (8, 16, 24, 32))
@@ -89,9 +89,10 @@ def test_the_detectron2_layout_holds_what_convert_writes(tmp_path, ext):
     official = write_synthetic_checkpoint(tmp_path / "official.pth", variant=SMALL)
     convert(official, str(tmp_path / f"converted{ext}"))
     ours = write_synthetic_checkpoint(tmp_path / f"synthetic{ext}", layout="detectron2", variant=SMALL)
-    theirs_raw, ours_raw = read_checkpoint(str(tmp_path / f"converted{ext}"))[0], read_checkpoint(ours)[0]
+    # both decoded by torch.load(weights_only=True) / the standard unpickler, not by conversion.read
+    theirs_raw, ours_raw = read_written(tmp_path / f"converted{ext}"), read_written(ours)
     assert set(theirs_raw) == set(ours_raw) == {"model", "__author__"} and theirs_raw["__author__"] == ours_raw["__author__"]
-    theirs_sd, ours_sd = _read(tmp_path / f"converted{ext}")[0], _read(ours)[0]
+    theirs_sd, ours_sd = theirs_raw["model"], ours_raw["model"]
     assert list(theirs_sd) == list(ours_sd)
     t, o = ({k: torch.as_tensor(v) for k, v in sd.items()} for sd in (theirs_sd, ours_sd))
     assert all(torch.equal(t[k], o[k]) and t[k].dtype == o[k].dtype for k in t)

@@ -1,6 +1,6 @@
 """`verify`: passes on a correct file, fails (exit 1) with the right reason on each broken kind,
 for each style of target backbone; exit 2 for unusable input.  Verdicts are read through `--json`
-(or the Python API); the human report has one snapshot test, at the end.  The whole-model cases
+(or the Python API); the human report has one snapshot test (tests/cli/test_human_output.py).  The whole-model cases
 (a DI-MaskDINO-like detector) are in test_verify_whole_model.py."""
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from conversion import convert
-from conversion.architecture import CLASSIFIER_KEYS, Architecture
+from conversion.architecture import Architecture
 from conversion.cli import main
 from conversion.layouts import from_canonical
 from conversion.synthetic import random_state_dict
 
-from ..support import detectron2_reads_path_query, require
+from ..support import CLASSIFIER_NAMES, detectron2_reads_path_query, output_norm_names, require
 
 require("detectron2")
 from conversion.verify import verify  # noqa: E402
@@ -57,8 +57,10 @@ def test_verify_passes_a_converted_file_and_agrees_with_the_converter_on_fresh_k
     path, src, report = converted
     result = verify(path, source=src)
     assert result.ok, result.problems
-    assert result.fresh == sorted(report.fresh) and result.missing == [] and result.unexpected == []
-    assert result.loaded == report.kept and result.feature_difference == 0.0
+    assert result.fresh == sorted(report.fresh) == sorted(output_norm_names())
+    assert result.missing == [] and result.unexpected == []
+    # ARCH (depths 1, 2, 1, 1): the stem and 3 downsamples hold 4 tensors each, each of 5 blocks 9
+    assert result.loaded == report.kept == 4 * 4 + 9 * 5 and result.feature_difference == 0.0
 
 
 @pytest.mark.parametrize(
@@ -83,7 +85,7 @@ def test_verify_each_target_style_expects_exactly_its_own_fresh_norms(tmp_path, 
 
 def _broken(tmp_path, kind):
     """Each broken kind, built as the tool that produced it did."""
-    backbone = {k: v for k, v in OFFICIAL.items() if k not in CLASSIFIER_KEYS}
+    backbone = {k: v for k, v in OFFICIAL.items() if k not in CLASSIFIER_NAMES}
     if kind == "missing-prefix":
         torch.save({"model": backbone}, tmp_path / "x.pth")
         return str(tmp_path / "x.pth"), None
@@ -143,7 +145,7 @@ def test_verify_raw_official_dict_under_heuristics_loads_every_backbone_weight_w
     status, report = _verify_json(capsys, tmp_path / "x.pkl", "--config", _yaml(tmp_path, "D2ConvNeXt", meta="MaskDINO"), "--import", STYLES)
     assert status == 0 and report["heuristics"] and report["problems"] == [], report["problems"]
     assert report["unexpected"] == ["head.bias", "head.weight", "norm.bias", "norm.weight"]
-    backbone = sorted(k for k in OFFICIAL if k not in CLASSIFIER_KEYS)
+    backbone = sorted(k for k in OFFICIAL if k not in CLASSIFIER_NAMES)
     assert report["renamed"] == {"backbone." + k: k for k in backbone}
     assert report["warnings"][0].startswith("4 checkpoint tensors unused by the model: head.bias, head.weight, norm.bias, norm.weight")
 
@@ -253,64 +255,3 @@ def test_verify_reports_dtype_casts_on_load(tmp_path):
     convert(str(tmp_path / "src.pth"), str(tmp_path / "half.pth"))
     result = verify(str(tmp_path / "half.pth"))
     assert result.ok and result.dtype_changes == {"float16 -> float32": str(result.loaded)}
-
-
-WHOLE_MODEL_YAML = """\
-MODEL:
-  META_ARCHITECTURE: "DIMaskDINOLike"
-  BACKBONE: {NAME: "D2ConvNeXt", FREEZE_AT: 0}
-  CONVNEXT: {DEPTHS: [1, 2, 1, 1], DIMS: [8, 16, 8, 16]}
-  DIMASKDINO_LIKE: {HIDDEN_DIM: 32, ENC_LAYERS: 1, DEC_LAYERS: 1, ENC_FFN: 32, DEC_FFN: 32, NUM_QUERIES: 4}
-"""
-
-# One snapshot per verdict: OK with warnings (backbone only), FAIL under --strict (whole model), FAIL.
-SNAPSHOTS = {
-    "ok-with-warnings-backbone-only": """\
-verify: OK with warnings (1)
-  checkpoint <tmp>/fork.pth
-  backbone   D2ConvNeXt from <tmp>/D2ConvNeXt.yaml
-  model      backbone only: whole model not built: MODEL.META_ARCHITECTURE 'MaskDINO' is not registered (--import the module that registers it); checkpoint keys that could match outside the backbone were not checked
-  loaded     61 backbone tensors (exact names)
-  fresh      8 output-norm tensors initialised by the backbone (expected)
-  missing    0; unused 2; shape-skipped 0
-  warning    2 checkpoint tensors unused by the model: backbone.norm.bias, backbone.norm.weight (training ignores them; convnext-d2 repair CKPT FIXED.pth writes the file without them)
-""",
-    "strict-whole-model": """\
-verify: FAIL: --strict: 2 checkpoint tensors unused by the model: backbone.norm.bias, backbone.norm.weight (training ignores them; convnext-d2 repair CKPT FIXED.pth writes the file without them)
-  checkpoint <tmp>/fork.pth
-  backbone   D2ConvNeXt from <tmp>/whole.yaml
-  model      DIMaskDINOLike, built whole on CPU as train_net.py builds it
-  loaded     61 backbone tensors (exact names)
-  fresh      8 output-norm tensors initialised by the backbone (expected)
-  missing    0; unused 2; shape-skipped 0
-  outside    0 tensors loaded outside the backbone; 97 keep the model's initialisation
-""",
-    "fail": """\
-verify: FAIL: 61 backbone weights missing (they would train from random init): backbone.downsample_layers.0.0.bias, backbone.downsample_layers.0.0.weight, backbone.downsample_layers.0.1.bias, backbone.downsample_layers.0.1.weight and 57 more
-  checkpoint <tmp>/x.pth
-  backbone   build_convnext_d2_backbone (this project's, shaped like the checkpoint)
-  model      backbone only: whole model not built: no --config given; checkpoint keys that could match outside the backbone were not checked
-  loaded     0 backbone tensors (exact names)
-  fresh      8 output-norm tensors initialised by the backbone (expected)
-  missing    61; unused 61; shape-skipped 0
-  warning    61 checkpoint tensors unused by the model: downsample_layers.0.0.bias, downsample_layers.0.0.weight, downsample_layers.0.1.bias, downsample_layers.0.1.weight, downsample_layers.1.0.bias, downsample_layers.1.0.weight, downsample_layers.1.1.bias, downsample_layers.1.1.weight and 53 more (training ignores them; convnext-d2 repair CKPT FIXED.pth writes the file without them)
-  fix        convnext-d2 repair CKPT FIXED.pth (or convert the original checkpoint again)
-""",
-}
-
-
-@pytest.mark.parametrize("case", list(SNAPSHOTS))
-def test_verify_human_report_snapshot(tmp_path, capsys, case):
-    """The one check of the human layout (everything else reads --json)."""
-    fork = {"backbone." + k: v for k, v in OFFICIAL.items() if not k.startswith("head.")}
-    torch.save({"model": fork}, tmp_path / "fork.pth")
-    (tmp_path / "whole.yaml").write_text(WHOLE_MODEL_YAML)
-    args, status = {
-        "ok-with-warnings-backbone-only": (
-            [tmp_path / "fork.pth", "--config", _yaml(tmp_path, "D2ConvNeXt", meta="MaskDINO"), "--import", STYLES], 0),
-        "strict-whole-model": (
-            [tmp_path / "fork.pth", "--config", tmp_path / "whole.yaml", "--import", "tests.dimaskdino_like", "--strict"], 1),
-        "fail": ([_broken(tmp_path, "missing-prefix")[0]], 1),
-    }[case]
-    assert main(["verify", *map(str, args)]) == status
-    assert capsys.readouterr().out.replace(str(tmp_path), "<tmp>") == SNAPSHOTS[case]

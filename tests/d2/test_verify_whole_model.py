@@ -5,7 +5,7 @@ The model is a DI-MaskDINO-like detector of our own writing (`tests/dimaskdino_l
 `D2ConvNeXt` backbone plus a MaskDINO-shaped decoder whose final `decoder.norm` is a `*.norm.weight`
 of width HIDDEN.  Everything goes through Detectron2's real `DetectionCheckpointer`; the expected
 names are written out here.  Exit statuses and fields are read through `--json`; the human report
-has its one snapshot test in test_verify.py.
+has its one snapshot test in tests/cli/test_human_output.py.
 """
 from __future__ import annotations
 

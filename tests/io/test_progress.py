@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import sys
 
 import pytest
@@ -38,9 +39,9 @@ def test_a_terminal_sees_a_progress_bar_for_a_large_file(src, tmp_path, monkeypa
 
 def test_no_bar_when_stderr_is_not_a_terminal(src, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli, "PROGRESS_MIN_BYTES", 0)
-    assert cli.main(["convert", str(src), str(tmp_path / "out.pth")]) == 0
+    assert cli.main(["convert", str(src), str(tmp_path / "out.pth"), "--json"]) == 0
     captured = capsys.readouterr()
-    assert captured.err == "" and "converted" in captured.out
+    assert captured.err == "" and json.loads(captured.out)["destination"] == str(tmp_path / "out.pth")
 
 
 def test_no_bar_for_a_small_file_even_at_a_terminal(src, tmp_path, monkeypatch):

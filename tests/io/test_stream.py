@@ -22,18 +22,18 @@ from conversion import convert
 from conversion.architecture import Architecture
 from conversion.errors import VerificationFailed
 from conversion.inspection import inspect_checkpoint
-from conversion.read import load_checkpoint
 from conversion.synthetic import random_state_dict
 
 from .. import strategies as S
+from ..support import written_tensors
 
 ROOT = Path(__file__).resolve().parents[2]
 ARCH = Architecture((1, 2, 1, 1), (8, 16, 8, 16), num_classes=5, classifier_norm=True)
 
 
 def _loaded(path):
-    data = load_checkpoint(str(path))
-    return {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(v) for k, v in data["model"].items()}
+    """A written file's tensors, decoded by torch / the standard unpickler (not by conversion.read)."""
+    return written_tensors(path)
 
 
 def _both_sources(tmp, obj, ext):

@@ -20,7 +20,7 @@ from conversion.synthetic import random_state_dict
 from conversion.write import AUTHOR, encode, output_format, write_checkpoint
 
 from .. import strategies as S
-from ..support import TORCH_HAS_WEIGHTS_ONLY, torch_load_weights_only
+from ..support import TORCH_HAS_WEIGHTS_ONLY, torch_load_weights_only, written_tensors
 
 SMALL = Architecture((1, 1, 2, 1), (4, 8, 4, 8))
 SD = {"backbone." + k: v for k, v in random_state_dict(SMALL, seed=5).items()}
@@ -81,12 +81,10 @@ def test_dtypes_are_kept_except_bfloat16_in_pkl(dtype, ext):
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(sd, os.path.join(tmp, "src.pth"))
         report = convert(os.path.join(tmp, "src.pth"), os.path.join(tmp, "out" + ext))
-        from conversion.read import load_checkpoint
-
-        model = load_checkpoint(os.path.join(tmp, "out" + ext))["model"]
+        model = written_tensors(os.path.join(tmp, "out" + ext))  # decoded by torch / pickle, not conversion.read
     expect = torch.float32 if (dtype == torch.bfloat16 and ext == ".pkl") else dtype
     for name, tensor in sd.items():
-        got = model[name] if isinstance(model[name], torch.Tensor) else torch.from_numpy(model[name])
+        got = model[name]
         assert got.dtype == expect and torch.equal(got, tensor.to(expect)), name
     assert report.dtype_changes == ({"bfloat16": "float32"} if expect != dtype else {})
 

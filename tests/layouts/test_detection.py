@@ -25,11 +25,12 @@ import torch
 
 from conversion import convert
 from conversion.architecture import Architecture
+from conversion.errors import NotConvNeXt
 
 from ..support import assert_clean_load, build_d2_model, fill_with_sentinel, load_with_detectron2, require, torch_load_weights_only
 from ..d2.test_equivalence import CPU_FP32_ATOL_SCALE, CPU_FP32_RTOL, assert_stages_close, differences, image
 from .test_layout_equivalence import MEASURED, mmpretrain_models, randomise_
-from .cli_support import EXIT_OK, EXIT_USAGE, convert_cli
+from .cli_support import EXIT_OK, convert_cli, refusal
 from .names import DEPTHS, DIMS, TARGET_V1, names
 
 require("detectron2")
@@ -149,8 +150,7 @@ def test_detectron2_model_final_converts_its_backbone_with_trained_output_norms(
 
 def test_detectron2_resnet_model_final_is_refused_as_a_resnet(tmp_path, capsys):
     segmentor = detectron2_segmentor("resnet")
-    status, _, err = convert_cli(tmp_path, {"model": segmentor.state_dict(), "iteration": 1}, capsys=capsys)
-    assert status == EXIT_USAGE
+    err = refusal(tmp_path, {"model": segmentor.state_dict(), "iteration": 1}, NotConvNeXt)
     assert "the weights are a ResNet, not a ConvNeXt" in err and "'backbone.res2.0.conv1.weight'" in err, err
 
 
@@ -210,10 +210,10 @@ def test_from_accepts_a_detection_checkpoint(tmp_path, capsys, forced):
 def test_summary_lists_the_left_out_parts_with_counts(tmp_path, capsys):
     sd = {"backbone." + k: v for k, v in build_d2_model(ARCH).backbone.state_dict().items()}
     sd.update(MMSEG_PARTS)
-    status, out, err = convert_cli(tmp_path, {"state_dict": sd}, capsys=capsys)
+    status, out, err = convert_cli(tmp_path, {"state_dict": sd}, "--json", capsys=capsys)
     assert status == EXIT_OK, err
-    assert "left out   40 tensors of the detector around the backbone: auxiliary_head. x8, decode_head. x32" in out, out
-    assert "fresh" not in out, out
+    report = json.loads(out)
+    assert report["left_out"] == {"auxiliary_head.": 8, "decode_head.": 32} and report["fresh"] == [], report
 
 
 def test_mmdet_checkpoint_whose_backbone_is_a_resnet_is_refused(tmp_path, capsys):
@@ -221,10 +221,8 @@ def test_mmdet_checkpoint_whose_backbone_is_a_resnet_is_refused(tmp_path, capsys
     resnet = torchvision.models.resnet18(weights=None).state_dict()
     sd = {"backbone." + k: v for k, v in resnet.items() if not k.startswith("fc.")}
     sd.update(MMDET_PARTS)
-    status, _, err = convert_cli(tmp_path, {"meta": {}, "state_dict": sd}, capsys=capsys)
-    assert status == EXIT_USAGE
+    err = refusal(tmp_path, {"meta": {}, "state_dict": sd}, NotConvNeXt)
     assert "the weights are a ResNet, not a ConvNeXt" in err and "'backbone.layer1.0.conv1.weight'" in err, err
-    assert "Traceback" not in err
 
 
 def test_inspect_names_the_detector_parts_a_conversion_leaves_out(tmp_path, capsys):

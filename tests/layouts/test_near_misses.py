@@ -2,7 +2,7 @@
 
 Sources are the libraries' own models (`state_dict()` of a real timm / transformers / open_clip /
 mmpretrain object, random init); expected messages name the file's keys literally.  Every refusal
-exits 2 through the CLI, names each offending key, and writes nothing (`convert_cli` checks it).
+is the library's error (`refusal` checks its class), names each offending key, and writes nothing.
 """
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from ..support import require
-from .cli_support import EXIT_USAGE, convert_cli
+from conversion.errors import NotConvNeXt
+
+from .cli_support import convert_cli, refusal
 
 timm = require("timm")
 
@@ -38,12 +40,11 @@ UNREPRESENTABLE = {
 
 @pytest.mark.parametrize("case", sorted(UNREPRESENTABLE))
 def test_timm_variant_the_backbone_cannot_represent_is_named_for_what_it_is(tmp_path, capsys, case):
-    """Exit 2: what was found (the file's key and shape), timm's name for the variant, and what to do; no
+    """Refused: what was found (the file's key and shape), timm's name for the variant, and what to do; no
     "damaged" / "re-export" (the weights are intact and re-exporting cannot help), no collision talk."""
     name, kwargs, found, spelled = UNREPRESENTABLE[case]
     model = timm.create_model(name, pretrained=False, **kwargs)
-    status, _, err = convert_cli(tmp_path, model.state_dict(), capsys=capsys)
-    assert status == EXIT_USAGE
+    err = refusal(tmp_path, model.state_dict(), NotConvNeXt)
     assert "a ConvNeXt variant the Detectron2 backbone cannot represent" in err, err
     assert found in err, err
     assert spelled in err, err
@@ -108,8 +109,7 @@ def test_wrong_shape_is_refused_naming_the_key(tmp_path, capsys, layout):
     sd = build()
     shape = list(sd[key].shape)
     sd[key] = torch.zeros(shape[0] + 1, *shape[1:])
-    status, _, err = convert_cli(tmp_path, sd, capsys=capsys)
-    assert status == EXIT_USAGE
+    err = refusal(tmp_path, sd, NotConvNeXt)
     assert f"{key} has shape [{shape[0] + 1}, " in err, err
 
 
@@ -119,8 +119,7 @@ def test_missing_block_is_refused_naming_every_key_of_it(tmp_path, capsys, layou
     sd = build()
     removed = sorted(k for k in sd if k.startswith(block))
     assert len(removed) >= 9, removed
-    status, _, err = convert_cli(tmp_path, {k: v for k, v in sd.items() if not k.startswith(block)}, capsys=capsys)
-    assert status == EXIT_USAGE
+    err = refusal(tmp_path, {k: v for k, v in sd.items() if not k.startswith(block)}, NotConvNeXt)
     assert [k for k in removed if f"missing {k} " not in err] == [], err
 
 
@@ -129,8 +128,7 @@ def test_two_layouts_mixed_is_refused_naming_the_foreign_key(tmp_path, capsys, l
     build, _, _, (key, foreign) = NEW_LAYOUTS[layout]
     sd = build()
     sd[foreign] = sd.pop(key)
-    status, _, err = convert_cli(tmp_path, sd, capsys=capsys)
-    assert status == EXIT_USAGE
+    err = refusal(tmp_path, sd, NotConvNeXt)
     assert "mixed or unknown naming" in err and foreign in err, err
 
 
@@ -138,8 +136,7 @@ def test_detection_checkpoint_with_a_convnext_tensor_outside_its_backbone_is_mix
     """A ConvNeXt name beside `backbone.` is two dicts mixed: refused, not counted as a detector part."""
     sd = _mmdet_style()
     sd["stages.1.0.dwconv.weight"] = sd["backbone.stages.1.0.depthwise_conv.weight"].clone()
-    status, _, err = convert_cli(tmp_path, {"state_dict": sd}, capsys=capsys)
-    assert status == EXIT_USAGE
+    err = refusal(tmp_path, {"state_dict": sd}, NotConvNeXt)
     assert "1 key(s) outside the mmpretrain layout: stages.1.0.dwconv.weight" in err, err
 
 
@@ -162,7 +159,6 @@ def _huggingface_patch_2() -> Dict[str, torch.Tensor]:
 )
 def test_other_layouts_near_miss_is_named_for_what_it_is(tmp_path, capsys, build, stem):
     """The same truth for other libraries' options the backbone cannot hold: a 2x2 patch stem, named by the file's key."""
-    status, _, err = convert_cli(tmp_path, build(), capsys=capsys)
-    assert status == EXIT_USAGE
+    err = refusal(tmp_path, build(), NotConvNeXt)
     assert f"a 2x2 patch stem ('{stem}' [8, 3, 2, 2]; the backbone's is 4x4)" in err, err
     assert "damaged" not in err and "re-export" not in err, err

@@ -1,9 +1,9 @@
-"""Bad names: mixed naming, truncated, isotropic, not ConvNeXt, wrong version, sparse FCMAE (exit 2, nothing written)."""
+"""Bad names: mixed naming, truncated, isotropic, not ConvNeXt, wrong version, sparse FCMAE: each refused by
+`conversion.convert` with its error class and a message naming the keys, nothing written."""
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Tuple
 
 import pytest
 import torch
@@ -14,23 +14,15 @@ from conversion.cli import main
 from conversion.layouts import from_canonical
 from conversion.synthetic import random_state_dict
 
+from conversion.errors import NotConvNeXt
+
 from ..support import require
-from .table import EXIT_USAGE
+from .cli_support import refusal
 
 # ---------------------------------------------------------------- bad input
 
 
 SMALL = Architecture((1, 1, 2, 1), (8, 8, 16, 16), num_classes=3, classifier_norm=True)
-
-
-def _cli_convert(tmp_path, obj: Any, *extra: str, capsys) -> Tuple[int, str]:
-    src = tmp_path / "source.pth"
-    torch.save(obj, src)
-    dst = tmp_path / "out.pth"
-    status = main(["convert", str(src), str(dst), *extra])
-    err = capsys.readouterr().err
-    assert not dst.exists(), "a refused conversion wrote its destination"
-    return status, err
 
 
 def test_half_converted_dict_names_the_keys_of_the_other_layout(tmp_path, capsys):
@@ -40,8 +32,7 @@ def test_half_converted_dict_names_the_keys_of_the_other_layout(tmp_path, capsys
     mixed = {k: v for k, v in canonical.items() if k not in late}
     timm_names = from_canonical({k: canonical[k] for k in late}, "timm")
     mixed.update(timm_names)
-    status, err = _cli_convert(tmp_path, {"model": mixed}, capsys=capsys)
-    assert status == EXIT_USAGE
+    err = refusal(tmp_path, {"model": mixed}, NotConvNeXt)
     assert f"{len(timm_names)} key(s) outside the official layout" in err, err
     assert sorted(timm_names)[0] in err, err
 
@@ -52,16 +43,14 @@ def test_mostly_timm_dict_with_official_leftovers_names_the_leftovers(tmp_path, 
     leftover = {k for k in canonical if k.startswith("stages.2.1.")}
     mixed = from_canonical({k: v for k, v in canonical.items() if k not in leftover}, "timm")
     mixed.update({k: canonical[k] for k in leftover})
-    status, err = _cli_convert(tmp_path, mixed, capsys=capsys)
-    assert status == EXIT_USAGE
+    err = refusal(tmp_path, mixed, NotConvNeXt)
     assert "outside the timm layout" in err and "stages.2.1.dwconv.weight" in err, err
 
 
 def test_truncated_architecture_names_the_missing_stage(tmp_path, capsys):
     """A ConvNeXt without stage 3's blocks is refused as truncated, naming stage 3."""
     canonical = {k: v for k, v in random_state_dict(SMALL).items() if not k.startswith("stages.3.")}
-    status, err = _cli_convert(tmp_path, {"model": canonical}, capsys=capsys)
-    assert status == EXIT_USAGE
+    err = refusal(tmp_path, {"model": canonical}, NotConvNeXt)
     assert "truncated ConvNeXt: stage(s) [3]" in err, err
 
 
@@ -92,8 +81,7 @@ def test_isotropic_convnext_is_refused_for_having_no_pyramid(tmp_path, capsys):
             "head.bias": torch.zeros(3),
         }
     )
-    status, err = _cli_convert(tmp_path, {"model": isotropic}, capsys=capsys)
-    assert status == EXIT_USAGE
+    err = refusal(tmp_path, {"model": isotropic}, NotConvNeXt)
     assert "isotropic ConvNeXt" in err and "res2..res5" in err, err
 
 
@@ -101,8 +89,7 @@ def test_timm_resnet_is_not_a_convnext(tmp_path, capsys):
     """A timm ResNet-18 state dict is refused as not a ConvNeXt, listing the markers looked for."""
     timm = require("timm")
     resnet = timm.create_model("resnet18", pretrained=False).state_dict()
-    status, err = _cli_convert(tmp_path, resnet, capsys=capsys)
-    assert status == EXIT_USAGE
+    err = refusal(tmp_path, resnet, NotConvNeXt)
     assert f"the weights are a ResNet, not a ConvNeXt ({len(resnet)} keys, ResNet blocks such as 'layer1.0.conv1.weight')" in err, err
 
 
@@ -111,8 +98,7 @@ def test_v2_file_forced_as_v1_names_a_grn_key(tmp_path, capsys, layout):
     """`--from LAYOUT-v1` on a V2 file is refused with a GRN key (in the source's own names) as evidence."""
     arch = dataclasses.replace(SMALL, version=2)
     source = from_canonical(random_state_dict(arch), layout)
-    status, err = _cli_convert(tmp_path, {"model": source}, "--from", f"{layout}-v1", capsys=capsys)
-    assert status == EXIT_USAGE
+    err = refusal(tmp_path, {"model": source}, NotConvNeXt, layout=f"{layout}-v1")
     grn = (
         r"stages\.\d+\.\d+\.grn\.(gamma|beta)"
         if layout == "official"
@@ -142,6 +128,5 @@ def test_sparse_fcmae_checkpoint_is_refused_with_densify_advice(tmp_path, capsys
         "encoder.stages.0.0.grn.gamma": torch.zeros(1, 4 * c),
         "mask_token": torch.zeros(1, 16, 1, 1),
     }
-    status, err = _cli_convert(tmp_path, {"model": sparse}, capsys=capsys)
-    assert status == EXIT_USAGE
+    err = refusal(tmp_path, {"model": sparse}, NotConvNeXt)
     assert "encoder.stages.0.0.dwconv.kernel" in err and "densify" in err.lower(), err

@@ -5,10 +5,11 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conversion.architecture import CLASSIFIER_KEYS, canonical_shapes, infer_architecture
+from conversion.architecture import canonical_shapes, infer_architecture
 from conversion.containers import select_state_dict
 
 from .. import strategies as S
+from ..support import CLASSIFIER_NAMES
 
 
 @given(S.architectures())
@@ -58,7 +59,7 @@ def test_wrapped_checkpoints_unwrap_to_the_same_dict(drawn, container, prefix):
 @given(S.architectures(classifier=True))
 def test_classifier_architectures_carry_head_and_pooled_norm(arch):
     """With a classifier, the official dict holds `head.*` and the pooled `norm.*` (what a released file has)."""
-    assert set(CLASSIFIER_KEYS) <= set(canonical_shapes(arch))
+    assert set(CLASSIFIER_NAMES) <= set(canonical_shapes(arch))
 
 
 @given(st.data())
@@ -89,7 +90,7 @@ def test_layout_state_dicts_are_recognised_as_their_layout_with_the_same_weights
     # Or a layout that writes the very same names (DINOv3 without the classifier's norm is an official file).
     assert back.layout == layout or set(in_layout(canonical, back.layout)) == set(source), (layout, back.layout)
     classifier_free = {k: v for k, v in canonical.items() if k in back.state_dict}
-    assert set(canonical) - set(back.state_dict) <= set(CLASSIFIER_KEYS), "only a classifier may be absent (timm features_only)"
+    assert set(canonical) - set(back.state_dict) <= set(CLASSIFIER_NAMES), "only a classifier may be absent (timm features_only)"
     assert all(torch.equal(back.state_dict[k], v) for k, v in classifier_free.items())
     assert infer_architecture({k: tuple(v.shape) for k, v in canonical.items()}) == arch
 
