@@ -18,8 +18,10 @@ backbone given the source's weights through the converter's mapping.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 import re
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -314,6 +316,11 @@ def verify(
     """
     if not os.path.isfile(checkpoint.split("?", 1)[0]):
         raise UnusableVerifyInput(f"{checkpoint}: no such file.", "Check the path.")
+    if importlib.util.find_spec("detectron2") is None:
+        raise UnusableVerifyInput(
+            f"verify loads the file with Detectron2's own checkpointer, and Detectron2 is not installed for {sys.executable}.",
+            "Run verify in the environment you train in (convert, inspect and repair work without Detectron2).",
+        )
     load_imports(imports)
     cfg = _config(config, checkpoint)
     report = VerifyReport(
