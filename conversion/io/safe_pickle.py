@@ -114,6 +114,11 @@ class SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcode
         self.skip_payloads, self.payload_threshold = skip_payloads, payload_threshold
         self.storages: Dict[str, Location] = {}  # payload mode: the arrays' storages, by key
         self.modules: set = set()  # modules the pickle's globals name (e.g. numpy._core: pickled by numpy 2)
+        # Payload mode reads no frame ahead, but holds the file to the frames' boundaries as pickle's
+        # own reader does (a read straddling a frame's end is corruption): where the open frame ends.
+        self._frame_end: Optional[int] = None
+        if skip_payloads:
+            self._file_read, self._file_readline = self._framed_read, self._framed_readline
 
     # -- bounds
 
@@ -132,10 +137,33 @@ class SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcode
 
     # -- payload mode
 
+    def _within_frame(self, start: int, n: int) -> None:
+        """`n` bytes from `start` lie inside the open frame or after it, never across its end (what
+        pickle's reader refuses as "pickle exhausted before end of frame")."""
+        if self._frame_end is None:
+            return
+        if start >= self._frame_end:
+            self._frame_end = None  # that frame is done; the next opcode may open another
+        elif start + n > self._frame_end:
+            raise pickle.UnpicklingError("pickle exhausted before end of frame")
+
+    def _framed_read(self, n: int) -> bytes:
+        start = self._file.tell()
+        data = self._file.read(n)
+        self._within_frame(start, len(data))
+        return data
+
+    def _framed_readline(self) -> bytes:
+        start = self._file.tell()
+        line = self._file.readline()
+        self._within_frame(start, len(line))
+        return line
+
     def skip(self, n: int) -> FileBytes:
         """Step over `n` bytes (already checked against what is left) without reading them; where they
         are.  Payload mode reads no frame ahead, so every payload, in a frame or not, is a run of the file."""
         start = self._file.tell()
+        self._within_frame(start, n)
         self._file.seek(n, os.SEEK_CUR)
         return FileBytes(start, n)
 
@@ -447,10 +475,11 @@ class SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcode
     def load_frame(self) -> None:
         (n,) = struct.unpack("<Q", self.read(8))
         self.check_left(n)
-        if self.skip_payloads:  # frames are only a read-ahead hint: not read ahead, their payloads stay in the file
-            if self._unframer.current_frame is not None and self._unframer.current_frame.read(1):
+        if self.skip_payloads:  # not read ahead (payloads stay in the file), but its end is held to
+            at = self._file.tell()
+            if self._frame_end is not None and at - 9 < self._frame_end:
                 raise pickle.UnpicklingError("beginning of a new frame before end of current frame")
-            self._unframer.current_frame = None
+            self._frame_end = at + n
             return
         self._unframer.load_frame(n)
 

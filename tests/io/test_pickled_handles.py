@@ -285,3 +285,23 @@ def test_the_source_lists_the_modules_its_pickles_name(tmp_path):
     core = "numpy._core.multiarray" if int(np.__version__.split(".")[0]) >= 2 else "numpy.core.multiarray"
     assert {"torch._utils", core} <= open_pickled(str(legacy)).modules
     assert {"numpy", core} <= open_pickled(str(zoo)).modules and "torch._utils" not in open_pickled(str(zoo)).modules
+
+
+@pytest.mark.parametrize("short_by", [7, 40, 1001])
+def test_a_frame_shorter_than_its_contents_is_refused_as_pickle_refuses_it(tmp_path, short_by):
+    """Payload mode reads no frame ahead but keeps frames' boundaries: a frame length cut short (one
+    flipped byte of a real file) leaves an opcode straddling the frame's end, which pickle refuses.
+    Found by the byte-flip fuzzer: the handle reader once read such a file as if it were whole."""
+    arrays = {name: t.numpy() for name, t in SD.items()}
+    data = bytearray(pickle.dumps({"model": arrays, "__author__": "x"}, protocol=4))
+    assert data[2] == pickle.FRAME[0]
+    (n,) = struct.unpack("<Q", data[3:11])
+    data[3:11] = struct.pack("<Q", n - short_by)
+    path = tmp_path / "cut-frame.pkl"
+    path.write_bytes(bytes(data))
+    with pytest.raises(pickle.UnpicklingError):  # the oracle: Python's own pure-Python reader refuses it
+        pickle._Unpickler(io.BytesIO(bytes(data))).load()
+
+    for read in (lambda: open_pickled(str(path)), lambda: load_checkpoint(str(path))):
+        with pytest.raises(UnreadableCheckpoint, match="frame"):
+            read()
