@@ -20,7 +20,7 @@ from .errors import NonFiniteWeights, NotConvNeXt
 from .layouts import LAYOUTS, Canonical, classifier_names, source_name_of, to_canonical
 from .containers import check_weight_types, select_state_dict
 from .formats import AUTHOR, output_format
-from .io.handles import is_record
+from .io.handles import TensorRef, is_contiguous, numel
 from .read import Source, load_source, open_source, placeholders_in
 from .target import ALL_OUTPUTS, DEFAULT_PREFIX, Target, fresh_output_norms, to_target
 
@@ -131,18 +131,22 @@ def plan(source: Source, fmt: str, *, ema: bool = False, prefix: str = DEFAULT_P
     state_dict, container = select_state_dict(source.objects, ema=ema)
     check_weight_types(state_dict)
     if source.index is not None:
-        if not (source.index.streamable and all(is_record(v) for v in state_dict.values())):
+        if not (source.index.streamable and all(_is_view(v) for v in state_dict.values())):
             return _read_whole(source, fmt, ema=ema, prefix=prefix, layout=layout)
         from .io.torchzip import check_references
 
         check_references(source.index, state_dict)  # every tensor, dropped ones too: a broken archive is refused whole
     arch, canonical, target = prepare(state_dict, prefix=prefix, layout=layout)
     if source.index is not None:
-        if all(is_record(v) and (fmt == "torch" or v.is_contiguous()) for v in target.state_dict.values()):
+        if all(_is_view(v) and (fmt == "torch" or is_contiguous(v)) for v in target.state_dict.values()):
             return Plan(source, container, arch, canonical, target, copies_bytes=True)
         return _read_whole(source, fmt, ema=ema, prefix=prefix, layout=layout)
-    check_weight_types(target.state_dict, tensors_only=True)
     return Plan(source, container, arch, canonical, target, copies_bytes=False)
+
+
+def _is_view(value: Any) -> bool:
+    """A handle whose bytes are one strided view of a storage record (what a byte copy can write)."""
+    return isinstance(value, TensorRef) and value.strided_shape is None
 
 
 def _read_whole(source: Source, fmt: str, **options: Any) -> Plan:
@@ -215,7 +219,15 @@ def _non_finite(planned: Plan, strict: bool) -> Optional[List[str]]:
         return non_finite(planned.source.index, planned.target.state_dict) if strict else None
     import torch
 
-    return [k for k, t in planned.target.state_dict.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    return [k for k, t in _in_memory(planned.target.state_dict).items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def _in_memory(model: Mapping[str, Any]) -> Dict[str, Any]:
+    """The weights as torch tensors (numpy arrays from a pickle converted), for the buffered writer."""
+    import numpy as np
+    import torch
+
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v for k, v in model.items()}
 
 
 def _write(planned: Plan, dst: str, fmt: str, *, force: bool, progress: Optional[Callable[[int, int], None]]) -> int:
@@ -224,7 +236,7 @@ def _write(planned: Plan, dst: str, fmt: str, *, force: bool, progress: Optional
     if not planned.copies_bytes:
         from .write import write_checkpoint
 
-        return write_checkpoint(dst, model, force=force, source=src)[1]
+        return write_checkpoint(dst, _in_memory(model), force=force, source=src)[1]
     from .stream import write_streamed, write_streamed_pickle
 
     index = planned.source.index
@@ -262,7 +274,7 @@ def _report(planned: Plan, dst: str, fmt: str, prefix: str) -> ConversionReport:
         prefix=prefix,
         format=fmt,
         kept=len(target.state_dict),
-        parameters=sum(t.numel() for t in target.state_dict.values()),
+        parameters=sum(numel(t) for t in target.state_dict.values()),
         dropped=sorted([canonical.source_names[c] for c in target.dropped] + list(canonical.dropped)),
         drop_reasons={
             **{canonical.source_names[c]: "classifier only (a detection backbone has no pooled norm or head)" for c in target.dropped},

@@ -38,7 +38,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from .errors import UnreadableCheckpoint, VerificationFailed
 from .formats import write_atomically
 from .io.crc import crc_of_range as _crc_of_range, crcs_of_ranges
-from .io.handles import ITEM_SIZE, STORAGE_DTYPES, StorageRef, TensorRef, contiguous_stride  # noqa: F401
+from .io.handles import ITEM_SIZE, STORAGE_DTYPES, StorageRef, TensorRef, contiguous_stride, is_contiguous, numel  # noqa: F401
 from .io.torchzip import (  # noqa: F401  (read_index, check_references, ArchiveIndex: this module's readers)
     ALIGNMENT,
     COMPRESSION_BOUND,
@@ -237,17 +237,17 @@ class _RecordArray:
     """A tensor to be pickled as a numpy array: its bytes come from the archive when written."""
 
     def __init__(self, ref: TensorRef, fd: int, data_offset: int, record_crc: Optional[int] = None) -> None:
-        if not ref.is_contiguous():
+        if not is_contiguous(ref):
             raise ValueError("a non-contiguous tensor cannot be copied as one run of bytes (the pipeline writes it buffered)")
         self.ref, self.fd = ref, fd
         self.start = data_offset + ref.offset * _ITEM_SIZE[ref.dtype]
         # A tensor spanning its whole storage is the whole record: its bytes must match the record's CRC.
-        whole = ref.offset == 0 and ref.numel() == ref.storage.numel
+        whole = ref.offset == 0 and numel(ref) == ref.storage.numel
         self.record_crc = record_crc if whole else None
 
     @property
     def nbytes(self) -> int:
-        return self.ref.numel() * _ITEM_SIZE[self.ref.dtype]
+        return numel(self.ref) * _ITEM_SIZE[self.ref.dtype]
 
     @property
     def copied(self) -> bool:
@@ -424,17 +424,17 @@ def non_finite(index: ArchiveIndex, model: Dict[str, TensorRef]) -> List[str]:
         offsets = {key[len("data/"):]: _data_offset(f, info) for key, info in index.records.items() if key.startswith("data/")}
         bad = []
         for name, ref in model.items():
-            if ref.dtype not in ("float32", "float16", "float64", "bfloat16") or ref.numel() == 0:
+            if ref.dtype not in ("float32", "float16", "float64", "bfloat16") or numel(ref) == 0:
                 continue
             size = _ITEM_SIZE[ref.dtype]
-            start, count = offsets[ref.storage.key] + ref.offset * size, ref.numel() * size
+            start, count = offsets[ref.storage.key] + ref.offset * size, numel(ref) * size
             base = start - start % mmap.ALLOCATIONGRANULARITY
             with mmap.mmap(f.fileno(), count + start - base, access=mmap.ACCESS_READ, offset=base) as mm:
                 if ref.dtype == "bfloat16":  # no numpy bfloat16: an all-ones exponent means NaN or Inf
-                    values = np.frombuffer(mm, "<u2", ref.numel(), start - base)
+                    values = np.frombuffer(mm, "<u2", numel(ref), start - base)
                     finite = not bool(((values & 0x7F80) == 0x7F80).any())
                 else:
-                    values = np.frombuffer(mm, NUMPY_DTYPES[ref.dtype], ref.numel(), start - base)
+                    values = np.frombuffer(mm, NUMPY_DTYPES[ref.dtype], numel(ref), start - base)
                     finite = bool(np.isfinite(values).all())
                 del values  # the map cannot close while an array views it
             if not finite:

@@ -151,16 +151,24 @@ def test_a_streamed_conversion_never_imports_torch(tmp_path, ext):
     assert json.loads(proc.stdout)["streamed"] is True
 
 
-def test_tensor_references_reshape_contiguous_views_in_place_and_mark_the_others():
-    from conversion.io.handles import ReshapedRef, StorageRef, TensorRef, is_record
+def test_a_shape_applied_to_a_handle_is_data_a_new_stride_or_a_recorded_reshape():
+    """Contiguous views get the new shape and its C-order strides; a non-contiguous view keeps its
+    strides and records the reshape (read later in C order); tensors and arrays are reshaped."""
+    from conversion.io.handles import StorageRef, TensorRef, is_contiguous, numel, with_shape
 
     ref = TensorRef(StorageRef("0", "FloatStorage", 24), 0, (2, 3, 4), (12, 4, 1))
-    assert ref.reshape(6, 4).stride == (4, 1) and ref.reshape(-1).shape == (24,) and ref.reshape((1, 1, 1, 24)).shape == (1, 1, 1, 24)
-    assert ref.numel() == 24 and ref.dtype == "float32" and ref.ndim == 3 and is_record(ref.reshape(6, 4))
+    assert with_shape(ref, (6, 4)) == TensorRef(ref.storage, 0, (6, 4), (4, 1))
+    assert with_shape(ref, (1, 1, 1, 24)).stride == (24, 24, 24, 1)
+    assert numel(ref) == 24 and ref.dtype == "float32" and is_contiguous(with_shape(ref, (24,)))
+    assert not any(hasattr(ref, m) for m in ("reshape", "numel", "ndim", "is_contiguous"))
     transposed = TensorRef(ref.storage, 0, (4, 3, 2), (1, 4, 12))
-    fixed = transposed.reshape(24)
-    assert fixed == ReshapedRef(transposed, (24,)) and not is_record(fixed)
-    assert fixed.reshape(-1, 6).shape == (4, 6) and fixed.numel() == 24 and fixed.dtype == "float32"
+    fixed = with_shape(transposed, (24,))
+    assert fixed == TensorRef(ref.storage, 0, (24,), (1, 4, 12), strided_shape=(4, 3, 2)) and not is_contiguous(fixed)
+    assert with_shape(fixed, (4, 6)) == TensorRef(ref.storage, 0, (4, 6), (1, 4, 12), strided_shape=(4, 3, 2))
+    assert with_shape(fixed, (4, 3, 2)).shape == (4, 3, 2) and numel(fixed) == 24
+    with pytest.raises(ValueError, match="24 elements"):
+        with_shape(ref, (5, 5))
+    assert with_shape(np.arange(6), (2, 3)).shape == (2, 3) and with_shape(torch.zeros(6), (3, 2)).shape == (3, 2)
 
 
 @pytest.mark.parametrize("ext", [".pth", ".pkl"])

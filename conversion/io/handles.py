@@ -2,10 +2,10 @@
 
 A `StorageRef` names a run of bytes (a torch archive's storage record, a safetensors file's data
 section, a legacy file's storage, an inner archive's bytes); a `TensorRef` is a strided view into one.
-Readers hand out containers whose leaves are these handles or tensors and arrays already in memory;
-the layouts, the report and the writers work on either, through the same few members (`shape`,
-`dtype`, `ndim`, `numel()`, `reshape()`).  Which writer runs is decided by what the leaves are: zip
-records are copied byte for byte, anything else is built in memory and written buffered.
+Readers hand out containers whose leaves are these handles (or, through the Python API, tensors and
+arrays already in memory); a handle is plain data (`shape`, `dtype`, where its elements are), and the
+module functions below (`numel`, `is_contiguous`, `with_shape`) work on every kind of leaf, so nothing
+has to imitate a tensor.  The writers pull each handle's bytes from its `Location`.
 """
 from __future__ import annotations
 
@@ -69,82 +69,72 @@ class StorageRef:
     numel: int
 
 
+Shape = Tuple[int, ...]
+
+
 @dataclass(frozen=True)
 class TensorRef:
-    """A tensor as the index describes it: where its elements are, never the elements."""
+    """A tensor as the index describes it: where its elements are, never the elements.
+
+    `shape` and `dtype` are what the tensor is.  Its elements are the strided view (`shape`,
+    `stride`) at `offset` of the storage, except after a shape fix of a non-contiguous view:
+    then `strided_shape` is the view's own shape, its elements are read in C order, and `shape`
+    is the shape they are given (what `reshape` of a tensor does, recorded as data)."""
 
     storage: StorageRef
     offset: int
-    shape: Tuple[int, ...]
-    stride: Tuple[int, ...]
+    shape: Shape
+    stride: Shape
+    strided_shape: Optional[Shape] = None
 
     @property
     def dtype(self) -> str:
         return STORAGE_DTYPES[self.storage.storage_type]
 
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
 
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-    def is_contiguous(self) -> bool:
-        return self.stride == contiguous_stride(self.shape)
-
-    def reshape(self, *shape: int) -> "Any":
-        """The layouts' shape fixes: a strided view of the same record when the elements are in
-        order; otherwise a `ReshapedRef`, which no byte copy can express (the buffered writer builds it)."""
-        new = _resolved_shape(shape, self.numel())
-        if not self.is_contiguous():
-            return ReshapedRef(self, new)
-        return replace(self, shape=new, stride=contiguous_stride(new))
+def shape_of(value: Any) -> Shape:
+    """A leaf's shape as a plain tuple (a handle, a torch tensor or a numpy array)."""
+    return tuple(int(d) for d in value.shape)
 
 
-@dataclass(frozen=True)
-class ReshapedRef:
-    """A shape fix applied to a non-contiguous tensor: its elements are not one run of the record
-    in the new order, so only a writer that builds tensors in memory can write it."""
-
-    base: TensorRef
-    shape: Tuple[int, ...]
-
-    @property
-    def dtype(self) -> str:
-        return self.base.dtype
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    def numel(self) -> int:
-        return self.base.numel()
-
-    def is_contiguous(self) -> bool:
-        return False
-
-    def reshape(self, *shape: int) -> "ReshapedRef":
-        return ReshapedRef(self.base, _resolved_shape(shape, self.numel()))
+def numel(value: Any) -> int:
+    """Elements of a leaf (or of a shape)."""
+    n = 1
+    for d in value if isinstance(value, tuple) else shape_of(value):
+        n *= d
+    return n
 
 
-def _resolved_shape(shape: Tuple[Any, ...], numel: int) -> Tuple[int, ...]:
-    """`reshape`'s argument forms (`reshape(2, 3)`, `reshape((2, 3))`, one `-1`) as a plain shape."""
-    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
-        shape = tuple(shape[0])
-    if -1 in shape:
-        known = 1
-        for d in shape:
-            known *= d if d != -1 else 1
-        shape = tuple(numel // known if d == -1 else d for d in shape)
-    return tuple(shape)
+def view_shape(ref: TensorRef) -> Shape:
+    """The shape the handle's strides apply to."""
+    return ref.shape if ref.strided_shape is None else ref.strided_shape
 
 
-def is_record(value: Any) -> bool:
-    """A tensor whose bytes are one strided view of a storage record (what a byte copy can write)."""
-    return type(value) is TensorRef
+def is_contiguous(ref: TensorRef) -> bool:
+    """Whether the elements are one run of the storage, in C order."""
+    return ref.strided_shape is None and ref.stride == contiguous_stride(ref.shape)
+
+
+def with_shape(value: Any, shape: Shape) -> Any:
+    """`value` with the same elements in C order and the given shape: a layout's shape fix.
+
+    A contiguous handle gets the new shape and its strides; a non-contiguous one keeps its view and
+    records the new shape (the writers gather its elements in C order); a tensor or array in memory
+    is reshaped.
+
+    Raises:
+        ValueError: the shape holds another number of elements.
+    """
+    shape = tuple(shape)
+    if numel(shape) != numel(value):
+        raise ValueError(f"cannot give {numel(value)} elements the shape {list(shape)}")
+    if not isinstance(value, TensorRef):
+        return value if shape_of(value) == shape else value.reshape(shape)
+    if shape == value.shape:
+        return value
+    if is_contiguous(value):
+        return replace(value, shape=shape, stride=contiguous_stride(shape))
+    return replace(value, shape=shape, strided_shape=view_shape(value))
 
 
 def contiguous_stride(shape: Tuple[int, ...]) -> Tuple[int, ...]:
