@@ -263,9 +263,9 @@ class Source:
 
 
 def open_source(path: str, *, metadata_only: bool = False) -> Source:
-    """Open `path` reading as little as its format allows: a torch archive by its index (tensor
-    bytes stay in the file, as `TensorRef`s), with `metadata_only` a safetensors file by its
-    header; everything else is read whole, into tensors and arrays.
+    """Open `path` reading as little as its format allows: a torch archive by its index and a
+    safetensors file by its header (tensor bytes stay in the file, as `TensorRef`s whose storages
+    `Source.storages` locates); everything else is read whole, into tensors and arrays.
 
     Raises:
         UnreadableCheckpoint, UnsafeCheckpoint: as `read_checkpoint`.
@@ -275,13 +275,12 @@ def open_source(path: str, *, metadata_only: bool = False) -> Source:
         from .io.torchzip import read_index
 
         index = read_index(path)
-        return Source(path, "torch-zip", index.objects, index, index.bytes_read)
-    if metadata_only:
-        from .io.safetensors_header import read_header
+        return Source(path, "torch-zip", index.objects, index, index.bytes_read, index.storages())
+    from .io.safetensors_header import read_header
 
-        header = read_header(path)
-        if header is not None:
-            return Source(path, "safetensors", header.tensors, None, header.bytes_read)
+    header = read_header(path)
+    if header is not None:
+        return Source(path, "safetensors", header.tensors, None, header.bytes_read, header.storages)
     return load_source(path)
 
 

@@ -10,7 +10,7 @@ has to imitate a tensor.  The writers pull each handle's bytes from its `Locatio
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 # Storage class names in persistent ids -> dtype names (torch/storage.py, _utils.py).
 STORAGE_DTYPES = {
@@ -150,3 +150,38 @@ def extent(offset: int, shape: Tuple[int, ...], stride: Tuple[int, ...]) -> int:
     if any(n == 0 for n in shape):
         return offset
     return offset + sum((n - 1) * st for n, st in zip(shape, stride)) + 1
+
+
+def location_bytes(loc: Location) -> int:
+    """How many bytes a storage's location holds."""
+    return len(loc.data) if isinstance(loc, InMemory) else loc.nbytes
+
+
+def check_references(path: str, storages: Dict[str, Location], refs: Dict[str, Any]) -> None:
+    """Every tensor handle must lie inside a located storage of exactly its declared size; otherwise
+    the output would hold bytes from outside the tensor (or torch would refuse it).  Leaves that are
+    tensors in memory are their own bytes and pass.
+
+    Raises:
+        UnreadableCheckpoint: naming the first tensor that does not fit its storage.
+    """
+    from ..errors import UnreadableCheckpoint
+
+    for name, ref in refs.items():
+        if not isinstance(ref, TensorRef):
+            continue
+        loc = storages.get(ref.storage.key)
+        size = ITEM_SIZE.get(ref.dtype)
+        if loc is None or size is None:
+            raise UnreadableCheckpoint(f"{path}: tensor '{name}' refers to a missing storage record.", "Re-download or re-save it.")
+        if location_bytes(loc) != ref.storage.numel * size:
+            raise UnreadableCheckpoint(
+                f"{path}: storage record of '{name}' holds {location_bytes(loc)} bytes, its index says {ref.storage.numel * size}.",
+                "The file is truncated or corrupt; re-download or re-save it.",
+            )
+        shape = view_shape(ref)
+        if ref.offset < 0 or any(n < 0 for n in shape) or any(st < 0 for st in ref.stride) or extent(ref.offset, shape, ref.stride) > ref.storage.numel:
+            raise UnreadableCheckpoint(
+                f"{path}: tensor '{name}' (shape {list(ref.shape)}, offset {ref.offset}) reaches past its storage.",
+                "The file is corrupt or crafted; re-save the weights.",
+            )
