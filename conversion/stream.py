@@ -11,7 +11,7 @@ here imports torch (importing it alone costs ~640 MB of resident memory); memory
 size of the index plus one tensor whatever the checkpoint's size.
 
 The index is written with the same opcodes torch uses (protocol 2, `torch._utils._rebuild_tensor_v2`,
-typed-storage persistent ids), records are 64-byte aligned as torch aligns them, and the result is
+typed-storage persistent ids) by the explicit opcode writer of conversion/io/pickle_writer.py, records are 64-byte aligned as torch aligns them, and the result is
 read back: every record's CRC-32 is computed once, by one thread per core (conversion/io/crc.py),
 and checked against the source's (where the source has none, it is computed from the source's
 bytes and patched into the local header), and the new index is parsed and compared.  The `.pkl`
@@ -36,6 +36,7 @@ from .errors import UnreadableCheckpoint, VerificationFailed
 from .formats import write_atomically
 from .io import crc as _crc
 from .io.crc import crcs_of_ranges
+from .io.pickle_writer import OpcodeWriter
 from .io.handles import ITEM_SIZE, FileBytes, StorageRef, TensorRef, numel
 from .io.tensor_bytes import Tensors, widened
 from .io.torchzip import (  # noqa: F401  (read_index, _data_offset: this module's readers, used by tests)
@@ -55,49 +56,54 @@ TORCH_SMALL_RECORDS = ((".format_version", b"1"), (".storage_alignment", b"64"),
 # ---------------------------------------------------------------- writing
 
 
-class _Global:
-    """A global the new index names (written as a GLOBAL opcode without importing its module)."""
-
-    def __init__(self, module: str, name: str) -> None:
-        self.module, self.name = module, name
-
-    def __call__(self, *args: Any) -> Any:  # the pickler requires a callable in a reduce tuple
-        raise TypeError(f"{self.module}.{self.name} is only a name to write")
-
-
-_REBUILD = _Global("torch._utils", "_rebuild_tensor_v2")
-
-
-class _IndexPickler(pickle._Pickler):  # the pure-Python pickler: its dispatch table can be extended
-    """Writes the new index with the opcodes torch.save uses for a state dict (protocol 2)."""
-
-    dispatch = dict(pickle._Pickler.dispatch)
-
-    def _save_global_ref(self, obj: _Global) -> None:
-        self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode("utf-8"))
-        self.memoize(obj)
-
-    dispatch[_Global] = _save_global_ref
-
-    def __init__(self, f: Any) -> None:
-        super().__init__(f, protocol=2)
-        self._types: Dict[str, _Global] = {}
-
-    def persistent_id(self, obj: Any) -> Any:
-        if isinstance(obj, StorageRef):
-            kind = self._types.setdefault(obj.storage_type, _Global("torch", obj.storage_type))
-            return ("storage", kind, obj.key, "cpu", obj.numel)
-        return None
-
-    def reducer_override(self, obj: Any) -> Any:
-        if isinstance(obj, TensorRef):
-            return _REBUILD, (obj.storage, obj.offset, obj.shape, obj.stride, False, collections.OrderedDict())
-        return NotImplemented
+_STORAGE, _CPU = "storage", "cpu"  # one object each: the memo writes them once per index, as torch.save does
+_REBUILD, _ORDERED_DICT = object(), object()  # memo keys of the globals the index names
+_NDARRAY, _BYTEARRAY = object(), object()  # and those the model-zoo pickle names
 
 
 def encode_index(payload: Any) -> bytes:
+    """A torch archive's data.pkl for `payload` (dicts, strings, ints and TensorRef leaves), with
+    the opcodes torch.save uses (protocol 2): each tensor is `torch._utils._rebuild_tensor_v2(
+    <storage persistent id>, offset, shape, stride, False, OrderedDict())`, each storage
+    `("storage", torch.<Type>Storage, key, "cpu", numel)`."""
     buf = io.BytesIO()
-    _IndexPickler(buf).dump(payload)
+    w = OpcodeWriter(buf, protocol=2)
+    kinds: Dict[str, object] = {}
+
+    def value(obj: Any) -> None:
+        if isinstance(obj, dict):
+            w.dict_of(obj, list(obj.items()), value, value)
+        elif isinstance(obj, str):
+            w.string(obj)
+        elif isinstance(obj, TensorRef):
+            tensor(obj)
+        elif isinstance(obj, bool) or not isinstance(obj, (int, tuple)):
+            raise TypeError(f"an index holds dicts, strings, ints, tuples and tensors, not {type(obj).__name__}")
+        elif isinstance(obj, int):
+            w.integer(obj)
+        else:
+            w.tuple_of(obj, obj, value)
+
+    def tensor(ref: TensorRef) -> None:
+        hooks: Any = collections.OrderedDict()
+        args = (ref.storage, ref.offset, ref.shape, ref.stride, False, hooks)
+        w.reduce_call(ref, lambda: w.global_name(_REBUILD, "torch._utils", "_rebuild_tensor_v2"), lambda: w.tuple_of(args, args, argument))
+
+    def argument(obj: Any) -> None:
+        if isinstance(obj, StorageRef):
+            kind = kinds.setdefault(obj.storage_type, object())
+            pid = (_STORAGE, kind, obj.key, _CPU, obj.numel)
+            w.persistent_id(lambda: w.tuple_of(pid, pid, lambda item: w.global_name(kind, "torch", obj.storage_type) if item is kind else value(item)))
+        elif obj is False:
+            w.false()
+        elif isinstance(obj, collections.OrderedDict):
+            w.reduce_call(obj, lambda: w.global_name(_ORDERED_DICT, "collections", "OrderedDict"), lambda: w.tuple_of((), (), value))
+        else:
+            value(obj)
+
+    w.start()
+    value(payload)
+    w.stop()
     return buf.getvalue()
 
 
@@ -255,8 +261,6 @@ NUMPY_DTYPES = {
     "float32": "<f4", "float16": "<f2", "float64": "<f8", "int64": "<i8", "int32": "<i4",
     "int16": "<i2", "int8": "|i1", "uint8": "|u1", "bool": "|b1", "bfloat16": "<f4",
 }
-_NDARRAY = _Global("numpy", "ndarray")
-_BYTEARRAY = _Global("builtins", "bytearray")
 
 
 class _Array:
@@ -288,30 +292,45 @@ class _Array:
         return widened(raw) if self.ref.dtype == "bfloat16" else raw
 
 
-class _ModelZooStreamPickler(pickle._Pickler):
+class _ModelZooWriter:
     """Writes the model-zoo pickle one array at a time: `numpy.ndarray(shape, dtype, bytearray)`,
-    the same spelling as write.py's, without holding more than one tensor's bytes."""
-
-    dispatch = dict(_IndexPickler.dispatch)
+    without holding more than one tensor's bytes (protocol 4, each payload outside any frame)."""
 
     def __init__(self, f: Any, total: int = 0, progress: Progress = None) -> None:
-        super().__init__(f, protocol=4)
-        self.f = f
+        self.f, self.w = f, OpcodeWriter(f, protocol=4)
         self.digests: Dict[int, Tuple[int, int]] = {}
         self.pending: List[Tuple[int, FileBytes]] = []  # copied runs whose CRC the source does not record
         self.total, self.done, self.progress = total, 0, progress
 
-    def _save_array(self, obj: _Array) -> None:
-        # numpy.ndarray(shape, dtype, bytearray(<bytes>)), spelled out opcode by opcode so the bytes
-        # go from the source (or the read buffer) to the file (BINBYTES8 outside any frame, as
-        # pickle does for large payloads); nothing per tensor stays in memory.
-        self.save(_NDARRAY)
-        self.save(obj.ref.shape)
-        self.save(NUMPY_DTYPES[obj.ref.dtype])
-        self.save(_BYTEARRAY)
+    def dump(self, payload: Dict[str, Any]) -> None:
+        self.w.start()
+        self.value(payload)
+        self.w.stop()
+
+    def value(self, obj: Any) -> None:
+        if isinstance(obj, dict):
+            self.w.dict_of(obj, list(obj.items()), self.value, self.value)
+        elif isinstance(obj, str):
+            self.w.string(obj)
+        elif isinstance(obj, _Array):
+            self.array(obj)
+        elif isinstance(obj, int) and not isinstance(obj, bool):
+            self.w.integer(obj)
+        else:
+            raise TypeError(f"a model-zoo pickle holds dicts, strings, ints and arrays, not {type(obj).__name__}")
+
+    def array(self, obj: _Array) -> None:
+        # numpy.ndarray(shape, dtype, bytearray(<bytes>)), opcode by opcode, so the bytes go from
+        # the source (or one buffer) to the file; nothing per tensor stays in memory.
+        w = self.w
+        w.commit_frame()  # where a pickler starts each object
+        w.global_name(_NDARRAY, "numpy", "ndarray")
+        w.tuple_of(obj.ref.shape, obj.ref.shape, self.value, memoize=False)  # shapes are never shared
+        w.string(NUMPY_DTYPES[obj.ref.dtype])
+        w.global_name(_BYTEARRAY, "builtins", "bytearray")
         if obj.copied:
             assert obj.run is not None
-            self.framer.write_large_bytes(pickle.BINBYTES8 + struct.pack("<Q", obj.nbytes), b"")
+            w.large_bytes_header(obj.nbytes)
             self.f.flush()  # hand over to the fd: the copy happens in the kernel
             at = self.f.tell()
             _copy_range(obj.tensors.fd, self.f.fileno(), obj.run.offset, obj.nbytes)
@@ -322,19 +341,13 @@ class _ModelZooStreamPickler(pickle._Pickler):
         else:
             data = obj.stored_bytes()
             self.digests[id(obj)] = (zlib.crc32(data), len(data))
-            self.framer.write_large_bytes(pickle.BINBYTES8 + struct.pack("<Q", len(data)), data)
-        self.write(pickle.TUPLE1 + pickle.REDUCE + pickle.TUPLE3 + pickle.REDUCE)
-        self.memo.clear()  # arrays are never shared
+            w.large_bytes_header(len(data))
+            self.f.write(data)
+        w.write(b"\x85R\x87R")  # TUPLE1 REDUCE TUPLE3 REDUCE
+        w.forget()  # arrays are never shared: no memo entry is referred to again
         self.done += obj.nbytes
         if self.progress is not None:
             self.progress(self.done, self.total)
-
-    dispatch[_Array] = _save_array
-
-    def memoize(self, obj: Any) -> None:
-        if isinstance(obj, tuple):
-            return  # shapes and argument tuples are never shared; no MEMOIZE keeps readers' memos small
-        super().memoize(obj)
 
 
 class _Digest:
@@ -394,7 +407,7 @@ def write_model_zoo(f: Any, tensors: Tensors, model: Dict[str, TensorRef], autho
     """Write the model-zoo pickle of `model` to the open binary file `f`; return each array's
     expected (shape, dtype, CRC-32, size), what the read-back compares."""
     arrays = {name: _Array(ref, tensors) for name, ref in model.items()}
-    pickler = _ModelZooStreamPickler(f, sum(a.nbytes for a in arrays.values()), progress)
+    pickler = _ModelZooWriter(f, sum(a.nbytes for a in arrays.values()), progress)
     pickler.dump({"model": arrays, "__author__": author})
     for (key, run), crc in zip(pickler.pending, _source_crcs(tensors, [run for _, run in pickler.pending])):
         pickler.digests[key] = (crc, run.nbytes)

@@ -170,3 +170,50 @@ def test_tensors_in_memory_are_written_by_the_same_writer(tmp_path):
     assert encode(sd, "pickle") == encode({k: v.numpy() for k, v in sd.items()}, "pickle")
     data = pickle.loads(encode(sd, "pickle"), encoding="latin1")["model"]
     assert all(np.array_equal(data[k], v.numpy()) for k, v in sd.items())
+
+
+def _index_by_the_standard_pickler(payload) -> bytes:
+    """The oracle for the index writer: CPython's own pickler (protocol 2), told what torch.save
+    tells it: a storage is a persistent id naming torch's storage class, a tensor reduces to
+    torch._utils._rebuild_tensor_v2."""
+    import collections
+    import io
+
+    import torch._utils
+
+    from conversion.io.handles import StorageRef, TensorRef
+
+    class Oracle(pickle.Pickler):
+        def persistent_id(self, obj):
+            if isinstance(obj, StorageRef):
+                return ("storage", getattr(torch, obj.storage_type), obj.key, "cpu", obj.numel)
+            return None
+
+        def reducer_override(self, obj):
+            if isinstance(obj, TensorRef):
+                return torch._utils._rebuild_tensor_v2, (obj.storage, obj.offset, obj.shape, obj.stride, False, collections.OrderedDict())
+            return NotImplemented
+
+    buf = io.BytesIO()
+    Oracle(buf, protocol=2).dump(payload)
+    return buf.getvalue()
+
+
+def test_the_index_writer_writes_what_the_standard_pickler_writes():
+    """Shared shapes and storage keys (memo references), over 256 memo entries (LONG_BINPUT),
+    over 1000 items (two SETITEMS batches), large offsets and numels (BININT, LONG1): byte for byte."""
+    from conversion.io.handles import StorageRef, TensorRef, contiguous_stride
+    from conversion.stream import encode_index
+
+    shared_shape = (3, 4)
+    big = StorageRef("big", "FloatStorage", 3 << 31)
+    model = {}
+    for i in range(1200):
+        key = str(i % 7)  # one string object per key, as a reader's memo gives them
+        storage = StorageRef(key, ("FloatStorage", "HalfStorage", "BFloat16Storage")[i % 3], 12)
+        shape = shared_shape if i % 2 else (12,)
+        model[f"backbone.t{i}"] = TensorRef(storage, 0, shape, contiguous_stride(shape))
+    model["backbone.far"] = TensorRef(big, (1 << 31) + 5, (2, 2, 2, 2), (8, 4, 2, 1))
+    model["backbone.scalar"] = TensorRef(StorageRef("s", "LongStorage", 1), 0, (), ())
+    payload = {"model": model, "__author__": "convnext-d2"}
+    assert encode_index(payload) == _index_by_the_standard_pickler(payload)
