@@ -21,9 +21,9 @@ from conversion import convert
 from conversion.architecture import Architecture
 from conversion.synthetic import random_state_dict
 
-from .support import TORCH_HAS_WEIGHTS_ONLY, require, torch_load_weights_only
+from ..support import TORCH_HAS_WEIGHTS_ONLY, require, torch_load_weights_only
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ARCH = Architecture((1, 2, 1, 1), (8, 16, 8, 16), num_classes=5, classifier_norm=True)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -70,7 +70,7 @@ def test_a_safetensors_source_is_streamed_deterministic_and_loads_equal_to_the_z
 def test_a_safetensors_conversion_loads_cleanly_in_detectron2(tmp_path, ext):
     """The real DetectionCheckpointer: nothing missing but the fresh output norms, nothing unused."""
     require("detectron2")
-    from .support import assert_clean_load, assert_loaded_equal, build_d2_model, fill_with_sentinel, load_with_detectron2
+    from ..support import assert_clean_load, assert_loaded_equal, build_d2_model, fill_with_sentinel, load_with_detectron2
 
     st, _, sd = _sources(tmp_path, torch.float32)
     dst = tmp_path / f"out{ext}"

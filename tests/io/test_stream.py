@@ -25,9 +25,9 @@ from conversion.inspection import inspect_checkpoint
 from conversion.read import load_checkpoint
 from conversion.synthetic import random_state_dict
 
-from . import strategies as S
+from .. import strategies as S
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ARCH = Architecture((1, 2, 1, 1), (8, 16, 8, 16), num_classes=5, classifier_norm=True)
 
 
@@ -219,7 +219,7 @@ def test_a_shape_fix_of_a_non_contiguous_tensor_is_gathered_from_its_handle(tmp_
     assert torch.equal(got["backbone.stages.0.0.gamma"], sd[name].reshape(-1))
     assert torch.equal(got["backbone.stages.1.1.gamma"], sd["features.3.1.layer_scale"].reshape(-1))
     if ext == ".pth":
-        from .support import TORCH_HAS_WEIGHTS_ONLY
+        from ..support import TORCH_HAS_WEIGHTS_ONLY
 
         loaded = torch.load(dst, weights_only=True) if TORCH_HAS_WEIGHTS_ONLY else torch.load(dst)
         assert torch.equal(loaded["model"]["backbone.stages.0.0.gamma"], sd[name].reshape(-1))
