@@ -266,6 +266,8 @@ def open_source(path: str, *, metadata_only: bool = False) -> Source:
     """Open `path` reading as little as its format allows: a torch archive by its index and a
     safetensors file by its header (tensor bytes stay in the file, as `TensorRef`s whose storages
     `Source.storages` locates); everything else is read whole, into tensors and arrays.
+    `metadata_only` (what `inspect` asks for) changes nothing for these formats any more: convert
+    opens them the same way.
 
     Raises:
         UnreadableCheckpoint, UnsafeCheckpoint: as `read_checkpoint`.

@@ -14,7 +14,7 @@ only then renamed over the destination: a failure at any point leaves the destin
 from __future__ import annotations
 
 import io
-from typing import Any, Mapping, Tuple
+from typing import Mapping, Tuple
 
 import torch
 

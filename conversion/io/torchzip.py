@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Tuple
 
 from ..errors import UnreadableCheckpoint, UnsafeCheckpoint
-from .handles import ITEM_SIZE, FileBytes, Inflated, Location, StorageRef
+from .handles import FileBytes, Inflated, Location, StorageRef
 from .safe_pickle import StorageType, safe_load
 
 ALIGNMENT = 64  # torch's PyTorchStreamWriter aligns record data to 64 bytes (mmap-able)
-_ITEM_SIZE = ITEM_SIZE
 # A deflated member may inflate to at most this many times its stored size (plus 64 KiB): torch
 # writes stored members, and a pickled index compresses ~5x; zip bombs reach ~1000x.
 COMPRESSION_BOUND = 20

@@ -1,6 +1,7 @@
-"""The streamed path (torch archive -> .pth/.pkl without loading tensors): same result as the
-load-and-save path once loaded, torch-free, small reads, 64-byte aligned records, and a read-back
-that catches corruption.  (The round-trip and property suites run on both paths as well.)"""
+"""The streamed path (torch archive -> .pth/.pkl without loading tensors): same result once loaded
+as the same weights read whole from a legacy file, torch-free, small reads, 64-byte aligned
+records, and a read-back that catches corruption.  (The round-trip and property suites run on
+both kinds of source as well.)"""
 from __future__ import annotations
 
 import json
