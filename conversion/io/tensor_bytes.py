@@ -185,7 +185,9 @@ def writable(
     for name, value in model.items():
         if isinstance(value, TensorRef):
             if not (gather and value.strided_shape is not None):
-                out[name] = value
+                # A plain handle (a reader's subclass, e.g. of a numpy array, is written as the
+                # tensor it is a view of, and compared with the plain handle read back).
+                out[name] = value if type(value) is TensorRef else TensorRef(value.storage, value.offset, value.shape, value.stride, value.strided_shape)
                 continue
             key = next(free)
             located[key] = Gathered(value)

@@ -217,3 +217,25 @@ def test_the_index_writer_writes_what_the_standard_pickler_writes():
     model["backbone.scalar"] = TensorRef(StorageRef("s", "LongStorage", 1), 0, (), ())
     payload = {"model": model, "__author__": "convnext-d2"}
     assert encode_index(payload) == _index_by_the_standard_pickler(payload)
+
+
+def test_a_readers_handle_subclass_is_written_as_the_plain_handle_it_is(tmp_path):
+    """A reader may hand out a TensorRef subclass (more fields about the source): the writers write,
+    and the read-back compares, the plain view it stands for."""
+    from dataclasses import dataclass
+
+    from conversion.io.handles import InMemory, StorageRef, TensorRef
+    from conversion.io.tensor_bytes import writable
+    from conversion.stream import TORCH_SMALL_RECORDS, write_streamed
+
+    @dataclass(frozen=True)
+    class NoteRef(TensorRef):
+        note: str = "from a pickle"
+
+    values = np.arange(6, dtype="<f4")
+    ref = NoteRef(StorageRef("k", "FloatStorage", 6), 0, (2, 3), (3, 1))
+    tensors, model = writable(None, {"k": InMemory(values.tobytes())}, {"backbone.w": ref}, gather=True)
+    assert type(model["backbone.w"]) is TensorRef and model["backbone.w"] == TensorRef(ref.storage, 0, (2, 3), (3, 1))
+    payload = {"model": model, "__author__": "convnext-d2"}
+    write_streamed(str(tmp_path / "a.pth"), tensors, payload, ["k"], TORCH_SMALL_RECORDS, force=False, source="")
+    assert torch.equal(torch_load_weights_only(tmp_path / "a.pth")["model"]["backbone.w"], torch.arange(6.0).reshape(2, 3))
