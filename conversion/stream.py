@@ -123,7 +123,7 @@ def _copy_range(src_fd: int, dst_fd: int, src_offset: int, count: int) -> None:
         if not use_kernel or copied == 0:
             block = os.pread(src_fd, n, src_offset + done)
             if not block:
-                raise UnreadableCheckpoint("source archive is truncated", "Re-download or re-save it.")
+                raise EOFError("the source ends inside the range")
             os.pwrite(dst_fd, block, dst_offset + done)
             copied = len(block)
         done += copied
@@ -133,10 +133,21 @@ def _copy_range(src_fd: int, dst_fd: int, src_offset: int, count: int) -> None:
 Progress = Optional[Callable[[int, int], None]]  # (bytes done, bytes in all), for a progress display
 
 
+def _copy_from_source(tensors: Tensors, dst_fd: int, offset: int, count: int) -> None:
+    """`_copy_range` from the source file; a source that ends inside the range is named."""
+    try:
+        _copy_range(tensors.fd, dst_fd, offset, count)
+    except EOFError:  # the source shrank after its index or header was read
+        raise UnreadableCheckpoint(f"{tensors.path}: the file ends inside a tensor (truncated while converting).", "Re-download or re-save it.") from None
+
+
 def _source_crcs(tensors: Tensors, runs: List[FileBytes]) -> List[int]:
     """CRC-32 of source runs whose format records none (safetensors, legacy storages, payloads),
     computed in parallel from the source: the expected value the read-back checks the copy against."""
-    return _crc.crcs_of_ranges(tensors.fd, [(run.offset, run.nbytes) for run in runs]) if runs else []
+    try:
+        return _crc.crcs_of_ranges(tensors.fd, [(run.offset, run.nbytes) for run in runs]) if runs else []
+    except EOFError:  # the source shrank after its header was read
+        raise UnreadableCheckpoint(f"{tensors.path}: the file ends inside a tensor (truncated while converting).", "Re-download or re-save it.") from None
 
 
 def write_archive(
@@ -159,7 +170,7 @@ def write_archive(
                 info = _aligned_info(full, offset, run.nbytes, run.crc or 0)
                 dst_file.write(local_header(info))
                 dst_file.flush()  # hand over to the fd: the copy happens in the kernel
-                _copy_range(tensors.fd, dst_file.fileno(), run.offset, run.nbytes)
+                _copy_from_source(tensors, dst_file.fileno(), run.offset, run.nbytes)
                 dst_file.seek(offset + len(local_header(info)) + run.nbytes)
                 if run.crc is None:
                     pending.append((info, name, run))
@@ -333,7 +344,7 @@ class _ModelZooWriter:
             w.large_bytes_header(obj.nbytes)
             self.f.flush()  # hand over to the fd: the copy happens in the kernel
             at = self.f.tell()
-            _copy_range(obj.tensors.fd, self.f.fileno(), obj.run.offset, obj.nbytes)
+            _copy_from_source(obj.tensors, self.f.fileno(), obj.run.offset, obj.nbytes)
             self.f.seek(at + obj.nbytes)
             if obj.run.crc is None:
                 self.pending.append((id(obj), obj.run))

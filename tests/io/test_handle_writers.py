@@ -239,3 +239,23 @@ def test_a_readers_handle_subclass_is_written_as_the_plain_handle_it_is(tmp_path
     payload = {"model": model, "__author__": "convnext-d2"}
     write_streamed(str(tmp_path / "a.pth"), tensors, payload, ["k"], TORCH_SMALL_RECORDS, force=False, source="")
     assert torch.equal(torch_load_weights_only(tmp_path / "a.pth")["model"]["backbone.w"], torch.arange(6.0).reshape(2, 3))
+
+
+@pytest.mark.parametrize("ext", [".pth", ".pkl"])
+def test_a_source_that_shrinks_while_it_converts_is_refused_and_nothing_is_left(tmp_path, monkeypatch, ext):
+    """The safetensors file is cut short after its tensors were copied (another process rewriting
+    it): computing the source's CRCs meets its end; a clear error, exit-2 class, nothing written."""
+    from conversion import stream
+    from conversion.errors import UnreadableCheckpoint
+
+    st, _, _ = _sources(tmp_path, torch.float32)
+    real_copy = stream._copy_range
+
+    def copy_then_cut_the_source(src_fd, dst_fd, src_offset, count):
+        real_copy(src_fd, dst_fd, src_offset, count)
+        os.truncate(st, 1000)
+
+    monkeypatch.setattr(stream, "_copy_range", copy_then_cut_the_source)
+    with pytest.raises(UnreadableCheckpoint, match=r"src\.safetensors: the file ends inside a tensor"):
+        convert(str(st), str(tmp_path / f"out{ext}"))
+    assert not (tmp_path / f"out{ext}").exists() and sorted(os.listdir(tmp_path)) == ["src.pth", "src.safetensors"]
