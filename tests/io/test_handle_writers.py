@@ -21,7 +21,7 @@ from conversion import convert
 from conversion.architecture import Architecture
 from conversion.synthetic import random_state_dict
 
-from ..support import TORCH_HAS_WEIGHTS_ONLY, require, torch_load_weights_only
+from ..support import require, torch_load_weights_only
 
 ROOT = Path(__file__).resolve().parents[2]
 ARCH = Architecture((1, 2, 1, 1), (8, 16, 8, 16), num_classes=5, classifier_norm=True)
@@ -130,7 +130,7 @@ def test_strided_views_with_a_shape_fix_are_gathered_as_torch_reshapes_them(tmp_
     report = convert(str(tmp_path / "src.pth"), str(dst))
     assert report.streamed
     if ext == ".pth":
-        got = torch_load_weights_only(dst)["model"] if TORCH_HAS_WEIGHTS_ONLY else torch.load(dst)["model"]
+        got = torch_load_weights_only(dst)["model"]
     else:
         got = {k: torch.from_numpy(v) for k, v in _pkl_model(dst).items()}
     assert torch.equal(got["backbone.stages.1.0.pwconv1.weight"], sd[name].reshape(64, 16))
