@@ -268,7 +268,7 @@ def _report(planned: Plan, dst: str, fmt: str, prefix: str) -> ConversionReport:
 def _problems(planned: Plan) -> List[str]:
     """What Detectron2 would have made of the source as it was (names and containers only)."""
     source, canonical = planned.source, planned.canonical
-    return d2_problems(source.path, source.format, source.objects, canonical.layout, canonical.prefix, classifier_names(canonical))
+    return d2_problems(source.path, source.format, source.objects, canonical.layout, canonical.prefix, classifier_names(canonical), source.modules)
 
 
 @dataclass

@@ -16,17 +16,17 @@ read back: every record's CRC-32 is computed once, by one thread per core (conve
 and checked against the source's (where the source has none, it is computed from the source's
 bytes and patched into the local header), and the new index is parsed and compared.  The `.pkl`
 writer copies whole runs in the kernel as well (only bfloat16 tensors, widened, and built
-tensors pass through Python) and reads its output back the same way.
+tensors pass through Python) and reads its output back the same way, through the one safe
+unpickler in payload mode (conversion/io/modelzoo_pkl.py: no payload read while parsing).
 
-(Over 400 lines: both writers and their read-backs stay together, because each read-back mirrors
-its writer opcode for opcode.)
+(About 400 lines: both writers and their read-backs stay together, each read-back next to what
+it checks.)
 """
 from __future__ import annotations
 
 import collections
 import io
 import os
-import pickle
 import struct
 import zipfile
 import zlib
@@ -36,6 +36,7 @@ from .errors import UnreadableCheckpoint, VerificationFailed
 from .formats import write_atomically
 from .io import crc as _crc
 from .io.crc import crcs_of_ranges
+from .io.modelzoo_pkl import array_digests
 from .io.pickle_writer import OpcodeWriter
 from .io.handles import ITEM_SIZE, FileBytes, StorageRef, TensorRef, numel
 from .io.tensor_bytes import Tensors, widened
@@ -361,59 +362,6 @@ class _ModelZooWriter:
             self.progress(self.done, self.total)
 
 
-class _Digest:
-    """An array's payload in the written pickle: where it lies, and (once computed) its CRC-32."""
-
-    def __init__(self, size: int, start: int = -1, crc: Optional[int] = None) -> None:
-        self.size, self.start, self.crc = size, start, crc
-
-
-class _DigestUnpickler(pickle._Unpickler):  # pure Python: its opcode table can be extended
-    """Reads a written model-zoo pickle back as (shape, dtype, digest) per array without reading
-    the arrays' bytes: large payloads (outside frames) are skipped and listed in `pending`, to be
-    checksummed afterwards in parallel by `crcs_of_ranges`."""
-
-    dispatch = dict(pickle._Unpickler.dispatch)
-
-    def __init__(self, f: Any) -> None:
-        super().__init__(f)
-        self._file = f
-        self.pending: List[_Digest] = []
-
-    def _load_binbytes8(self) -> None:
-        (size,) = struct.unpack("<Q", self.read(8))
-        if self._unframer.current_frame is None:  # a large payload, written outside frames
-            start = self._file.tell()
-            digest = _Digest(size, start)
-            self.pending.append(digest)
-            self._file.seek(start + size)
-        else:
-            data = self.read(size)
-            digest = _Digest(len(data), crc=zlib.crc32(data))
-        self.append(digest)
-
-    dispatch[pickle.BINBYTES8[0]] = _load_binbytes8
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) == ("numpy", "ndarray"):
-            return lambda shape, dtype, buf: (tuple(shape), dtype, buf)
-        if (module, name) == ("builtins", "bytearray"):
-            return lambda digest: digest
-        raise VerificationFailed(f"written pickle names {module}.{name}", "Report this as a bug.")
-
-    def load_digests(self) -> Any:
-        """The pickle, each array as (shape, dtype, crc, size)."""
-        got = self.load()
-        if self._file.seek(0, os.SEEK_END) < max((d.start + d.size for d in self.pending), default=0):
-            raise EOFError("the file ends inside an array")
-        for digest, crc in zip(self.pending, crcs_of_ranges(self._file.fileno(), [(d.start, d.size) for d in self.pending])):
-            digest.crc = crc
-        model = got.get("model") if isinstance(got, dict) else None
-        if isinstance(model, dict):
-            got["model"] = {k: v[:2] + (v[2].crc, v[2].size) if isinstance(v, tuple) and len(v) == 3 else v for k, v in model.items()}
-        return got
-
-
 def write_model_zoo(f: Any, tensors: Tensors, model: Dict[str, TensorRef], author: str, progress: Progress = None) -> Dict[str, Any]:
     """Write the model-zoo pickle of `model` to the open binary file `f`; return each array's
     expected (shape, dtype, CRC-32, size), what the read-back compares."""
@@ -442,8 +390,9 @@ def write_streamed_pickle(
 
     def verify(tmp: str) -> None:
         try:
-            with open(tmp, "rb") as f:
-                got = _DigestUnpickler(f).load_digests()
+            # The one safe unpickler in payload mode: shapes and dtypes parsed, no payload read;
+            # the payloads' CRCs by this module's `crcs_of_ranges` (in parallel).
+            got = array_digests(tmp, crcs=lambda fd, ranges: crcs_of_ranges(fd, ranges))
         except Exception as err:  # a pickle we just wrote that does not parse back
             raise VerificationFailed(f"{dst}: written pickle does not read back ({type(err).__name__}: {err}).", "Report this as a bug.") from None
         if not isinstance(got, dict) or got.get("__author__") != author or got.get("model") != expected:

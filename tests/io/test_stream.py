@@ -38,16 +38,16 @@ def _loaded(path):
 
 
 def _both_sources(tmp, obj, ext):
-    """`obj` saved as a torch zip (its records copied into the output) and as a legacy torch file
-    (read whole, written buffered), each converted: {streamed: (destination, report)}."""
+    """`obj` saved as a torch zip and as a legacy torch file, each converted from its handles (the
+    records / storages copied into the output): {zip: (destination, report)}."""
     out = {}
-    for streamed in (True, False):
-        src = os.path.join(tmp, f"src-{'zip' if streamed else 'legacy'}.pth")
-        torch.save(obj, src, _use_new_zipfile_serialization=streamed)
-        dst = os.path.join(tmp, f"{'s' if streamed else 'l'}{ext}")
+    for zipped in (True, False):
+        src = os.path.join(tmp, f"src-{'zip' if zipped else 'legacy'}.pth")
+        torch.save(obj, src, _use_new_zipfile_serialization=zipped)
+        dst = os.path.join(tmp, f"{'s' if zipped else 'l'}{ext}")
         report = convert(src, dst)
-        assert report.streamed == streamed
-        out[streamed] = (dst, report)
+        assert report.streamed, "both formats are read as handles"
+        out[zipped] = (dst, report)
     return out
 
 
