@@ -259,3 +259,35 @@ def test_a_source_that_shrinks_while_it_converts_is_refused_and_nothing_is_left(
     with pytest.raises(UnreadableCheckpoint, match=r"src\.safetensors: the file ends inside a tensor"):
         convert(str(st), str(tmp_path / f"out{ext}"))
     assert not (tmp_path / f"out{ext}").exists() and sorted(os.listdir(tmp_path)) == ["src.pth", "src.safetensors"]
+
+
+@pytest.mark.parametrize("kind", ["legacy", "pickle"])
+@pytest.mark.parametrize("ext", [".pth", ".pkl"])
+def test_legacy_and_pickle_sources_are_written_from_their_handles_without_torch(tmp_path, kind, ext):
+    """A legacy torch file's storages and a numpy pickle's payloads are handles too: converted in a
+    fresh process without importing torch, deterministic, and equal once loaded to the torch-zip
+    source's output."""
+    sd = random_state_dict(ARCH, seed=4)
+    src = tmp_path / f"src.{kind}"
+    if kind == "legacy":
+        torch.save({"model": sd}, src, _use_new_zipfile_serialization=False)
+    else:
+        with open(src, "wb") as f:
+            pickle.dump({"model": {k: v.numpy() for k, v in sd.items()}}, f, protocol=4)
+    torch.save({"model": sd}, tmp_path / "zip.pth")
+    convert(str(tmp_path / "zip.pth"), str(tmp_path / f"z{ext}"))
+    code = (
+        "import json, sys; from conversion import convert; "
+        f"r = convert({str(src)!r}, {str(tmp_path / ('a' + ext))!r}); "
+        "print(json.dumps({'streamed': r.streamed, 'torch': 'torch' in sys.modules}))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"streamed": True, "torch": False}
+    convert(str(src), str(tmp_path / f"b{ext}"))
+    assert (tmp_path / f"a{ext}").read_bytes() == (tmp_path / f"b{ext}").read_bytes()
+    if ext == ".pth":
+        got, want = torch_load_weights_only(tmp_path / f"a{ext}")["model"], torch_load_weights_only(tmp_path / f"z{ext}")["model"]
+    else:
+        got, want = ({k: torch.from_numpy(v) for k, v in _pkl_model(tmp_path / f"{n}{ext}").items()} for n in ("a", "z"))
+    assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
