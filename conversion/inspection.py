@@ -9,6 +9,7 @@ from .architecture import infer_architecture
 from .diagnose import d2_problems
 from .layouts import LAYOUTS, classifier_names, source_name_of, to_canonical
 from .containers import check_weight_types, select_state_dict
+from .io.handles import numel
 from .read import open_source
 
 
@@ -78,7 +79,7 @@ def inspect_checkpoint(path: str, *, layout: Optional[str] = None) -> InspectRep
         dims=list(arch.dims),
         num_classes=arch.num_classes,
         tensors=len(state_dict),
-        parameters=sum(t.numel() for t in canonical.state_dict.values()),
+        parameters=sum(numel(t) for t in canonical.state_dict.values()),
         dtypes=dtypes,
         reshaped={canonical.source_names[k]: fix for k, fix in canonical.reshaped.items()},
         left_out=dict(canonical.dropped),

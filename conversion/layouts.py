@@ -25,12 +25,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 from .errors import NotConvNeXt
+from .io.handles import shape_of, with_shape
 from .templates import (  # noqa: F401  (Template, _CODECS, the fixes: the tables' vocabulary, re-exported)
     _CODECS,
     GRN_VECTOR,
     LAYER_SCALE_3D,
     NO_FIX,
     SQUEEZE_1X1,
+    Fix,
     Layout,
     Template,
     _pairs,
@@ -338,14 +340,15 @@ def _check_weight(key: str, value: Any) -> None:
         )
 
 
-def _as_tensor(value: Any) -> "torch.Tensor":
-    """numpy arrays (from .pkl files) become tensors; tensors and streamed references stay as they are."""
-    if type(value).__name__ != "ndarray":
-        return value
-    import numpy as np
-    import torch
-
-    return torch.from_numpy(np.ascontiguousarray(value))
+def _fixed(key: str, value: Any, shape: Tuple[int, ...], fix: Fix) -> Any:
+    """`value` given the shape its fix computed; a shape the fix cannot apply to is refused by name."""
+    try:
+        return with_shape(value, shape)
+    except ValueError:
+        raise NotConvNeXt(
+            f"'{key}' has shape {list(shape_of(value))}, which the shape fix {fix.name} cannot apply to.",
+            "The tensor is not what this layout stores under that name; the file is corrupt or not a ConvNeXt checkpoint.",
+        ) from None
 
 
 def _claims(layout: Layout, keys: Sequence[str]) -> List[str]:
@@ -507,11 +510,11 @@ def to_canonical(state_dict: Mapping[str, Any], forced: Optional[str] = None) ->
             collisions.append(f"{names[new]} and {key} -> {new}")
             continue
         _check_weight(key, value)
-        tensor = _as_tensor(value)
-        fixed = fix.to_canonical(tensor)
-        if fixed.shape != tensor.shape:
+        shape = shape_of(value)
+        fixed = fix.to_canonical(shape)
+        if fixed != shape:
             reshaped[new] = fix.name
-        out[new] = fixed
+        out[new] = _fixed(key, value, fixed, fix)
         names[new] = key
     if unclaimed or collisions:
         parts = []
@@ -548,7 +551,7 @@ def from_canonical(
         new, fix = hit
         if fix is SQUEEZE_1X1 and not conv_mlp:
             fix = NO_FIX
-        out[new if outside else prefix + new] = fix.to_source(value)
+        out[new if outside else prefix + new] = _fixed(key, value, fix.to_source(shape_of(value)), fix)
     if layout == "dinov3":
         for p in ("weight", "bias"):
             if prefix + f"norm.{p}" in out:

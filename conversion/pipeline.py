@@ -20,12 +20,12 @@ from .errors import NonFiniteWeights, NotConvNeXt
 from .layouts import LAYOUTS, Canonical, classifier_names, source_name_of, to_canonical
 from .containers import check_weight_types, select_state_dict
 from .formats import AUTHOR, output_format
-from .io.handles import is_record
-from .read import Source, load_source, open_source, placeholders_in
+from .io.handles import TensorRef, check_references, numel
+from .read import Source, open_source, placeholders_in
 from .target import ALL_OUTPUTS, DEFAULT_PREFIX, Target, fresh_output_norms, to_target
 
-# Reading and writing tensors needs torch (~640 MB resident just to import); they are imported
-# only on the paths that need them, so a streamed conversion runs without torch at all.
+# Nothing on this path imports torch (~640 MB resident just to import): handles are written by
+# byte copies and numpy.
 
 
 @dataclass
@@ -117,37 +117,22 @@ class Plan:
     arch: Architecture
     canonical: Canonical
     target: Target
-    copies_bytes: bool  # every written tensor is a stored zip record: the writer copies its bytes
+    streamed: bool  # every written tensor is a handle: its bytes are pulled from the file when written
 
 
 def plan(source: Source, fmt: str, *, ema: bool = False, prefix: str = DEFAULT_PREFIX, layout: Optional[str] = None) -> Plan:
-    """Select the weights, map them to target names and choose the writer, from the source's handles.
+    """Select the weights, check every handle fits its storage, and map them to target names.
 
-    The writer follows from the leaves: stored zip records (and, for `.pkl`, elements in storage
-    order) are copied byte for byte; anything else (deflated records, numpy arrays among the
-    weights, a shape fix of a non-contiguous tensor) is written buffered, from the same file read
-    whole, so the output is what torch.save / pickle make of those tensors.
+    One writer per format serves every plan: handles are written from where their bytes are
+    (copied in the kernel where they are one run of the file), tensors and arrays in memory
+    (the Python API, formats read whole) from memory.
     """
     state_dict, container = select_state_dict(source.objects, ema=ema)
     check_weight_types(state_dict)
-    if source.index is not None:
-        if not (source.index.streamable and all(is_record(v) for v in state_dict.values())):
-            return _read_whole(source, fmt, ema=ema, prefix=prefix, layout=layout)
-        from .io.torchzip import check_references
-
-        check_references(source.index, state_dict)  # every tensor, dropped ones too: a broken archive is refused whole
+    check_references(source.path, source.storages, state_dict)  # every tensor, dropped ones too: a broken file is refused whole
     arch, canonical, target = prepare(state_dict, prefix=prefix, layout=layout)
-    if source.index is not None:
-        if all(is_record(v) and (fmt == "torch" or v.is_contiguous()) for v in target.state_dict.values()):
-            return Plan(source, container, arch, canonical, target, copies_bytes=True)
-        return _read_whole(source, fmt, ema=ema, prefix=prefix, layout=layout)
-    check_weight_types(target.state_dict, tensors_only=True)
-    return Plan(source, container, arch, canonical, target, copies_bytes=False)
-
-
-def _read_whole(source: Source, fmt: str, **options: Any) -> Plan:
-    """The plan for handles no byte copy can write: the same file read whole, its tensors in memory."""
-    return plan(load_source(source.path), fmt, **options)
+    streamed = all(isinstance(v, TensorRef) for v in target.state_dict.values())
+    return Plan(source, container, arch, canonical, target, streamed)
 
 
 def convert(
@@ -207,31 +192,30 @@ def _convert(
 
 
 def _non_finite(planned: Plan, strict: bool) -> Optional[List[str]]:
-    """Target names holding NaN or Inf.  A byte copy never reads the bytes otherwise, so it checks
-    only when asked (None: not checked); tensors in memory are always checked."""
-    if planned.copies_bytes:
-        from .stream import non_finite
+    """Target names holding NaN or Inf.  Handles' bytes are otherwise never read by Python, so they
+    are checked only when asked (None: not checked); tensors in memory are always checked."""
+    if planned.streamed and not strict:
+        return None
+    from .io.tensor_bytes import non_finite, writable
 
-        return non_finite(planned.source.index, planned.target.state_dict) if strict else None
-    import torch
-
-    return [k for k, t in planned.target.state_dict.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    tensors, model = writable(planned.source.path, planned.source.storages, planned.target.state_dict, gather=False)
+    with tensors:
+        return non_finite(tensors, model)
 
 
 def _write(planned: Plan, dst: str, fmt: str, *, force: bool, progress: Optional[Callable[[int, int], None]]) -> int:
-    """The one writer the handles call for; returns the bytes written."""
-    src, model = planned.source.path, dict(planned.target.state_dict)
-    if not planned.copies_bytes:
-        from .write import write_checkpoint
+    """The one writer per format, for every source; returns the bytes written."""
+    from .io.tensor_bytes import writable
+    from .stream import TORCH_SMALL_RECORDS, write_streamed, write_streamed_pickle
 
-        return write_checkpoint(dst, model, force=force, source=src)[1]
-    from .stream import write_streamed, write_streamed_pickle
-
-    index = planned.source.index
+    source = planned.source
+    tensors, model = writable(source.path, source.storages, planned.target.state_dict, gather=fmt == "torch")
     if fmt == "torch":
         keep = sorted({ref.storage.key for ref in model.values()})
-        return write_streamed(dst, index, {"model": model, "__author__": AUTHOR}, keep, force=force, source=src, progress=progress)
-    return write_streamed_pickle(dst, index, model, AUTHOR, force=force, source=src, progress=progress)
+        small = source.index.small_records() if source.index is not None else list(TORCH_SMALL_RECORDS)
+        payload = {"model": model, "__author__": AUTHOR}
+        return write_streamed(dst, tensors, payload, keep, small, force=force, source=source.path, progress=progress)
+    return write_streamed_pickle(dst, tensors, model, AUTHOR, force=force, source=source.path, progress=progress)
 
 
 def _report(planned: Plan, dst: str, fmt: str, prefix: str) -> ConversionReport:
@@ -262,7 +246,7 @@ def _report(planned: Plan, dst: str, fmt: str, prefix: str) -> ConversionReport:
         prefix=prefix,
         format=fmt,
         kept=len(target.state_dict),
-        parameters=sum(t.numel() for t in target.state_dict.values()),
+        parameters=sum(numel(t) for t in target.state_dict.values()),
         dropped=sorted([canonical.source_names[c] for c in target.dropped] + list(canonical.dropped)),
         drop_reasons={
             **{canonical.source_names[c]: "classifier only (a detection backbone has no pooled norm or head)" for c in target.dropped},
@@ -275,7 +259,7 @@ def _report(planned: Plan, dst: str, fmt: str, prefix: str) -> ConversionReport:
         dtype_changes=changes,
         bytes_written=0,
         notes=_problems(planned),
-        streamed=planned.copies_bytes,
+        streamed=planned.streamed,
         left_out=dict(canonical.left_out),
         read_past=placeholders_in(source.objects),
     )
@@ -284,7 +268,7 @@ def _report(planned: Plan, dst: str, fmt: str, prefix: str) -> ConversionReport:
 def _problems(planned: Plan) -> List[str]:
     """What Detectron2 would have made of the source as it was (names and containers only)."""
     source, canonical = planned.source, planned.canonical
-    return d2_problems(source.path, source.format, source.objects, canonical.layout, canonical.prefix, classifier_names(canonical))
+    return d2_problems(source.path, source.format, source.objects, canonical.layout, canonical.prefix, classifier_names(canonical), source.modules)
 
 
 @dataclass

@@ -78,7 +78,7 @@ def _tensors(storages: Dict[str, StorageBytes], fd: Optional[int] = None) -> Cal
             return data if ref.kind == "bytearray" else bytes(data) if ref.kind == "bytes" else data.decode("latin1")
         if isinstance(ref, ArrayRef):  # its own storage: arrays never share bytes
             array = np.frombuffer(raw(ref.storage.key), ref.array_dtype)
-            fortran = ref.ndim > 1 and ref.stride != contiguous_stride(ref.shape)
+            fortran = len(ref.shape) > 1 and ref.stride != contiguous_stride(ref.shape)
             return array.reshape(ref.shape, order="F" if fortran else "C")
         import torch
 
@@ -295,10 +295,13 @@ class Source:
 
 
 def open_source(path: str, *, metadata_only: bool = False) -> Source:
-    """Open `path` reading as little as its format allows: a torch archive by its index (tensor
-    bytes stay in the file, as `TensorRef`s); with `metadata_only` also a safetensors file by its
-    header and a legacy torch file or a plain pickle as handles (`open_pickled`).  Without it,
-    those are read whole (`load_source`), which is what the pipeline's writers take today.
+    """Open `path` reading as little as its format allows, into handles: a torch archive by its
+    index, a safetensors file by its header, a legacy torch file or a plain pickle by its pickles
+    (`open_pickled`); tensor bytes stay in the file, as `TensorRef`s (`ArrayRef`s for a pickle's
+    numpy arrays) whose storages `Source.storages` locates.  A safetensors header this reader
+    cannot vouch for is read whole (`load_source`), so the refusal is safetensors' own.
+    `metadata_only` (what `inspect` asks for) changes nothing any more: convert opens files the
+    same way.
 
     Raises:
         UnreadableCheckpoint, UnsafeCheckpoint: as `read_checkpoint`.
@@ -308,15 +311,13 @@ def open_source(path: str, *, metadata_only: bool = False) -> Source:
         from .io.torchzip import read_index
 
         index = read_index(path)
-        return Source(path, "torch-zip", index.objects, index, index.bytes_read)
-    if metadata_only:
-        from .io.safetensors_header import read_header
+        return Source(path, "torch-zip", index.objects, index, index.bytes_read, index.storages())
+    from .io.safetensors_header import read_header
 
-        header = read_header(path)
-        if header is not None:
-            return Source(path, "safetensors", header.tensors, None, header.bytes_read)
-    # The switch: once the writers pull bytes from `Source.storages`, drop "metadata_only and".
-    if metadata_only and not _is_safetensors(path):
+    header = read_header(path)
+    if header is not None:
+        return Source(path, "safetensors", header.tensors, None, header.bytes_read, header.storages)
+    if not _is_safetensors(path):
         return open_pickled(path)
     return load_source(path)
 

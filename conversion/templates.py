@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Tuple
 
 if TYPE_CHECKING:
-    import torch
+    import torch  # noqa: F401  (Layout.post's annotation)
 
 # ---------------------------------------------------------------- templates
 
@@ -92,48 +92,61 @@ class Template:
 
 
 # ---------------------------------------------------------------- shape fixes
-# Each is (to canonical, to source); both are views, so values stay bit-identical.
+# Each is a pair of Shape -> Shape functions (to canonical, to source): a fix changes only the
+# shape, never the elements or their C order, so values stay bit-identical and a handle can be
+# fixed without reading its bytes (io.handles.with_shape applies a shape to any leaf).
+
+Shape = Tuple[int, ...]
 
 
-def _squeeze_1x1(t: "torch.Tensor") -> "torch.Tensor":
+def _elements(shape: Shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _squeeze_1x1(shape: Shape) -> Shape:
     """timm conv-MLP models store Linear weights as 1x1 convs [out, in, 1, 1]."""
-    return t.reshape(t.shape[0], t.shape[1]) if t.ndim == 4 else t
+    return (shape[0], shape[1]) if len(shape) == 4 else shape
 
 
-def _unsqueeze_1x1(t: "torch.Tensor") -> "torch.Tensor":
-    return t.reshape(t.shape[0], t.shape[1], 1, 1) if t.ndim == 2 else t
+def _unsqueeze_1x1(shape: Shape) -> Shape:
+    return (shape[0], shape[1], 1, 1) if len(shape) == 2 else shape
 
 
-def _grn_4d(t: "torch.Tensor") -> "torch.Tensor":
+def _grn_4d(shape: Shape) -> Shape:
     """Official GRN parameters are [1, 1, 1, E]; timm and mmpretrain store [E]."""
-    return t.reshape(1, 1, 1, -1)
+    return (1, 1, 1, _elements(shape))
 
 
-def _grn_1d(t: "torch.Tensor") -> "torch.Tensor":
-    return t.reshape(-1)
+def _flat(shape: Shape) -> Shape:
+    """GRN [1, 1, 1, E] -> [E] (to source); torchvision layer scale [C, 1, 1] -> official `gamma` [C]."""
+    return (_elements(shape),)
 
 
-def _layer_scale_1d(t: "torch.Tensor") -> "torch.Tensor":
-    """torchvision layer scale is [C, 1, 1]; official `gamma` is [C]."""
-    return t.reshape(-1)
+def _layer_scale_3d(shape: Shape) -> Shape:
+    return (_elements(shape), 1, 1)
 
 
-def _layer_scale_3d(t: "torch.Tensor") -> "torch.Tensor":
-    return t.reshape(-1, 1, 1)
+def _same(shape: Shape) -> Shape:
+    return shape
 
 
 @dataclass(frozen=True)
 class Fix:
+    """A layout's shape fix: its report text and its two shape functions."""
+
     name: str
-    to_canonical: Callable[["torch.Tensor"], "torch.Tensor"]
-    to_source: Callable[["torch.Tensor"], "torch.Tensor"]
+    to_canonical: Callable[[Shape], Shape]
+    to_source: Callable[[Shape], Shape]
 
 
 SQUEEZE_1X1 = Fix("[out,in,1,1] -> [out,in]", _squeeze_1x1, _unsqueeze_1x1)
-GRN_VECTOR = Fix("[E] -> [1,1,1,E]", _grn_4d, _grn_1d)
-LAYER_SCALE_3D = Fix("[C,1,1] -> [C]", _layer_scale_1d, _layer_scale_3d)
+GRN_VECTOR = Fix("[E] -> [1,1,1,E]", _grn_4d, _flat)
+LAYER_SCALE_3D = Fix("[C,1,1] -> [C]", _flat, _layer_scale_3d)
 # The conv-MLP fix is optional in the source direction: only conv-MLP models need it.
-NO_FIX = Fix("", lambda t: t, lambda t: t)
+NO_FIX = Fix("", _same, _same)
 
 
 @dataclass(frozen=True)

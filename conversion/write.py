@@ -1,28 +1,30 @@
-"""Write a Detectron2 checkpoint, atomically, in the format its extension names.
+"""Write tensors held in memory (the Python API) as a Detectron2 checkpoint, atomically, in the
+format its extension names, through the same writers `convert` uses (conversion/stream.py):
 
-- `.pth` / `.pt`: `torch.save({"model": tensors, "__author__": ...})`.  Only tensors and
+- `.pth` / `.pt`: a torch archive of `{"model": tensors, "__author__": ...}`.  Only tensors and
   plain containers, so `torch.load(weights_only=True)` (Detectron2 on torch >= 2.6) reads it.
-- `.pkl`: Detectron2 model-zoo format, plain `pickle` of numpy arrays with `__author__`
+- `.pkl`: Detectron2 model-zoo format, a plain pickle of numpy arrays with `__author__`
   (without it Detectron2 takes the dict for Caffe2 blobs and wraps it again; docs/troubleshooting.md).
 
-The bytes go to a temporary file beside the destination, are synced, read back and
-compared tensor by tensor, and only then renamed over the destination: a failure at any
-point leaves the destination as it was.
+The bytes go to a temporary file beside the destination, are synced, read back and compared
+tensor by tensor with the tensors given (read by the project's reader, decoded by torch), and
+only then renamed over the destination: a failure at any point leaves the destination as it was.
+`convert` never comes here (it imports torch); its writers check CRCs instead.
 """
 from __future__ import annotations
 
 import io
-import pickle
-from typing import Any, Mapping, Tuple
+from typing import Mapping, Tuple
 
 import torch
 
 from .errors import VerificationFailed
 from .formats import AUTHOR, output_format, write_atomically  # noqa: F401  (AUTHOR, output_format re-exported)
 
-# Protocol 4 reads on every Python 3 Detectron2 supports (3.4+) and stores large arrays.
-PICKLE_PROTOCOL = 4
 # numpy has no bfloat16: a .pkl stores bf16 tensors as float32 (exact, every bf16 is a float32).
+# Protocol 4 reads on every Python 3 Detectron2 supports (3.4+) and stores large arrays (the model-zoo
+# writer writes it; conversion.testing writes plain pickles with it too).
+PICKLE_PROTOCOL = 4
 _PKL_UPCAST = {torch.bfloat16: torch.float32}
 
 
@@ -31,49 +33,19 @@ def stored_dtype(dtype: torch.dtype, fmt: str) -> torch.dtype:
     return _PKL_UPCAST.get(dtype, dtype) if fmt == "pickle" else dtype
 
 
-class _ModelZooPickler(pickle.Pickler):
-    """Pickles numpy arrays as `numpy.ndarray(shape, dtype, bytearray)`.
-
-    numpy 2 pickles arrays through `numpy._core.multiarray._reconstruct`, which numpy
-    < 1.26 cannot import; numpy 1 uses `numpy.core...`, which numpy 2 reads only through a
-    deprecated alias.  The `ndarray` constructor is spelled the same in every numpy, and a
-    bytearray buffer keeps the loaded array writable (torch.from_numpy warns otherwise).
-    """
-
-    def reducer_override(self, obj: Any) -> Any:
-        import numpy as np
-
-        if type(obj) is np.ndarray:
-            arr = np.ascontiguousarray(obj)
-            return np.ndarray, (arr.shape, arr.dtype.str, bytearray(arr.tobytes()))
-        return NotImplemented
-
-
-def _tensor_to_numpy(t: torch.Tensor) -> Any:
-    t = t.detach().cpu()
-    return t.to(stored_dtype(t.dtype, "pickle")).contiguous().numpy()
-
-
-def _compact(t: torch.Tensor) -> torch.Tensor:
-    """A tensor that owns exactly its bytes: torch.save writes whole storages, views included."""
-    t = t.detach().cpu()
-    if hasattr(t, "untyped_storage"):
-        storage_bytes = t.untyped_storage().nbytes()
-    else:  # torch < 2.0: typed storages count elements
-        storage_bytes = t.storage().size() * t.element_size()
-    owns = t.is_contiguous() and t.storage_offset() == 0 and storage_bytes == t.numel() * t.element_size()
-    return t if owns else t.clone(memory_format=torch.contiguous_format)
-
-
 def encode(state_dict: Mapping[str, torch.Tensor], fmt: str) -> bytes:
-    """The exact bytes of the checkpoint file (deterministic: same input, same bytes)."""
+    """The exact bytes of the checkpoint file, as the one writer of each format makes them
+    (deterministic: same input, same bytes); tensors and arrays in memory become handles."""
+    from .io.tensor_bytes import writable
+    from .stream import TORCH_SMALL_RECORDS, write_archive, write_model_zoo
+
+    tensors, model = writable(None, {}, state_dict, gather=True)
     buf = io.BytesIO()
     if fmt == "torch":
-        # A file object (not a path) keeps the archive's inner folder name fixed ("archive").
-        torch.save({"model": {k: _compact(v) for k, v in state_dict.items()}, "__author__": AUTHOR}, buf)
+        payload = {"model": model, "__author__": AUTHOR}
+        write_archive(buf, tensors, payload, sorted({ref.storage.key for ref in model.values()}), TORCH_SMALL_RECORDS)
     else:
-        payload = {"model": {k: _tensor_to_numpy(v) for k, v in state_dict.items()}, "__author__": AUTHOR}
-        _ModelZooPickler(buf, protocol=PICKLE_PROTOCOL).dump(payload)
+        write_model_zoo(buf, tensors, model, AUTHOR)
     return buf.getvalue()
 
 

@@ -2,15 +2,15 @@
 
 A `StorageRef` names a run of bytes (a torch archive's storage record, a safetensors file's data
 section, a legacy file's storage, an inner archive's bytes); a `TensorRef` is a strided view into one.
-Readers hand out containers whose leaves are these handles or tensors and arrays already in memory;
-the layouts, the report and the writers work on either, through the same few members (`shape`,
-`dtype`, `ndim`, `numel()`, `reshape()`).  Which writer runs is decided by what the leaves are: zip
-records are copied byte for byte, anything else is built in memory and written buffered.
+Readers hand out containers whose leaves are these handles (or, through the Python API, tensors and
+arrays already in memory); a handle is plain data (`shape`, `dtype`, where its elements are), and the
+module functions below (`numel`, `is_contiguous`, `with_shape`) work on every kind of leaf, so nothing
+has to imitate a tensor.  The writers pull each handle's bytes from its `Location`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 # Storage class names in persistent ids -> dtype names (torch/storage.py, _utils.py).
 STORAGE_DTYPES = {
@@ -69,39 +69,40 @@ class StorageRef:
     numel: int
 
 
+Shape = Tuple[int, ...]
+
+
 @dataclass(frozen=True)
 class TensorRef:
-    """A tensor as the index describes it: where its elements are, never the elements."""
+    """A tensor as the index describes it: where its elements are, never the elements.
+
+    `shape` and `dtype` are what the tensor is.  Its elements are the strided view (`shape`,
+    `stride`) at `offset` of the storage, except after a shape fix of a non-contiguous view:
+    then `strided_shape` is the view's own shape, its elements are read in C order, and `shape`
+    is the shape they are given (what `reshape` of a tensor does, recorded as data)."""
 
     storage: StorageRef
     offset: int
-    shape: Tuple[int, ...]
-    stride: Tuple[int, ...]
+    shape: Shape
+    stride: Shape
+    strided_shape: Optional[Shape] = None
 
     @property
     def dtype(self) -> str:
         return STORAGE_DTYPES[self.storage.storage_type]
 
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
 
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+def shape_of(value: Any) -> Shape:
+    """A leaf's shape as a plain tuple (a handle, a torch tensor or a numpy array)."""
+    return tuple(int(d) for d in value.shape)
 
-    def is_contiguous(self) -> bool:
-        return self.stride == contiguous_stride(self.shape)
 
-    def reshape(self, *shape: int) -> "Any":
-        """The layouts' shape fixes: a strided view of the same record when the elements are in
-        order; otherwise a `ReshapedRef`, which no byte copy can express (the buffered writer builds it)."""
-        new = _resolved_shape(shape, self.numel())
-        if not self.is_contiguous():
-            return ReshapedRef(self, new)
-        return replace(self, shape=new, stride=contiguous_stride(new))
+def numel(value: Any) -> int:
+    """Elements of a leaf (or of a shape)."""
+    n = 1
+    for d in value if isinstance(value, tuple) else shape_of(value):
+        n *= d
+    return n
 
 
 @dataclass(frozen=True)
@@ -121,47 +122,36 @@ class ArrayRef(TensorRef):
     stands_for = "ndarray"  # what it is read as (what Detectron2's and torch's readers see)
 
 
-@dataclass(frozen=True)
-class ReshapedRef:
-    """A shape fix applied to a non-contiguous tensor: its elements are not one run of the record
-    in the new order, so only a writer that builds tensors in memory can write it."""
-
-    base: TensorRef
-    shape: Tuple[int, ...]
-
-    @property
-    def dtype(self) -> str:
-        return self.base.dtype
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    def numel(self) -> int:
-        return self.base.numel()
-
-    def is_contiguous(self) -> bool:
-        return False
-
-    def reshape(self, *shape: int) -> "ReshapedRef":
-        return ReshapedRef(self.base, _resolved_shape(shape, self.numel()))
+def view_shape(ref: TensorRef) -> Shape:
+    """The shape the handle's strides apply to."""
+    return ref.shape if ref.strided_shape is None else ref.strided_shape
 
 
-def _resolved_shape(shape: Tuple[Any, ...], numel: int) -> Tuple[int, ...]:
-    """`reshape`'s argument forms (`reshape(2, 3)`, `reshape((2, 3))`, one `-1`) as a plain shape."""
-    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
-        shape = tuple(shape[0])
-    if -1 in shape:
-        known = 1
-        for d in shape:
-            known *= d if d != -1 else 1
-        shape = tuple(numel // known if d == -1 else d for d in shape)
-    return tuple(shape)
+def is_contiguous(ref: TensorRef) -> bool:
+    """Whether the elements are one run of the storage, in C order."""
+    return ref.strided_shape is None and ref.stride == contiguous_stride(ref.shape)
 
 
-def is_record(value: Any) -> bool:
-    """A tensor whose bytes are one strided view of a storage record (what a byte copy can write)."""
-    return type(value) is TensorRef
+def with_shape(value: Any, shape: Shape) -> Any:
+    """`value` with the same elements in C order and the given shape: a layout's shape fix.
+
+    A contiguous handle gets the new shape and its strides; a non-contiguous one keeps its view and
+    records the new shape (the writers gather its elements in C order); a tensor or array in memory
+    is reshaped.
+
+    Raises:
+        ValueError: the shape holds another number of elements.
+    """
+    shape = tuple(shape)
+    if numel(shape) != numel(value):
+        raise ValueError(f"cannot give {numel(value)} elements the shape {list(shape)}")
+    if not isinstance(value, TensorRef):
+        return value if shape_of(value) == shape else value.reshape(shape)
+    if shape == value.shape:
+        return value
+    if is_contiguous(value):
+        return replace(value, shape=shape, stride=contiguous_stride(shape))
+    return replace(value, shape=shape, strided_shape=view_shape(value))
 
 
 def contiguous_stride(shape: Tuple[int, ...]) -> Tuple[int, ...]:
@@ -177,3 +167,40 @@ def extent(offset: int, shape: Tuple[int, ...], stride: Tuple[int, ...]) -> int:
     if any(n == 0 for n in shape):
         return offset
     return offset + sum((n - 1) * st for n, st in zip(shape, stride)) + 1
+
+
+def location_bytes(loc: Location) -> int:
+    """How many bytes a storage's location holds."""
+    return len(loc.data) if isinstance(loc, InMemory) else loc.nbytes
+
+
+def check_references(path: str, storages: Dict[str, Location], refs: Dict[str, Any]) -> None:
+    """Every tensor handle must lie inside a located storage of exactly its declared size; otherwise
+    the output would hold bytes from outside the tensor (or torch would refuse it).  Leaves that are
+    tensors in memory are their own bytes and pass.
+
+    Raises:
+        UnreadableCheckpoint: naming the first tensor that does not fit its storage.
+    """
+    from ..errors import UnreadableCheckpoint
+
+    for name, ref in refs.items():
+        if not isinstance(ref, TensorRef):
+            continue
+        loc = storages.get(ref.storage.key)
+        size = ITEM_SIZE.get(ref.dtype)
+        if size is None:  # an element type no weight has (a pickle's uint32 array): the weight check refuses it by name
+            continue
+        if loc is None:
+            raise UnreadableCheckpoint(f"{path}: tensor '{name}' refers to a missing storage record.", "Re-download or re-save it.")
+        if location_bytes(loc) != ref.storage.numel * size:
+            raise UnreadableCheckpoint(
+                f"{path}: storage record of '{name}' holds {location_bytes(loc)} bytes, its index says {ref.storage.numel * size}.",
+                "The file is truncated or corrupt; re-download or re-save it.",
+            )
+        shape = view_shape(ref)
+        if ref.offset < 0 or any(n < 0 for n in shape) or any(st < 0 for st in ref.stride) or extent(ref.offset, shape, ref.stride) > ref.storage.numel:
+            raise UnreadableCheckpoint(
+                f"{path}: tensor '{name}' (shape {list(ref.shape)}, offset {ref.offset}) reaches past its storage.",
+                "The file is corrupt or crafted; re-save the weights.",
+            )

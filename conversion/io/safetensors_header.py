@@ -1,5 +1,5 @@
 """safetensors files by their header: every tensor's name, dtype, shape and byte range, without
-reading a tensor byte (what `inspect` needs).
+reading a tensor byte (what `inspect` reads, and what `convert` copies from).
 
 The format: an 8-byte little-endian header length N, N bytes of JSON
 (`{name: {"dtype": "F32", "shape": [..], "data_offsets": [begin, end]}, "__metadata__": {..}}`,
@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
-from .handles import ITEM_SIZE, STORAGE_DTYPES, StorageRef, TensorRef, contiguous_stride
+from .handles import ITEM_SIZE, STORAGE_DTYPES, FileBytes, StorageRef, TensorRef, contiguous_stride
 
 # safetensors dtype codes -> torch storage class names (the handles' element types).
 _STORAGE_OF = {
@@ -30,6 +30,7 @@ MAX_HEADER_BYTES = 100_000_000
 class Header:
     tensors: Dict[str, TensorRef]  # in name order, as safetensors' own loader returns them
     bytes_read: int
+    storages: Dict[str, FileBytes]  # each tensor is its own storage: its run of the file (no CRC recorded)
 
 
 def read_header(path: str) -> Optional[Header]:
@@ -48,12 +49,13 @@ def read_header(path: str) -> Optional[Header]:
         header = json.loads(raw.decode("utf-8"))
     except ValueError:
         return None
-    tensors = _handles(header, size - 8 - length) if isinstance(header, dict) else None
-    return None if tensors is None else Header(tensors, 8 + length)
+    found = _handles(header, size - 8 - length, 8 + length) if isinstance(header, dict) else None
+    return None if found is None else Header(found[0], 8 + length, found[1])
 
 
-def _handles(header: Dict[str, Any], data_bytes: int) -> Optional[Dict[str, TensorRef]]:
+def _handles(header: Dict[str, Any], data_bytes: int, data_start: int) -> Optional[Tuple[Dict[str, TensorRef], Dict[str, FileBytes]]]:
     out: Dict[str, TensorRef] = {}
+    storages: Dict[str, FileBytes] = {}
     for name in sorted(k for k in header if k != "__metadata__"):
         entry = header[name]
         if not isinstance(entry, dict) or entry.get("dtype") not in _STORAGE_OF:
@@ -71,4 +73,14 @@ def _handles(header: Dict[str, Any], data_bytes: int) -> Optional[Dict[str, Tens
         if not 0 <= begin <= end <= data_bytes or end - begin != numel * ITEM_SIZE[STORAGE_DTYPES[storage]]:
             return None
         out[name] = TensorRef(StorageRef(name, storage, numel), 0, tuple(shape), contiguous_stride(tuple(shape)))
-    return out
+        storages[name] = FileBytes(data_start + begin, end - begin)
+    # As safetensors' own reader requires: the tensors' byte ranges tile the data section exactly
+    # (no gap, no overlap, nothing after), so no byte of the file is read twice or not at all.
+    covered = 0
+    for run in sorted(storages.values(), key=lambda r: (r.offset, r.nbytes)):
+        if run.offset - data_start != covered:
+            return None
+        covered += run.nbytes
+    if covered != data_bytes:
+        return None
+    return out, storages

@@ -15,18 +15,19 @@ import os
 import struct
 import zipfile
 import zlib
-from dataclasses import dataclass
-from typing import Any, Dict
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Tuple
 
 from ..errors import UnreadableCheckpoint, UnsafeCheckpoint
-from .handles import ITEM_SIZE, StorageRef, TensorRef
+from .handles import FileBytes, Inflated, Location, StorageRef
 from .safe_pickle import StorageType, safe_load
 
 ALIGNMENT = 64  # torch's PyTorchStreamWriter aligns record data to 64 bytes (mmap-able)
-_ITEM_SIZE = ITEM_SIZE
 # A deflated member may inflate to at most this many times its stored size (plus 64 KiB): torch
 # writes stored members, and a pickled index compresses ~5x; zip bombs reach ~1000x.
 COMPRESSION_BOUND = 20
+# The small records torch.save writes besides data.pkl and the storages, in its order.
+SMALL_RECORDS = (".format_version", ".storage_alignment", "byteorder", "version", ".data/serialization_id")
 
 @dataclass
 class ArchiveIndex:
@@ -38,7 +39,27 @@ class ArchiveIndex:
     records: Dict[str, zipfile.ZipInfo]  # name inside the folder -> zip entry
     bytes_read: int = 0
     source: Any = None  # the open file the index came from, where it was not a path
-    streamable: bool = True  # stored records only: the streamed writers can copy them
+    data_offsets: Dict[str, int] = field(default_factory=dict)  # name inside the folder -> where its bytes start
+
+    def storages(self) -> Dict[str, Location]:
+        """Storage key -> where its bytes are: a stored record as its run of the file (with the
+        record's CRC), a deflated one as its member (inflated, bounded and CRC-checked, when read)."""
+        out: Dict[str, Location] = {}
+        for name, info in self.records.items():
+            if not name.startswith("data/"):
+                continue
+            if info.compress_type == zipfile.ZIP_STORED:
+                out[name[len("data/"):]] = FileBytes(self.data_offsets[name], info.file_size, info.CRC)
+            else:
+                out[name[len("data/"):]] = Inflated(info.filename, info.file_size, info.CRC)
+        return out
+
+    def small_records(self) -> List[Tuple[str, bytes]]:
+        """The records besides the index and the storages that a written archive keeps (format
+        version, alignment, byte order, version, serialization id), in torch's order."""
+        names = [n for n in SMALL_RECORDS if n in self.records]
+        with zipfile.ZipFile(self.path) as zf:
+            return [(n, zf.read(self.records[n])) for n in names]
 
     def storage_bytes(self) -> Dict[str, bytearray]:
         """Every storage record's bytes (CRC-checked by zipfile), for the loaded path."""
@@ -106,15 +127,12 @@ def _check_end_records(f: Any, path: str) -> None:
     f.seek(0)
 
 
-def _check_directory(path: str, records: Dict[str, zipfile.ZipInfo]) -> bool:
-    """Refuse entries torch's reader would refuse (or that would inflate out of proportion); return
-    whether every record is stored (the streamed writers copy stored records only)."""
-    stored = True
+def _check_directory(path: str, records: Dict[str, zipfile.ZipInfo]) -> None:
+    """Refuse entries torch's reader would refuse (or that would inflate out of proportion)."""
     for info in records.values():
         if info.compress_type == zipfile.ZIP_STORED:
             bad = info.compress_size != info.file_size
         else:
-            stored = False
             bad = info.compress_type != zipfile.ZIP_DEFLATED
             if info.file_size > COMPRESSION_BOUND * info.compress_size + (1 << 16):
                 raise UnreadableCheckpoint(
@@ -124,7 +142,6 @@ def _check_directory(path: str, records: Dict[str, zipfile.ZipInfo]) -> bool:
                 )
         if bad or info.flag_bits & 0x2001 or info.volume > 1:
             raise UnreadableCheckpoint(f"{path}: corrupt torch archive (inconsistent directory entry).", "Re-download or re-save it.")
-    return stored
 
 
 def _storage_of(pid: Any) -> StorageRef:
@@ -194,13 +211,14 @@ def read_index(source: Any, name: str = "") -> ArchiveIndex:
                 records = {i.filename[len(folder) + 1:]: i for i in zf.infolist() if i.filename.startswith(folder + "/")}
                 if len(records) != len(names):  # torch.save writes every member under one folder, once
                     raise UnreadableCheckpoint(f"{path}: corrupt torch archive (members outside {folder}/ or named twice).", "Re-download or re-save it.")
-                stored = _check_directory(path, records)
+                _check_directory(path, records)
                 for key, info in records.items():  # the small records' CRCs, as torch's reader checks them
                     if not key.startswith("data/") and key != "data.pkl":
                         zf.read(info)
-                for info in records.values():  # local headers must agree with the directory, as torch checks
+                offsets = {}
+                for key, info in records.items():  # local headers must agree with the directory, as torch checks
                     try:
-                        _data_offset(counting, info)
+                        offsets[key] = _data_offset(counting, info)
                     except UnreadableCheckpoint as err:
                         raise UnreadableCheckpoint(f"{path}: {err.message}", err.hint) from None
                 if "byteorder" in records and zf.read(folder + "/byteorder").strip() != b"little":
@@ -222,41 +240,28 @@ def read_index(source: Any, name: str = "") -> ArchiveIndex:
             raise type(err)(f"{path}: {err.message}", err.hint) from None
         except Exception as err:
             raise UnreadableCheckpoint(f"{path}: corrupt index ({type(err).__name__}: {str(err)[:160]}).", "Re-download or re-save it.") from None
-        return ArchiveIndex(path, folder, objects, records, counting.count, None if isinstance(source, str) else source, stored)
+        return ArchiveIndex(path, folder, objects, records, counting.count, None if isinstance(source, str) else source, offsets)
     finally:
         if isinstance(source, str):
             raw.close()
 
 
-def check_references(index: ArchiveIndex, refs: Dict[str, TensorRef]) -> None:
-    """Every tensor to be written must lie inside a storage record of exactly the declared size;
-    otherwise the output would hold bytes from outside the tensor (or torch would refuse it).
+def inflate(path: str, member: Inflated) -> bytes:
+    """A deflated member's bytes: at most its declared size (which `read_index` bounded to
+    COMPRESSION_BOUND times its stored size) and checked against its CRC-32.
 
     Raises:
-        UnreadableCheckpoint: naming the first tensor that does not fit its record.
+        UnreadableCheckpoint: the member does not inflate to its size and CRC.
     """
-    with open(index.path, "rb") as f:
-        for key, info in index.records.items():
-            try:
-                _data_offset(f, info)
-            except UnreadableCheckpoint as err:
-                raise UnreadableCheckpoint(f"{index.path}: {err.message}", err.hint) from None
-    for name, ref in refs.items():
-        record = index.records.get(f"data/{ref.storage.key}")
-        size = _ITEM_SIZE.get(ref.dtype)
-        if record is None or size is None:
-            raise UnreadableCheckpoint(f"{index.path}: tensor '{name}' refers to a missing storage record.", "Re-download or re-save it.")
-        if record.file_size != ref.storage.numel * size:
-            raise UnreadableCheckpoint(
-                f"{index.path}: storage record of '{name}' holds {record.file_size} bytes, its index says {ref.storage.numel * size}.",
-                "The archive is truncated or corrupt; re-download or re-save it.",
-            )
-        last = ref.offset + sum((n - 1) * st for n, st in zip(ref.shape, ref.stride)) + 1 if all(n > 0 for n in ref.shape) else ref.offset
-        if ref.offset < 0 or any(n < 0 for n in ref.shape) or any(st < 0 for st in ref.stride) or last > ref.storage.numel:
-            raise UnreadableCheckpoint(
-                f"{index.path}: tensor '{name}' (shape {list(ref.shape)}, offset {ref.offset}) reaches past its storage.",
-                "The archive is corrupt or crafted; re-save the weights.",
-            )
+    try:
+        with zipfile.ZipFile(path) as zf:
+            with zf.open(member.member) as f:  # zipfile stops at the declared size and checks the CRC at the end
+                data = f.read(member.nbytes + 1)
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error, KeyError) as err:
+        raise UnreadableCheckpoint(f"{path}: member {member.member} does not inflate ({type(err).__name__}: {str(err)[:120]}).", "Re-download or re-save it.") from None
+    if len(data) != member.nbytes or zlib.crc32(data) != member.crc:
+        raise UnreadableCheckpoint(f"{path}: member {member.member} fails its size or CRC-32: the archive is corrupt.", "Re-download or re-save it.")
+    return data
 
 
 def _aligned_info(name: str, offset: int, size: int, crc: int) -> zipfile.ZipInfo:

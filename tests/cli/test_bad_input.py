@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Sequence, Tuple, Type
 import pytest
 import torch
 
-from conversion import convert, write
+from conversion import convert
 from conversion.architecture import Architecture
 from conversion.cli import main
 from conversion.errors import ContainerError, ConversionError, DestinationError, NotConvNeXt, UnreadableCheckpoint, UnsafeCheckpoint
@@ -420,24 +420,28 @@ def test_a_failed_rename_leaves_neither_the_destination_nor_a_temporary_file(des
 
 
 def test_a_file_that_reads_back_different_is_never_installed(destination, tmp_path, monkeypatch, capsys):
-    real_encode = write.encode
+    """A legacy torch source's tensors are read whole and written from memory; one byte that
+    reaches the disk changed (flipped in the middle of the written file, inside a tensor, before it
+    is synced) fails the read-back (exit 1) and nothing is installed.  The byte-copy writer has its
+    own test below."""
+    real_fsync = os.fsync
 
-    def corrupting_encode(state_dict, fmt):  # the bytes on disk hold other values than were meant
-        return real_encode({k: v + 1 for k, v in state_dict.items()}, fmt)
+    def flip_a_byte_then_sync(fd):
+        middle = os.fstat(fd).st_size // 2
+        os.pwrite(fd, bytes([os.pread(fd, 1, middle)[0] ^ 0x01]), middle)
+        real_fsync(fd)
 
-    monkeypatch.setattr(write, "encode", corrupting_encode)
-    # This is the buffered writer's check (a legacy torch source is read whole); the byte-copy
-    # writer has its own test below.
     legacy = io.BytesIO()
     torch.save({"model": _good_state_dict()}, legacy, _use_new_zipfile_serialization=False)
     (tmp_path / GOOD).write_bytes(legacy.getvalue())
     before = snapshot(tmp_path)
+    monkeypatch.setattr(os, "fsync", flip_a_byte_then_sync)
 
     status = main(["convert", *destination])
 
     err = capsys.readouterr().err
     assert status == EXIT_PROBLEM, f"a failed read-back is a verification problem (exit 1), got {status}:\n{err}"
-    assert_says(err, ["differ"])
+    assert_says(err, ["does not read back as written"])
     assert_disk_unchanged(tmp_path, before)
 
 

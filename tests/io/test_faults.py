@@ -356,11 +356,11 @@ def test_destination_folder_that_is_not_a_folder_exits_2(small_source: Path, tmp
 def test_destination_folder_removed_after_the_checks_exits_2(source_kind: str, small_source: Path, tmp_path: Path, monkeypatch, capsys):
     """The folder disappears between the checks and the temporary file (another process cleaning up).
 
-    Both writers (the streamed archive copy and the load-and-save path) create their temporary file
-    through atomic.anonymous_beside (O_TMPFILE), falling back to tempfile.mkstemp; the folder is
+    Both kinds of source (handles copied from the file, tensors read whole and written from memory)
+    reach the writer's temporary file through atomic.anonymous_beside (O_TMPFILE), falling back to tempfile.mkstemp; the folder is
     removed just before the first of them.
     """
-    if source_kind == "legacy-torch-file":  # not streamable: the load-and-save path writes it
+    if source_kind == "legacy-torch-file":  # read whole (tensors in memory), written by the same writers from memory
         torch.save(torch.load(small_source, weights_only=True), small_source, _use_new_zipfile_serialization=False)
     out = tmp_path / "out"
     out.mkdir()
@@ -418,7 +418,7 @@ def test_an_io_error_on_fsync_exits_2_and_removes_the_temporary_file(small_sourc
 def test_a_written_file_that_does_not_read_back_is_a_verification_failure_naming_the_destination(
         small_source: Path, tmp_path: Path, source_kind: str, ext: str, monkeypatch, capsys):
     """Bytes that reach the disk corrupted (here: the last 100 bytes lost at fsync) are a verification problem about DST: exit 1."""
-    if source_kind == "legacy-torch-file":  # not streamable: the load-and-save path writes it
+    if source_kind == "legacy-torch-file":  # read whole (tensors in memory), written by the same writers from memory
         torch.save(torch.load(small_source, weights_only=True), small_source, _use_new_zipfile_serialization=False)
     out = tmp_path / "out"
     out.mkdir()
@@ -455,7 +455,7 @@ def test_a_fault_right_after_the_temporary_file_is_created_leaves_nothing(
     a plain error; never an 'internal error', never a leftover.  (Regression: before 68fe37e the chmod
     ran outside the writers' cleanup guard and both faults left the temporary file behind.)
     """
-    if source_kind == "legacy-torch-file":  # not streamable: the load-and-save path writes it
+    if source_kind == "legacy-torch-file":  # read whole (tensors in memory), written by the same writers from memory
         torch.save(torch.load(small_source, weights_only=True), small_source, _use_new_zipfile_serialization=False)
     out = tmp_path / "out"
     out.mkdir()

@@ -1,6 +1,7 @@
-"""The streamed path (torch archive -> .pth/.pkl without loading tensors): same result as the
-load-and-save path once loaded, torch-free, small reads, 64-byte aligned records, and a read-back
-that catches corruption.  (The round-trip and property suites run on both paths as well.)"""
+"""The streamed path (torch archive -> .pth/.pkl without loading tensors): same result once loaded
+as the same weights read whole from a legacy file, torch-free, small reads, 64-byte aligned
+records, and a read-back that catches corruption.  (The round-trip and property suites run on
+both kinds of source as well.)"""
 from __future__ import annotations
 
 import json
@@ -37,16 +38,16 @@ def _loaded(path):
 
 
 def _both_sources(tmp, obj, ext):
-    """`obj` saved as a torch zip (its records copied into the output) and as a legacy torch file
-    (read whole, written buffered), each converted: {streamed: (destination, report)}."""
+    """`obj` saved as a torch zip and as a legacy torch file, each converted from its handles (the
+    records / storages copied into the output): {zip: (destination, report)}."""
     out = {}
-    for streamed in (True, False):
-        src = os.path.join(tmp, f"src-{'zip' if streamed else 'legacy'}.pth")
-        torch.save(obj, src, _use_new_zipfile_serialization=streamed)
-        dst = os.path.join(tmp, f"{'s' if streamed else 'l'}{ext}")
+    for zipped in (True, False):
+        src = os.path.join(tmp, f"src-{'zip' if zipped else 'legacy'}.pth")
+        torch.save(obj, src, _use_new_zipfile_serialization=zipped)
+        dst = os.path.join(tmp, f"{'s' if zipped else 'l'}{ext}")
         report = convert(src, dst)
-        assert report.streamed == streamed
-        out[streamed] = (dst, report)
+        assert report.streamed, "both formats are read as handles"
+        out[zipped] = (dst, report)
     return out
 
 
@@ -113,8 +114,9 @@ def test_a_streamed_file_that_reads_back_different_is_never_installed(tmp_path, 
     assert sorted(os.listdir(tmp_path)) == ["src.pth"]
 
 
-def test_archives_the_streamed_path_does_not_handle_fall_back_and_convert(tmp_path):
-    """numpy arrays inside the index, or compressed records: the load-and-save path takes over."""
+def test_numpy_arrays_in_the_index_are_written_from_memory_and_deflated_records_from_their_handles(tmp_path):
+    """numpy arrays inside the index are in memory already (not streamed); a deflated archive's
+    records are inflated (bounded, CRC-checked) and written from their handles (streamed)."""
     sd = random_state_dict(ARCH)
     torch.save({"model": {k: v.numpy() for k, v in sd.items()}}, tmp_path / "numpy.pth")
     report = convert(str(tmp_path / "numpy.pth"), str(tmp_path / "a.pth"))
@@ -123,9 +125,37 @@ def test_archives_the_streamed_path_does_not_handle_fall_back_and_convert(tmp_pa
     with zipfile.ZipFile(tmp_path / "plain.pth") as zin, zipfile.ZipFile(tmp_path / "deflated.pth", "w", zipfile.ZIP_DEFLATED) as zout:
         for info in zin.infolist():
             zout.writestr(info.filename, zin.read(info))
-    report = convert(str(tmp_path / "deflated.pth"), str(tmp_path / "b.pth"))
-    assert not report.streamed
-    assert all(torch.equal(_loaded(tmp_path / "b.pth")["backbone." + k], v) for k, v in sd.items() if not k.startswith(("head", "norm.")))
+    for ext in (".pth", ".pkl"):
+        report = convert(str(tmp_path / "deflated.pth"), str(tmp_path / f"b{ext}"))
+        assert report.streamed
+        assert all(torch.equal(_loaded(tmp_path / f"b{ext}")["backbone." + k], v) for k, v in sd.items() if not k.startswith(("head", "norm.")))
+    convert(str(tmp_path / "plain.pth"), str(tmp_path / "c.pth"))
+    assert (tmp_path / "b.pth").read_bytes() == (tmp_path / "c.pth").read_bytes(), "same records, same bytes: only the source's compression differs"
+
+
+def test_a_deflated_record_that_fails_its_crc_is_refused(tmp_path):
+    """A deflated record's bytes are checked against its CRC when inflated: nothing is written."""
+    from conversion.errors import UnreadableCheckpoint
+
+    torch.save({"model": random_state_dict(ARCH)}, tmp_path / "plain.pth")
+    with zipfile.ZipFile(tmp_path / "plain.pth") as zin, zipfile.ZipFile(tmp_path / "deflated.pth", "w", zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            zout.writestr(info.filename, data)
+    data = bytearray((tmp_path / "deflated.pth").read_bytes())
+    with zipfile.ZipFile(tmp_path / "deflated.pth") as zf:
+        info = zf.getinfo(next(n for n in zf.namelist() if n.endswith("/data/3")))
+    wrong = struct.pack("<I", info.CRC ^ 1)  # the CRC changed in the local header and the directory alike
+    data[info.header_offset + 14:info.header_offset + 18] = wrong
+    at = bytes(data).index(b"PK\x01\x02")
+    while bytes(data[at + 46:at + 46 + struct.unpack_from("<H", data, at + 28)[0]]).decode() != info.filename:
+        at = bytes(data).index(b"PK\x01\x02", at + 46)
+    data[at + 16:at + 20] = wrong
+    (tmp_path / "deflated.pth").write_bytes(bytes(data))
+    for ext in (".pth", ".pkl"):
+        with pytest.raises(UnreadableCheckpoint, match="data/3 (does not inflate|fails its size or CRC-32)"):
+            convert(str(tmp_path / "deflated.pth"), str(tmp_path / f"out{ext}"))
+    assert sorted(os.listdir(tmp_path)) == ["deflated.pth", "plain.pth"]
 
 
 def test_inspect_reads_only_the_index(tmp_path):
@@ -151,52 +181,63 @@ def test_a_streamed_conversion_never_imports_torch(tmp_path, ext):
     assert json.loads(proc.stdout)["streamed"] is True
 
 
-def test_tensor_references_reshape_contiguous_views_in_place_and_mark_the_others():
-    from conversion.io.handles import ReshapedRef, StorageRef, TensorRef, is_record
+def test_a_shape_applied_to_a_handle_is_data_a_new_stride_or_a_recorded_reshape():
+    """Contiguous views get the new shape and its C-order strides; a non-contiguous view keeps its
+    strides and records the reshape (read later in C order); tensors and arrays are reshaped."""
+    from conversion.io.handles import StorageRef, TensorRef, is_contiguous, numel, with_shape
 
     ref = TensorRef(StorageRef("0", "FloatStorage", 24), 0, (2, 3, 4), (12, 4, 1))
-    assert ref.reshape(6, 4).stride == (4, 1) and ref.reshape(-1).shape == (24,) and ref.reshape((1, 1, 1, 24)).shape == (1, 1, 1, 24)
-    assert ref.numel() == 24 and ref.dtype == "float32" and ref.ndim == 3 and is_record(ref.reshape(6, 4))
+    assert with_shape(ref, (6, 4)) == TensorRef(ref.storage, 0, (6, 4), (4, 1))
+    assert with_shape(ref, (1, 1, 1, 24)).stride == (24, 24, 24, 1)
+    assert numel(ref) == 24 and ref.dtype == "float32" and is_contiguous(with_shape(ref, (24,)))
+    assert not any(hasattr(ref, m) for m in ("reshape", "numel", "ndim", "is_contiguous"))
     transposed = TensorRef(ref.storage, 0, (4, 3, 2), (1, 4, 12))
-    fixed = transposed.reshape(24)
-    assert fixed == ReshapedRef(transposed, (24,)) and not is_record(fixed)
-    assert fixed.reshape(-1, 6).shape == (4, 6) and fixed.numel() == 24 and fixed.dtype == "float32"
+    fixed = with_shape(transposed, (24,))
+    assert fixed == TensorRef(ref.storage, 0, (24,), (1, 4, 12), strided_shape=(4, 3, 2)) and not is_contiguous(fixed)
+    assert with_shape(fixed, (4, 6)) == TensorRef(ref.storage, 0, (4, 6), (1, 4, 12), strided_shape=(4, 3, 2))
+    assert with_shape(fixed, (4, 3, 2)).shape == (4, 3, 2) and numel(fixed) == 24
+    with pytest.raises(ValueError, match="24 elements"):
+        with_shape(ref, (5, 5))
+    assert with_shape(np.arange(6), (2, 3)).shape == (2, 3) and with_shape(torch.zeros(6), (3, 2)).shape == (3, 2)
 
 
 @pytest.mark.parametrize("ext", [".pth", ".pkl"])
-def test_a_shape_fix_of_a_non_contiguous_tensor_is_written_buffered(tmp_path, ext):
+def test_a_shape_fix_of_a_non_contiguous_tensor_is_gathered_from_its_handle(tmp_path, ext):
     """torchvision's layer scale [C, 1, 1] saved as a permuted view: its reshape to [C] is no run of
-    the record, so the zip is read whole and written as the same tensors from a legacy file are."""
+    the record, so its elements are gathered in C order (a record of its own in a .pth), the rest
+    still copied; the values are the reshaped tensor's, and torch reads the .pth with weights_only."""
     from conversion.layouts import from_canonical
 
     sd = from_canonical(random_state_dict(ARCH), "torchvision")
     name = "features.1.0.layer_scale"
     sd[name] = sd[name].reshape(1, 1, -1).permute(2, 0, 1)  # same values, strides (1, C, C)
     assert sd[name].stride() != (1, 1, 1)
-    digests = {}
-    for streamed in (True, False):
-        src = tmp_path / f"src{int(streamed)}.pth"
-        torch.save(sd, src, _use_new_zipfile_serialization=streamed)
-        dst = tmp_path / f"out{int(streamed)}{ext}"
-        report = convert(str(src), str(dst))
-        assert report.streamed is False and report.reshaped["backbone.stages.0.0.gamma"] == "[C,1,1] -> [C]"
-        digests[streamed] = dst.read_bytes()
-    assert digests[True] == digests[False]
-    got = _loaded(tmp_path / f"out1{ext}")["backbone.stages.0.0.gamma"]
-    assert torch.equal(got, sd[name].reshape(-1))
+    torch.save(sd, tmp_path / "src.pth")
+    dst = tmp_path / f"out{ext}"
+    report = convert(str(tmp_path / "src.pth"), str(dst))
+    assert report.streamed is True and report.reshaped["backbone.stages.0.0.gamma"] == "[C,1,1] -> [C]"
+    got = _loaded(dst)
+    assert torch.equal(got["backbone.stages.0.0.gamma"], sd[name].reshape(-1))
+    assert torch.equal(got["backbone.stages.1.1.gamma"], sd["features.3.1.layer_scale"].reshape(-1))
+    if ext == ".pth":
+        from ..support import TORCH_HAS_WEIGHTS_ONLY
+
+        loaded = torch.load(dst, weights_only=True) if TORCH_HAS_WEIGHTS_ONLY else torch.load(dst)
+        assert torch.equal(loaded["model"]["backbone.stages.0.0.gamma"], sd[name].reshape(-1))
+        assert loaded["model"]["backbone.stages.0.0.gamma"].is_contiguous()
 
 
-@pytest.mark.parametrize("ext, copied", [(".pth", True), (".pkl", False)])
-def test_a_non_contiguous_tensor_is_copied_into_a_pth_and_built_for_a_pkl(tmp_path, ext, copied):
-    """A transposed view keeps its strides in a torch archive (the record copies as is), but a
-    model-zoo array is written in element order, so a .pkl builds the tensor in memory."""
+@pytest.mark.parametrize("ext", [".pth", ".pkl"])
+def test_a_non_contiguous_tensor_keeps_its_strides_in_a_pth_and_is_gathered_for_a_pkl(tmp_path, ext):
+    """A transposed view keeps its strides in a torch archive (the record copies as is); a
+    model-zoo array is written in element order, gathered from the handle (no torch on the way)."""
     sd = random_state_dict(ARCH)
     name = "stages.1.0.pwconv1.weight"
     sd[name] = sd[name].t().contiguous().t()  # same values and shape, column-major
     assert not sd[name].is_contiguous()
     torch.save(sd, tmp_path / "src.pth")
     report = convert(str(tmp_path / "src.pth"), str(tmp_path / f"out{ext}"))
-    assert report.streamed is copied
+    assert report.streamed is True
     assert torch.equal(_loaded(tmp_path / f"out{ext}")["backbone." + name], sd[name])
 
 

@@ -14,10 +14,11 @@ from conversion.synthetic import random_state_dict
 ARCH = Architecture((1, 1, 1, 1), (8, 8, 8, 8), num_classes=2, classifier_norm=True)
 
 
-@pytest.fixture(params=["streamed", "loaded"])
+@pytest.fixture(params=["zip", "legacy", "loaded"])
 def path_taken(request):
-    """Which writer runs follows from the source: a torch zip's records are copied ("streamed"), a
-    legacy torch file is read whole ("loaded")."""
+    """Whether the bytes are read follows from the leaves: a torch zip's records and a legacy torch
+    file's storages are handles, copied without being read ("zip", "legacy"); numpy arrays pickled
+    inside a torch zip's index are in memory already ("loaded")."""
     return request.param
 
 
@@ -25,11 +26,19 @@ def _source(tmp_path, dtype, poison, path_taken):
     sd = random_state_dict(ARCH, dtype=dtype)
     if poison is not None:
         sd["stages.2.0.pwconv1.weight"][3, 1] = poison
-    torch.save({"model": sd}, tmp_path / "src.pth", _use_new_zipfile_serialization=path_taken == "streamed")
+    if path_taken == "loaded":
+        torch.save({"model": {k: v.numpy() for k, v in sd.items()}}, tmp_path / "src.pth")
+    else:
+        torch.save({"model": sd}, tmp_path / "src.pth", _use_new_zipfile_serialization=path_taken == "zip")
     return str(tmp_path / "src.pth")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+# numpy has no bfloat16 array to pickle: bf16 weights come only as torch tensors.
+_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+_PATHS_AND_DTYPES = [(p, d) for p in ("zip", "legacy", "loaded") for d in _DTYPES if not (p == "loaded" and d == torch.bfloat16)]
+
+
+@pytest.mark.parametrize("path_taken,dtype", _PATHS_AND_DTYPES, ids=[f"{p}-{str(d).replace('torch.', '')}" for p, d in _PATHS_AND_DTYPES])
 @pytest.mark.parametrize("poison", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("ext", [".pth", ".pkl"])
 def test_strict_refuses_non_finite_weights_and_writes_nothing(tmp_path, capsys, path_taken, dtype, poison, ext):
@@ -49,7 +58,7 @@ def test_without_strict_non_finite_weights_convert_and_are_reported(tmp_path, ca
     if path_taken == "loaded":
         assert "warning: 1 tensor(s) hold NaN or Inf: backbone.stages.2.0.pwconv1.weight" in captured.err
         assert report["non_finite"] == ["backbone.stages.2.0.pwconv1.weight"]
-    else:  # a streamed copy never reads the bytes: the report says it did not check
+    else:  # a copy from handles never reads the bytes: the report says it did not check
         assert report["non_finite"] is None and captured.err == ""
     assert (tmp_path / f"out{ext}").exists()
 
