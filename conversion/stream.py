@@ -335,7 +335,7 @@ class _ModelZooWriter:
         # numpy.ndarray(shape, dtype, bytearray(<bytes>)), opcode by opcode, so the bytes go from
         # the source (or one buffer) to the file; nothing per tensor stays in memory.
         w = self.w
-        w.commit_frame()  # where a pickler starts each object
+        w.flush_frame()  # where a pickler starts each object
         w.global_name(_NDARRAY, "numpy", "ndarray")
         w.tuple_of(obj.ref.shape, obj.ref.shape, self.value, memoize=False)  # shapes are never shared
         w.string(NUMPY_DTYPES[obj.ref.dtype])

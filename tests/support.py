@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
+import struct
+import zipfile
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import pytest
@@ -146,3 +148,19 @@ def read_written(path: Any) -> Dict[str, Any]:
 def written_tensors(path: Any) -> Dict[str, torch.Tensor]:
     """The `model` dict of a written file as tensors (a `.pkl` holds numpy arrays)."""
     return {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(v) for k, v in read_written(path)["model"].items()}
+
+
+def fsync_flipping_a_tensor_byte(real_fsync: Any) -> Any:
+    """An `os.fsync` that first flips one bit in the middle of the largest tensor record of the torch
+    archive being synced (found by its local header: records' places differ from file to file), as
+    a disk or a bug might, then syncs: what the writers' read-back must catch."""
+
+    def flip_then_sync(fd: int) -> None:
+        with open(f"/proc/self/fd/{fd}", "rb") as f, zipfile.ZipFile(f) as zf:
+            record = max((i for i in zf.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+            name_len, extra_len = struct.unpack("<HH", os.pread(fd, 30, record.header_offset)[26:30])
+            middle = record.header_offset + 30 + name_len + extra_len + record.file_size // 2
+        os.pwrite(fd, bytes([os.pread(fd, 1, middle)[0] ^ 0x01]), middle)
+        real_fsync(fd)
+
+    return flip_then_sync

@@ -47,7 +47,7 @@ class OpcodeWriter:
     def write(self, data: bytes) -> None:
         (self.frame if self.framed else self.f).write(data)
 
-    def commit_frame(self, force: bool = False) -> None:
+    def flush_frame(self, force: bool = False) -> None:
         """Write the pending frame once it is long enough (pickle checks before each object)."""
         if not self.framed or (self.frame.tell() < _FRAME_TARGET and not force):
             return
@@ -60,7 +60,7 @@ class OpcodeWriter:
 
     def large_bytes_header(self, size: int) -> None:
         """BINBYTES8 for a payload of `size` bytes that the caller writes to `f` next, outside frames."""
-        self.commit_frame(force=True)
+        self.flush_frame(force=True)
         self.f.write(b"\x8e" + struct.pack("<Q", size))
 
     def start(self) -> None:
@@ -68,13 +68,13 @@ class OpcodeWriter:
 
     def stop(self) -> None:
         self.write(b".")
-        self.commit_frame(force=True)
+        self.flush_frame(force=True)
 
     # ---------------------------------------------------------------- the memo
 
     def fetch(self, obj: Any) -> bool:
         """Write a memo reference to `obj` if it was written before; whether it was."""
-        self.commit_frame()
+        self.flush_frame()
         index = self.memo.get(id(obj))
         if index is None:
             return False
@@ -112,7 +112,7 @@ class OpcodeWriter:
         self.memoize(text)
 
     def integer(self, value: int) -> None:
-        self.commit_frame()
+        self.flush_frame()
         if 0 <= value <= 0xFF:
             self.write(b"K" + bytes([value]))
         elif 0 <= value <= 0xFFFF:
@@ -124,7 +124,7 @@ class OpcodeWriter:
             self.write(b"\x8a" + bytes([len(data)]) + data if len(data) < 256 else b"\x8b" + struct.pack("<i", len(data)) + data)
 
     def false(self) -> None:
-        self.commit_frame()
+        self.flush_frame()
         self.write(b"\x89")
 
     def global_name(self, key: Any, module: str, name: str) -> None:
@@ -178,6 +178,6 @@ class OpcodeWriter:
 
     def persistent_id(self, write_pid: Any) -> None:
         """BINPERSID after the id's own opcodes."""
-        self.commit_frame()  # where a pickler starts the object the id stands for
+        self.flush_frame()  # where a pickler starts the object the id stands for
         write_pid()
         self.write(b"Q")

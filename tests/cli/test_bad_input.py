@@ -31,7 +31,7 @@ from conversion.architecture import Architecture
 from conversion.cli import main
 from conversion.errors import ContainerError, ConversionError, DestinationError, NotConvNeXt, UnreadableCheckpoint, UnsafeCheckpoint
 
-from ..support import random_canonical_state_dict, require, torch_load_weights_only, torchvision_model
+from ..support import fsync_flipping_a_tensor_byte, random_canonical_state_dict, require, torch_load_weights_only, torchvision_model
 from .test_cli import assert_plain_error, run_cli
 
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -420,22 +420,17 @@ def test_a_failed_rename_leaves_neither_the_destination_nor_a_temporary_file(des
 
 
 def test_a_file_that_reads_back_different_is_never_installed(destination, tmp_path, monkeypatch, capsys):
-    """A legacy torch source's tensors are read whole and written from memory; one byte that
-    reaches the disk changed (flipped in the middle of the written file, inside a tensor, before it
-    is synced) fails the read-back (exit 1) and nothing is installed.  The byte-copy writer has its
-    own test below."""
-    real_fsync = os.fsync
-
-    def flip_a_byte_then_sync(fd):
-        middle = os.fstat(fd).st_size // 2
-        os.pwrite(fd, bytes([os.pread(fd, 1, middle)[0] ^ 0x01]), middle)
-        real_fsync(fd)
+    """A legacy torch source's storages are written from their handles; one byte that reaches the
+    disk changed (flipped in the middle of the largest tensor record, before the file is synced)
+    fails the read-back (exit 1) and nothing is installed.  The byte-copy writer has its own test
+    below.  (A legacy file's storage keys are numbers torch took from memory addresses, so the
+    records' places differ from run to run: the record is found by its local header.)"""
 
     legacy = io.BytesIO()
     torch.save({"model": _good_state_dict()}, legacy, _use_new_zipfile_serialization=False)
     (tmp_path / GOOD).write_bytes(legacy.getvalue())
     before = snapshot(tmp_path)
-    monkeypatch.setattr(os, "fsync", flip_a_byte_then_sync)
+    monkeypatch.setattr(os, "fsync", fsync_flipping_a_tensor_byte(os.fsync))
 
     status = main(["convert", *destination])
 

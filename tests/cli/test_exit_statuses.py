@@ -13,12 +13,12 @@ from typing import Callable, Dict, List, Tuple
 import pytest
 import torch
 
-from conversion import errors, write
+from conversion import errors
 from conversion.architecture import Architecture
 from conversion.cli import main
 from conversion.synthetic import random_state_dict
 
-from ..support import require
+from ..support import fsync_flipping_a_tensor_byte, require
 from .test_cli import assert_plain_error
 
 SMALL = Architecture((1, 1, 2, 1), (8, 8, 16, 16), num_classes=3, classifier_norm=True)
@@ -58,10 +58,8 @@ def _destination(tmp: Path, monkeypatch) -> List[str]:
 
 
 def _verification_failed(tmp: Path, monkeypatch) -> List[str]:
-    real_encode = write.encode
-    monkeypatch.setattr(write, "encode", lambda sd, fmt: real_encode({k: v + 1 for k, v in sd.items()}, fmt))
-    legacy = {"model": random_state_dict(SMALL)}  # a legacy torch file is read whole and written buffered
-    torch.save(legacy, tmp / "src.pth", _use_new_zipfile_serialization=False)
+    monkeypatch.setattr(os, "fsync", fsync_flipping_a_tensor_byte(os.fsync))  # the written file, before its read-back
+    torch.save({"model": random_state_dict(SMALL)}, tmp / "src.pth")
     return ["convert", "src.pth", "out.pth"]
 
 

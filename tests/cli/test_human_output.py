@@ -48,6 +48,7 @@ converted <tmp>/legacy.pth
   dropped    4 tensors, classifier only (a detection backbone has no pooled norm or head): head.bias, head.weight, norm.bias, norm.weight
   fresh      8 output-norm tensors not in any ImageNet file, initialised by the backbone: backbone.norm0, backbone.norm1, backbone.norm2, backbone.norm3
   wrote      <tmp>/out.pkl (<size>, Detectron2 model-zoo pickle)
+  finite     not checked: streamed conversion (--strict reads every tensor and checks it)
   note       the source as given: names lack the 'backbone.' prefix: Detectron2 loads none of them (only log warnings; training starts from random init).
   note       the source as given: classifier tensors head.bias, head.weight, norm.bias, norm.weight are unused by a detection backbone; under matching_heuristics the pooled 'norm.weight' suffix-matches every '*.norm.weight' in the model.
 """,
@@ -82,6 +83,7 @@ converted <tmp>/legacy.pth
     dropped    2 tensors, classifier only (a detection backbone has no pooled norm or head): backbone.norm.bias, backbone.norm.weight
     fresh      8 output-norm tensors not in any ImageNet file, initialised by the backbone: backbone.norm0, backbone.norm1, backbone.norm2, backbone.norm3
     wrote      <tmp>/fixed.pkl (<size>, Detectron2 model-zoo pickle)
+    finite     not checked: streamed conversion (--strict reads every tensor and checks it)
 """,
     "repair-nothing-to-do": """\
 <tmp>/good.pth

@@ -54,12 +54,10 @@ CLI_IMPORTED_BY = {"conversion/__main__.py"}
 
 # Attributes of the pure-Python pickle machinery (besides `pickle._Name` itself).
 PICKLE_INTERNAL_ATTRIBUTES = {"framer", "_unframer", "current_frame", "commit_frame", "write_large_bytes", "dispatch"}
-# Today's users, per module.  The redesign (one safe unpickler in io/, writers that pull bytes per
-# handle) is to remove stream.py's index pickler and digest unpickler: delete its row then.
+# Today's users, per module: the one safe unpickler alone (the writers emit opcodes themselves,
+# conversion/io/pickle_writer.py).
 PICKLE_INTERNALS_EXPECTED: Dict[str, Set[str]] = {
-    "conversion/io/safe_pickle.py": {"_Unpickler", "_unframer", "current_frame", "dispatch"},
-    "conversion/stream.py": {"_Pickler", "_Unpickler", "_unframer", "current_frame", "dispatch", "framer",
-                             "write_large_bytes"},
+    "conversion/io/safe_pickle.py": {"_Unpickler", "_unframer", "dispatch"},
 }
 
 # Files of the package (and benchmarks) over MAX_LINES whose docstring does not say why: none.

@@ -63,7 +63,10 @@ def test_without_strict_non_finite_weights_convert_and_are_reported(tmp_path, ca
     assert (tmp_path / f"out{ext}").exists()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+_FINITE_CASES = [(p, d) for p, d in _PATHS_AND_DTYPES if d in (torch.float32, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("path_taken,dtype", _FINITE_CASES, ids=[f"{p}-{str(d).replace('torch.', '')}" for p, d in _FINITE_CASES])
 def test_strict_accepts_finite_weights(tmp_path, capsys, path_taken, dtype):
     src = _source(tmp_path, dtype, None, path_taken)
     assert main(["convert", src, str(tmp_path / "out.pth"), "--strict", "--json"]) == 0
