@@ -11,8 +11,9 @@ The index is read by the one safe unpickler (conversion/io/torchzip.py, conversi
 with storages as references, so nothing in the file executes and no tensor byte is read.  The new
 index is written with the same opcodes torch uses (protocol 2, `torch._utils._rebuild_tensor_v2`,
 typed-storage persistent ids), records are 64-byte aligned as torch aligns them, and the result is
-read back: every record's CRC-32 is computed once, by one thread per core (conversion/io/crc.py),
-and checked against the source's, and the new index is parsed and compared.  The `.pkl` writer
+read back: every record's CRC-32 is computed once, by one thread per core (conversion/io/crc.py;
+a copied record's as soon as it is in the file, while the next one is copied), and checked against
+the source's, and the new index is parsed and compared.  The `.pkl` writer
 copies whole records in the kernel as well (only bfloat16 tensors and slices of a record pass
 through Python) and reads its output back the same way.
 
@@ -37,7 +38,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .errors import UnreadableCheckpoint, VerificationFailed
 from .formats import write_atomically
-from .io.crc import crc_of_range as _crc_of_range, crcs_of_ranges
+from .io.crc import ReadBack, crc_of_range as _crc_of_range
 from .io.handles import ITEM_SIZE, STORAGE_DTYPES, StorageRef, TensorRef, contiguous_stride  # noqa: F401
 from .io.torchzip import (  # noqa: F401  (read_index, check_references, ArchiveIndex: this module's readers)
     ALIGNMENT,
@@ -130,9 +131,12 @@ def _copy_range(src_fd: int, dst_fd: int, src_offset: int, count: int) -> None:
 Progress = Optional[Callable[[int, int], None]]  # (bytes done, bytes in all), for a progress display
 
 
-def write_archive(dst_file: Any, index: ArchiveIndex, payload: Any, keep: List[str], progress: Progress = None) -> None:
+def write_archive(
+    dst_file: Any, index: ArchiveIndex, payload: Any, keep: List[str], progress: Progress = None, read_back: Optional[ReadBack] = None
+) -> None:
     """Write a torch archive: the new index `payload`, the source's small records, and the storage
-    records named in `keep` copied byte for byte.  `dst_file` is an open binary file."""
+    records named in `keep` copied byte for byte.  `dst_file` is an open binary file; each copied
+    record is reported to `read_back` as soon as it is in the file."""
     small = [n for n in (".format_version", ".storage_alignment", "byteorder", "version", ".data/serialization_id") if n in index.records]
     with open(index.path, "rb") as src, zipfile.ZipFile(dst_file, "w") as zf:
         entries: List[Tuple[str, Optional[bytes], Optional[zipfile.ZipInfo]]] = [("data.pkl", encode_index(payload), None)]
@@ -156,6 +160,8 @@ def write_archive(dst_file: Any, index: ArchiveIndex, payload: Any, keep: List[s
                 dst_file.flush()  # hand over to the fd: the copy happens in the kernel
                 _copy_range(src.fileno(), dst_file.fileno(), _data_offset(src, source), source.file_size)
                 dst_file.seek(offset + len(local_header(info)) + source.file_size)
+                if read_back is not None:
+                    read_back.written(offset + len(local_header(info)), source.file_size)
             add_entry(zf, info, dst_file.tell())
             if source is not None and name.startswith("data/"):
                 done += source.file_size
@@ -164,12 +170,18 @@ def write_archive(dst_file: Any, index: ArchiveIndex, payload: Any, keep: List[s
 
 
 def check_archive(
-    path: str, expected: Any, copied_crcs: Dict[str, int], shown_as: str = "", source: Optional[ArchiveIndex] = None
+    path: str,
+    expected: Any,
+    copied_crcs: Dict[str, int],
+    shown_as: str = "",
+    source: Optional[ArchiveIndex] = None,
+    read_back: Optional[ReadBack] = None,
 ) -> None:
     """Read the written archive back: every record's bytes against its stored CRC-32, copied
     records' CRCs against the source's, and the index against what was meant to be written.
 
-    Each record is checksummed once, in parallel (`crcs_of_ranges`).  A copied record's stored CRC
+    Each record is checksummed once, in parallel (the copied ones already while they were written,
+    by `read_back`; the rest here).  A copied record's stored CRC
     is the source record's, so that one pass proves both that the copy is faithful and that the
     source's bytes were intact; only when a record fails is the source record checked, to say
     which file is at fault.  Errors name `shown_as` (the destination), not the temporary file."""
@@ -178,7 +190,7 @@ def check_archive(
         with open(path, "rb") as f, zipfile.ZipFile(f) as zf:
             infos = zf.infolist()
             ranges = [(_data_offset(f, info), info.file_size) for info in infos]
-            crcs = crcs_of_ranges(f.fileno(), ranges)
+            crcs = (read_back or ReadBack()).crcs(f.fileno(), ranges)
             for info, crc in zip(infos, crcs):
                 key = info.filename[len("archive/"):]
                 if crc != info.CRC or (key in copied_crcs and copied_crcs[key] != crc):
@@ -212,12 +224,15 @@ def write_streamed(
     dst: str, index: ArchiveIndex, payload: Any, keep: List[str], *, force: bool, source: str, progress: Progress = None
 ) -> int:
     """Atomically write the streamed archive to `dst` (same rules as write.write_checkpoint)."""
+    read_back = ReadBack()
+    copied = {f"data/{k}": index.records[f"data/{k}"].CRC for k in keep}
     return write_atomically(
         dst,
         force=force,
         source=source,
-        write=lambda f: write_archive(f, index, payload, keep, progress),
-        verify=lambda tmp: check_archive(tmp, payload, {f"data/{k}": index.records[f"data/{k}"].CRC for k in keep}, shown_as=dst, source=index),
+        write=lambda f: write_archive(f, index, payload, keep, progress, read_back),
+        verify=lambda tmp: check_archive(tmp, payload, copied, shown_as=dst, source=index, read_back=read_back),
+        read_back=read_back,
     )
 
 
@@ -284,9 +299,9 @@ class _ModelZooStreamPickler(pickle._Pickler):
 
     dispatch = dict(_IndexPickler.dispatch)
 
-    def __init__(self, f: Any, largest: int, total: int = 0, progress: Progress = None) -> None:
+    def __init__(self, f: Any, largest: int, total: int = 0, progress: Progress = None, read_back: Optional[ReadBack] = None) -> None:
         super().__init__(f, protocol=4)
-        self.f = f
+        self.f, self.read_back = f, read_back
         self.digests: Dict[int, Tuple[int, int]] = {}
         self.buffer = bytearray(largest)  # for the arrays that go through Python only
         self.total, self.done, self.progress = total, 0, progress
@@ -306,6 +321,8 @@ class _ModelZooStreamPickler(pickle._Pickler):
             at = self.f.tell()
             _copy_range(obj.fd, self.f.fileno(), obj.start, obj.nbytes)
             self.f.seek(at + obj.nbytes)
+            if self.read_back is not None:
+                self.read_back.written(at, obj.nbytes)
             self.digests[id(obj)] = (obj.record_crc, obj.nbytes)
         else:
             data = obj.read_into(self.buffer)
@@ -335,13 +352,14 @@ class _Digest:
 class _DigestUnpickler(pickle._Unpickler):  # pure Python: its opcode table can be extended
     """Reads a written model-zoo pickle back as (shape, dtype, digest) per array without reading
     the arrays' bytes: large payloads (outside frames) are skipped and listed in `pending`, to be
-    checksummed afterwards in parallel by `crcs_of_ranges`."""
+    checksummed afterwards in parallel (`ReadBack.crcs`: those copied in the kernel were already read
+    back while the file was written)."""
 
     dispatch = dict(pickle._Unpickler.dispatch)
 
-    def __init__(self, f: Any) -> None:
+    def __init__(self, f: Any, read_back: Optional[ReadBack] = None) -> None:
         super().__init__(f)
-        self._file = f
+        self._file, self._read_back = f, read_back or ReadBack()
         self.pending: List[_Digest] = []
 
     def _load_binbytes8(self) -> None:
@@ -370,7 +388,7 @@ class _DigestUnpickler(pickle._Unpickler):  # pure Python: its opcode table can 
         got = self.load()
         if self._file.seek(0, os.SEEK_END) < max((d.start + d.size for d in self.pending), default=0):
             raise EOFError("the file ends inside an array")
-        for digest, crc in zip(self.pending, crcs_of_ranges(self._file.fileno(), [(d.start, d.size) for d in self.pending])):
+        for digest, crc in zip(self.pending, self._read_back.crcs(self._file.fileno(), [(d.start, d.size) for d in self.pending])):
             digest.crc = crc
         model = got.get("model") if isinstance(got, dict) else None
         if isinstance(model, dict):
@@ -388,6 +406,7 @@ def write_streamed_pickle(
     one read-back pass also proves the source's bytes intact; a failing array whose source record
     fails its own CRC is blamed on the source (UnreadableCheckpoint), otherwise on the writing."""
     expected: Dict[str, Any] = {}
+    read_back = ReadBack()
 
     def write(f: Any) -> None:
         with open(index.path, "rb") as src:
@@ -395,7 +414,7 @@ def write_streamed_pickle(
             crcs = {key[len("data/"):]: info.CRC for key, info in index.records.items() if key.startswith("data/")}
             arrays = {name: _RecordArray(ref, src.fileno(), offsets[ref.storage.key], crcs[ref.storage.key]) for name, ref in model.items()}
             largest = max((arr.nbytes for arr in arrays.values() if not arr.copied), default=0)
-            pickler = _ModelZooStreamPickler(f, largest, sum(a.nbytes for a in arrays.values()), progress)
+            pickler = _ModelZooStreamPickler(f, largest, sum(a.nbytes for a in arrays.values()), progress, read_back)
             pickler.dump({"model": arrays, "__author__": author})
             for name, arr in arrays.items():
                 expected[name] = (arr.ref.shape, NUMPY_DTYPES[arr.ref.dtype]) + pickler.digests[id(arr)]
@@ -403,7 +422,7 @@ def write_streamed_pickle(
     def verify(tmp: str) -> None:
         try:
             with open(tmp, "rb") as f:
-                got = _DigestUnpickler(f).load_digests()
+                got = _DigestUnpickler(f, read_back).load_digests()
         except Exception as err:  # a pickle we just wrote that does not parse back
             raise VerificationFailed(f"{dst}: written pickle does not read back ({type(err).__name__}: {err}).", "Report this as a bug.") from None
         if not isinstance(got, dict) or got.get("__author__") != author or got.get("model") != expected:
@@ -413,7 +432,7 @@ def write_streamed_pickle(
                     _blame_source(index, f"data/{model[name].storage.key}")
             raise VerificationFailed(f"{dst}: written pickle does not read back as written.", "Report this as a bug.")
 
-    return write_atomically(dst, force=force, source=source, write=write, verify=verify)
+    return write_atomically(dst, force=force, source=source, write=write, verify=verify, read_back=read_back)
 
 
 def non_finite(index: ArchiveIndex, model: Dict[str, TensorRef]) -> List[str]:

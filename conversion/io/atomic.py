@@ -1,7 +1,10 @@
 """Writing a file so that it appears whole or not at all (every writer of this tool uses this).
 
 The bytes go to a temporary file in the destination's directory, are synced and read back by the
-caller's check, and only then get the destination's name.  On Linux the temporary file is
+caller's check, and only then get the destination's name.  A writer that copies large records
+reports each one as it is written (`ReadBack`, conversion/io/crc.py): its read-back CRC runs on
+another core while the next record is copied and while the file is synced, and the kernel is
+asked to start writing it to disk at once, so that the final sync has little left to do.  On Linux the temporary file is
 unnamed (`O_TMPFILE`), linked in with `linkat` once verified, so a killed process (even SIGKILL)
 leaves nothing; where a filesystem has no unnamed files (or cannot link them in) it is a hidden
 `.convnext-d2-*` file, renamed over the destination, that every failure except SIGKILL removes.
@@ -12,11 +15,13 @@ import contextlib
 import errno
 import os
 import signal
+import sys
 import threading
 import tempfile
 from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Tuple
 
 from ..errors import DestinationError
+from .crc import ReadBack
 
 
 def check_destination(path: str, *, force: bool, source: str = "") -> str:
@@ -141,12 +146,21 @@ def _publish(fd: int, path: str, directory: str, force: bool) -> None:
 
 
 def write_atomically(
-    path: str, *, force: bool, source: str, write: Callable[[BinaryIO], None], verify: Callable[[str], None]
+    path: str,
+    *,
+    force: bool,
+    source: str,
+    write: Callable[[BinaryIO], None],
+    verify: Callable[[str], None],
+    read_back: Optional[ReadBack] = None,
 ) -> int:
     """Write a file the one safe way every writer here uses; return its size.
 
     `write` fills a temporary file in `path`'s directory; it is flushed and synced, `verify` reads
     it back (raising if it differs from what was meant), and only then does it get `path`'s name.
+    With `read_back`, the records `write` reports to it are checksummed on other threads from the
+    moment they are written, through the same sync, and `verify` collects their CRCs; every
+    thread has finished before the file is closed, whatever happens.
     On Linux the temporary file is unnamed (`O_TMPFILE`) until then, so no failure, not even
     SIGKILL, leaves anything behind; elsewhere (or on a filesystem without unnamed files) it is a
     hidden `.convnext-d2-*` file that every failure except SIGKILL removes.  `path` is never
@@ -158,7 +172,7 @@ def write_atomically(
     directory = check_destination(path, force=force, source=source)
     fd = anonymous_beside(path, directory)
     if fd is not None:
-        return _write_anonymous(fd, path, directory, force, write, verify)
+        return _write_anonymous(fd, path, directory, force, write, verify, read_back)
     fd, tmp = temp_beside(path, directory)
     try:
         try:  # mkstemp makes 0600; a checkpoint is an ordinary file (some filesystems refuse chmod: fine)
@@ -166,11 +180,7 @@ def write_atomically(
         except OSError:
             pass
         with os.fdopen(fd, "w+b") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-            size = f.tell()
-        verify(tmp)
+            size = _fill(f, write, lambda: verify(tmp), read_back)
         os.replace(tmp, path)
     except OSError as err:
         unlink_quietly(tmp)
@@ -182,20 +192,78 @@ def write_atomically(
 
 
 def _write_anonymous(
-    fd: int, path: str, directory: str, force: bool, write: Callable[[BinaryIO], None], verify: Callable[[str], None]
+    fd: int,
+    path: str,
+    directory: str,
+    force: bool,
+    write: Callable[[BinaryIO], None],
+    verify: Callable[[str], None],
+    read_back: Optional[ReadBack],
 ) -> int:
     """write_atomically through an unnamed file: any failure before `_publish` leaves nothing at all."""
     try:
         with os.fdopen(fd, "w+b") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-            size = f.tell()
-            verify(f"/proc/self/fd/{f.fileno()}")
+            size = _fill(f, write, lambda: verify(f"/proc/self/fd/{f.fileno()}"), read_back)
             _publish(f.fileno(), path, directory, force)
     except OSError as err:
         raise DestinationError(f"{path}: write failed ({err.strerror or err}).", "Check free space and permissions.") from None
     return size
+
+
+def _fill(f: BinaryIO, write: Callable[[BinaryIO], None], verify: Callable[[], None], read_back: Optional[ReadBack]) -> int:
+    """Write, flush, sync, verify; return the size.  The file is on disk (fsync'd) before `verify`
+    passes it, so nothing unsynced is ever published.  The read-back threads of `read_back` go on
+    checksumming while fsync waits for the disk (neither needs the GIL); `verify` then waits for
+    their CRCs and checks the file's structure, after the sync, so that the structure it checks
+    is the one on disk."""
+    if read_back is not None:
+        read_back.attach(f.fileno(), then=_Writeback(f.fileno()))
+    try:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+        size = f.tell()
+        verify()
+    finally:
+        if read_back is not None:
+            read_back.close()  # no thread may read the descriptor after it is closed (or reused)
+    return size
+
+
+_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of the range's dirty pages, do not wait
+_WRITEBACK_STEP = 8 << 20  # one call per 8 MiB written at least: a call per small record costs more than it saves
+
+
+def _sync_file_range() -> Optional[Callable[[int, int, int, int], int]]:
+    """libc's sync_file_range (Linux), or None where there is none."""
+    try:
+        import ctypes
+
+        call = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError, ImportError):
+        return None
+    call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    call.restype = ctypes.c_int
+    return call
+
+
+class _Writeback:
+    """Asks the kernel to start writing each finished stretch of the file to disk (Linux
+    `sync_file_range(SYNC_FILE_RANGE_WRITE)`, which queues the pages and returns), so that the
+    fsync before publishing, which still runs and still decides, finds most of the file on its
+    way already.  Where the call is missing or fails, nothing is done and fsync does it all."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.done = fd, 0
+        self.call = _sync_file_range() if sys.platform.startswith("linux") else None
+
+    def __call__(self, start: int, size: int) -> None:
+        end = start + size
+        if self.call is None or end - self.done < _WRITEBACK_STEP:
+            return
+        if self.call(self.fd, self.done, end - self.done, _SYNC_FILE_RANGE_WRITE) != 0:
+            self.call = None  # an advisory call: fsync still syncs everything
+        self.done = end
 
 
 def umask() -> int:
