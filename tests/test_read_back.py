@@ -25,7 +25,7 @@ from conversion.synthetic import random_state_dict
 
 ARCH = Architecture((1, 2, 1, 1), (8, 16, 8, 16), num_classes=5, classifier_norm=True)
 CLASSIFIER = 4  # head.weight, head.bias, norm.weight, norm.bias: dropped, so not written
-THREAD_PREFIX = "convnext-d2-crc"
+THREAD_PREFIX = "convnext-d2-"  # the read-back pool and the writeback thread
 
 
 def _blob(tmp_path: Path, size: int) -> Tuple[Path, bytes]:
@@ -163,6 +163,8 @@ def test_writeback_is_asked_for_every_8_mib_written_in_order():
     mib = 1 << 20
     for start, size in [(100, 3 * mib), (3 * mib + 200, 6 * mib), (9 * mib + 300, 20 * mib), (29 * mib + 400, mib)]:
         writeback(start, size)
+    writeback.stop(drop_queued=False)
+    writeback.join()
     assert calls == [(0, 9 * mib + 200, 2), (9 * mib + 200, 20 * mib + 100, 2)]
 
 
@@ -174,6 +176,8 @@ def test_a_refused_writeback_request_is_dropped_silently():
     writeback.call = lambda fd, start, size, flags: calls.append(start) or -1
     writeback(0, 16 << 20)
     writeback(16 << 20, 16 << 20)
+    writeback.stop(drop_queued=False)
+    writeback.join()
     assert calls == [0] and writeback.call is None
 
 
