@@ -2,9 +2,13 @@
 official-layout checkpoints (Tiny, Large, XXLarge) generated here (nothing can be downloaded).
 
 Each command runs as its own process, in turns (each contender once per turn), `--repeat` turns;
-the table gives medians of wall time, peak resident memory (VmHWM of the child), bytes read (the
-child's /proc/<pid>/io rchar: read syscalls, and copy_file_range's bytes, which the kernel counts
-there although they never reach the process), and ratios to `cp` and to the baseline.  With
+the table gives medians of wall time, CPU time (user + system, the child's and its threads'),
+peak resident memory (VmHWM of the child), bytes read (the child's /proc/<pid>/io rchar: read
+syscalls, and copy_file_range's bytes, which the kernel counts there although they never reach
+the process), and ratios to `cp` and to the baseline.  The convnext-d2 trees are byte-compiled
+first and the children may use their `.pyc` files (PYTHONDONTWRITEBYTECODE is dropped from their
+environment), as an installed package's are: compiling the package's sources at every start
+cost about 70 ms per run here.  With
 `--before DIR` the convnext-d2 commands of another checkout run in the same turns and both outputs
 are compared byte for byte.  The page cache is warm for every command alike (the source is read
 once before timing); say so when quoting the numbers, with the load average the table records.
@@ -17,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -76,16 +81,36 @@ def run(argv: List[str], probe: bool = True, root: str = ROOT) -> Dict[str, floa
         cmd = [sys.executable, "-c", _PROBE, json.dumps(argv)]
     else:
         cmd = ["/usr/bin/time", "-f", "%M", *argv]
-    env = dict(os.environ, PYTHONPATH=root)
+    env = _child_env(root)
+    cpu_before = _children_cpu()
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root)  # `-c` puts the cwd first on sys.path
     wall = time.perf_counter() - start
+    cpu = _children_cpu() - cpu_before
     if proc.returncode != 0:
         raise RuntimeError(f"{argv} failed:\n{proc.stderr[-2000:]}")
     if probe:
         stats = json.loads(proc.stderr.strip().splitlines()[-1])
-        return {"wall": wall, "rss": stats["rss"], "read": stats["rchar"]}
-    return {"wall": wall, "rss": int(proc.stderr.strip().splitlines()[-1]) * 1024, "read": float("nan")}
+        return {"wall": wall, "cpu": cpu, "rss": stats["rss"], "read": stats["rchar"]}
+    return {"wall": wall, "cpu": cpu, "rss": int(proc.stderr.strip().splitlines()[-1]) * 1024, "read": float("nan")}
+
+
+def _children_cpu() -> float:
+    """User + system seconds of every child waited for so far (a child's threads included)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _child_env(root: str) -> Dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=root)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # run from .pyc files, as an installed package does
+    return env
+
+
+def compile_tree(root: str) -> None:
+    """Byte-compile a checkout's package once, so that no timed run compiles it."""
+    subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(root, "conversion")], check=True,
+                   env=_child_env(root), stdout=subprocess.DEVNULL)
 
 
 def machine() -> str:
@@ -138,6 +163,8 @@ def main(argv: Sequence[str] = ()) -> int:
             out = lambda name: os.path.join(work, name)  # noqa: E731
             _write(work, "baseline.py", BASELINE)
             trees = [("", ROOT)] + ([(f" (before: {_git_head(args.before)})", os.path.abspath(args.before))] if args.before else [])
+            for _, root in trees:
+                compile_tree(root)
             contenders = [
                 {"name": "cp", "argv": ["cp", src, out("cp.pth")], "probe": False, "cleanup": [out("cp.pth")]},
                 {"name": "baseline load/rename/save", "argv": [out("baseline.py"), src, out("base.pth"), "0"], "cleanup": [out("base.pth")]},
@@ -210,8 +237,8 @@ def _same_tensors(a: str, b: str) -> bool:
 
 def render(rows: List[dict]) -> str:
     lines = [f"Machine: {machine()}. Page cache warm for every command. Medians of repeated runs.", "",
-             "| checkpoint | file | command | wall s | x cp | x baseline | peak RSS MB | RSS / file | bytes read |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| checkpoint | file | command | wall s | x cp | x baseline | CPU s | peak RSS MB | RSS / file | bytes read |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         read = "n/a" if r["read"] != r["read"] else f"{r['read'] / 1e6:.1f} MB"
         if r.get("inspect_bytes_read") is not None:
@@ -219,7 +246,7 @@ def render(rows: List[dict]) -> str:
         note = " (equal to baseline once loaded)" if r.get("same_as_baseline") else (" (DIFFERS from baseline)" if r.get("same_as_baseline") is False else "")
         lines.append(
             f"| {r['variant']} ({r['params'] / 1e6:.0f} M) | {r['size'] / 1e9:.2f} GB | {r['tool']}{note} | {r['wall']:.2f} | "
-            f"{r['x_cp']:.2f} | {r['x_base']:.2f} | {r['rss'] / 1e6:.0f} | {r['rss_x_file']:.3f} | {read} |"
+            f"{r['x_cp']:.2f} | {r['x_base']:.2f} | {r['cpu']:.2f} | {r['rss'] / 1e6:.0f} | {r['rss_x_file']:.3f} | {read} |"
         )
     for r in rows:
         if "load" in r:
