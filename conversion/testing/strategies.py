@@ -1,6 +1,6 @@
 """Hypothesis strategies for ConvNeXt checkpoints: small building blocks, then composites whose
 optional arguments pin one dimension (None means "draw it").  This project's suite tests each of
-them (tests/test_strategies.py); downstream suites use them for their own properties.
+them (tests/unit/test_strategies.py); downstream suites use them for their own properties.
 
 Needs hypothesis (`pip install convnext-d2[testing]`); the rest of `conversion.testing` does not.
 """

@@ -28,7 +28,7 @@ from conversion.read import load_checkpoint
 
 from ..support import torch_load_weights_only
 
-from ..test_cli import assert_plain_error, run_cli
+from ..cli.test_cli import assert_plain_error, run_cli
 from . import assemble as A
 
 EXIT_USAGE = 2

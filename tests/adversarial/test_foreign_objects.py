@@ -27,7 +27,7 @@ from conversion.errors import UnreadableCheckpoint
 from conversion.read import load_checkpoint
 
 from ..support import require, torch_load_weights_only
-from ..test_cli import assert_plain_error
+from ..cli.test_cli import assert_plain_error
 from . import assemble as A
 
 EXIT_USAGE = 2

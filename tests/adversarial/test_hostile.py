@@ -59,13 +59,13 @@ from ..support import TORCH_HAS_WEIGHTS_ONLY, random_canonical_state_dict, requi
 if not TORCH_HAS_WEIGHTS_ONLY:
     # The corpus's oracle decodes every file independently with torch's own weights_only reader (and
     # builds tensors of dtypes torch 1.9 lacks); on such torch the reader itself is covered by
-    # test_read.py's restricted-pickle-module cases.
+    # tests/io/test_read.py's restricted-pickle-module cases.
     pytest.skip("the hostile corpus needs torch >= 1.13 (weights_only) as its independent decoder", allow_module_level=True)
 
 _NP_MULTIARRAY = __import__("importlib").import_module(
     "numpy._core.multiarray" if int(np.__version__.split(".")[0]) >= 2 else "numpy.core.multiarray"
 )
-from ..test_cli import ROOT, assert_plain_error
+from ..cli.test_cli import ROOT, assert_plain_error
 
 EXIT_USAGE = 2
 TEMP_PREFIX = ".convnext-d2-"  # write.py's temporary files beside the destination
@@ -607,7 +607,7 @@ def test_refusal_names_what_the_file_asked_for(payload: str, container: str, nam
 
 def test_a_hostile_file_is_refused_by_a_real_process(tmp_path: Path, sentinels: Path):
     """The most elaborate payload (torch.load re-entered with weights_only=False) as a user's shell sees it."""
-    from ..test_cli import run_cli
+    from ..cli.test_cli import run_cli
 
     (tmp_path / "out").mkdir()
     hostile = build_hostile(HostileCase("torch.load-weights_only=False-via-partial", "pickle"), tmp_path, sentinels)
@@ -1308,7 +1308,7 @@ def test_a_protocol_2_pickle_written_by_python_3_converts(fmt: str, tmp_path: Pa
 
 def test_a_dtype_with_forged_flags_gives_no_traceback(tmp_path: Path):
     """numpy's pickled dtype state carries internal flags; a forged one must not reach the user as tracebacks."""
-    from ..test_cli import run_cli
+    from ..cli.test_cli import run_cli
 
     data = pickle.dumps({"model": {k: v.numpy() for k, v in _tiny_state_dict().items()}}, protocol=4)
     state_tail = pickle.BININT + struct.pack("<i", -1) + pickle.BININT + struct.pack("<i", -1) + pickle.BININT1 + b"\x00"

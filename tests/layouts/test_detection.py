@@ -27,8 +27,8 @@ from conversion import convert
 from conversion.architecture import Architecture
 
 from ..support import assert_clean_load, build_d2_model, fill_with_sentinel, load_with_detectron2, require, torch_load_weights_only
-from ..test_equivalence import CPU_FP32_ATOL_SCALE, CPU_FP32_RTOL, assert_stages_close, differences, image
-from ..test_layout_equivalence import MEASURED, mmpretrain_models, randomise_
+from ..d2.test_equivalence import CPU_FP32_ATOL_SCALE, CPU_FP32_RTOL, assert_stages_close, differences, image
+from .test_layout_equivalence import MEASURED, mmpretrain_models, randomise_
 from .cli_support import EXIT_OK, EXIT_USAGE, convert_cli
 from .names import DEPTHS, DIMS, TARGET_V1, names
 

@@ -109,7 +109,7 @@ def test_dinov3_original_names_are_the_repositorys(tmp_path):
 
 @pytest.fixture(scope="module")
 def clip_model(tmp_path_factory):
-    from ..test_layout_equivalence import create_open_clip_model
+    from .test_layout_equivalence import create_open_clip_model
 
     return create_open_clip_model(str(tmp_path_factory.mktemp("open_clip")))
 
@@ -146,13 +146,13 @@ def test_from_open_clip_reads_the_tower_alone(tmp_path, capsys, clip_model):
 
 
 def _mm_backbone(**kwargs) -> torch.nn.Module:
-    from ..test_layout_equivalence import mmpretrain_models
+    from .test_layout_equivalence import mmpretrain_models
 
     return mmpretrain_models().build_backbone(dict(type="ConvNeXt", arch={"depths": list(DEPTHS), "channels": list(DIMS)}, **kwargs))
 
 
 def _mm_classifier(**backbone) -> torch.nn.Module:
-    from ..test_layout_equivalence import mmpretrain_models
+    from .test_layout_equivalence import mmpretrain_models
 
     return mmpretrain_models().build_classifier(dict(
         type="ImageClassifier", backbone=dict(type="ConvNeXt", arch={"depths": list(DEPTHS), "channels": list(DIMS)}, **backbone),

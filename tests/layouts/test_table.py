@@ -141,7 +141,7 @@ def _library_model(which: str):
             return transformers.DINOv3ConvNextModel(config), "dinov3-hf", "model.", False, FINAL_NORM
         return transformers.DINOv3ConvNextBackbone(config), "dinov3-hf", "model.", False, NO_HEAD
     if which.startswith("mmpretrain"):
-        from ..test_layout_equivalence import mmpretrain_models
+        from .test_layout_equivalence import mmpretrain_models
 
         models = mmpretrain_models()
         arch = {"depths": list(depths), "channels": list(dims)}

@@ -10,7 +10,7 @@ import torch
 
 from conversion.io.safetensors_header import read_header
 
-from .support import require
+from ..support import require
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool]
 

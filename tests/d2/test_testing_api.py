@@ -17,7 +17,7 @@ from conversion.read import read_checkpoint
 from conversion.synthetic import random_state_dict
 from conversion.testing import synthetic_layouts, write_synthetic_checkpoint
 
-from .support import require
+from ..support import require
 
 SMALL = Architecture((1, 1, 2, 1), (8, 16, 24, 32), num_classes=5, classifier_norm=True)
 SMALL_BACKBONE_ONLY = Architecture((1, 1, 2, 1), (8, 16, 24, 32))

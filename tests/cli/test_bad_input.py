@@ -28,7 +28,7 @@ from conversion import write
 from conversion.architecture import Architecture
 from conversion.cli import main
 
-from .support import random_canonical_state_dict, require, torch_load_weights_only, torchvision_model
+from ..support import random_canonical_state_dict, require, torch_load_weights_only, torchvision_model
 from .test_cli import assert_plain_error, run_cli
 
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from conversion.architecture import CLASSIFIER_KEYS, canonical_shapes, infer_architecture
 from conversion.containers import select_state_dict
 
-from . import strategies as S
+from .. import strategies as S
 
 
 @given(S.architectures())

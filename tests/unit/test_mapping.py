@@ -20,7 +20,7 @@ from conversion.layouts import from_canonical, to_canonical
 from conversion.containers import select_state_dict
 from conversion.write import encode
 
-from . import strategies as S
+from .. import strategies as S
 
 TINY = Architecture((1, 1, 1, 1), (4, 8, 4, 8), num_classes=3, classifier_norm=True)
 # The classifier of an official file, written out (not the converter's own list).

@@ -23,10 +23,10 @@ from conversion import __version__
 from conversion.architecture import RELEASED_VARIANTS, Architecture
 from conversion.layouts import LAYOUTS
 
-from .strategies import wrap
-from .support import random_canonical_state_dict, torch_load_weights_only
+from ..strategies import wrap
+from ..support import random_canonical_state_dict, torch_load_weights_only
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROG = "convnext-d2:"
 EXIT_OK, EXIT_USAGE = 0, 2
 # A process that imports torch takes ~2 s; a hung one must not hang the suite.

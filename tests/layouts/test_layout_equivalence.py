@@ -48,7 +48,7 @@ from conversion.architecture import Architecture
 from conversion.layouts import from_canonical
 from conversion.synthetic import random_state_dict
 from tests.support import assert_clean_load, build_d2_model, fill_with_sentinel, load_with_detectron2, require
-from tests.test_equivalence import (
+from tests.d2.test_equivalence import (
     CPU_FP32_ATOL_SCALE,
     CPU_FP32_RTOL,
     CUDA_VS_FP32_REFERENCE_REL,
@@ -87,7 +87,7 @@ INPUT_SEED = 1
 # - Hugging Face (torch.linalg.vector_norm in GRN) and torchvision (layer scale after the permute
 #   back to NCHW) compute the same ops in the same order and are bit-identical here;
 # - both sides use F.layer_norm / F.gelu / conv2d for everything else.
-# test_equivalence.py's fp32 bound (1e-5 of max|ref| plus 1e-5 relative, ~80 ulp) covers that for
+# tests/d2/test_equivalence.py's fp32 bound (1e-5 of max|ref| plus 1e-5 relative, ~80 ulp) covers that for
 # all layouts with margin; a real mistake (a wrong eps, a dropped layer scale or GRN, swapped
 # weights) moves outputs by 5e-5 of max|ref| or (much) more.  The measured values are printed.
 RTOL = CPU_FP32_RTOL
@@ -753,7 +753,7 @@ def test_hf_layer_norm_eps_is_the_official_1e6_except_the_pooled_norm():
 def test_stage_outputs_equal_the_librarys_own_on_cuda(prepared: Prepared, dtype: torch.dtype):
     """On CUDA both sides in `dtype` stay within the CUDA budget of the fp32 CPU original, and D2 is no worse than it.
 
-    Budgets from test_equivalence.py: fp32 runs TF32 convolutions (u = 2^-11), bf16 u = 2^-8; 16 u of max|ref|.
+    Budgets from tests/d2/test_equivalence.py: fp32 runs TF32 convolutions (u = 2^-11), bf16 u = 2^-8; 16 u of max|ref|.
     """
     o = prepared.original
     x = image(INPUT, seed=INPUT_SEED)

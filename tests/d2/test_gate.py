@@ -17,9 +17,9 @@ import pytest
 from conversion.architecture import Architecture
 from conversion.testing import write_synthetic_checkpoint
 
-from .support import plugin_option_names, require
+from ..support import plugin_option_names, require
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PLUGIN = "conversion.testing.plugin"
 SMALL = Architecture((1, 1, 2, 1), (8, 16, 24, 32), num_classes=5, classifier_norm=True)
 # pytest + torch (+ detectron2) start in a few seconds; a hung one must not hang the suite.
@@ -162,7 +162,7 @@ def test_the_builder_fixture_writes_into_the_tests_tmp_path(tmp_path):
 def test_this_repositorys_old_option_names_still_work(tmp_path, d2):
     """`pytest --checkpoint FILE` in this checkout is the plugin's `--convnext-d2-checkpoint`."""
     raw = write_synthetic_checkpoint(tmp_path / "raw.pth", layout="official", variant=SMALL)
-    result = run_pytest(ROOT, "tests/test_architecture.py", "--checkpoint", raw, "-k", "roundtrip", plugin=None)
+    result = run_pytest(ROOT, "tests/unit/test_architecture.py", "--checkpoint", raw, "-k", "roundtrip", plugin=None)
     assert result.returncode == 1, result.stdout
     assert "FAILED convnext-d2::test_convnext_d2_roundtrip_checkpoint_loads_clean" in _outcomes(result.stdout), result.stdout
 

@@ -20,7 +20,7 @@ from conversion.pipeline import repair
 from conversion.synthetic import random_state_dict
 from conversion.target import fresh_output_norms
 
-from .support import (
+from ..support import (
     TORCH_LOADS_WEIGHTS_ONLY_BY_DEFAULT,
     assert_clean_load,
     assert_loaded_equal,

@@ -19,8 +19,8 @@ from conversion.errors import DestinationError, VerificationFailed
 from conversion.synthetic import random_state_dict
 from conversion.write import AUTHOR, encode, output_format, write_checkpoint
 
-from . import strategies as S
-from .support import TORCH_HAS_WEIGHTS_ONLY, torch_load_weights_only
+from .. import strategies as S
+from ..support import TORCH_HAS_WEIGHTS_ONLY, torch_load_weights_only
 
 SMALL = Architecture((1, 1, 2, 1), (4, 8, 4, 8))
 SD = {"backbone." + k: v for k, v in random_state_dict(SMALL, seed=5).items()}

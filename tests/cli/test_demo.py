@@ -5,7 +5,7 @@ import io
 
 import pytest
 
-from .support import require
+from ..support import require
 
 require("detectron2")
 require("timm")

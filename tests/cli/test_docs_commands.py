@@ -13,9 +13,9 @@ import pytest
 
 from conversion.cli import build_parser
 
-from .support import plugin_option_names
+from ..support import plugin_option_names
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = ["docs/zh-CN.md", "docs/ci-gate.md", "README.md", "examples/dimaskdino-ci/README.md"]
 _FENCE = re.compile(r"```(?:bash|sh|console)\n(.*?)```", re.S)
 _INLINE = re.compile(r"`((?:convnext-d2|python -m conversion) [^`]+)`")

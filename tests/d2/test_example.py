@@ -14,12 +14,12 @@ import pytest
 
 from conversion.testing import write_synthetic_checkpoint
 
-from .support import require
-from .test_cli import assert_plain_error, run_cli
+from ..support import require
+from ..cli.test_cli import assert_plain_error, run_cli
 
 require("detectron2")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "dimaskdino-ci"
 BACKBONE_FILE = Path("dimaskdino_ci") / "modeling" / "backbone" / "convnext.py"
 CONFIG = Path("configs") / "dimaskdino_convnext_tiny.yaml"

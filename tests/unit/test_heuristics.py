@@ -13,7 +13,7 @@ from conversion.architecture import RELEASED_VARIANTS, Architecture, canonical_s
 from conversion.heuristics import heuristic_assignment
 from conversion.target import to_target
 
-from .support import capture_checkpointer_logs, require
+from ..support import capture_checkpointer_logs, require
 
 require("detectron2")
 from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts  # noqa: E402
@@ -119,7 +119,7 @@ def test_heuristic_assignment_equals_detectron2s_on_a_built_whole_model(tmp_path
     verify's outside-the-backbone verdict rests on is Detectron2's own, key for key."""
     from conversion.d2_loading import build_whole_model, config_for
 
-    from . import dimaskdino_like  # noqa: F401  (registers the meta-architecture)
+    from .. import dimaskdino_like  # noqa: F401  (registers the meta-architecture)
 
     yaml = tmp_path / "model.yaml"
     yaml.write_text(

@@ -16,7 +16,7 @@ from conversion.cli import main
 from conversion.layouts import from_canonical
 from conversion.synthetic import random_state_dict
 
-from .support import detectron2_reads_path_query, require
+from ..support import detectron2_reads_path_query, require
 
 require("detectron2")
 from conversion.verify import verify  # noqa: E402

@@ -34,7 +34,7 @@ from conversion.d2 import BACKBONE_NAME, ConvNeXtBackbone, add_convnext_config  
 
 pytestmark = pytest.mark.detectron2
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 FORK_NAME = "D2ConvNeXt"  # registered by the DI-MaskDINO fork and by OneFormer
 STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
 SMALL = Architecture(depths=(1, 2, 1, 1), dims=(8, 12, 16, 20))

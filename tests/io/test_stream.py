@@ -25,9 +25,9 @@ from conversion.inspection import inspect_checkpoint
 from conversion.read import load_checkpoint
 from conversion.synthetic import random_state_dict
 
-from . import strategies as S
+from .. import strategies as S
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ARCH = Architecture((1, 2, 1, 1), (8, 16, 8, 16), num_classes=5, classifier_norm=True)
 
 

@@ -7,7 +7,7 @@ built from config.  Every stage output is compared twice: before the output norm
 (`stage_outputs` against timm's `forward_intermediates`) and after them (`forward` against a
 channels-first LayerNorm with the backbone's own `norm{i}` parameters applied to timm's output).
 
-Measured differences are printed: run `pytest tests/test_equivalence.py -s` to see them.
+Measured differences are printed: run `pytest tests/d2/test_equivalence.py -s` to see them.
 """
 
 from __future__ import annotations

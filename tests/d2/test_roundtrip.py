@@ -20,8 +20,8 @@ from conversion.architecture import CLASSIFIER_KEYS, RELEASED_VARIANTS, Architec
 from conversion.synthetic import random_state_dict
 from conversion.target import fresh_output_norms
 
-from . import strategies as S
-from .support import (
+from .. import strategies as S
+from ..support import (
     assert_clean_load,
     assert_loaded_equal,
     build_d2_model,

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from conversion.architecture import RELEASED_VARIANTS, Architecture, canonical_shapes, infer_architecture
 from conversion.errors import NotConvNeXt
 
-from . import strategies as S
+from .. import strategies as S
 
 RELEASED = [(v, name, depths, dims) for v, table in RELEASED_VARIANTS.items() for name, (depths, dims) in table.items()]
 

@@ -1,0 +1,1 @@
+"""Unit tests: one file per module of `conversion/`, in memory where the module allows."""
