@@ -116,6 +116,42 @@ def test_no_read_back_thread_outlives_a_write_that_fails_midway(tmp_path, monkey
     assert sorted(os.listdir(tmp_path)) == ["src.pth"]
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the writeback is requested on Linux only")
+def test_no_writeback_thread_outlives_a_write_that_fails_after_it_started(tmp_path, monkeypatch):
+    """A 14 MB source: the writeback thread is running (checked), inside a slow request, when the
+    disk fills up; it has stopped by the time the error reaches the caller (it must not touch the
+    descriptor once closed), and nothing is left."""
+    import time
+
+    from conversion import stream
+
+    real_sync_file_range = atomic._sync_file_range()
+
+    def slow_request(fd, start, size, flags):  # a disk with a full queue: each request blocks a while
+        time.sleep(0.3)
+        return real_sync_file_range(fd, start, size, flags) if real_sync_file_range else 0
+
+    monkeypatch.setattr(atomic, "_sync_file_range", lambda: slow_request)
+
+    wide = Architecture((1, 1, 1, 1), (64, 128, 256, 512), num_classes=5, classifier_norm=True)
+    torch.save({"model": random_state_dict(wide)}, tmp_path / "src.pth")
+    real_copy, seen, written = stream._copy_range, [], []
+
+    def copy_until_full(src_fd, dst_fd, src_offset, count):
+        if sum(written) > 10 << 20:
+            seen.extend(_read_back_threads())
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_copy(src_fd, dst_fd, src_offset, count)
+        written.append(count)
+
+    monkeypatch.setattr(stream, "_copy_range", copy_until_full)
+    with pytest.raises(DestinationError, match="write failed"):
+        convert(str(tmp_path / "src.pth"), str(tmp_path / "out.pth"))
+    assert "convnext-d2-writeback" in seen, f"the writeback thread never started: {seen}"
+    assert _read_back_threads() == []
+    assert sorted(os.listdir(tmp_path)) == ["src.pth"]
+
+
 @pytest.mark.parametrize("ext", [".pth", ".pkl"])
 def test_records_are_reported_while_writing_and_the_structure_is_checked_after_the_sync(tmp_path, monkeypatch, ext):
     """Every copied record (for a .pth also the archive's small records, .format_version and the
