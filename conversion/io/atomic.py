@@ -4,10 +4,12 @@ The bytes go to a temporary file in the destination's directory, are synced and 
 caller's check, and only then get the destination's name.  A writer that copies large records
 reports each one as it is written (`ReadBack`, conversion/io/crc.py): its read-back CRC runs on
 another core while the next record is copied and while the file is synced, and the kernel is
-asked to start writing it to disk at once, so that the final sync has little left to do.  On Linux the temporary file is
-unnamed (`O_TMPFILE`), linked in with `linkat` once verified, so a killed process (even SIGKILL)
-leaves nothing; where a filesystem has no unnamed files (or cannot link them in) it is a hidden
-`.convnext-d2-*` file, renamed over the destination, that every failure except SIGKILL removes.
+asked to start writing it to disk at once, so that the final sync has little left to do.
+
+On Linux the temporary file is unnamed (`O_TMPFILE`), linked in with `linkat` once verified, so a
+killed process (even SIGKILL) leaves nothing; where a filesystem has no unnamed files (or cannot
+link them in) it is a hidden `.convnext-d2-*` file, renamed over the destination, that every
+failure except SIGKILL removes.
 """
 from __future__ import annotations
 
