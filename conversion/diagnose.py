@@ -29,6 +29,12 @@ def _walk(obj: Any, path: str = "") -> Iterator[Tuple[str, Any]]:
             yield from _walk(v, f"{path}[{i}]")
 
 
+def _type_name(v: Any) -> str:
+    """What a value is read as: a handle (a numpy array or a byte string left in the file) names
+    the type it stands for."""
+    return getattr(v, "stands_for", None) or type(v).__name__
+
+
 def _has_arrays(obj: Any) -> bool:
     return isinstance(obj, Mapping) and any(is_array(v) for v in obj.values())
 
@@ -46,7 +52,12 @@ def _mentions(path: str, needle: bytes, chunk: int = 1 << 20) -> bool:
             tail = block[-len(needle):]
 
 
-def _reader_problems(path: str, fmt: str, loaded: Any) -> List[str]:
+def _names_numpy_core(path: str, modules: Optional[frozenset]) -> bool:
+    """Pickled by numpy >= 2: the reader's record of the modules named, else a search of the bytes."""
+    return any(m.startswith("numpy._core") for m in modules) if modules is not None else _mentions(path, b"numpy._core")
+
+
+def _reader_problems(path: str, fmt: str, loaded: Any, modules: Optional[frozenset] = None) -> List[str]:
     name = os.path.basename(path)
     is_pkl = name.lower().endswith(".pkl")
     if is_pkl and fmt in ("torch-zip", "torch-legacy"):
@@ -63,7 +74,7 @@ def _reader_problems(path: str, fmt: str, loaded: Any) -> List[str]:
     if fmt == "safetensors":
         return ["a safetensors file: Detectron2's checkpointer cannot read it (it calls torch.load)."]
     problems = []
-    if is_pkl and fmt == "pickle" and _mentions(path, b"numpy._core"):
+    if is_pkl and fmt == "pickle" and _names_numpy_core(path, modules):
         problems.append(
             "pickled by numpy >= 2 (it names numpy._core): numpy < 1.26, as in older Detectron2 stacks, "
             "cannot read it ('No module named numpy._core')."
@@ -74,7 +85,7 @@ def _reader_problems(path: str, fmt: str, loaded: Any) -> List[str]:
             "('Unsupported type found in checkpoint! model: <class 'dict'>')."
         )
     if not is_pkl and isinstance(loaded, Mapping) and "model" not in loaded:
-        odd = next((f"{k}: {type(v).__name__}" for k, v in loaded.items() if not (is_array(v) and type(v).__name__ != "ndarray")), None)
+        odd = next((f"{k}: {_type_name(v)}" for k, v in loaded.items() if not (is_array(v) and _type_name(v) != "ndarray")), None)
         if odd:
             problems.append(
                 f"no top-level 'model': Detectron2 wraps the whole dict as the model and fails "
@@ -83,8 +94,8 @@ def _reader_problems(path: str, fmt: str, loaded: Any) -> List[str]:
     if not is_pkl:
         # Objects read past (placeholders: Namespace, loggers, configs) and arrays: torch's allowlist has neither.
         unsafe = sorted(
-            {v.cls.rsplit(".", 1)[-1] if type(v).__name__ == "Placeholder" else type(v).__name__
-             for _, v in _walk(loaded) if type(v).__name__ in ("Placeholder", "ndarray") or isinstance(v, argparse.Namespace)}
+            {v.cls.rsplit(".", 1)[-1] if type(v).__name__ == "Placeholder" else _type_name(v)
+             for _, v in _walk(loaded) if _type_name(v) in ("Placeholder", "ndarray") or isinstance(v, argparse.Namespace)}
         )
         if unsafe:
             problems.append(
@@ -106,12 +117,15 @@ def d2_problems(
     layout: Optional[str] = None,
     source_prefix: Optional[str] = None,
     classifier_names: Optional[List[str]] = None,
+    modules: Optional[frozenset] = None,
 ) -> List[str]:
     """Problems Detectron2's `DetectionCheckpointer` would hit loading `path` into a ConvNeXt backbone as it is.
 
     `classifier_names` are the source's names of the classifier tensors (`head.*`, pooled `norm.*`).
+    `modules` are the modules the file's globals name, where the reader recorded them (otherwise the
+    file's bytes are searched for `numpy._core`).
     """
-    problems = _reader_problems(path, fmt, loaded)
+    problems = _reader_problems(path, fmt, loaded, modules)
     if layout is not None and layout != "official":
         problems.append(
             f"names are in the {layout} layout: a Detectron2 ConvNeXt with official names loads none of them "

@@ -38,7 +38,7 @@ class InspectReport:
     # A detector's or segmenter's parts around its `backbone.` (neck., roi_head., ...) -> tensor count.
     detector_parts: Dict[str, int] = field(default_factory=dict)
     problems: List[str] = field(default_factory=list)  # what Detectron2 would hit loading the file as is
-    bytes_read: Optional[int] = None  # of the file, when only its metadata was read (torch archive, safetensors)
+    bytes_read: Optional[int] = None  # of the file: only its metadata is read, whatever the format
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -50,7 +50,8 @@ def inspect_checkpoint(path: str, *, layout: Optional[str] = None) -> InspectRep
     Raises:
         ConversionError: unreadable, no state dict, or not a ConvNeXt this tool knows.
     """
-    # Metadata only: a torch archive's index, a safetensors header; other formats are read whole.
+    # Metadata only, for every format: a torch archive's index, a safetensors header, the pickles of
+    # a legacy torch file or a plain pickle (tensors and arrays as handles, payloads left in the file).
     source = open_source(path, metadata_only=True)
     loaded, fmt, bytes_read = source.objects, source.format, source.bytes_read
     state_dict, container = select_state_dict(loaded)
@@ -82,6 +83,6 @@ def inspect_checkpoint(path: str, *, layout: Optional[str] = None) -> InspectRep
         reshaped={canonical.source_names[k]: fix for k, fix in canonical.reshaped.items()},
         left_out=dict(canonical.dropped),
         detector_parts=dict(canonical.left_out),
-        problems=d2_problems(path, fmt, loaded, canonical.layout, canonical.prefix, classifier_names(canonical)),
+        problems=d2_problems(path, fmt, loaded, canonical.layout, canonical.prefix, classifier_names(canonical), source.modules),
         bytes_read=bytes_read,
     )

@@ -14,34 +14,77 @@ import io
 import itertools
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
-from .errors import UnreadableCheckpoint, UnsafeCheckpoint
+from .errors import UnreadableCheckpoint
 from .formats import ZIP_MAGIC, check_source, is_torch_zip
-from .io.handles import ITEM_SIZE, STORAGE_DTYPES, Location, StorageRef, TensorRef
-from .io.safe_pickle import Placeholder, StorageType, safe_load
+from .io.handles import ITEM_SIZE, STORAGE_DTYPES, ArrayRef, FileBytes, Inflated, InMemory, Location, StorageRef, TensorRef, contiguous_stride
+from .io.legacy_torch import LEGACY_TORCH_MAGIC, read_inner_file, read_legacy
+from .io.safe_pickle import BUDGET_SLACK, Payload, Placeholder, SafeUnpickler
 
-# First record of a legacy (pre-1.6, non-zip) torch.save file: this pickled int.
-_LEGACY_TORCH_MAGIC = 0x1950A86A20F9469CFC6C
 _NUMPY_OF = {
     "float32": "<f4", "float16": "<f2", "float64": "<f8", "int64": "<i8", "int32": "<i4", "int16": "<i2",
     "int8": "|i1", "uint8": "|u1", "bool": "|b1", "bfloat16": "<i2", "complex64": "<c8", "complex128": "<c16",
 }
 _inner_keys = itertools.count()
+# Reading a pickle's metadata: a small read-ahead, so that stepping over a payload wastes little.
+_METADATA_BUFFER = 1024
+# What `_tensors` is given per storage key: raw bytes (a torch archive's records) or a location.
+StorageBytes = Union[bytes, bytearray, FileBytes, Inflated, InMemory]
 
 
-def _tensors(storages: Dict[str, Any]) -> Callable[[TensorRef], Any]:
-    """TensorRef -> torch tensor over the storage's bytes (one storage tensor per key, views shared).
+def read_location(fd: Optional[int], location: Location) -> bytearray:
+    """The bytes at `location` (the one place a storage's bytes are read): pread for `FileBytes`
+    of the file open as `fd`, a copy for `InMemory`.  `Inflated` (a deflated zip member) is read by
+    the torch archive reader: hook it in here when the writers pull such storages by location.
+
+    Raises:
+        UnreadableCheckpoint: the file ends inside the location.
+    """
+    if isinstance(location, InMemory):
+        return bytearray(location.data)
+    if isinstance(location, Inflated):
+        raise NotImplementedError("Inflated locations are read by the torch archive reader (io.torchzip), not here yet.")
+    if fd is None:
+        raise ValueError("a FileBytes location needs the source file open")
+    out = bytearray(location.nbytes)
+    view, done = memoryview(out), 0
+    while done < location.nbytes:
+        n = os.preadv(fd, [view[done:]], location.offset + done)
+        if n == 0:
+            raise UnreadableCheckpoint(
+                f"the file ends {location.nbytes - done} bytes into a {location.nbytes}-byte storage at offset {location.offset}.",
+                "The file is truncated (or changed while being read); re-download or re-save it.",
+            )
+        done += n
+    return out
+
+
+def _tensors(storages: Dict[str, StorageBytes], fd: Optional[int] = None) -> Callable[[Any], Any]:
+    """Handle -> value: a TensorRef becomes a torch tensor over its storage's bytes (one storage
+    tensor per key, views shared), an ArrayRef the numpy array it was, a Payload its bytes or string.
     torch is imported on the first tensor only: a file of numpy arrays is read without it."""
     flat: Dict[str, Any] = {}
 
-    def build(ref: TensorRef) -> Any:
+    def raw(key: str) -> Any:
+        data = storages.get(key)
+        return read_location(fd, data) if isinstance(data, (FileBytes, Inflated, InMemory)) else data
+
+    def build(ref: Any) -> Any:
         import numpy as np
+
+        if isinstance(ref, Payload):
+            data = read_location(fd, ref.location)
+            return data if ref.kind == "bytearray" else bytes(data) if ref.kind == "bytes" else data.decode("latin1")
+        if isinstance(ref, ArrayRef):  # its own storage: arrays never share bytes
+            array = np.frombuffer(raw(ref.storage.key), ref.array_dtype)
+            fortran = ref.ndim > 1 and ref.stride != contiguous_stride(ref.shape)
+            return array.reshape(ref.shape, order="F" if fortran else "C")
         import torch
 
         key = ref.storage.key
         if key not in flat:
-            data = storages.get(key)
+            data = raw(key)
             dtype = STORAGE_DTYPES[ref.storage.storage_type]
             want = ref.storage.numel * ITEM_SIZE[dtype]
             if data is None or len(data) != want:  # a view past the bytes would read other memory
@@ -57,10 +100,10 @@ def _tensors(storages: Dict[str, Any]) -> Callable[[TensorRef], Any]:
     return build
 
 
-def materialize(obj: Any, build: Callable[[TensorRef], Any], name: str = "") -> Any:
-    """The same objects with every TensorRef replaced by its tensor (depth is bounded by the reader);
-    a tensor that cannot be built is named by its key."""
-    if isinstance(obj, TensorRef):
+def materialize(obj: Any, build: Callable[[Any], Any], name: str = "") -> Any:
+    """The same objects with every handle (TensorRef, ArrayRef, Payload) replaced by what it stands
+    for (depth is bounded by the reader); a tensor that cannot be built is named by its key."""
+    if isinstance(obj, (TensorRef, Payload)):
         try:
             return build(obj)
         except UnreadableCheckpoint as err:
@@ -68,93 +111,76 @@ def materialize(obj: Any, build: Callable[[TensorRef], Any], name: str = "") -> 
     if isinstance(obj, dict):
         out: Dict[Any, Any] = collections.OrderedDict() if isinstance(obj, collections.OrderedDict) else {}
         for k, v in obj.items():
-            out[k] = materialize(v, build, str(k))
+            key = materialize(k, build, name) if isinstance(k, (Payload, tuple)) else k  # a long bytes key
+            out[key] = materialize(v, build, str(k))
         return out
     if isinstance(obj, list):
         return [materialize(v, build, f"{name}[{i}]") for i, v in enumerate(obj)]
     if isinstance(obj, tuple):
         return tuple(materialize(v, build, f"{name}[{i}]") for i, v in enumerate(obj))
+    if isinstance(obj, (set, frozenset)):
+        return type(obj)(materialize(v, build, name) for v in obj)
     return obj
 
 
-def _inner_archive(storages: Dict[str, Any]) -> Callable[[bytes], Any]:
+def _inner_archive(storages: Dict[str, Location]) -> Callable[[bytes], Any]:
     """torch.storage._load_from_bytes(b) inside a plain pickle: `b` is a torch file holding one
-    storage; read with the same rules (no further nesting), its bytes kept under a fresh key."""
+    storage; read with the same rules (no further nesting), its bytes kept in memory under a fresh key."""
 
     def load(data: bytes) -> Any:
-        inner, _ = _read_bytes(data, "<tensor inside pickle>", nested=True)
-        if not isinstance(inner, tuple) or len(inner) != 2 or not isinstance(inner[0], StorageRef):
+        ref, raw = read_inner_file(data, "<tensor inside pickle>")
+        if not isinstance(ref, StorageRef) or raw is None:
             raise UnreadableCheckpoint("a pickled tensor's inner archive holds no storage.", "Re-save the weights.")
-        ref, raw = inner
         key = f"inner-{next(_inner_keys)}"
-        storages[key] = raw
+        storages[key] = InMemory(bytes(raw))
         return StorageRef(key, ref.storage_type, ref.numel)
 
     return load
 
 
-def _storage_type(value: Any) -> str:
-    if not isinstance(value, StorageType):
-        raise UnreadableCheckpoint("a persistent id names no torch storage type.", "The file is corrupt or crafted; re-save it.")
-    return value.name
+class _CountingFile(io.FileIO):
+    """The source file, counting the bytes read from it (a handle reader's `bytes_read`)."""
+
+    bytes_read = 0
+
+    def readinto(self, buffer: Any) -> Any:
+        n = super().readinto(buffer)
+        self.bytes_read += n or 0
+        return n
 
 
-def _read_legacy(f: Any, path: str, size: int) -> Tuple[Any, Dict[str, Any]]:
-    """A pre-1.6 torch file: magic, protocol, sys_info, the objects, storage keys, then per storage
-    an 8-byte element count and its bytes.  Every declared size is checked against the file."""
-    declared: Dict[str, StorageRef] = {}
+@dataclass
+class _Pickled:
+    """A legacy torch file or a plain pickle read as handles."""
 
-    def persistent(pid: Any) -> Any:
-        if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage" and isinstance(pid[2], str) and isinstance(pid[4], int)):
-            raise UnsafeCheckpoint("refusing to load: a persistent id that is not a torch storage.", "Re-save the weights with torch.save.")
-        ref = declared.setdefault(pid[2], StorageRef(pid[2], _storage_type(pid[1]), pid[4]))
-        view = pid[5]
-        if view is None:
-            return ref
-        if not (isinstance(view, tuple) and len(view) == 3 and all(isinstance(v, int) for v in view[1:])):
-            raise UnreadableCheckpoint("a storage view that is malformed.", "The file is corrupt or crafted; re-save it.")
-        if view[1] < 0 or view[2] < 0 or view[1] + view[2] > ref.numel:
-            raise UnreadableCheckpoint("a storage view reaches past its storage.", "The file is corrupt or crafted; re-save it.")
-        return (ref, view[1], view[2])
-
-    def left() -> int:
-        return size - f.tell()
-
-    for _ in range(2):  # protocol version, sys_info
-        info, _ = safe_load(f, size=left())
-    if isinstance(info, dict) and info.get("little_endian") is False:
-        raise UnreadableCheckpoint(f"{path}: a big-endian legacy torch file.", "Re-save it on a little-endian machine.")
-    objects, _ = safe_load(f, size=left(), persistent_load=persistent)
-    keys, _ = safe_load(f, size=left())
-    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys) or set(keys) != set(declared):
-        raise UnreadableCheckpoint(f"{path}: corrupt legacy torch file (storage list).", "Re-download or re-save it.")
-    storages: Dict[str, Any] = {}
-    for key in keys:
-        ref = declared[key]
-        head = f.read(8)
-        count = int.from_bytes(head, "little") if len(head) == 8 else -1
-        nbytes = ref.numel * ITEM_SIZE[STORAGE_DTYPES[ref.storage_type]]
-        if count != ref.numel or nbytes > left():
-            raise UnreadableCheckpoint(f"{path}: storage {key} is truncated or its size disagrees with the index.", "Re-download or re-save it.")
-        storages[key] = bytearray(f.read(nbytes))
-    return objects, storages
+    format: str  # torch-legacy or pickle
+    objects: Any
+    storages: Dict[str, Location]
+    modules: frozenset  # modules the pickles' globals name
 
 
-def _read_bytes(data: bytes, name: str, nested: bool) -> Tuple[Any, str]:
-    """An inner torch file (a pickled tensor's storage): the storage reference and its bytes."""
-    f = io.BytesIO(data)
-    if data[:4] == ZIP_MAGIC:
-        from .stream import read_index
+def _read_pickled(f: Any, path: str, size: int) -> _Pickled:
+    """A legacy torch file or a plain pickle from `f` (the source file, at 0): objects whose tensors
+    and arrays are handles, large payloads left in the file, every bound of the unpickler kept."""
+    storages: Dict[str, Location] = {}
+    u = SafeUnpickler(f, size=size, budget=2 * size + BUDGET_SLACK, load_from_bytes=_inner_archive(storages), skip_payloads=True)
+    obj = u.load()
+    if isinstance(obj, int) and obj == LEGACY_TORCH_MAGIC:
+        modules: set = set()
+        objects, legacy = read_legacy(f, path, size, modules=modules)
+        return _Pickled("torch-legacy", objects, legacy, frozenset(modules))
+    storages.update(u.storages)
+    return _Pickled("pickle", obj, storages, frozenset(u.modules))
 
-        index = read_index(f, name)
-        raws = index.storage_bytes()
-        obj = index.objects
-        return ((obj, raws[obj.key]) if isinstance(obj, StorageRef) else obj), "torch-zip"
-    magic, _ = safe_load(f, size=len(data))
-    if magic != _LEGACY_TORCH_MAGIC:
-        raise UnsafeCheckpoint(f"{name}: a pickled tensor whose inner data is not a torch file.", "Re-save the weights with torch.save.")
-    obj, storages = _read_legacy(f, name, len(data))
-    return ((obj, storages[obj.key]) if isinstance(obj, StorageRef) else obj), "torch-legacy"
+
+def _open_pickled(path: str) -> Tuple[_Pickled, int]:
+    """`_read_pickled` of the file at `path`, and how many bytes of it were read."""
+    raw = _CountingFile(path, "rb")
+    with io.BufferedReader(raw, _METADATA_BUFFER) as f:  # closes `raw` too
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            raise UnreadableCheckpoint(f"{path}: file is empty (0 bytes).", "Re-download or re-save the checkpoint.")
+        return _read_pickled(f, path, size), raw.bytes_read
 
 
 def _looks_like_safetensors(f: Any) -> bool:
@@ -193,12 +219,8 @@ def _read(path: str, f: Any, size: int) -> Tuple[Any, str]:
         index = read_index(f, path)
         return materialize(index.objects, _tensors(index.storage_bytes())), "torch-zip"
     f.seek(0)
-    storages: Dict[str, Any] = {}
-    obj, _ = safe_load(f, size=size, load_from_bytes=_inner_archive(storages))
-    if isinstance(obj, int) and obj == _LEGACY_TORCH_MAGIC:
-        objects, storages = _read_legacy(f, path, size)
-        return materialize(objects, _tensors(storages)), "torch-legacy"
-    return materialize(obj, _tensors(storages)), "pickle"
+    pickled = _read_pickled(f, path, size)
+    return materialize(pickled.objects, _tensors(pickled.storages, f.fileno())), pickled.format
 
 
 def read_checkpoint(path: str) -> Tuple[Any, str]:
@@ -211,13 +233,21 @@ def read_checkpoint(path: str) -> Tuple[Any, str]:
         UnreadableCheckpoint: missing, a directory, empty, not a pickle/torch file, or out of bounds.
         UnsafeCheckpoint: the file names something whose only use is to run code.
     """
-    check_source(path)
-    try:
+    def read() -> Tuple[Any, str]:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size == 0:
                 raise UnreadableCheckpoint(f"{path}: file is empty (0 bytes).", "Re-download or re-save the checkpoint.")
             return _read(path, f, size)
+
+    check_source(path)
+    return _guarded(path, read)
+
+
+def _guarded(path: str, read: Callable[[], Any]) -> Any:
+    """`read()`, its failures as the project's errors naming `path` once (never a traceback)."""
+    try:
+        return read()
     except UnreadableCheckpoint as err:  # UnsafeCheckpoint included: name the file once
         if err.message.startswith(path):
             raise
@@ -260,12 +290,15 @@ class Source:
     # Storage key -> where its bytes are, for every storage the leaves' TensorRefs name (being
     # filled in format by format; empty where the leaves are tensors in memory).
     storages: Dict[str, Location] = field(default_factory=dict)
+    # Modules the file's pickles name in globals, where a handle reader read them (diagnose: numpy._core).
+    modules: Optional[frozenset] = None
 
 
 def open_source(path: str, *, metadata_only: bool = False) -> Source:
     """Open `path` reading as little as its format allows: a torch archive by its index (tensor
-    bytes stay in the file, as `TensorRef`s), with `metadata_only` a safetensors file by its
-    header; everything else is read whole, into tensors and arrays.
+    bytes stay in the file, as `TensorRef`s); with `metadata_only` also a safetensors file by its
+    header and a legacy torch file or a plain pickle as handles (`open_pickled`).  Without it,
+    those are read whole (`load_source`), which is what the pipeline's writers take today.
 
     Raises:
         UnreadableCheckpoint, UnsafeCheckpoint: as `read_checkpoint`.
@@ -282,7 +315,41 @@ def open_source(path: str, *, metadata_only: bool = False) -> Source:
         header = read_header(path)
         if header is not None:
             return Source(path, "safetensors", header.tensors, None, header.bytes_read)
+    # The switch: once the writers pull bytes from `Source.storages`, drop "metadata_only and".
+    if metadata_only and not _is_safetensors(path):
+        return open_pickled(path)
     return load_source(path)
+
+
+def _is_safetensors(path: str) -> bool:
+    with open(path, "rb", buffering=0) as f:
+        return _looks_like_safetensors(f)
+
+
+def open_pickled(path: str) -> Source:
+    """A legacy torch file or a plain pickle as handles: its objects with `TensorRef` (torch
+    tensors) and `ArrayRef` (numpy arrays) leaves, large byte strings as `Payload`s, and
+    `storages` saying where each storage's bytes are (`FileBytes` in the file, `InMemory` for small
+    arrays and inner archives).  Only the pickles are read, never a payload (`bytes_read` says how
+    much); every declared size is checked against the file.
+
+    Raises:
+        UnreadableCheckpoint, UnsafeCheckpoint: as `read_checkpoint`.
+    """
+    check_source(path)
+    pickled, bytes_read = _guarded(path, lambda: _open_pickled(path))
+    return Source(path, pickled.format, pickled.objects, None, bytes_read, pickled.storages, pickled.modules)
+
+
+def materialize_source(source: Source) -> Any:
+    """A handle source's objects with every handle replaced by its tensor, array or bytes, reading
+    each storage once from `source.storages` (what `load_source` gives for the same file).
+
+    Raises:
+        UnreadableCheckpoint: a storage no longer in the file (it changed since it was opened).
+    """
+    with open(source.path, "rb", buffering=0) as f:
+        return _guarded(source.path, lambda: materialize(source.objects, _tensors(dict(source.storages), f.fileno())))
 
 
 def load_source(path: str) -> Source:

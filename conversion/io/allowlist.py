@@ -4,7 +4,9 @@ Every entry is a rebuilder written here that checks its arguments and builds pla
 container, a numpy array of exactly its bytes, a tensor *reference* checked against its storage);
 nothing from the file is ever imported or called.  Classes outside the list become inert
 `Placeholder`s; names whose only use in a pickle is to run code are refused.  The unpickler that
-applies these rules, with its bounds, is `safe_pickle`.
+applies these rules, with its bounds, is `safe_pickle`; in its payload mode the array rebuilders
+give `ArrayRef` handles instead of arrays, after the same checks.  (Slightly over 400 lines: every
+rebuilder in one table, so that what a file may build is visible in one place.)
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import re
 from typing import TYPE_CHECKING, Any, Callable, Dict, Tuple
 
 from ..errors import UnreadableCheckpoint, UnsafeCheckpoint
-from .handles import ITEM_SIZE, STORAGE_DTYPES, StorageRef, TensorRef, extent
+from .handles import ITEM_SIZE, STORAGE_DTYPES, ArrayRef, FileBytes, InMemory, StorageRef, TensorRef, contiguous_stride, extent
 
 if TYPE_CHECKING:
     from .safe_pickle import SafeUnpickler
@@ -65,6 +67,31 @@ class StorageType:
     @property
     def dtype(self) -> str:
         return STORAGE_DTYPES[self.name]
+
+
+class Payload:
+    """A large byte string of the pickle left in the file (the unpickler's payload mode): where it
+    is, and what Python type it stands for ("bytes", "bytearray", or "str" for a Python 2 string)."""
+
+    __slots__ = ("location", "kind")
+
+    def __init__(self, location: FileBytes, kind: str) -> None:
+        self.location, self.kind = location, kind
+
+    @property
+    def nbytes(self) -> int:
+        return self.location.nbytes
+
+    @property
+    def stands_for(self) -> str:
+        return self.kind
+
+    def __repr__(self) -> str:
+        return f"<{self.kind} of {self.nbytes} bytes at offset {self.location.offset} (not read)>"
+
+
+def _nbytes(data: Any) -> int:
+    return data.nbytes if isinstance(data, Payload) else len(data)
 
 
 class _Rebuilder:
@@ -146,21 +173,49 @@ def _dtype(value: Any, what: str) -> Any:
 
 
 def _array_from(u: "SafeUnpickler", data: Any, dtype: Any, shape: Any, fortran: bool, what: str) -> Any:
-    """An array of exactly `data`'s bytes (a copy, writable), or a refusal naming what is wrong."""
+    """An array of exactly `data`'s bytes (a copy, writable), or a refusal naming what is wrong.
+    In payload mode an `ArrayRef` over the same bytes instead, after the same checks."""
     dt = _dtype(dtype, what)
     shape = _ints(shape, f"{what}'s shape")
-    if not isinstance(data, (bytes, bytearray)):
+    if isinstance(data, str):  # a Python 2 pickle's string (read as latin-1): its bytes, as numpy reads it
+        data = data.encode("latin1")
+    if not isinstance(data, (bytes, bytearray, Payload)):
         raise _corrupt(f"{what} ({dt.str}, shape {list(shape)}) has no data of its own (no buffer).")
-    count = _count(shape, len(data), what)
-    if len(data) != count * dt.itemsize:
-        raise _corrupt(f"{what} ({dt.str}, shape {list(shape)}) needs {count * dt.itemsize} bytes, its data has {len(data)}.")
-    u.spend(len(data))
+    nbytes = _nbytes(data)
+    count = _count(shape, nbytes, what)
+    if nbytes != count * dt.itemsize:
+        raise _corrupt(f"{what} ({dt.str}, shape {list(shape)}) needs {count * dt.itemsize} bytes, its data has {nbytes}.")
+    u.spend(nbytes)
+    if not dt.isnative:  # torch takes native byte order only: same values, swapped once here
+        u.spend(nbytes)
+    if u.skip_payloads:
+        return _array_ref(u, data, dt, shape, fortran)
     buffer = data if isinstance(data, bytearray) else bytearray(data)
     array = _np().frombuffer(buffer, dt).reshape(shape, order="F" if fortran else "C")
-    if not dt.isnative:  # torch takes native byte order only: same values, swapped once here
-        u.spend(len(data))
-        array = array.astype(dt.newbyteorder("="))
-    return array
+    return array if dt.isnative else array.astype(dt.newbyteorder("="))
+
+
+def _array_ref(u: "SafeUnpickler", data: Any, dt: Any, shape: Tuple[int, ...], fortran: bool) -> ArrayRef:
+    """A checked array as a handle: a large payload stays in the file (`FileBytes`); small data,
+    and data whose byte order must be swapped, is held in memory (native order)."""
+    if isinstance(data, Payload) and dt.isnative:
+        location: Any = data.location
+    else:
+        raw = u.payload_bytes(data) if isinstance(data, Payload) else bytes(data)
+        if not dt.isnative:
+            raw = _np().frombuffer(raw, dt).astype(dt.newbyteorder("=")).tobytes()
+        location = InMemory(raw)
+    native = dt.newbyteorder("=") if not dt.isnative else dt
+    name = native.name  # computed by numpy in Python: once
+    count = 1
+    for d in shape:
+        count *= d
+    storage = StorageRef(u.add_storage(location), _STORAGE_OF.get(name, name), count)
+    stride = tuple(reversed(contiguous_stride(tuple(reversed(shape))))) if fortran else contiguous_stride(shape)
+    return ArrayRef(storage, 0, shape, stride, array_dtype=native.str, array_name=name)
+
+
+_STORAGE_OF = {dtype: storage for storage, dtype in STORAGE_DTYPES.items() if dtype != "bfloat16"}
 
 
 def _ndarray(u: "SafeUnpickler", args: tuple) -> Any:
@@ -200,11 +255,11 @@ def _np_dtype(u: "SafeUnpickler", args: tuple) -> Any:
 
 def _scalar(u: "SafeUnpickler", args: tuple) -> Any:
     """numpy.core.multiarray.scalar(dtype, bytes): a numpy number (epochs, metrics)."""
-    if len(args) != 2 or not isinstance(args[1], (bytes, bytearray)):
+    if len(args) != 2 or not isinstance(args[1], (bytes, bytearray, Payload)):
         raise _corrupt("a numpy scalar without its bytes.")
     dt = _dtype(args[0], "a numpy scalar")
-    if len(args[1]) != dt.itemsize:
-        raise _corrupt(f"a numpy scalar ({dt.str}) has {len(args[1])} bytes.")
+    if _nbytes(args[1]) != dt.itemsize:  # a payload is never a scalar's few bytes
+        raise _corrupt(f"a numpy scalar ({dt.str}) has {_nbytes(args[1])} bytes.")
     return _np().frombuffer(bytes(args[1]), dt)[0]
 
 
@@ -224,15 +279,25 @@ def _bytearray(u: "SafeUnpickler", args: tuple) -> Any:
     if args == ():
         return bytearray()
     data = _latin1(args) if len(args) == 2 else args[0] if len(args) == 1 else None
-    if not isinstance(data, (bytes, bytearray)):
+    if not isinstance(data, (bytes, bytearray, Payload)):
         raise _corrupt(f"bytearray({type(args[0]).__name__ if args else ''}) would build bytes the file does not hold.")
-    u.spend(len(data))
-    return bytearray(data)
+    u.spend(_nbytes(data))
+    return Payload(data.location, "bytearray") if isinstance(data, Payload) else bytearray(data)
+
+
+def _empty_bytes(u: "SafeUnpickler", args: tuple) -> Any:
+    """bytes(): how protocol 2 spells b'' (an empty array's data); bytes(N) would build N bytes from nothing."""
+    if args != ():
+        raise _refuse("builtins.bytes")
+    return b""
 
 
 def _latin1(args: tuple) -> Any:
-    if len(args) == 2 and isinstance(args[0], str) and args[1] in ("latin1", "latin-1"):
-        return args[0].encode("latin1")
+    if len(args) == 2 and args[1] in ("latin1", "latin-1"):
+        if isinstance(args[0], str):
+            return args[0].encode("latin1")
+        if isinstance(args[0], Payload) and args[0].kind == "str":  # a Python 2 string left in the file
+            return Payload(args[0].location, "bytes")
     return None
 
 
@@ -241,7 +306,7 @@ def _encode(u: "SafeUnpickler", args: tuple) -> Any:
     data = _latin1(args)
     if data is None:
         raise _corrupt("_codecs.encode with a codec other than latin1 (a codec chain builds data out of proportion).")
-    u.spend(len(data))
+    u.spend(_nbytes(data))
     return data
 
 
@@ -300,9 +365,9 @@ def _rebuild_parameter(u: "SafeUnpickler", args: tuple) -> Any:
 
 
 def _load_from_bytes(u: "SafeUnpickler", args: tuple) -> Any:
-    if u.load_from_bytes is None or len(args) != 1 or not isinstance(args[0], bytes):
+    if u.load_from_bytes is None or len(args) != 1 or not (isinstance(args[0], bytes) or (isinstance(args[0], Payload) and args[0].kind == "bytes")):
         raise _refuse("torch.storage._load_from_bytes")
-    return u.load_from_bytes(args[0])
+    return u.load_from_bytes(u.payload_bytes(args[0]) if isinstance(args[0], Payload) else args[0])
 
 
 _NDARRAY = _Rebuilder("numpy.ndarray", _ndarray)
@@ -311,6 +376,7 @@ _ALLOWED: Dict[Tuple[str, str], _Rebuilder] = {
     ("numpy", "dtype"): _Rebuilder("numpy.dtype", _np_dtype),
     ("collections", "OrderedDict"): _Rebuilder("collections.OrderedDict", _ordered_dict),
     ("builtins", "bytearray"): _Rebuilder("builtins.bytearray", _bytearray),
+    ("builtins", "bytes"): _Rebuilder("builtins.bytes", _empty_bytes),
     ("builtins", "set"): _Rebuilder("builtins.set", _set(set)),
     ("builtins", "frozenset"): _Rebuilder("builtins.frozenset", _set(frozenset)),
     ("_codecs", "encode"): _Rebuilder("_codecs.encode", _encode),

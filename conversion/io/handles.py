@@ -105,6 +105,23 @@ class TensorRef:
 
 
 @dataclass(frozen=True)
+class ArrayRef(TensorRef):
+    """A numpy array of a pickle as a handle: the same view over a storage, plus the array's own
+    dtype (numpy's spelling, native byte order), so that reading it gives back that numpy array.
+    Its dtype may have no torch storage type (uint32, float128): the storage type is then numpy's
+    name, and the layouts refuse it as a weight as they refuse the array itself."""
+
+    array_dtype: str = "<f4"  # numpy's dtype string, e.g. "<f4", "|u1"
+    array_name: str = "float32"  # numpy's dtype name, e.g. "float32", "uint32"
+
+    @property
+    def dtype(self) -> str:
+        return self.array_name
+
+    stands_for = "ndarray"  # what it is read as (what Detectron2's and torch's readers see)
+
+
+@dataclass(frozen=True)
 class ReshapedRef:
     """A shape fix applied to a non-contiguous tensor: its elements are not one run of the record
     in the new order, so only a writer that builds tensors in memory can write it."""

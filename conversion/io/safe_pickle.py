@@ -20,37 +20,52 @@ pure-Python unpickler with the opcodes that build or call replaced, so that:
 - **no uninitialised memory**: every array takes exactly its bytes from the file, and every
   tensor reference must lie inside its storage.
 
+**Payload mode** (`skip_payloads`, what the handle readers use): byte strings longer than
+`PAYLOAD_THRESHOLD` (BINBYTES, BINBYTES8, BYTEARRAY8, BINSTRING) are stepped over, not read, and
+become `Payload`s (offset and size in the file); numpy arrays become `ArrayRef`s over storages
+listed in `storages`.  No frame is read ahead (frames are only a hint), so every payload is one
+run of the file.  Every length is still checked against the bytes left and every array still
+spends its bytes from the budget, so a payload never claims more than the file holds.
+
 The tensor side (which storages exist, what a persistent id means) belongs to the caller, given
 as `persistent_load` and, for pickled tensors, `load_from_bytes`.  What each global becomes is
-`allowlist`.  (Slightly over 400 lines: one handler per opcode that builds, changes, calls or
-reads a length, kept in one class so that every bound is visible in one place.)
+`allowlist`.  (About 480 lines: one handler per opcode that builds, changes, calls or reads a
+length, and payload mode's, kept in one class so that every bound is visible in one place.)
 """
 from __future__ import annotations
 
 import _compat_pickle
 import collections
+import os
 import pickle
 import struct
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..errors import UnreadableCheckpoint, UnsafeCheckpoint
-from .allowlist import _BUILDERS, Placeholder, StorageType, _corrupt, _dtype, _PendingArray, _PendingDtype, _Rebuilder, resolve
+from .allowlist import _BUILDERS, Payload, Placeholder, StorageType, _corrupt, _dtype, _PendingArray, _PendingDtype, _Rebuilder, resolve
+from .handles import FileBytes, Location
 
-__all__ = ["MAX_DEPTH", "MAX_OBJECTS", "BUDGET_SLACK", "Placeholder", "StorageType", "SafeUnpickler", "safe_load"]
+__all__ = ["MAX_DEPTH", "MAX_OBJECTS", "BUDGET_SLACK", "PAYLOAD_THRESHOLD", "Payload", "Placeholder", "StorageType", "SafeUnpickler", "safe_load"]
 
 MAX_DEPTH = 100  # a state dict is 2-4 levels deep; a training checkpoint rarely more than 10
 MAX_OBJECTS = 1_000_000  # containers and objects built by one pickle
 BUDGET_SLACK = 1 << 20  # bytes any file may build beyond its own size (small files, headers)
+# Payload mode: byte strings longer than this are left in the file (a `Payload`: offset and size).
+PAYLOAD_THRESHOLD = 4096
 
 # ---------------------------------------------------------------- the unpickler
 
 
-def _length_checked(fmt: str, size: int, make: Callable[[bytes], Any]) -> Callable[["SafeUnpickler"], None]:
-    """An opcode handler reading a length then that many bytes, checked against what is left."""
+def _length_checked(fmt: str, size: int, make: Callable[[bytes], Any], kind: Optional[str] = None) -> Callable[["SafeUnpickler"], None]:
+    """An opcode handler reading a length then that many bytes, checked against what is left.
+    With `kind` (byte strings), payload mode leaves a long one in the file as a `Payload`."""
 
     def load(self: "SafeUnpickler") -> None:
         (n,) = struct.unpack(fmt, self.read(size))
         self.check_left(n)
+        if kind is not None and self.skip_payloads and n > self.payload_threshold:
+            self.append(Payload(self.skip(n), kind))
+            return
         data = self.read(n)
         if len(data) != n:
             raise pickle.UnpicklingError("pickle data was truncated")
@@ -67,6 +82,9 @@ class SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcode
         budget: bytes the rebuilders may produce in all (the caller sets it from the file's size).
         persistent_load: what a persistent id means (torch archives); None refuses them.
         load_from_bytes: torch.storage._load_from_bytes (a pickled tensor's inner archive).
+        skip_payloads: payload mode: byte strings over `payload_threshold` bytes are not read but
+            become `Payload`s (where they are in `file`, which must be the source file itself), and
+            numpy arrays become `ArrayRef`s over `storages`; every check and bound is the same.
     """
 
     dispatch = dict(pickle._Unpickler.dispatch)
@@ -79,6 +97,8 @@ class SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcode
         budget: int,
         persistent_load: Optional[Callable[[Any], Any]] = None,
         load_from_bytes: Optional[Callable[[bytes], Any]] = None,
+        skip_payloads: bool = False,
+        payload_threshold: int = PAYLOAD_THRESHOLD,
     ) -> None:
         super().__init__(file, encoding="latin1")
         self._file, self._end = file, file.tell() + size
@@ -91,6 +111,9 @@ class SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcode
         self._pending_slots: Dict[int, List[Any]] = {}  # id of a pending object -> its memo keys
         self.placeholders: List[str] = []  # dotted class names read past, in order of appearance
         self._objects = 0
+        self.skip_payloads, self.payload_threshold = skip_payloads, payload_threshold
+        self.storages: Dict[str, Location] = {}  # payload mode: the arrays' storages, by key
+        self.modules: set = set()  # modules the pickle's globals name (e.g. numpy._core: pickled by numpy 2)
 
     # -- bounds
 
@@ -106,6 +129,28 @@ class SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcode
     def _frame_left(self) -> int:
         frame = getattr(self._unframer, "current_frame", None)
         return len(frame.getbuffer()) - frame.tell() if frame is not None else 0
+
+    # -- payload mode
+
+    def skip(self, n: int) -> FileBytes:
+        """Step over `n` bytes (already checked against what is left) without reading them; where they
+        are.  Payload mode reads no frame ahead, so every payload, in a frame or not, is a run of the file."""
+        start = self._file.tell()
+        self._file.seek(n, os.SEEK_CUR)
+        return FileBytes(start, n)
+
+    def payload_bytes(self, payload: Payload) -> bytes:
+        """A payload's bytes, read now (an inner archive, an array whose byte order is swapped)."""
+        loc = payload.location
+        data = os.pread(self._file.fileno(), loc.nbytes, loc.offset)
+        if len(data) != loc.nbytes:
+            raise _corrupt(f"the file ends inside a {loc.nbytes}-byte string at offset {loc.offset}.")
+        return data
+
+    def add_storage(self, location: Location) -> str:
+        key = f"array-{len(self.storages)}"
+        self.storages[key] = location
+        return key
 
     def _depth_of(self, items: Any, depth: int = 1) -> int:
         """Depth of a container about to hold `items` (checked before it exists: building a set or
@@ -148,6 +193,7 @@ class SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcode
     # -- globals and persistent ids
 
     def find_class(self, module: str, name: str) -> Any:
+        self.modules.add(module)
         if self.proto < 3:  # protocol 2 spells Python 2 names (__builtin__, copy_reg)
             if (module, name) in _compat_pickle.NAME_MAPPING:
                 module, name = _compat_pickle.NAME_MAPPING[(module, name)]
@@ -381,9 +427,9 @@ class SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcode
 
     # -- opcodes that read a declared number of bytes
 
-    dispatch[pickle.BINBYTES[0]] = _length_checked("<I", 4, bytes)
-    dispatch[pickle.BINBYTES8[0]] = _length_checked("<Q", 8, bytes)
-    dispatch[pickle.BYTEARRAY8[0]] = _length_checked("<Q", 8, bytearray)
+    dispatch[pickle.BINBYTES[0]] = _length_checked("<I", 4, bytes, "bytes")
+    dispatch[pickle.BINBYTES8[0]] = _length_checked("<Q", 8, bytes, "bytes")
+    dispatch[pickle.BYTEARRAY8[0]] = _length_checked("<Q", 8, bytearray, "bytearray")
     dispatch[pickle.BINUNICODE[0]] = _length_checked("<I", 4, lambda b: str(b, "utf-8", "surrogatepass"))
     dispatch[pickle.BINUNICODE8[0]] = _length_checked("<Q", 8, lambda b: str(b, "utf-8", "surrogatepass"))
     dispatch[pickle.LONG4[0]] = _length_checked("<i", 4, lambda b: int.from_bytes(b, "little", signed=True))
@@ -391,6 +437,9 @@ class SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcode
     def load_binstring(self) -> None:
         (n,) = struct.unpack("<i", self.read(4))
         self.check_left(n)
+        if self.skip_payloads and n > self.payload_threshold:  # a Python 2 string: its bytes as they are (latin-1)
+            self.append(Payload(self.skip(n), "str"))
+            return
         self.append(self._decode_string(self.read(n)))
 
     dispatch[pickle.BINSTRING[0]] = load_binstring
@@ -398,6 +447,11 @@ class SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcode
     def load_frame(self) -> None:
         (n,) = struct.unpack("<Q", self.read(8))
         self.check_left(n)
+        if self.skip_payloads:  # frames are only a read-ahead hint: not read ahead, their payloads stay in the file
+            if self._unframer.current_frame is not None and self._unframer.current_frame.read(1):
+                raise pickle.UnpicklingError("beginning of a new frame before end of current frame")
+            self._unframer.current_frame = None
+            return
         self._unframer.load_frame(n)
 
     dispatch[pickle.FRAME[0]] = load_frame
@@ -424,6 +478,7 @@ class SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcode
 
 def safe_load(file: Any, *, size: int, budget: Optional[int] = None, **hooks: Any) -> Tuple[Any, List[str]]:
     """Unpickle one pickle from `file` (its next `size` bytes); return (objects, placeholders read past).
+    (`SafeUnpickler` itself, for payload mode: its `storages` and `modules` come with the objects.)
 
     Raises:
         UnsafeCheckpoint: the pickle names something that can only run code.

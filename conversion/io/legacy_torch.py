@@ -1,0 +1,121 @@
+"""Legacy (pre-1.6, non-zip) torch files as handles: the pickles and the storage table are read,
+the storage bytes are not.
+
+`torch.save(obj, f, _use_new_zipfile_serialization=False)` writes five pickles and then the
+storages: the magic number, the protocol version, `sys_info` (byte order, type sizes), the objects
+(tensors as persistent ids naming a storage key, type and element count), the list of storage keys,
+and then per key, in that order, an 8-byte little-endian element count and the elements.  Each
+storage becomes a `FileBytes` (the run after its count), after its declared size is checked against
+the index and against the file; the objects' tensors are `TensorRef`s into those storages.
+"""
+from __future__ import annotations
+
+import io
+from typing import Any, Callable, Dict, Optional, Tuple
+
+from ..errors import UnreadableCheckpoint, UnsafeCheckpoint
+from ..formats import ZIP_MAGIC
+from .allowlist import StorageType
+from .handles import ITEM_SIZE, STORAGE_DTYPES, FileBytes, InMemory, Location, StorageRef
+from .safe_pickle import BUDGET_SLACK, SafeUnpickler, safe_load
+
+__all__ = ["LEGACY_TORCH_MAGIC", "read_legacy", "read_inner_file"]
+
+# First record of a legacy torch.save file: this pickled int.
+LEGACY_TORCH_MAGIC = 0x1950A86A20F9469CFC6C
+
+
+def _storage_type(value: Any) -> str:
+    if not isinstance(value, StorageType):
+        raise UnreadableCheckpoint("a persistent id names no torch storage type.", "The file is corrupt or crafted; re-save it.")
+    return value.name
+
+
+def _persistent_ids(declared: Dict[str, StorageRef]) -> Callable[[Any], Any]:
+    """What a legacy persistent id means: a storage (declared on first sight), or a view into one."""
+
+    def persistent(pid: Any) -> Any:
+        if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage" and isinstance(pid[2], str) and isinstance(pid[4], int)):
+            raise UnsafeCheckpoint("refusing to load: a persistent id that is not a torch storage.", "Re-save the weights with torch.save.")
+        ref = declared.setdefault(pid[2], StorageRef(pid[2], _storage_type(pid[1]), pid[4]))
+        view = pid[5]
+        if view is None:
+            return ref
+        if not (isinstance(view, tuple) and len(view) == 3 and all(isinstance(v, int) for v in view[1:])):
+            raise UnreadableCheckpoint("a storage view that is malformed.", "The file is corrupt or crafted; re-save it.")
+        if view[1] < 0 or view[2] < 0 or view[1] + view[2] > ref.numel:
+            raise UnreadableCheckpoint("a storage view reaches past its storage.", "The file is corrupt or crafted; re-save it.")
+        return (ref, view[1], view[2])
+
+    return persistent
+
+
+def read_legacy(f: Any, path: str, size: int, *, in_file: bool = True, modules: Optional[set] = None) -> Tuple[Any, Dict[str, Location]]:
+    """The rest of a legacy torch file after its magic number: (objects with `TensorRef` leaves,
+    storage key -> location).  `f` is positioned after the magic; `size` is the whole file's size.
+
+    With `in_file` (f is the source file itself) storages and large array payloads stay in the file
+    as `FileBytes`; otherwise (`f` is an inner archive in memory) they are `InMemory` copies.
+    `modules`, if given, gets the modules the objects' globals name.
+
+    Raises:
+        UnreadableCheckpoint: a big-endian file, a storage list that disagrees with the objects,
+            a storage truncated or whose size disagrees with its index.
+    """
+    declared: Dict[str, StorageRef] = {}
+
+    def left() -> int:
+        return size - f.tell()
+
+    for _ in range(2):  # protocol version, sys_info
+        info, _ = safe_load(f, size=left())
+    if isinstance(info, dict) and info.get("little_endian") is False:
+        raise UnreadableCheckpoint(f"{path}: a big-endian legacy torch file.", "Re-save it on a little-endian machine.")
+    u = SafeUnpickler(f, size=left(), budget=2 * left() + BUDGET_SLACK, persistent_load=_persistent_ids(declared), skip_payloads=in_file)
+    objects = u.load()
+    if modules is not None:
+        modules.update(u.modules)
+    storages: Dict[str, Location] = dict(u.storages)
+    keys, _ = safe_load(f, size=left())
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys) or set(keys) != set(declared):
+        raise UnreadableCheckpoint(f"{path}: corrupt legacy torch file (storage list).", "Re-download or re-save it.")
+    for key in keys:
+        ref = declared[key]
+        head = f.read(8)
+        count = int.from_bytes(head, "little") if len(head) == 8 else -1
+        nbytes = ref.numel * ITEM_SIZE[STORAGE_DTYPES[ref.storage_type]]
+        if count != ref.numel or nbytes > left():
+            raise UnreadableCheckpoint(f"{path}: storage {key} is truncated or its size disagrees with the index.", "Re-download or re-save it.")
+        start = f.tell()
+        if in_file:
+            storages[key] = FileBytes(start, nbytes)
+            f.seek(nbytes, io.SEEK_CUR)
+        else:
+            storages[key] = InMemory(f.read(nbytes))
+    return objects, storages
+
+
+def read_inner_file(data: bytes, name: str) -> Tuple[Any, Optional[bytes]]:
+    """A pickled tensor's inner archive (`torch.storage._load_from_bytes`), a torch file of one
+    storage read by the same rules (no further nesting): (its object, that storage's bytes when the
+    object is a storage).
+
+    Raises:
+        UnsafeCheckpoint: the inner data is not a torch file.
+        UnreadableCheckpoint: as `read_legacy` or the archive reader.
+    """
+    f = io.BytesIO(data)
+    if data[:4] == ZIP_MAGIC:
+        from ..stream import read_index
+
+        index = read_index(f, name)
+        obj = index.objects
+        return obj, (index.storage_bytes()[obj.key] if isinstance(obj, StorageRef) else None)
+    magic, _ = safe_load(f, size=len(data))
+    if magic != LEGACY_TORCH_MAGIC:
+        raise UnsafeCheckpoint(f"{name}: a pickled tensor whose inner data is not a torch file.", "Re-save the weights with torch.save.")
+    obj, storages = read_legacy(f, name, len(data), in_file=False)
+    if not isinstance(obj, StorageRef):
+        return obj, None
+    location = storages[obj.key]
+    return obj, location.data if isinstance(location, InMemory) else None
