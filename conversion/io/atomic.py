@@ -231,6 +231,8 @@ def _fill(f: BinaryIO, write: Callable[[BinaryIO], None], verify: Callable[[], N
         verify()
     finally:
         # No thread may touch the descriptor after it is closed (its number may be reused at once).
+        # Were this wait itself interrupted (Ctrl-C), a thread left behind would only read, or ask
+        # for writeback: neither changes any file.
         writeback.stop()
         writeback.join()
         if read_back is not None:
