@@ -235,3 +235,31 @@ def test_without_sync_file_range_the_output_is_the_same(tmp_path, monkeypatch, e
     monkeypatch.setattr(atomic, "_sync_file_range", lambda: None)
     convert(str(tmp_path / "src.pth"), str(tmp_path / f"without{ext}"))
     assert (tmp_path / f"with{ext}").read_bytes() == (tmp_path / f"without{ext}").read_bytes()
+
+
+@pytest.mark.parametrize("ext", [".pth", ".pkl"])
+def test_through_a_named_temporary_file_the_read_back_is_the_same(tmp_path, monkeypatch, ext):
+    """Where unnamed files are unavailable (a named hidden file instead), the records are still
+    read back while written: the same bytes come out, and a bad copy is still refused."""
+    from conversion import stream
+    from conversion.errors import VerificationFailed
+
+    torch.save({"model": random_state_dict(ARCH)}, tmp_path / "src.pth")
+    convert(str(tmp_path / "src.pth"), str(tmp_path / f"unnamed{ext}"))
+    monkeypatch.setattr(atomic, "anonymous_beside", lambda path, directory: None)
+    convert(str(tmp_path / "src.pth"), str(tmp_path / f"named{ext}"))
+    assert (tmp_path / f"unnamed{ext}").read_bytes() == (tmp_path / f"named{ext}").read_bytes()
+
+    real_copy = stream._copy_range
+
+    def bad_copy(src_fd, dst_fd, src_offset, count):  # the last byte of every record flipped
+        real_copy(src_fd, dst_fd, src_offset, count)
+        last = os.lseek(dst_fd, 0, os.SEEK_CUR) - 1
+        if count:
+            os.pwrite(dst_fd, bytes([os.pread(dst_fd, 1, last)[0] ^ 0xFF]), last)
+
+    monkeypatch.setattr(stream, "_copy_range", bad_copy)
+    with pytest.raises(VerificationFailed, match="does not read back as written"):
+        convert(str(tmp_path / "src.pth"), str(tmp_path / f"bad{ext}"))
+    assert sorted(os.listdir(tmp_path)) == sorted(["src.pth", f"unnamed{ext}", f"named{ext}"])
+    assert _read_back_threads() == []
