@@ -6,7 +6,7 @@ references without importing torch.
 from __future__ import annotations
 
 import sys
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from .errors import ContainerError, UnreadableCheckpoint
 
@@ -15,6 +15,18 @@ from .errors import ContainerError, UnreadableCheckpoint
 _WEIGHT_CONTAINERS = ("model", "state_dict", "module")
 _EMA_CONTAINERS = ("model_ema", "state_dict_ema")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel, torch.compile
+
+
+def walk(obj: Any, path: str = "") -> Iterator[Tuple[str, Any]]:
+    """Every object inside a loaded checkpoint with its dotted path (`model.stages.0`, `args[1]`),
+    the containers themselves included, outermost first."""
+    yield path, obj
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            yield from walk(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from walk(v, f"{path}[{i}]")
 
 
 def _is_state_dict(obj: Any) -> bool:

@@ -1,44 +1,97 @@
-"""Loading as Detectron2's train_net.py does, observed from outside: the harness `verify`, the demo
-and the tests share.
+"""Loading as Detectron2's train_net.py does, observed from outside: the one harness `verify`, the
+demo, `conversion.testing` and the suite share.
 
 train_net.py builds the model with `build_model(cfg)` and loads `MODEL.WEIGHTS` with
 `DetectionCheckpointer(model).resume_or_load(path, resume=False)`.  `load_observed` runs exactly
 that and records what happened (the state dict Detectron2 read, fvcore's incompatible keys, every
 log record, the exception if one was raised) without changing the load itself.  This is the one
-place in the package that wraps `DetectionCheckpointer._load_model`.
+place in the package that wraps `DetectionCheckpointer._load_model` and listens to the fvcore and
+detectron2 loggers; it behaves the same on Detectron2 0.7 (sal-detectron2) and v0.6, whose
+checkpointers share fvcore's `resume_or_load -> load -> _load_model` path.
+
+Detectron2 is imported inside the functions that need it (and `conversion.d2`, which registers the
+backbone, on first use), so importing this module needs torch only: the test API's asserts and
+types import in an environment without Detectron2.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional, Tuple
+import warnings
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
-from detectron2.config import CfgNode
-from detectron2.modeling import Backbone
 from torch import nn
 
-from .d2 import BACKBONE_NAME, add_convnext_config
+from .architecture import Architecture
+from .errors import plain_text
+from .target import BACKBONE_PREFIX
 
-# Every Detectron2 meta-architecture keeps its backbone here, so checkpoint names are `backbone.*`.
-BACKBONE_ATTRIBUTE = "backbone"
+if TYPE_CHECKING:
+    from detectron2.config import CfgNode
+
+# Where every Detectron2 meta-architecture keeps its backbone (so checkpoint names are `backbone.*`).
+BACKBONE_ATTRIBUTE = BACKBONE_PREFIX.rstrip(".")
+# The loggers DetectionCheckpointer and fvcore's Checkpointer report through.
+CHECKPOINTER_LOGGERS = ("fvcore", "detectron2")
+
+def import_modeling() -> None:
+    """Import Detectron2's modeling package (its registries).  Detectron2 0.7 scripts helpers at
+    import, which torch 2.x answers with a FutureWarning each, noise on a gate's console: silenced.
+
+    Raises:
+        ImportError: Detectron2 does not import here.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        import detectron2.modeling  # noqa: F401
+
+
+def registered_names() -> Set[str]:
+    """Names in the registries a config can name: `backbone:NAME`, `meta_arch:NAME`."""
+    import_modeling()
+    from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY
+
+    return {f"backbone:{name}" for name, _ in BACKBONE_REGISTRY} | {f"meta_arch:{name}" for name, _ in META_ARCH_REGISTRY}
+
+
+def _d2() -> Any:
+    """`conversion.d2`, imported on first use (importing it registers the backbone)."""
+    import_modeling()
+    from . import d2
+
+    return d2
 
 
 class BackboneHolder(nn.Module):
     """The smallest Detectron2-style model: the backbone at `.backbone`, so names are `backbone.*`
     as in every meta-architecture (GeneralizedRCNN, MaskFormer, MaskDINO, ...)."""
 
-    def __init__(self, backbone: Backbone) -> None:
+    def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
         self.backbone = backbone
 
 
-def config_for(config_file: Optional[str] = None, **convnext: object) -> CfgNode:
+def convnext_options(arch: Architecture) -> Dict[str, Any]:
+    """`MODEL.CONVNEXT` values that shape this project's backbone like `arch`'s weights."""
+    return {
+        "DEPTHS": list(arch.depths),
+        "DIMS": list(arch.dims),
+        "USE_GRN": arch.version == 2,
+        "LAYER_SCALE_INIT_VALUE": 1e-6 if arch.layer_scale else 0.0,
+        # Only timm's XXLarge (OpenCLIP) exists at that size, and it was trained with eps 1e-5.
+        "LN_EPS": 1e-5 if arch.variant == "convnext_xxlarge" else 1e-6,
+    }
+
+
+def config_for(config_file: Optional[str] = None, **convnext: object) -> "CfgNode":
     """A config for the backbone: the user's YAML (unknown keys allowed, as their project adds its
     own) or this project's backbone with `convnext` overrides (DEPTHS=..., DIMS=..., USE_GRN=...)."""
+    d2 = _d2()
     from detectron2.config import get_cfg
 
     cfg = get_cfg()
-    add_convnext_config(cfg)
+    d2.add_convnext_config(cfg)
     if config_file:
         cfg.set_new_allowed(True)  # DI-MaskDINO/MaskDINO YAMLs carry their own sections
         compat = logging.getLogger("detectron2.config.compat")
@@ -49,7 +102,7 @@ def config_for(config_file: Optional[str] = None, **convnext: object) -> CfgNode
         finally:
             compat.disabled = was
     else:
-        cfg.MODEL.BACKBONE.NAME = BACKBONE_NAME
+        cfg.MODEL.BACKBONE.NAME = d2.BACKBONE_NAME
         cfg.MODEL.BACKBONE.FREEZE_AT = 0
         for key, value in convnext.items():
             cfg.MODEL.CONVNEXT[key] = value
@@ -59,22 +112,32 @@ def config_for(config_file: Optional[str] = None, **convnext: object) -> CfgNode
 def names_a_backbone(config_file: str) -> bool:
     """Whether the YAML (with its `_BASE_` chain) sets `MODEL.BACKBONE.NAME`: without it Detectron2
     silently builds its default backbone (a ResNet), whatever the checkpoint holds."""
+    from detectron2.config import CfgNode
+
     raw = CfgNode.load_yaml_with_base(config_file, allow_unsafe=True)
     model = raw.get("MODEL") if isinstance(raw, dict) else None
     backbone = model.get("BACKBONE") if isinstance(model, dict) else None
     return isinstance(backbone, dict) and "NAME" in backbone
 
 
-def build_holder(cfg: CfgNode) -> BackboneHolder:
+def build_holder(cfg: "CfgNode") -> BackboneHolder:
     """Build the backbone `cfg.MODEL.BACKBONE.NAME` names, in eval mode, at `.backbone`."""
+    _d2()
     from detectron2.modeling import build_backbone
 
     return BackboneHolder(build_backbone(cfg)).eval()
 
 
-def build_whole_model(cfg: CfgNode) -> nn.Module:
+def backbone_for(arch: Architecture, **convnext: object) -> BackboneHolder:
+    """This project's backbone shaped like `arch` (more `MODEL.CONVNEXT` overrides in `convnext`,
+    e.g. OUT_FEATURES), at `.backbone`, in eval mode."""
+    return build_holder(config_for(None, **{**convnext_options(arch), **convnext}))
+
+
+def build_whole_model(cfg: "CfgNode") -> nn.Module:
     """`build_model(cfg)` as train_net.py calls it, but on the CPU (a CI runner has no GPU; where the
     weights go does not change which names load), in eval mode."""
+    _d2()
     from detectron2.modeling import build_model
 
     cfg = cfg.clone()
@@ -89,7 +152,8 @@ class LoadObservation:
     Attributes:
         checkpoint_shapes / checkpoint_dtypes: of the state dict Detectron2 read from the file.
         heuristics: whether the file (or a `?matching_heuristics=True` path) asked for them.
-        incompatible: fvcore's (missing_keys, unexpected_keys, incorrect_shapes).
+        incompatible: fvcore's (missing_keys, unexpected_keys, incorrect_shapes); None when no
+            model state was loaded (Detectron2 raised, or the path was empty).
         records: every record the fvcore/detectron2 loggers emitted.
         error: the exception Detectron2 raised, if any.
     """
@@ -102,6 +166,22 @@ class LoadObservation:
         self.records: List[logging.LogRecord] = []
         self.error: Optional[BaseException] = None
 
+    @property
+    def missing(self) -> List[str]:
+        return list(self.incompatible.missing_keys) if self.incompatible is not None else []
+
+    @property
+    def unexpected(self) -> List[str]:
+        return list(self.incompatible.unexpected_keys) if self.incompatible is not None else []
+
+    @property
+    def incorrect_shapes(self) -> List[Tuple[str, Tuple[int, ...], Tuple[int, ...]]]:
+        return list(self.incompatible.incorrect_shapes) if self.incompatible is not None else []
+
+    def warnings(self) -> List[str]:
+        """The messages logged at WARNING or above, without terminal colours."""
+        return [plain_text(r.getMessage()) for r in self.records if r.levelno >= logging.WARNING]
+
 
 class _Collect(logging.Handler):
     def __init__(self, into: List[logging.LogRecord]) -> None:
@@ -110,6 +190,27 @@ class _Collect(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.into.append(record)
+
+
+@contextmanager
+def capture_checkpointer_logs() -> Iterator[List[logging.LogRecord]]:
+    """Collect every record of the fvcore and detectron2 loggers, at every level, and keep them off
+    the console (the caller reports what happened); the loggers are restored afterwards."""
+    records: List[logging.LogRecord] = []
+    handler = _Collect(records)
+    loggers = [logging.getLogger(name) for name in CHECKPOINTER_LOGGERS]
+    saved = [(lg.level, lg.propagate) for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.setLevel(logging.DEBUG)
+        lg.propagate = False
+    try:
+        yield records
+    finally:
+        for lg, (level, propagate) in zip(loggers, saved):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
+            lg.propagate = propagate
 
 
 def load_observed(model: nn.Module, path: str) -> LoadObservation:
@@ -132,24 +233,13 @@ def load_observed(model: nn.Module, path: str) -> LoadObservation:
         seen.incompatible = real_load_model(checkpoint)
         return seen.incompatible
 
-    handler = _Collect(seen.records)
-    loggers = [logging.getLogger(n) for n in ("fvcore", "detectron2")]
-    levels = [lg.level for lg in loggers]
-    propagate = [lg.propagate for lg in loggers]
-    for lg in loggers:
-        lg.addHandler(handler)
-        lg.setLevel(logging.DEBUG)
-        lg.propagate = False  # the report says what happened; keep the console clean
     checkpointer._load_model = observe  # type: ignore[method-assign]
-    try:
-        checkpointer.resume_or_load(path, resume=False)
-    except Exception as err:  # Detectron2's own failures are findings, reported by the caller
-        seen.error = err
-    finally:
-        for lg, level, prop in zip(loggers, levels, propagate):
-            lg.removeHandler(handler)
-            lg.setLevel(level)
-            lg.propagate = prop
+    with capture_checkpointer_logs() as records:
+        try:
+            checkpointer.resume_or_load(path, resume=False)
+        except Exception as err:  # Detectron2's own failures are findings, reported by the caller
+            seen.error = err
+    seen.records = records
     return seen
 
 

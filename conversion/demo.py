@@ -24,7 +24,7 @@ from typing import Dict, List, Sequence
 import torch
 
 from .architecture import RELEASED_VARIANTS, Architecture
-from .cli import format_report
+from .summaries import format_report
 from .pipeline import convert
 from .synthetic import random_state_dict
 
@@ -37,9 +37,9 @@ MAX_RELATIVE_DIFFERENCE = 1e-4
 
 
 def _d2_model(arch: Architecture) -> torch.nn.Module:
-    from .d2_loading import build_holder, config_for
+    from .d2_loading import backbone_for
 
-    return build_holder(config_for(None, DEPTHS=list(arch.depths), DIMS=list(arch.dims)))
+    return backbone_for(arch)
 
 
 def _timm_model(arch: Architecture, official: Dict[str, torch.Tensor]) -> torch.nn.Module:

@@ -11,22 +11,10 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, List, Mapping, Optional
 
-from .containers import is_array
-
-
-D2_PREFIX = "backbone."
-
-
-def _walk(obj: Any, path: str = "") -> Iterator[Tuple[str, Any]]:
-    yield path, obj
-    if isinstance(obj, Mapping):
-        for k, v in obj.items():
-            yield from _walk(v, f"{path}.{k}" if path else str(k))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from _walk(v, f"{path}[{i}]")
+from .containers import is_array, walk
+from .target import BACKBONE_PREFIX
 
 
 def _type_name(v: Any) -> str:
@@ -95,7 +83,7 @@ def _reader_problems(path: str, fmt: str, loaded: Any, modules: Optional[frozens
         # Objects read past (placeholders: Namespace, loggers, configs) and arrays: torch's allowlist has neither.
         unsafe = sorted(
             {v.cls.rsplit(".", 1)[-1] if type(v).__name__ == "Placeholder" else _type_name(v)
-             for _, v in _walk(loaded) if _type_name(v) in ("Placeholder", "ndarray") or isinstance(v, argparse.Namespace)}
+             for _, v in walk(loaded) if _type_name(v) in ("Placeholder", "ndarray") or isinstance(v, argparse.Namespace)}
         )
         if unsafe:
             problems.append(
@@ -131,8 +119,8 @@ def d2_problems(
             f"names are in the {layout} layout: a Detectron2 ConvNeXt with official names loads none of them "
             "(every weight missing, training starts from random init)."
         )
-    elif source_prefix is not None and source_prefix != D2_PREFIX:
-        spelled = f"start with '{source_prefix}' instead of '{D2_PREFIX}'" if source_prefix else f"lack the '{D2_PREFIX}' prefix"
+    elif source_prefix is not None and source_prefix != BACKBONE_PREFIX:
+        spelled = f"start with '{source_prefix}' instead of '{BACKBONE_PREFIX}'" if source_prefix else f"lack the '{BACKBONE_PREFIX}' prefix"
         if _asks_for_heuristics(fmt, loaded):
             problems.append(
                 f"names {spelled}: Detectron2 matches them only through the file's matching_heuristics "

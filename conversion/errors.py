@@ -6,6 +6,13 @@ status 2 (unusable input or arguments); nothing here prints or exits.
 """
 from __future__ import annotations
 
+import re
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# torch's long loading errors put the cause (the refused global, a persistent id) on a later line.
+_CAUSE_MARKERS = ("WeightsUnpickler", "persistent id")
+EXCEPTION_LINE_LIMIT = 240
+
 
 class ConversionError(Exception):
     """Base class: a problem with the user's input, reported without a traceback.
@@ -28,6 +35,21 @@ class ConversionError(Exception):
     def as_printed(self, program: str = "convnext-d2") -> str:
         """The one or two lines the CLI prints on stderr (also the message of a failing gate test)."""
         return f"{program}: error: {self.message}" + (f"\n{program}: {self.hint}" if self.hint else "")
+
+
+def plain_text(message: str) -> str:
+    """`message` without terminal colours (fvcore colours key names)."""
+    return _ANSI.sub("", message)
+
+
+def describe_exception(err: BaseException) -> str:
+    """Someone else's exception (Detectron2's, torch's, a user module's) as one line of our message:
+    its type and the line that names the cause, capped at `EXCEPTION_LINE_LIMIT` characters."""
+    lines = [plain_text(line).strip() for line in str(err).splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    cause = next((line for line in lines if any(m in line for m in _CAUSE_MARKERS)), lines[0])
+    return f"{type(err).__name__}: {cause[:EXCEPTION_LINE_LIMIT]}"
 
 
 class UnreadableCheckpoint(ConversionError):
@@ -62,3 +84,7 @@ class NonFiniteWeights(ConversionError):
 
 class UnusableImport(ConversionError):
     """An `--import` module or file that cannot be used: missing, not Python, raising, registering nothing."""
+
+
+class UnusableVerifyInput(ConversionError):
+    """`verify`: a checkpoint path, a config or a backbone name that cannot be used."""

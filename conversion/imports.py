@@ -15,11 +15,10 @@ import importlib
 import importlib.util
 import os
 import sys
-import warnings
 from types import ModuleType
-from typing import Dict, Optional, Sequence, Set
+from typing import Dict, Optional, Sequence
 
-from .errors import UnusableImport
+from .errors import UnusableImport, describe_exception
 
 # A file already loaded (by resolved path) is not executed again: a second
 # `@BACKBONE_REGISTRY.register()` of the same class would make Detectron2's registry raise, and
@@ -35,24 +34,16 @@ def is_file_spec(spec: str) -> bool:
 
 
 def _import_detectron2() -> None:
-    """Import Detectron2's modeling first, as verify does: Detectron2 0.7 scripts helpers at import,
-    which torch 2.x answers with a FutureWarning per helper; the user's module then finds it imported."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        try:
-            import detectron2.modeling  # noqa: F401
-        except ImportError as err:
-            raise UnusableImport(
-                f"--import needs Detectron2, which does not import here ({_first_line(err)}).",
-                "Install Detectron2 in this environment (its registry is what --import fills).",
-            ) from None
+    """Import Detectron2's modeling first, as verify does: the user's module then finds it imported."""
+    from .d2_loading import import_modeling
 
-
-def _registered_names() -> Set[str]:
-    """Names in the registries a config can name (backbones, meta-architectures)."""
-    from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY
-
-    return {f"backbone:{name}" for name, _ in BACKBONE_REGISTRY} | {f"meta_arch:{name}" for name, _ in META_ARCH_REGISTRY}
+    try:
+        import_modeling()
+    except ImportError as err:
+        raise UnusableImport(
+            f"--import needs Detectron2, which does not import here ({describe_exception(err)}).",
+            "Install Detectron2 in this environment (its registry is what --import fills).",
+        ) from None
 
 
 def _missing_module(err: BaseException) -> Optional[str]:
@@ -69,11 +60,6 @@ def _missing_module(err: BaseException) -> Optional[str]:
         current = current.__cause__ or current.__context__
         seen += 1
     return None
-
-
-def _first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return f"{type(err).__name__}: {lines[0][:200]}" if lines else type(err).__name__
 
 
 def _module_name_for(path: str) -> str:
@@ -110,15 +96,15 @@ def load_file(path: str) -> ModuleType:
         missing = _missing_module(err)
         if missing is not None:
             raise UnusableImport(
-                f"--import {path}: it imports '{missing}', which is not installed here ({_first_line(err)}).",
+                f"--import {path}: it imports '{missing}', which is not installed here ({describe_exception(err)}).",
                 f"Install {missing}, or pass a file that does not need it.",
             ) from None
         if isinstance(err, ImportError) and "relative import" in str(err):
             raise UnusableImport(
-                f"--import {path}: it uses a relative import, which needs its package ({_first_line(err)}).",
+                f"--import {path}: it uses a relative import, which needs its package ({describe_exception(err)}).",
                 "Import the module by name instead (its package's __init__ then runs), or make its imports absolute.",
             ) from None
-        raise UnusableImport(f"--import {path}: running it raised {_first_line(err)}.", "Fix the file (or pass the right one).") from None
+        raise UnusableImport(f"--import {path}: running it raised {describe_exception(err)}.", "Fix the file (or pass the right one).") from None
     _LOADED_FILES[resolved] = module
     return module
 
@@ -140,7 +126,7 @@ def import_module_spec(name: str) -> ModuleType:
                 f"(a compiled extension that is not built?).",
                 _FILE_HINT,
             ) from None
-        raise UnusableImport(f"--import {name}: cannot import it: it raised {_first_line(err)}.", _FILE_HINT) from None
+        raise UnusableImport(f"--import {name}: cannot import it: it raised {describe_exception(err)}.", _FILE_HINT) from None
 
 
 def load_imports(specs: Sequence[str]) -> None:
@@ -153,8 +139,11 @@ def load_imports(specs: Sequence[str]) -> None:
     Raises:
         UnusableImport: a spec that cannot be used (exit 2), naming it and the cause.
     """
-    if specs:
-        _import_detectron2()
+    if not specs:
+        return
+    _import_detectron2()
+    from .d2_loading import registered_names  # torch and Detectron2 are imported by now
+
     for spec in specs:
         if not is_file_spec(spec):
             import_module_spec(spec)
@@ -162,9 +151,9 @@ def load_imports(specs: Sequence[str]) -> None:
         resolved = os.path.realpath(spec)
         if resolved in _LOADED_FILES:
             continue
-        before = _registered_names()
+        before = registered_names()
         load_file(spec)
-        if not _registered_names() - before:
+        if not registered_names() - before:
             _LOADED_FILES.pop(resolved, None)
             raise UnusableImport(
                 f"--import {spec}: the file registers no backbone (nothing new in Detectron2's BACKBONE_REGISTRY).",

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 from .errors import NotConvNeXt
 from .templates import (  # noqa: F401  (Template, _CODECS, the fixes: the tables' vocabulary, re-exported)
@@ -229,6 +229,56 @@ FORCED_FAMILIES: Dict[str, Tuple[str, ...]] = {
     "huggingface": ("huggingface", "dinov3-hf"),
     "dinov3": ("dinov3", "dinov3-hf"),
 }
+
+
+class LayoutOption(NamedTuple):
+    """`--from LAYOUT[-v1|-v2]` (the Python API's `layout=`), parsed: a layout name and the ConvNeXt
+    version it pins, if any."""
+
+    name: str
+    version: Optional[int] = None
+
+    @property
+    def text(self) -> str:
+        """As the user writes it: `official`, `official-v1`."""
+        return self.name if self.version is None else f"{self.name}-v{self.version}"
+
+
+def parse_layout_option(value: Union[None, str, LayoutOption]) -> Optional[LayoutOption]:
+    """The one parser of `--from` (the CLI calls it while parsing arguments; `convert(layout=...)`
+    accepts the same text): a name from `LAYOUTS`, optionally `-v1`/`-v2`.  An option already
+    parsed is returned as it is, so the CLI can hand the library what it parsed.
+
+    Raises:
+        NotConvNeXt: the name is no layout's (the message lists them).
+    """
+    if value is None or isinstance(value, LayoutOption):
+        return value
+    pinned = re.fullmatch(r"(.+)-v([12])", value)
+    if pinned and pinned.group(1) in LAYOUTS:
+        return LayoutOption(pinned.group(1), int(pinned.group(2)))
+    if value not in LAYOUTS:
+        raise NotConvNeXt(
+            f"unknown layout '{value}'.", f"Known layouts: {', '.join(LAYOUTS)} (add -v1 or -v2 to pin the version)."
+        )
+    return LayoutOption(value)
+
+
+def check_pinned_version(option: Optional[LayoutOption], canonical: "Canonical", version: int) -> None:
+    """Refuse weights of another ConvNeXt version than `--from NAME-vN` pins (`version` is what the
+    shapes say; GRN tensors are what makes a V2).
+
+    Raises:
+        NotConvNeXt: naming the evidence and the option that would fit.
+    """
+    if option is None or option.version is None or option.version == version:
+        return
+    evidence = next((canonical.source_names[k] for k in canonical.state_dict if ".grn." in k), "no GRN tensors")
+    raise NotConvNeXt(
+        f"--from {option.text}: the weights are ConvNeXt V{version} (evidence: {evidence}), not V{option.version}.",
+        f"Use --from {option.name}-v{version}, or drop --from.",
+    )
+
 
 # ---------------------------------------------------------------- recognition and mapping
 

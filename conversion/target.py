@@ -13,7 +13,10 @@ from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 from .architecture import CLASSIFIER_KEYS, NUM_STAGES, Architecture
 
-DEFAULT_PREFIX = "backbone."
+# Every Detectron2 meta-architecture (GeneralizedRCNN, MaskFormer, MaskDINO, ...) keeps its backbone
+# at `.backbone`, so its state dict names the backbone's tensors `backbone.*`: the default prefix.
+BACKBONE_PREFIX = "backbone."
+DEFAULT_PREFIX = BACKBONE_PREFIX
 ALL_OUTPUTS = tuple(f"res{i + 2}" for i in range(NUM_STAGES))
 
 

@@ -20,22 +20,22 @@ from __future__ import annotations
 import copy
 import os
 import re
-import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .architecture import infer_architecture
+from . import d2_loading as d2l
+from .architecture import Architecture, infer_architecture
 from .containers import select_state_dict
-from .errors import ConversionError
+from .errors import UnusableVerifyInput, describe_exception
 from .heuristics import heuristic_assignment
 from .imports import load_imports
-from .layouts import to_canonical
+from .layouts import Canonical, to_canonical
 from .read import read_checkpoint
-from .target import to_target
+from .summaries import summarise_names
+from .target import BACKBONE_PREFIX, to_target
 
-BACKBONE_PREFIX = "backbone."
 FRESH_OUTPUT_NORM = re.compile(r"^backbone\.norm\d+\.(weight|bias)$")
 # Features are compared in fp32 on CPU; both sides run the same modules, so any difference
 # beyond round-off means different weights.  1e-4 of the output's scale leaves wide margin.
@@ -94,45 +94,30 @@ class VerifyReport:
         return out
 
 
-class UnusableVerifyInput(ConversionError):
-    """A module to import, a config or a backbone name that cannot be used (exit 2)."""
-
-
-def _short_error(err: BaseException) -> str:
-    """One line: torch's long messages put the cause on a later line (the refused global)."""
-    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(err).splitlines() if line.strip()] or [""]
-    cause = next((line for line in lines if "WeightsUnpickler" in line or "persistent id" in line), lines[0])
-    return f"{type(err).__name__}: {cause[:240]}"
-
-
-def _architecture_of(path: str) -> Dict[str, Any]:
-    """MODEL.CONVNEXT overrides that make this project's backbone fit the checkpoint's weights."""
+def _canonical_of(path: str) -> Canonical:
+    """A checkpoint's weights in canonical names, read as `convert` reads them."""
     loaded, _ = read_checkpoint(path)
-    canonical = to_canonical(select_state_dict(loaded)[0])
-    arch = infer_architecture({k: tuple(v.shape) for k, v in canonical.state_dict.items()})
-    return {
-        "DEPTHS": list(arch.depths),
-        "DIMS": list(arch.dims),
-        "USE_GRN": arch.version == 2,
-        "LAYER_SCALE_INIT_VALUE": 1e-6 if arch.layer_scale else 0.0,
-        # Only timm's XXLarge (OpenCLIP) exists at that size, and it was trained with eps 1e-5.
-        "LN_EPS": 1e-5 if arch.variant == "convnext_xxlarge" else 1e-6,
-    }
+    return to_canonical(select_state_dict(loaded)[0])
+
+
+def _architecture_of(path: str) -> Architecture:
+    """The architecture of the checkpoint's weights (this project's backbone is shaped to fit it)."""
+    return infer_architecture({k: tuple(v.shape) for k, v in _canonical_of(path).state_dict.items()})
 
 
 # ---------------------------------------------------------------- config and model
 
 
-def _config(d2l: Any, config: Optional[str], checkpoint: str) -> Any:
+def _config(config: Optional[str], checkpoint: str) -> Any:
     if not config:
-        return d2l.config_for(None, **_architecture_of(checkpoint.split("?", 1)[0]))
+        return d2l.config_for(None, **d2l.convnext_options(_architecture_of(checkpoint.split("?", 1)[0])))
     if not os.path.isfile(config):
         raise UnusableVerifyInput(f"--config {config}: no such file.", "Pass the training config (a Detectron2 YAML).")
     try:
         return d2l.config_for(config)
     except Exception as err:  # YAML syntax, not a mapping, a key of the wrong type: all unusable
         raise UnusableVerifyInput(
-            f"--config {config}: not a usable Detectron2 YAML config ({_short_error(err)}).",
+            f"--config {config}: not a usable Detectron2 YAML config ({describe_exception(err)}).",
             "Pass the YAML file train_net.py is given with --config-file.",
         ) from None
 
@@ -152,17 +137,17 @@ def _no_backbone_report(report: VerifyReport, cfg: Any) -> VerifyReport:
     return report
 
 
-def _backbone_only(d2l: Any, cfg: Any) -> Any:
+def _backbone_only(cfg: Any) -> Any:
     try:
         return d2l.build_holder(cfg)
     except Exception as err:  # the user's backbone code: nothing can be verified without it
         raise UnusableVerifyInput(
-            f"backbone '{cfg.MODEL.BACKBONE.NAME}' cannot be built from this config ({_short_error(err)}).",
+            f"backbone '{cfg.MODEL.BACKBONE.NAME}' cannot be built from this config ({describe_exception(err)}).",
             "Check MODEL.CONVNEXT (or your backbone's section) in the config.",
         ) from None
 
 
-def _model(d2l: Any, cfg: Any, config: Optional[str]) -> Tuple[Any, Optional[str]]:
+def _model(cfg: Any, config: Optional[str]) -> Tuple[Any, Optional[str]]:
     """(model, None) for the whole model train_net.py builds, else (backbone holder, why not)."""
     from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY
 
@@ -172,7 +157,7 @@ def _model(d2l: Any, cfg: Any, config: Optional[str]) -> Tuple[Any, Optional[str
             "Pass --import MODULE for the module that registers it (e.g. your project's backbone module).",
         )
     if not config:
-        return _backbone_only(d2l, cfg), NO_CONFIG
+        return _backbone_only(cfg), NO_CONFIG
     meta = cfg.MODEL.META_ARCHITECTURE
     if meta not in META_ARCH_REGISTRY:
         why = f"MODEL.META_ARCHITECTURE '{meta}' is not registered (--import the module that registers it)"
@@ -180,20 +165,15 @@ def _model(d2l: Any, cfg: Any, config: Optional[str]) -> Tuple[Any, Optional[str
         try:
             model = d2l.build_whole_model(cfg)
         except Exception as err:  # a missing dataset, a compiled op, the user's bug: fall back, say why
-            why = f"building {meta} failed ({_short_error(err)})"
+            why = f"building {meta} failed ({describe_exception(err)})"
         else:
             if isinstance(getattr(model, d2l.BACKBONE_ATTRIBUTE, None), torch.nn.Module):
                 return model, None
             why = f"{meta} has no .{d2l.BACKBONE_ATTRIBUTE} module"
-    return _backbone_only(d2l, cfg), why
+    return _backbone_only(cfg), why
 
 
 # ---------------------------------------------------------------- what the load did
-
-
-def _names(keys: Sequence[str], limit: int = LISTED) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
 def _in_backbone(key: str) -> bool:
@@ -248,22 +228,22 @@ def _problems(report: VerifyReport, heuristics_matched_nothing: bool) -> List[st
     """Most telling first: what Detectron2 refuses, what it changes silently, what cannot fit, what stays random."""
     out = []
     for key, models in report.ambiguous.items():
-        out.append(f"matching_heuristics: checkpoint key '{key}' matches {len(models)} model keys ({_names(models, 3)}); "
-                   "Detectron2 raises on it")
+        out.append(f"matching_heuristics: checkpoint key '{key}' matches {len(models)} model keys "
+                   f"({summarise_names(models, 3)}); Detectron2 raises on it")
     if report.error is not None:
         out.append(f"Detectron2 cannot load it: {report.error}")
     if report.outside_backbone and not report.ambiguous and report.error is None:
         pairs = [f"'{c}' into {m}" for m, c in sorted(report.outside_backbone.items())]
         out.append(f"matching_heuristics loads {len(pairs)} checkpoint tensors into modules outside the backbone, "
-                   f"silently replacing their initialisation: {_names(pairs, 3)}")
+                   f"silently replacing their initialisation: {summarise_names(pairs, 3)}")
     if report.shape_skipped:
         out.append(f"{len(report.shape_skipped)} tensors skipped for a shape mismatch (wrong variant?): "
-                   f"{_names(report.shape_skipped, 4)}")
+                   f"{summarise_names(report.shape_skipped, 4)}")
     if report.missing:
         out.append(f"{len(report.missing)} backbone weights missing (they would train from random init): "
-                   f"{_names(report.missing, 4)}")
+                   f"{summarise_names(report.missing, 4)}")
     if report.non_finite:
-        out.append(f"{len(report.non_finite)} loaded weights hold NaN or Inf: {_names(report.non_finite, 4)}")
+        out.append(f"{len(report.non_finite)} loaded weights hold NaN or Inf: {summarise_names(report.non_finite, 4)}")
     if heuristics_matched_nothing:
         out.append("matching_heuristics matched nothing")
     return out
@@ -273,14 +253,14 @@ def _warnings(report: VerifyReport) -> List[str]:
     """What training ignores: said, and fatal only under --strict."""
     out = []
     if report.unexpected:
-        out.append(f"{len(report.unexpected)} checkpoint tensors unused by the model: {_names(report.unexpected)} "
-                   "(training ignores them; convnext-d2 repair CKPT FIXED.pth writes the file without them)")
+        out.append(f"{len(report.unexpected)} checkpoint tensors unused by the model: "
+                   f"{summarise_names(report.unexpected, LISTED)} (training ignores them; convnext-d2 repair CKPT FIXED.pth writes the file without them)")
     by_ckpt: Dict[str, List[str]] = {}
     for m, c in sorted(report.heuristic_shape_misses.items()):
         by_ckpt.setdefault(c, []).append(m)
     for c, models in by_ckpt.items():
         out.append(f"matching_heuristics: checkpoint key '{c}' suffix-matches {len(models)} model key(s) of another shape "
-                   f"outside the backbone ({_names(models, 3)}); Detectron2 skips each with a log warning")
+                   f"outside the backbone ({summarise_names(models, 3)}); Detectron2 skips each with a log warning")
     if report.heuristics and not report.whole_model:
         out.append(f"whole model not built: {report.whole_model_reason}; checkpoint keys that could match outside "
                    "the backbone were not checked (the file uses matching_heuristics)")
@@ -288,9 +268,7 @@ def _warnings(report: VerifyReport) -> List[str]:
 
 
 def _compare_with_source(backbone: torch.nn.Module, source: str, report: VerifyReport) -> None:
-    loaded, _ = read_checkpoint(source)
-    canonical = to_canonical(select_state_dict(loaded)[0])
-    target = to_target(canonical.state_dict, prefix="").state_dict
+    target = to_target(_canonical_of(source).state_dict, prefix="").state_dict
     reference = copy.deepcopy(backbone)
     result = reference.load_state_dict(target, strict=False)
     stray = [k for k in result.missing_keys if not FRESH_OUTPUT_NORM.match(BACKBONE_PREFIX + k)]
@@ -337,16 +315,13 @@ def verify(
     if not os.path.isfile(checkpoint.split("?", 1)[0]):
         raise UnusableVerifyInput(f"{checkpoint}: no such file.", "Check the path.")
     load_imports(imports)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # detectron2 0.7 scripts helpers at import
-        from . import d2_loading as d2l
-    cfg = _config(d2l, config, checkpoint)
+    cfg = _config(config, checkpoint)
     report = VerifyReport(
         checkpoint=os.path.abspath(checkpoint), config=config, backbone=cfg.MODEL.BACKBONE.NAME, strict=strict
     )
     if config and not d2l.names_a_backbone(config):
         return _no_backbone_report(report, cfg)
-    model, report.whole_model_reason = _model(d2l, cfg, config)
+    model, report.whole_model_reason = _model(cfg, config)
     report.whole_model = report.whole_model_reason is None
     report.meta_architecture = cfg.MODEL.META_ARCHITECTURE if report.whole_model else None
     state = model.state_dict()
@@ -357,16 +332,12 @@ def verify(
     if seen.heuristics and seen.checkpoint_shapes:
         _heuristic_findings(report, model_shapes, seen.checkpoint_shapes)
     if seen.error is not None:
-        report.error = _short_error(seen.error)
+        report.error = describe_exception(seen.error)
     if seen.incompatible is not None:
         loaded = _classify_load(report, seen.incompatible, model_shapes, list(seen.checkpoint_shapes))
         _dtype_changes(report, loaded, model_dtypes, seen.checkpoint_dtypes)
         report.non_finite = d2l.non_finite(model, loaded)
-    report.log_warnings = [
-        r.getMessage().splitlines()[0]
-        for r in seen.records
-        if r.levelno >= 30 and "not found in the checkpoint" not in r.getMessage()
-    ]
+    report.log_warnings = [w.splitlines()[0] for w in seen.warnings() if "not found in the checkpoint" not in w]
     report.problems = _problems(report, seen.heuristics and report.error is None and report.loaded == 0)
     report.warnings = _warnings(report)
     if source is not None and report.error is None and not report.problems:

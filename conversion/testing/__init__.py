@@ -7,7 +7,8 @@
 - `conversion.testing.strategies`: hypothesis strategies (needs hypothesis: `pip install convnext-d2[testing]`).
 - `conversion.testing.plugin`: the pytest plugin (installed as the `pytest11` entry point); inert
   unless given `--convnext-d2-checkpoint`.
-- `conversion.testing.loading`: load a file through the real `DetectionCheckpointer` and observe it.
+- `conversion.testing.loading`: load a file through the real `DetectionCheckpointer` (the harness
+  `verify` uses, `conversion.d2_loading`) and assert on what it did.
 
 Importing this package imports torch only (never detectron2 or hypothesis).
 """

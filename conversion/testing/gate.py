@@ -37,17 +37,16 @@ def assert_loads_clean(
         >>> assert_loads_clean("weights/convnext_tiny_d2.pth", config="configs/tiny.yaml",
         ...                    imports=["mypkg/modeling/backbone/convnext.py"])  # doctest: +SKIP
     """
-    from ..cli import format_verification
+    from ..summaries import format_verification
     from ..verify import verify
 
-    options = {"strict": True} if strict else {}  # verify has `strict` since the warnings verdicts
     try:
         report = verify(
             os.fspath(checkpoint),
             config=None if config is None else os.fspath(config),
             imports=tuple(os.fspath(i) for i in imports),
             source=None if source is None else os.fspath(source),
-            **options,
+            strict=strict,
         )
     except ConversionError as err:
         raise AssertionError(err.as_printed()) from None  # reads like `convnext-d2 verify`

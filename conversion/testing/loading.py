@@ -1,21 +1,19 @@
 """Loading a file through the real Detectron2 `DetectionCheckpointer`, observed, and the asserts on it.
 
-Nothing here is mocked: `load_with_detectron2` runs the real `DetectionCheckpointer.load` and only
-*observes* it (the incompatible-keys result and the records its loggers emit).  Detectron2 is
-imported inside the functions that need it, so importing this module needs torch only.
+Nothing here is mocked, and nothing here wraps Detectron2: loading, building and listening to its
+loggers are `conversion.d2_loading`'s (the harness `verify` uses too); this module adds what a test
+asserts on the result.  Importing it needs torch only (Detectron2 is imported when a load runs).
 """
 from __future__ import annotations
 
 import inspect
-import logging
 import re
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, List, Mapping, Optional, Sequence
 
 import torch
 
 from ..architecture import Architecture
+from ..d2_loading import LoadObservation, backbone_for, capture_checkpointer_logs, load_observed  # noqa: F401
 
 TORCH_HAS_WEIGHTS_ONLY = "weights_only" in inspect.signature(torch.load).parameters
 
@@ -28,73 +26,20 @@ def torch_load_weights_only(path: Any) -> Any:
     return torch.load(path, map_location="cpu")
 
 
-
-
-@dataclass
-class LoadResult:
-    """What the real DetectionCheckpointer did with a file."""
-
-    missing: List[str]
-    unexpected: List[str]
-    incorrect_shapes: List[Tuple[str, Tuple[int, ...], Tuple[int, ...]]]
-    records: List[logging.LogRecord] = field(default_factory=list)
-
-    def warnings(self) -> List[str]:
-        return [_plain(r.getMessage()) for r in self.records if r.levelno >= logging.WARNING]
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# What the real DetectionCheckpointer did with a file: the harness's observation (one type for
+# `verify` and the tests): `.missing`, `.unexpected`, `.incorrect_shapes`, `.records`, `.warnings()`.
+LoadResult = LoadObservation
 _MISSING_HEADER = "Some model parameters or buffers are not found in the checkpoint:"
 
 
-def _plain(message: str) -> str:
-    return _ANSI.sub("", message)
-
-
-class _Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(level=logging.DEBUG)
-        self.records: List[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
-@contextmanager
-def capture_checkpointer_logs() -> Iterator[List[logging.LogRecord]]:
-    """Collect every record of the fvcore and detectron2 loggers (whatever propagation says)."""
-    handler = _Collect()
-    loggers = [logging.getLogger(name) for name in ("fvcore", "detectron2")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.addHandler(handler)
-        lg.setLevel(logging.DEBUG)
-    try:
-        yield handler.records
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.removeHandler(handler)
-            lg.setLevel(level)
-
-
 def load_with_detectron2(model: torch.nn.Module, path: str) -> LoadResult:
-    """Load `path` into `model` with the real `DetectionCheckpointer.load`, observing what it did."""
-    from detectron2.checkpoint import DetectionCheckpointer
-
-    checkpointer = DetectionCheckpointer(model)
-    seen: Dict[str, Any] = {}
-    real_load_model = checkpointer._load_model
-
-    def observe(checkpoint: Any) -> Any:
-        seen["incompatible"] = real_load_model(checkpoint)
-        return seen["incompatible"]
-
-    checkpointer._load_model = observe  # type: ignore[method-assign]
-    with capture_checkpointer_logs() as records:
-        checkpointer.load(path)
-    assert "incompatible" in seen, f"DetectionCheckpointer.load({path}) did not load a model state at all"
-    inc = seen["incompatible"]
-    return LoadResult(list(inc.missing_keys), list(inc.unexpected_keys), list(inc.incorrect_shapes), list(records))
+    """Load `path` into `model` as train_net.py does (`conversion.d2_loading.load_observed`); unlike
+    `verify`, a test wants Detectron2's own exception raised, and a load that loaded nothing failed."""
+    seen = load_observed(model, path)
+    if seen.error is not None:
+        raise seen.error
+    assert seen.incompatible is not None, f"DetectionCheckpointer.load({path}) did not load a model state at all"
+    return seen
 
 
 def _expand_grouped(lines: Sequence[str]) -> List[str]:
@@ -150,21 +95,8 @@ def assert_loaded_equal(model: torch.nn.Module, expected: Mapping[str, torch.Ten
 
 
 def build_d2_model(arch: Architecture, out_features: Optional[Sequence[str]] = None) -> torch.nn.Module:
-    """A Detectron2-style model holding the real backbone at `.backbone`, built from config."""
-    from detectron2.config import get_cfg
-    from detectron2.modeling import build_backbone
-
-    from conversion.d2 import BACKBONE_NAME, add_convnext_config
-
-    cfg = get_cfg()
-    add_convnext_config(cfg)
-    cfg.MODEL.BACKBONE.NAME = BACKBONE_NAME
-    cfg.MODEL.CONVNEXT.DEPTHS = list(arch.depths)
-    cfg.MODEL.CONVNEXT.DIMS = list(arch.dims)
-    cfg.MODEL.CONVNEXT.LAYER_SCALE_INIT_VALUE = 1e-6 if arch.layer_scale else 0.0
-    cfg.MODEL.CONVNEXT.USE_GRN = arch.version == 2
-    if out_features is not None:
-        cfg.MODEL.CONVNEXT.OUT_FEATURES = list(out_features)
-    model = torch.nn.Module()
-    model.backbone = build_backbone(cfg)
-    return model.eval()
+    """A Detectron2-style model holding the real backbone at `.backbone`, built from config as
+    `verify` builds it (`conversion.d2_loading.backbone_for`)."""
+    if out_features is None:
+        return backbone_for(arch)
+    return backbone_for(arch, OUT_FEATURES=list(out_features))

@@ -235,7 +235,7 @@ def test_from_an_unknown_layout_exits_2_naming_the_known_layouts(small, tmp_path
     assert "nosuchlayout" in result.stderr, result.stderr
     missing = [name for name in LAYOUTS if name not in result.stderr]
     assert missing == [], f"the error should name every known layout, lacks {missing}:\n{result.stderr}"
-    assert_plain_error(result.stderr)
+    assert_plain_error(result.stderr, usage=True)  # refused while parsing the arguments
     assert not (tmp_path / "out.pth").exists()
 
 

@@ -165,7 +165,7 @@ def test_assert_loads_clean_passes_a_converted_file_and_returns_the_report(tmp_p
 
 
 def test_assert_loads_clean_fails_with_verifys_report_naming_the_keys(tmp_path, d2):
-    from conversion.cli import format_verification
+    from conversion.summaries import format_verification
     from conversion.testing import assert_loads_clean
     from conversion.verify import verify
 
