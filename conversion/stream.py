@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from .errors import UnreadableCheckpoint, VerificationFailed
 from .formats import write_atomically
 from .io import crc as _crc
-from .io.crc import crcs_of_ranges
+from .io.crc import ReadBack
 from .io.modelzoo_pkl import array_digests
 from .io.pickle_writer import OpcodeWriter
 from .io.handles import ITEM_SIZE, FileBytes, StorageRef, TensorRef, numel
@@ -152,11 +152,19 @@ def _source_crcs(tensors: Tensors, runs: List[FileBytes]) -> List[int]:
 
 
 def write_archive(
-    dst_file: Any, tensors: Tensors, payload: Any, keep: List[str], small: Sequence[Tuple[str, bytes]], progress: Progress = None
+    dst_file: Any,
+    tensors: Tensors,
+    payload: Any,
+    keep: List[str],
+    small: Sequence[Tuple[str, bytes]],
+    progress: Progress = None,
+    read_back: Optional[ReadBack] = None,
 ) -> Dict[str, int]:
     """Write a torch archive: the new index `payload`, the `small` records, and the storages named
     in `keep`, each pulled from its location (a file run copied in the kernel, anything else from a
-    buffer).  `dst_file` is an open binary file; returns each storage record's expected CRC-32."""
+    buffer).  `dst_file` is an open binary file; each record copied in the kernel is reported to
+    `read_back` as soon as it is in the file (its CRC is read back while the next one is copied).
+    Returns each storage record's expected CRC-32."""
     crcs: Dict[str, int] = {}
     pending: List[Tuple[zipfile.ZipInfo, str, FileBytes]] = []  # copied runs whose CRC the source does not record
     with zipfile.ZipFile(dst_file, "w") as zf:
@@ -173,6 +181,8 @@ def write_archive(
                 dst_file.flush()  # hand over to the fd: the copy happens in the kernel
                 _copy_from_source(tensors, dst_file.fileno(), run.offset, run.nbytes)
                 dst_file.seek(offset + len(local_header(info)) + run.nbytes)
+                if read_back is not None:
+                    read_back.written(offset + len(local_header(info)), run.nbytes)
                 if run.crc is None:
                     pending.append((info, name, run))
                 else:
@@ -207,12 +217,18 @@ def _storage_size(tensors: Tensors, key: str) -> int:
 
 
 def check_archive(
-    path: str, expected: Any, copied_crcs: Dict[str, int], shown_as: str = "", source: Optional[Tensors] = None
+    path: str,
+    expected: Any,
+    copied_crcs: Dict[str, int],
+    shown_as: str = "",
+    source: Optional[Tensors] = None,
+    read_back: Optional[ReadBack] = None,
 ) -> None:
     """Read the written archive back: every record's bytes against its stored CRC-32, storage
     records' CRCs against the source's, and the index against what was meant to be written.
 
-    Each record is checksummed once, in parallel (`crcs_of_ranges`).  A copied record's stored CRC
+    Each record is checksummed once, in parallel (the copied ones already while they were written,
+    by `read_back`; the rest here).  A copied record's stored CRC
     is the source's, so that one pass proves both that the copy is faithful and that the source's
     bytes were intact; only when a record fails is the source checked, to say which file is at
     fault.  Errors name `shown_as` (the destination), not the temporary file."""
@@ -221,7 +237,7 @@ def check_archive(
         with open(path, "rb") as f, zipfile.ZipFile(f) as zf:
             infos = zf.infolist()
             ranges = [(_data_offset(f, info), info.file_size) for info in infos]
-            crcs = crcs_of_ranges(f.fileno(), ranges)
+            crcs = (read_back or ReadBack()).crcs(f.fileno(), ranges)
             for info, crc in zip(infos, crcs):
                 key = info.filename[len("archive/"):]
                 if crc != info.CRC or (key in copied_crcs and copied_crcs[key] != crc):
@@ -255,13 +271,15 @@ def write_streamed(
 ) -> int:
     """Atomically write the archive to `dst` (write_archive, then check_archive on the temporary file)."""
     crcs: Dict[str, int] = {}
+    read_back = ReadBack()
     with tensors:
         return write_atomically(
             dst,
             force=force,
             source=source,
-            write=lambda f: crcs.update({k: v for k, v in write_archive(f, tensors, payload, keep, small, progress).items()}),
-            verify=lambda tmp: check_archive(tmp, payload, crcs, shown_as=dst, source=tensors),
+            write=lambda f: crcs.update(write_archive(f, tensors, payload, keep, small, progress, read_back)),
+            verify=lambda tmp: check_archive(tmp, payload, crcs, shown_as=dst, source=tensors, read_back=read_back),
+            read_back=read_back,
         )
 
 
@@ -308,8 +326,8 @@ class _ModelZooWriter:
     """Writes the model-zoo pickle one array at a time: `numpy.ndarray(shape, dtype, bytearray)`,
     without holding more than one tensor's bytes (protocol 4, each payload outside any frame)."""
 
-    def __init__(self, f: Any, total: int = 0, progress: Progress = None) -> None:
-        self.f, self.w = f, OpcodeWriter(f, protocol=4)
+    def __init__(self, f: Any, total: int = 0, progress: Progress = None, read_back: Optional[ReadBack] = None) -> None:
+        self.f, self.w, self.read_back = f, OpcodeWriter(f, protocol=4), read_back
         self.digests: Dict[int, Tuple[int, int]] = {}
         self.pending: List[Tuple[int, FileBytes]] = []  # copied runs whose CRC the source does not record
         self.total, self.done, self.progress = total, 0, progress
@@ -347,6 +365,8 @@ class _ModelZooWriter:
             at = self.f.tell()
             _copy_from_source(obj.tensors, self.f.fileno(), obj.run.offset, obj.nbytes)
             self.f.seek(at + obj.nbytes)
+            if self.read_back is not None:
+                self.read_back.written(at, obj.nbytes)
             if obj.run.crc is None:
                 self.pending.append((id(obj), obj.run))
             self.digests[id(obj)] = (obj.run.crc or 0, obj.nbytes)
@@ -362,11 +382,14 @@ class _ModelZooWriter:
             self.progress(self.done, self.total)
 
 
-def write_model_zoo(f: Any, tensors: Tensors, model: Dict[str, TensorRef], author: str, progress: Progress = None) -> Dict[str, Any]:
+def write_model_zoo(
+    f: Any, tensors: Tensors, model: Dict[str, TensorRef], author: str, progress: Progress = None, read_back: Optional[ReadBack] = None
+) -> Dict[str, Any]:
     """Write the model-zoo pickle of `model` to the open binary file `f`; return each array's
-    expected (shape, dtype, CRC-32, size), what the read-back compares."""
+    expected (shape, dtype, CRC-32, size), what the read-back compares (payloads copied in the
+    kernel are reported to `read_back` as they are written)."""
     arrays = {name: _Array(ref, tensors) for name, ref in model.items()}
-    pickler = _ModelZooWriter(f, sum(a.nbytes for a in arrays.values()), progress)
+    pickler = _ModelZooWriter(f, sum(a.nbytes for a in arrays.values()), progress, read_back)
     pickler.dump({"model": arrays, "__author__": author})
     for (key, run), crc in zip(pickler.pending, _source_crcs(tensors, [run for _, run in pickler.pending])):
         pickler.digests[key] = (crc, run.nbytes)
@@ -384,15 +407,17 @@ def write_streamed_pickle(
     proves the copy; a failing array whose source record fails its own CRC is blamed on the source
     (UnreadableCheckpoint), otherwise on the writing."""
     expected: Dict[str, Any] = {}
+    read_back = ReadBack()
 
     def write(f: Any) -> None:
-        expected.update(write_model_zoo(f, tensors, model, author, progress))
+        expected.update(write_model_zoo(f, tensors, model, author, progress, read_back))
 
     def verify(tmp: str) -> None:
         try:
-            # The one safe unpickler in payload mode: shapes and dtypes parsed, no payload read;
-            # the payloads' CRCs by this module's `crcs_of_ranges` (in parallel).
-            got = array_digests(tmp, crcs=lambda fd, ranges: crcs_of_ranges(fd, ranges))
+            # The one safe unpickler in payload mode: shapes and dtypes parsed, no payload read; the
+            # payloads' CRCs from `read_back` (those copied in the kernel were read back as they were
+            # written, the rest now, in parallel).
+            got = array_digests(tmp, crcs=read_back.crcs)
         except Exception as err:  # a pickle we just wrote that does not parse back
             raise VerificationFailed(f"{dst}: written pickle does not read back ({type(err).__name__}: {err}).", "Report this as a bug.") from None
         if not isinstance(got, dict) or got.get("__author__") != author or got.get("model") != expected:
@@ -403,4 +428,4 @@ def write_streamed_pickle(
             raise VerificationFailed(f"{dst}: written pickle does not read back as written.", "Report this as a bug.")
 
     with tensors:
-        return write_atomically(dst, force=force, source=source, write=write, verify=verify)
+        return write_atomically(dst, force=force, source=source, write=write, verify=verify, read_back=read_back)

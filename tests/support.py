@@ -6,8 +6,6 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
-import struct
-import zipfile
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import pytest
@@ -150,17 +148,14 @@ def written_tensors(path: Any) -> Dict[str, torch.Tensor]:
     return {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(v) for k, v in read_written(path)["model"].items()}
 
 
-def fsync_flipping_a_tensor_byte(real_fsync: Any) -> Any:
-    """An `os.fsync` that first flips one bit in the middle of the largest tensor record of the torch
-    archive being synced (found by its local header: records' places differ from file to file), as
-    a disk or a bug might, then syncs: what the writers' read-back must catch."""
 
-    def flip_then_sync(fd: int) -> None:
-        with open(f"/proc/self/fd/{fd}", "rb") as f, zipfile.ZipFile(f) as zf:
-            record = max((i for i in zf.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
-            name_len, extra_len = struct.unpack("<HH", os.pread(fd, 30, record.header_offset)[26:30])
-            middle = record.header_offset + 30 + name_len + extra_len + record.file_size // 2
-        os.pwrite(fd, bytes([os.pread(fd, 1, middle)[0] ^ 0x01]), middle)
-        real_fsync(fd)
+def copy_flipping_its_last_byte(real_copy: Any) -> Any:
+    """A stand-in for the writers' kernel copy (`stream._copy_range`) whose copy goes wrong: after
+    the real copy, the last byte written is flipped, as a faulty disk or a bug might leave it."""
 
-    return flip_then_sync
+    def corrupting_copy(src_fd: int, dst_fd: int, src_offset: int, count: int) -> None:
+        real_copy(src_fd, dst_fd, src_offset, count)
+        last = os.lseek(dst_fd, 0, os.SEEK_CUR) - 1
+        os.pwrite(dst_fd, bytes([os.pread(dst_fd, 1, last)[0] ^ 0xFF]), last)
+
+    return corrupting_copy

@@ -31,7 +31,7 @@ from conversion.architecture import Architecture
 from conversion.cli import main
 from conversion.errors import ContainerError, ConversionError, DestinationError, NotConvNeXt, UnreadableCheckpoint, UnsafeCheckpoint
 
-from ..support import fsync_flipping_a_tensor_byte, random_canonical_state_dict, require, torch_load_weights_only, torchvision_model
+from ..support import copy_flipping_its_last_byte, random_canonical_state_dict, require, torch_load_weights_only, torchvision_model
 from .test_cli import assert_plain_error, run_cli
 
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -420,17 +420,16 @@ def test_a_failed_rename_leaves_neither_the_destination_nor_a_temporary_file(des
 
 
 def test_a_file_that_reads_back_different_is_never_installed(destination, tmp_path, monkeypatch, capsys):
-    """A legacy torch source's storages are written from their handles; one byte that reaches the
-    disk changed (flipped in the middle of the largest tensor record, before the file is synced)
-    fails the read-back (exit 1) and nothing is installed.  The byte-copy writer has its own test
-    below.  (A legacy file's storage keys are numbers torch took from memory addresses, so the
-    records' places differ from run to run: the record is found by its local header.)"""
+    """A legacy torch source's storages carry no CRC: the writer computes the expected one from the
+    source, and a copy that went wrong (its last byte flipped in the written file) fails the
+    read-back (exit 1); nothing is installed.  The same for a torch zip source's records below."""
+    from conversion import stream
 
     legacy = io.BytesIO()
     torch.save({"model": _good_state_dict()}, legacy, _use_new_zipfile_serialization=False)
     (tmp_path / GOOD).write_bytes(legacy.getvalue())
     before = snapshot(tmp_path)
-    monkeypatch.setattr(os, "fsync", fsync_flipping_a_tensor_byte(os.fsync))
+    monkeypatch.setattr(stream, "_copy_range", copy_flipping_its_last_byte(stream._copy_range))
 
     status = main(["convert", *destination])
 
@@ -444,14 +443,7 @@ def test_a_streamed_copy_that_reads_back_different_is_never_installed(destinatio
     """The streamed path copies tensor bytes; a copy that went wrong fails its CRC read-back (exit 1)."""
     from conversion import stream
 
-    real_copy = stream._copy_range
-
-    def corrupting_copy(src_fd, dst_fd, src_offset, count):
-        real_copy(src_fd, dst_fd, src_offset, count)
-        last = os.lseek(dst_fd, 0, os.SEEK_CUR) - 1
-        os.pwrite(dst_fd, bytes([os.pread(dst_fd, 1, last)[0] ^ 0xFF]), last)  # flip the record's last byte
-
-    monkeypatch.setattr(stream, "_copy_range", corrupting_copy)
+    monkeypatch.setattr(stream, "_copy_range", copy_flipping_its_last_byte(stream._copy_range))
     before = snapshot(tmp_path)
 
     status = main(["convert", *destination])

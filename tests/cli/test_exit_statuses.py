@@ -18,7 +18,7 @@ from conversion.architecture import Architecture
 from conversion.cli import main
 from conversion.synthetic import random_state_dict
 
-from ..support import fsync_flipping_a_tensor_byte, require
+from ..support import copy_flipping_its_last_byte, require
 from .test_cli import assert_plain_error
 
 SMALL = Architecture((1, 1, 2, 1), (8, 8, 16, 16), num_classes=3, classifier_norm=True)
@@ -58,7 +58,9 @@ def _destination(tmp: Path, monkeypatch) -> List[str]:
 
 
 def _verification_failed(tmp: Path, monkeypatch) -> List[str]:
-    monkeypatch.setattr(os, "fsync", fsync_flipping_a_tensor_byte(os.fsync))  # the written file, before its read-back
+    from conversion import stream
+
+    monkeypatch.setattr(stream, "_copy_range", copy_flipping_its_last_byte(stream._copy_range))  # a copy gone wrong
     torch.save({"model": random_state_dict(SMALL)}, tmp / "src.pth")
     return ["convert", "src.pth", "out.pth"]
 

@@ -47,8 +47,6 @@ SMALL = Architecture(depths=(1, 1, 2, 1), dims=(8, 8, 16, 16), num_classes=3, cl
 # machine it lives longer, which only makes the timing easier.
 BIG = Architecture(depths=(3, 3, 27, 3), dims=(192, 384, 768, 1536), num_classes=1000, classifier_norm=True)
 POLL_S = 0.001
-# How long the temporary file's size must stay unchanged before we call the write finished (read-back running).
-SETTLED_S = 0.05
 
 
 def _env() -> Dict[str, str]:
@@ -100,11 +98,12 @@ def _unnamed_temporaries(proc: subprocess.Popen, folder: Path) -> List[Path]:
     return found
 
 
-def _wait_for_temporary(proc: subprocess.Popen, folder: Path, settled: bool, writing: bool = False) -> Path:
+def _wait_for_temporary(proc: subprocess.Popen, folder: Path, settled: bool, writing: bool = False, final_size: int = 0) -> Path:
     """Poll until the child's temporary file exists, named or unnamed (with `writing`: holds bytes;
-    with `settled`: stopped growing)."""
+    with `settled`: holds all `final_size` bytes, so the writing is over and the sync and read-back
+    of the whole file are under way: records are read back while later ones are still copied, so
+    a pause in the growth of the file would come too late to catch)."""
     deadline = time.monotonic() + PROCESS_TIMEOUT_S
-    last_size, since = -1, time.monotonic()
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             out, err = proc.communicate()
@@ -118,9 +117,7 @@ def _wait_for_temporary(proc: subprocess.Popen, folder: Path, settled: bool, wri
                 size = -1
             if not settled and (not writing or size > 0):
                 return found[0]
-            if size != last_size:
-                last_size, since = size, time.monotonic()
-            elif settled and size > 0 and time.monotonic() - since >= SETTLED_S:
+            if settled and size == final_size:
                 return found[0]
         time.sleep(POLL_S)
     proc.kill()
@@ -139,8 +136,16 @@ def test_sigkill_while_writing_leaves_nothing(big_source: Path, tmp_path: Path, 
     """SIGKILL cannot be cleaned up after, so the temporary file is unnamed (O_TMPFILE): the kernel frees it
     with the process, and the folder is exactly as it was.  The next run converts normally."""
     dst = tmp_path / "convnext_base_d2.pth"
+    final_size = 0
+    if moment == "read-back-running":  # the output's size, from a conversion elsewhere (the bytes are deterministic)
+        (tmp_path / "first").mkdir()
+        first = subprocess.run(_cli("convert", str(big_source), str(tmp_path / "first" / dst.name)), env=_env(),
+                               capture_output=True, text=True, timeout=PROCESS_TIMEOUT_S)
+        assert first.returncode == EXIT_OK, first.stderr
+        final_size = (tmp_path / "first" / dst.name).stat().st_size
+        shutil.rmtree(tmp_path / "first")
     proc = _start(big_source, dst)
-    temporary = _wait_for_temporary(proc, tmp_path, settled=(moment == "read-back-running"))
+    temporary = _wait_for_temporary(proc, tmp_path, settled=(moment == "read-back-running"), final_size=final_size)
     assert temporaries(tmp_path) == [], "the temporary file should have no name (O_TMPFILE) on this filesystem"
     assert str(temporary).startswith("/proc/")
 

@@ -104,11 +104,11 @@ def test_streamed_pkl_widens_bfloat16_exactly(tmp_path):
 
 @pytest.mark.parametrize("ext", [".pth", ".pkl"])
 def test_a_streamed_file_that_reads_back_different_is_never_installed(tmp_path, monkeypatch, ext):
-    from conversion import stream
+    from conversion.io import crc
 
     torch.save({"model": random_state_dict(ARCH)}, tmp_path / "src.pth")
-    real = stream.crcs_of_ranges  # the read-back of the written file (the source's own check is left alone)
-    monkeypatch.setattr(stream, "crcs_of_ranges", lambda fd, ranges: [c ^ 1 for c in real(fd, ranges)])  # as if one byte differed on disk
+    real = crc.ReadBack.crcs  # the read-back of the written file (the source's own check is left alone)
+    monkeypatch.setattr(crc.ReadBack, "crcs", lambda self, fd, ranges: [c ^ 1 for c in real(self, fd, ranges)])  # as if one byte differed on disk
     with pytest.raises(VerificationFailed, match="does not read back as written"):
         convert(str(tmp_path / "src.pth"), str(tmp_path / f"out{ext}"))
     assert sorted(os.listdir(tmp_path)) == ["src.pth"]
@@ -297,7 +297,9 @@ def test_a_source_record_that_fails_its_crc_is_refused_as_a_corrupt_source(tmp_p
 
 @pytest.mark.parametrize("ext", [".pth", ".pkl"])
 def test_one_copied_record_gone_wrong_among_many_is_caught(tmp_path, monkeypatch, ext):
-    """The read-back runs on a pool of threads: a single bad record, late in the file, still fails it."""
+    """The read-back runs on a pool of threads while later records are still copied: a single
+    record gone wrong in its copy (one byte flipped in the written file), with ten records before it
+    already being read back and more after it, still fails the conversion."""
     from conversion import stream
 
     torch.save({"model": random_state_dict(ARCH)}, tmp_path / "src.pth")
@@ -305,26 +307,16 @@ def test_one_copied_record_gone_wrong_among_many_is_caught(tmp_path, monkeypatch
 
     def copy_and_remember(src_fd, dst_fd, src_offset, count):  # where each copied record landed
         real_copy(src_fd, dst_fd, src_offset, count)
-        copied.append((os.lseek(dst_fd, 0, os.SEEK_CUR) - count, count))
+        start = os.lseek(dst_fd, 0, os.SEEK_CUR) - count
+        copied.append((start, count))
+        if len(copied) == 11:  # the eleventh record: a bad copy, before the writer reports it
+            os.pwrite(dst_fd, bytes([os.pread(dst_fd, 1, start + count // 2)[0] ^ 0x01]), start + count // 2)
 
     monkeypatch.setattr(stream, "_copy_range", copy_and_remember)
-    monkeypatch.setattr(stream, "crcs_of_ranges", _flipping_before(stream.crcs_of_ranges, copied))
     with pytest.raises(VerificationFailed, match="does not read back as written"):
         convert(str(tmp_path / "src.pth"), str(tmp_path / f"out{ext}"))
-    assert len(copied) > 10, "every kept record is copied in the kernel, for .pkl too"
+    assert len(copied) > 20, "every kept record is copied in the kernel, for .pkl too"
     assert sorted(os.listdir(tmp_path)) == ["src.pth"]
-
-
-def _flipping_before(real, copied):
-    """crcs_of_ranges, run after flipping one byte of the third-to-last copied record in the written file."""
-    def run(fd, ranges):
-        start, count = copied[-3]
-        byte = os.pread(fd, 1, start + count // 2)
-        with open(f"/proc/self/fd/{fd}", "r+b") as f:
-            f.seek(start + count // 2)
-            f.write(bytes([byte[0] ^ 0x01]))
-        return real(fd, ranges)
-    return run
 
 
 @pytest.mark.parametrize("workers", [1, 2, 7])
