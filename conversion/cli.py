@@ -116,17 +116,11 @@ def _progress_bar(enabled: bool) -> Iterator[Optional[Callable[[int, int], None]
             bar[0].close()
 
 
-def _layout_text(option: Optional[LayoutOption]) -> Optional[str]:
-    # convert() and inspect_checkpoint() take the option's text today; they will take the parsed
-    # LayoutOption itself once they call parse_layout_option (which returns a parsed one as it is).
-    return None if option is None else option.text
-
-
 def _run(args: argparse.Namespace) -> int:
     if args.command == "convert":
         with _progress_bar(enabled=not args.quiet) as progress:
             report = convert(
-                args.src, args.dst, ema=args.ema, prefix=args.prefix, layout=_layout_text(args.layout), force=args.force,
+                args.src, args.dst, ema=args.ema, prefix=args.prefix, layout=args.layout, force=args.force,
                 progress=progress, strict=args.strict,
             )
         if report.non_finite:
@@ -145,7 +139,7 @@ def _run(args: argparse.Namespace) -> int:
         _emit(args, report, format_verification)
         return EXIT_OK if report.ok else EXIT_PROBLEM
     if args.command == "inspect":
-        _emit(args, inspect_checkpoint(args.src, layout=_layout_text(args.layout)), format_inspection)
+        _emit(args, inspect_checkpoint(args.src, layout=args.layout), format_inspection)
         return EXIT_OK
     raise AssertionError(f"unhandled command {args.command}")  # argparse restricts the choices
 

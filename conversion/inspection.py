@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 from .architecture import infer_architecture
 from .diagnose import d2_problems
-from .layouts import LAYOUTS, classifier_names, source_name_of, to_canonical
+from .layouts import LAYOUTS, LayoutOption, check_pinned_version, classifier_names, parse_layout_option, source_name_of, to_canonical
 from .containers import check_weight_types, select_state_dict
 from .io.handles import numel
 from .read import open_source
@@ -45,7 +45,7 @@ class InspectReport:
         return asdict(self)
 
 
-def inspect_checkpoint(path: str, *, layout: Optional[str] = None) -> InspectReport:
+def inspect_checkpoint(path: str, *, layout: Union[None, str, LayoutOption] = None) -> InspectReport:
     """Read, recognise and diagnose `path` without writing anything.
 
     Raises:
@@ -57,8 +57,10 @@ def inspect_checkpoint(path: str, *, layout: Optional[str] = None) -> InspectRep
     loaded, fmt, bytes_read = source.objects, source.format, source.bytes_read
     state_dict, container = select_state_dict(loaded)
     check_weight_types(state_dict)
-    canonical = to_canonical(state_dict, forced=layout)
+    option = parse_layout_option(layout)
+    canonical = to_canonical(state_dict, forced=option.name if option else None)
     arch = infer_architecture({k: tuple(v.shape) for k, v in canonical.state_dict.items()}, source_name_of(canonical))
+    check_pinned_version(option, canonical, arch.version)
     dtypes: Dict[str, int] = {}
     for tensor in canonical.state_dict.values():
         name = str(tensor.dtype).replace("torch.", "")

@@ -10,14 +10,13 @@ step alone and the CLI only formats the report.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from .architecture import Architecture, canonical_shapes, infer_architecture
 from .diagnose import d2_problems
-from .errors import NonFiniteWeights, NotConvNeXt
-from .layouts import LAYOUTS, Canonical, classifier_names, source_name_of, to_canonical
+from .errors import NonFiniteWeights
+from .layouts import Canonical, LayoutOption, check_pinned_version, classifier_names, parse_layout_option, source_name_of, to_canonical
 from .containers import check_weight_types, select_state_dict
 from .formats import AUTHOR, output_format
 from .io.handles import TensorRef, check_references, numel
@@ -79,31 +78,18 @@ def _stored_dtype(dtype: Any, fmt: str) -> Any:
     return dtype
 
 
-def _parse_forced_layout(layout: Optional[str]) -> Tuple[Optional[str], Optional[int]]:
-    """`--from` accepts a layout name, optionally pinned to a version: `official-v1`, `timm-v2`."""
-    if layout is None:
-        return None, None
-    m = re.fullmatch(r"(.+)-v([12])", layout)
-    return (m.group(1), int(m.group(2))) if m and m.group(1) in LAYOUTS else (layout, None)
-
-
 def prepare(
-    state_dict: Mapping[str, Any], *, prefix: str = DEFAULT_PREFIX, layout: Optional[str] = None
+    state_dict: Mapping[str, Any], *, prefix: str = DEFAULT_PREFIX, layout: Union[None, str, LayoutOption] = None
 ) -> Tuple[Architecture, Any, Any]:
     """Pure part of the pipeline: (architecture, canonical, target) for an in-memory state dict.
 
     The target is ordered as the official model orders its parameters, whatever the
     source order, so the same weights always give the same bytes.
     """
-    name, version = _parse_forced_layout(layout)
-    canonical = to_canonical(state_dict, forced=name)
+    option = parse_layout_option(layout)
+    canonical = to_canonical(state_dict, forced=option.name if option else None)
     arch = infer_architecture({k: tuple(v.shape) for k, v in canonical.state_dict.items()}, source_name_of(canonical))
-    if version is not None and arch.version != version:
-        evidence = next((canonical.source_names[k] for k in canonical.state_dict if ".grn." in k), "no GRN tensors")
-        raise NotConvNeXt(
-            f"--from {layout}: the weights are ConvNeXt V{arch.version} (evidence: {evidence}), not V{version}.",
-            f"Use --from {name}-v{arch.version}, or drop --from.",
-        )
+    check_pinned_version(option, canonical, arch.version)
     ordered = {name: canonical.state_dict[name] for name in canonical_shapes(arch)}
     return arch, canonical, to_target(ordered, prefix=prefix)
 
@@ -120,7 +106,7 @@ class Plan:
     streamed: bool  # every written tensor is a handle: its bytes are pulled from the file when written
 
 
-def plan(source: Source, fmt: str, *, ema: bool = False, prefix: str = DEFAULT_PREFIX, layout: Optional[str] = None) -> Plan:
+def plan(source: Source, fmt: str, *, ema: bool = False, prefix: str = DEFAULT_PREFIX, layout: Union[None, str, LayoutOption] = None) -> Plan:
     """Select the weights, check every handle fits its storage, and map them to target names.
 
     One writer per format serves every plan: handles are written from where their bytes are
@@ -141,7 +127,7 @@ def convert(
     *,
     ema: bool = False,
     prefix: str = DEFAULT_PREFIX,
-    layout: Optional[str] = None,
+    layout: Union[None, str, LayoutOption] = None,
     force: bool = False,
     progress: Optional[Callable[[int, int], None]] = None,
     strict: bool = False,

@@ -107,10 +107,7 @@ def test_without_a_pin_any_version_passes():
     check_pinned_version(LayoutOption("official"), canonical, 2)
 
 
-# The library's verbs take `--from` through the same parser once pipeline.prepare and inspection call
-# parse_layout_option (docs/design.md, "Import graph": what the redesign is changing).  Strict xfails:
-# when that lands they pass, and the markers are to be deleted.
-PENDING = pytest.mark.xfail(strict=True, reason="pipeline/inspection do not call parse_layout_option yet")
+# The library's verbs take `--from` through the same parser as the CLI (text or a parsed option).
 
 
 @pytest.fixture
@@ -121,7 +118,6 @@ def atto_file(tmp_path):
     return path
 
 
-@PENDING
 def test_inspect_takes_a_pinned_layout_as_convert_does(atto_file):
     report = inspect_checkpoint(atto_file, layout="official-v1")
 
@@ -130,7 +126,6 @@ def test_inspect_takes_a_pinned_layout_as_convert_does(atto_file):
         inspect_checkpoint(atto_file, layout="official-v2")
 
 
-@PENDING
 def test_convert_takes_the_option_the_cli_parsed(atto_file, tmp_path):
     report = convert(atto_file, str(tmp_path / "out.pth"), layout=LayoutOption("official", 1))
 
