@@ -77,7 +77,3 @@ def check_destination(path: str, *, force: bool, source: str = "") -> str:
     if not os.path.isdir(directory):
         raise DestinationError(f"{path}: directory {directory} does not exist.", "Create it first.")
     return directory
-
-
-# The one atomic writer (unnamed temporary files, read back before naming): conversion/io/atomic.py.
-from .io.atomic import anonymous_beside, temp_beside, umask, unlink_quietly, write_atomically  # noqa: E402,F401

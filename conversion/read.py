@@ -213,7 +213,7 @@ def _read(path: str, f: Any, size: int) -> Tuple[Any, str]:
     if _looks_like_safetensors(f):
         return _load_safetensors(path), "safetensors"
     if f.read(4) == ZIP_MAGIC:
-        from .stream import read_index
+        from .io.torchzip import read_index
 
         f.seek(0)
         index = read_index(f, path)

@@ -33,7 +33,7 @@ import zlib
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .errors import UnreadableCheckpoint, VerificationFailed
-from .formats import write_atomically
+from .io.atomic import write_atomically
 from .io import crc as _crc
 from .io.crc import ReadBack
 from .io.modelzoo_pkl import array_digests

@@ -19,7 +19,8 @@ from typing import Mapping, Tuple
 import torch
 
 from .errors import VerificationFailed
-from .formats import AUTHOR, output_format, write_atomically  # noqa: F401  (AUTHOR, output_format re-exported)
+from .formats import AUTHOR, output_format  # noqa: F401  (AUTHOR, output_format re-exported)
+from .io.atomic import write_atomically
 
 # numpy has no bfloat16: a .pkl stores bf16 tensors as float32 (exact, every bf16 is a float32).
 # Protocol 4 reads on every Python 3 Detectron2 supports (3.4+) and stores large arrays (the model-zoo

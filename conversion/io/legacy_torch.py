@@ -106,7 +106,7 @@ def read_inner_file(data: bytes, name: str) -> Tuple[Any, Optional[bytes]]:
     """
     f = io.BytesIO(data)
     if data[:4] == ZIP_MAGIC:
-        from ..stream import read_index
+        from .torchzip import read_index
 
         index = read_index(f, name)
         obj = index.objects
