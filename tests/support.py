@@ -35,7 +35,7 @@ def require(module: str) -> Any:
     except ImportError as err:
         if FULL_ENVIRONMENT:
             pytest.fail(f"{module} is missing from the full environment ({err}); fix the tox deps", pytrace=False)
-        pytest.skip(f"{module} is not installed here (core environment)", allow_module_level=True)
+        pytest.skip(f"{module} is not installed here (only the full environment has every library)", allow_module_level=True)
 
 
 # ---------------------------------------------------------------- version facts
