@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .errors import NotConvNeXt
 
@@ -80,6 +80,13 @@ class Architecture:
             if depths == self.depths and dims == self.dims:
                 return name
         return None
+
+    def report_fields(self) -> Dict[str, Any]:
+        """What the convert and inspect reports say of the architecture (their common fields)."""
+        return {
+            "variant": self.variant, "version": self.version, "depths": list(self.depths), "dims": list(self.dims),
+            "num_classes": self.num_classes,
+        }
 
     def describe(self) -> str:
         name = self.variant or "custom"
