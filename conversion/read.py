@@ -20,6 +20,7 @@ from .errors import UnreadableCheckpoint
 from .formats import ZIP_MAGIC, check_source, is_torch_zip
 from .io.handles import ITEM_SIZE, STORAGE_DTYPES, ArrayRef, FileBytes, Inflated, InMemory, Location, StorageRef, TensorRef, contiguous_stride
 from .io.legacy_torch import LEGACY_TORCH_MAGIC, read_inner_file, read_legacy
+from .io.tensor_bytes import read_run
 from .io.safe_pickle import BUDGET_SLACK, Payload, Placeholder, SafeUnpickler
 
 _NUMPY_OF = {
@@ -34,9 +35,9 @@ StorageBytes = Union[bytes, bytearray, FileBytes, Inflated, InMemory]
 
 
 def read_location(fd: Optional[int], location: Location) -> bytearray:
-    """The bytes at `location` (the one place a storage's bytes are read): pread for `FileBytes`
-    of the file open as `fd`, a copy for `InMemory`.  `Inflated` (a deflated zip member) is read by
-    the torch archive reader: hook it in here when the writers pull such storages by location.
+    """The bytes at `location`: `FileBytes` of the file open as `fd` (io.tensor_bytes.read_run),
+    a copy for `InMemory`.  A torch archive's records, deflated ones included, are read whole by
+    its own reader (`ArchiveIndex.storage_bytes`), so no `Inflated` location reaches this.
 
     Raises:
         UnreadableCheckpoint: the file ends inside the location.
@@ -44,20 +45,16 @@ def read_location(fd: Optional[int], location: Location) -> bytearray:
     if isinstance(location, InMemory):
         return bytearray(location.data)
     if isinstance(location, Inflated):
-        raise NotImplementedError("Inflated locations are read by the torch archive reader (io.torchzip), not here yet.")
+        raise NotImplementedError("Inflated locations are read by the torch archive reader (io.torchzip), not here.")
     if fd is None:
         raise ValueError("a FileBytes location needs the source file open")
-    out = bytearray(location.nbytes)
-    view, done = memoryview(out), 0
-    while done < location.nbytes:
-        n = os.preadv(fd, [view[done:]], location.offset + done)
-        if n == 0:
-            raise UnreadableCheckpoint(
-                f"the file ends {location.nbytes - done} bytes into a {location.nbytes}-byte storage at offset {location.offset}.",
-                "The file is truncated (or changed while being read); re-download or re-save it.",
-            )
-        done += n
-    return out
+    try:
+        return read_run(fd, location.offset, location.nbytes)
+    except EOFError as short:
+        raise UnreadableCheckpoint(
+            f"the file ends {short.args[0]} bytes into a {location.nbytes}-byte storage at offset {location.offset}.",
+            "The file is truncated (or changed while being read); re-download or re-save it.",
+        ) from None
 
 
 def _tensors(storages: Dict[str, StorageBytes], fd: Optional[int] = None) -> Callable[[Any], Any]:

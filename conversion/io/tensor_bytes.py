@@ -122,13 +122,28 @@ class Tensors:
         return self.array(ref).tobytes()
 
     def _pread(self, offset: int, count: int) -> bytes:
-        data = os.pread(self.fd, count, offset) if count else b""
-        while len(data) < count:  # pread returns short reads on some filesystems
-            more = os.pread(self.fd, count - len(data), offset + len(data))
-            if not more:
-                raise UnreadableCheckpoint(f"{self.path}: the file ends inside a tensor (truncated).", "Re-download or re-save it.")
-            data += more
-        return data
+        try:
+            return read_run(self.fd, offset, count)
+        except EOFError:
+            raise UnreadableCheckpoint(f"{self.path}: the file ends inside a tensor (truncated).", "Re-download or re-save it.") from None
+
+
+def read_run(fd: int, offset: int, count: int) -> bytearray:
+    """`count` bytes of the file open as `fd` from `offset`: the one loop that reads a storage's
+    bytes (pread may return short reads on some filesystems).
+
+    Raises:
+        EOFError: the file ends inside the run; its argument is how many bytes were missing (each
+            caller names what it was reading).
+    """
+    out = bytearray(count)
+    view, done = memoryview(out), 0
+    while done < count:
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise EOFError(count - done)
+        done += n
+    return out
 
 
 def widened(raw: bytes) -> bytes:
