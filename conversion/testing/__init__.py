@@ -10,19 +10,36 @@
 - `conversion.testing.loading`: load a file through the real `DetectionCheckpointer` (the harness
   `verify` uses, `conversion.d2_loading`) and assert on what it did.
 
-Importing this package imports torch only (never detectron2 or hypothesis).
+Importing this package imports nothing heavy: its names are loaded on first use (PEP 562), so
+that the pytest plugin, a submodule, costs another project's run no torch import while it is not
+asked for anything.  Using a name imports torch (never detectron2 or hypothesis).
 """
 from __future__ import annotations
 
-from .gate import assert_loads_clean
-from .synthetic import in_layout, resolve_architecture, synthetic_layouts, synthetic_state_dict, wrap, write_synthetic_checkpoint
+from importlib import import_module
+from typing import Any
 
-__all__ = [
-    "assert_loads_clean",
-    "in_layout",
-    "resolve_architecture",
-    "synthetic_layouts",
-    "synthetic_state_dict",
-    "wrap",
-    "write_synthetic_checkpoint",
-]
+# public name -> the submodule that defines it
+_EXPORTS = {
+    "assert_loads_clean": "gate",
+    "in_layout": "synthetic",
+    "resolve_architecture": "synthetic",
+    "synthetic_layouts": "synthetic",
+    "synthetic_state_dict": "synthetic",
+    "wrap": "synthetic",
+    "write_synthetic_checkpoint": "synthetic",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # looked up once
+    return value
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | set(_EXPORTS))

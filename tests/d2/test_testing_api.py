@@ -137,16 +137,33 @@ def test_bad_builder_arguments_say_what_is_known(tmp_path, kwargs, message):
 
 
 def test_importing_conversion_testing_needs_neither_hypothesis_nor_detectron2():
-    """hypothesis is an extra (`convnext-d2[testing]`): the builders and the plugin import without it."""
+    """hypothesis is an extra (`convnext-d2[testing]`): the builders and the plugin import without it;
+    the plugin alone imports not even torch (it is loaded into every pytest run where the package is
+    installed, and costs nothing until asked)."""
     code = (
         "import sys; sys.modules['hypothesis'] = None\n"
-        "import conversion.testing, conversion.testing.plugin\n"
+        "import conversion.testing.plugin\n"
+        "assert 'torch' not in sys.modules, 'the plugin imported torch'\n"
+        "from conversion.testing import assert_loads_clean, write_synthetic_checkpoint, synthetic_state_dict\n"
+        "assert 'torch' in sys.modules\n"
         "assert 'detectron2' not in sys.modules, 'detectron2 imported'\n"
         "try:\n    import conversion.testing.strategies\nexcept ImportError as e:\n    print(e)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "pip install 'convnext-d2[testing]'" in out.stdout, out.stdout
+
+
+def test_conversion_testing_names_are_its_modules_own():
+    """The package's lazily loaded names are the defining modules' objects; an unknown name is an AttributeError."""
+    import conversion.testing as testing
+    from conversion.testing import gate, synthetic
+
+    assert testing.assert_loads_clean is gate.assert_loads_clean
+    assert testing.write_synthetic_checkpoint is synthetic.write_synthetic_checkpoint
+    assert set(testing.__all__) <= set(dir(testing))
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        testing.nope  # noqa: B018
 
 
 # ---------------------------------------------------------------- assert_loads_clean
