@@ -2,13 +2,13 @@
 directory.  The destination is never left half-written: it is absent (or, with --force, exactly the
 old file) unless the conversion finished (docs/design.md, "Safety": nothing half-written).
 
-The process-level faults are real: a `python -m conversion convert` child is killed with a signal
-while its temporary file exists, or runs under `RLIMIT_FSIZE`, or writes into a tmpfs that fills
-up or a read-only bind mount (each in a private mount namespace that vanishes with the child).
+The process-level faults are real: a conversion child is killed with a signal at a named moment
+of its write (held there by tests/io/held_convert.py, so the signal cannot come too late), or runs
+under `RLIMIT_FSIZE`, or writes into a tmpfs that fills up or a read-only bind mount (each in a private mount namespace that vanishes with the child).
 On Linux the temporary file is unnamed (O_TMPFILE) until it is complete and verified, so even
 SIGKILL leaves nothing; on a filesystem without unnamed files the writer falls back to a hidden
-`.convnext-d2-*` file beside the destination, which every fault but SIGKILL removes (those faults
-are tried in both modes here).
+`.convnext-d2-*` file beside the destination, which every fault but SIGKILL removes (Ctrl-C and
+SIGTERM are tried in both modes here).
 """
 from __future__ import annotations
 
@@ -23,13 +23,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import pytest
 import torch
 
 from conversion.io import atomic
-from conversion.architecture import Architecture, canonical_shapes
+from conversion.architecture import Architecture
 from conversion.cli import main
 
 from ..support import TORCH_HAS_WEIGHTS_ONLY, random_canonical_state_dict
@@ -42,10 +42,6 @@ from ..cli.test_cli import PROCESS_TIMEOUT_S, ROOT, assert_plain_error
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 TEMP_PREFIX = ".convnext-d2-"  # write.py's temporary files beside the destination
 SMALL = Architecture(depths=(1, 1, 2, 1), dims=(8, 8, 16, 16), num_classes=3, classifier_norm=True)
-# ConvNeXt-Large, fp32: about 790 MB, so the temporary file lives for a second or more here even on the
-# streamed path (storages copied with copy_file_range, then fsync and a CRC read-back); on a slower
-# machine it lives longer, which only makes the timing easier.
-BIG = Architecture(depths=(3, 3, 27, 3), dims=(192, 384, 768, 1536), num_classes=1000, classifier_norm=True)
 POLL_S = 0.001
 
 
@@ -64,21 +60,41 @@ def temporaries(folder: Path) -> List[Path]:
 
 
 # ================================================================ killed while writing
+# The child is held at a named moment (tests/io/held_convert.py), so the signal arrives exactly
+# there however fast the disk is; the conversion itself runs unchanged.
+
+HELD = Path(__file__).with_name("held_convert.py")
+COPYING, SYNCING = "copying", "syncing"  # bytes are in and more are to come / every byte is in, syncing
 
 
-@pytest.fixture(scope="module")
-def big_source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A ConvNeXt-Large-sized official checkpoint (zeros: the values do not matter, the size does)."""
-    folder = tmp_path_factory.mktemp("big")
-    path = folder / "convnext_large_1k_224.pth"
-    torch.save({"model": {name: torch.zeros(shape) for name, shape in canonical_shapes(BIG).items()}}, path)
-    yield path
-    shutil.rmtree(folder, ignore_errors=True)  # 790 MB: do not leave it to pytest's retention of old runs
+class Held:
+    """A conversion child held at `moment`, writing `dst` (in a folder of its own, where nothing else is)."""
 
+    def __init__(self, src: Path, dst: Path, moment: str, *extra: str, named: bool = False) -> None:
+        self.dst, self.folder = dst, dst.parent
+        self.marker = dst.parent.parent / f"held-{moment}"
+        command = [sys.executable, str(HELD), moment, str(self.marker)] + (["--named"] if named else [])
+        self.proc = subprocess.Popen(command + ["--", "convert", str(src), str(dst), *extra], cwd=dst.parent, env=_env(),
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self._wait()
 
-def _start(src: Path, dst: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(_cli("convert", str(src), str(dst), *extra), cwd=dst.parent, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    def _wait(self) -> None:
+        deadline = time.monotonic() + PROCESS_TIMEOUT_S
+        while not self.marker.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                out, err = self.proc.communicate()
+                pytest.fail(f"the conversion ended (status {self.proc.returncode}) before reaching its moment:\n{err}")
+            time.sleep(POLL_S)
+
+    def temporary_sizes(self) -> List[int]:
+        """The sizes of the child's temporary files in its folder: named ones, and unnamed (O_TMPFILE) ones it holds open."""
+        return [p.stat().st_size for p in temporaries(self.folder) + _unnamed_temporaries(self.proc, self.folder)]
+
+    def signal(self, sig: int) -> subprocess.CompletedProcess:
+        self.proc.send_signal(sig)
+        out, err = self.proc.communicate(timeout=PROCESS_TIMEOUT_S)
+        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, out, err)
 
 
 def _unnamed_temporaries(proc: subprocess.Popen, folder: Path) -> List[Path]:
@@ -98,130 +114,93 @@ def _unnamed_temporaries(proc: subprocess.Popen, folder: Path) -> List[Path]:
     return found
 
 
-def _wait_for_temporary(proc: subprocess.Popen, folder: Path, settled: bool, writing: bool = False, final_size: int = 0) -> Path:
-    """Poll until the child's temporary file exists, named or unnamed (with `writing`: holds bytes;
-    with `settled`: holds all `final_size` bytes, so the writing is over and the sync and read-back
-    of the whole file are under way: records are read back while later ones are still copied, so
-    a pause in the growth of the file would come too late to catch)."""
-    deadline = time.monotonic() + PROCESS_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            pytest.fail(f"the conversion ended (status {proc.returncode}) before the temporary file was "
-                        f"{'complete' if settled else 'seen'}; make BIG larger.\n{err}")
-        found = temporaries(folder) or _unnamed_temporaries(proc, folder)
-        if found:
-            try:
-                size = found[0].stat().st_size
-            except OSError:
-                size = -1
-            if not settled and (not writing or size > 0):
-                return found[0]
-            if settled and size == final_size:
-                return found[0]
-        time.sleep(POLL_S)
-    proc.kill()
-    pytest.fail("no temporary file appeared")
+@pytest.fixture
+def out(tmp_path: Path) -> Path:
+    """The destination folder: the held child's marker lives beside it, so the folder holds only what convert leaves."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    return folder
 
 
-def _kill(proc: subprocess.Popen, sig: int) -> subprocess.CompletedProcess:
-    proc.send_signal(sig)
-    out, err = proc.communicate(timeout=PROCESS_TIMEOUT_S)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+def _converted_size(src: Path, folder: Path) -> int:
+    """The size of `src`'s output, from a conversion elsewhere (the bytes are deterministic)."""
+    folder.mkdir()
+    done = subprocess.run(_cli("convert", str(src), str(folder / "model_d2.pth")), env=_env(),
+                          capture_output=True, text=True, timeout=PROCESS_TIMEOUT_S)
+    assert done.returncode == EXIT_OK, done.stderr
+    size = (folder / "model_d2.pth").stat().st_size
+    shutil.rmtree(folder)
+    return size
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("moment", ["temporary-file-just-created", "read-back-running"])
-def test_sigkill_while_writing_leaves_nothing(big_source: Path, tmp_path: Path, moment: str):
+@pytest.mark.parametrize("moment", [COPYING, SYNCING])
+def test_sigkill_while_writing_leaves_nothing(small_source: Path, out: Path, tmp_path: Path, moment: str):
     """SIGKILL cannot be cleaned up after, so the temporary file is unnamed (O_TMPFILE): the kernel frees it
     with the process, and the folder is exactly as it was.  The next run converts normally."""
-    dst = tmp_path / "convnext_base_d2.pth"
-    final_size = 0
-    if moment == "read-back-running":  # the output's size, from a conversion elsewhere (the bytes are deterministic)
-        (tmp_path / "first").mkdir()
-        first = subprocess.run(_cli("convert", str(big_source), str(tmp_path / "first" / dst.name)), env=_env(),
-                               capture_output=True, text=True, timeout=PROCESS_TIMEOUT_S)
-        assert first.returncode == EXIT_OK, first.stderr
-        final_size = (tmp_path / "first" / dst.name).stat().st_size
-        shutil.rmtree(tmp_path / "first")
-    proc = _start(big_source, dst)
-    # `writing`: the first bytes are in.  An empty unnamed file may still be the capability probe,
-    # which has a name for a few microseconds (conversion/io/atomic.py `_can_publish`; SIGKILL there
-    # can leave `.convnext-d2-probe-*`, as README says): killing then is a different moment.
-    temporary = _wait_for_temporary(proc, tmp_path, settled=(moment == "read-back-running"), writing=True, final_size=final_size)
-    assert temporaries(tmp_path) == [], "the temporary file should have no name (O_TMPFILE) on this filesystem"
-    assert str(temporary).startswith("/proc/")
+    dst = out / "model_d2.pth"
+    final_size = _converted_size(small_source, tmp_path / "elsewhere")
+    held = Held(small_source, dst, moment)
+    sizes = held.temporary_sizes()
+    assert temporaries(out) == [], "the temporary file should have no name (O_TMPFILE) on this filesystem"
+    assert len(sizes) == 1 and (0 < sizes[0] < final_size if moment == COPYING else sizes[0] == final_size), (sizes, final_size)
 
-    result = _kill(proc, signal.SIGKILL)
+    result = held.signal(signal.SIGKILL)
 
     assert result.returncode == -signal.SIGKILL
-    assert sorted(p.name for p in tmp_path.iterdir()) == [], "a killed conversion left something behind"
+    assert sorted(p.name for p in out.iterdir()) == [], "a killed conversion left something behind"
 
-    again = subprocess.run(_cli("convert", str(big_source), str(dst)), cwd=tmp_path, env=_env(),
+    again = subprocess.run(_cli("convert", str(small_source), str(dst)), cwd=out, env=_env(),
                            capture_output=True, text=True, timeout=PROCESS_TIMEOUT_S)
 
     assert again.returncode == EXIT_OK, again.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == [dst.name]
+    assert sorted(p.name for p in out.iterdir()) == [dst.name]
 
 
-@pytest.mark.slow
-def test_sigkill_while_forcing_over_an_existing_destination_keeps_the_old_file(big_source: Path, tmp_path: Path):
-    dst = tmp_path / "convnext_base_d2.pth"
+def test_sigkill_while_forcing_over_an_existing_destination_keeps_the_old_file(small_source: Path, out: Path):
+    dst = out / "model_d2.pth"
     dst.write_bytes(b"the previous conversion")
-    proc = _start(big_source, dst, "--force")
-    _wait_for_temporary(proc, tmp_path, settled=False)
+    held = Held(small_source, dst, SYNCING, "--force")
 
-    _kill(proc, signal.SIGKILL)
+    held.signal(signal.SIGKILL)
 
     assert dst.read_bytes() == b"the previous conversion", "--force replaced the old file before the new one was complete"
-    assert sorted(p.name for p in tmp_path.iterdir()) == [dst.name], "nothing else may be left"
+    assert sorted(p.name for p in out.iterdir()) == [dst.name], "nothing else may be left"
 
 
-@pytest.mark.slow
-def test_sigint_while_writing_removes_the_temporary_file_and_says_so(big_source: Path, tmp_path: Path):
-    """Ctrl-C once bytes are being written: exit 130, 'nothing was written', and truly nothing is left.
+@pytest.mark.parametrize("named", [False, True], ids=["unnamed-temporary", "named-temporary"])
+@pytest.mark.parametrize("moment", [COPYING, SYNCING])
+def test_sigint_while_writing_removes_the_temporary_file_and_says_so(small_source: Path, out: Path, moment: str, named: bool):
+    """Ctrl-C once bytes are being written: exit 130, 'nothing was written', and truly nothing is left,
+    whichever kind of temporary file the writer had.
 
     (Ctrl-C in the instant between creating the temporary file and writing to it is
     test_a_fault_right_after_the_temporary_file_is_created_leaves_nothing.)
     """
-    dst = tmp_path / "convnext_base_d2.pth"
-    proc = _start(big_source, dst)
-    _wait_for_temporary(proc, tmp_path, settled=False, writing=True)
+    held = Held(small_source, out / "model_d2.pth", moment, named=named)
+    assert len(held.temporary_sizes()) == 1 and len(temporaries(out)) == int(named)
 
-    result = _kill(proc, signal.SIGINT)
+    result = held.signal(signal.SIGINT)
 
     assert result.returncode == EXIT_INTERRUPTED, result.stderr
     assert "interrupted; nothing was written" in result.stderr
     assert "Traceback" not in result.stderr, result.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == [], "Ctrl-C left files behind"
+    assert sorted(p.name for p in out.iterdir()) == [], "Ctrl-C left files behind"
 
 
-@pytest.mark.slow
-def test_sigterm_while_writing_leaves_no_destination(big_source: Path, tmp_path: Path):
-    """SIGTERM (what `kill`, timeouts and job schedulers send) never leaves a destination file."""
-    dst = tmp_path / "convnext_base_d2.pth"
-    proc = _start(big_source, dst)
-    _wait_for_temporary(proc, tmp_path, settled=False)
+@pytest.mark.parametrize("named", [False, True], ids=["unnamed-temporary", "named-temporary"])
+@pytest.mark.parametrize("moment", [COPYING, SYNCING])
+def test_sigterm_while_writing_leaves_nothing_and_exits_143(small_source: Path, out: Path, moment: str, named: bool):
+    """SIGTERM (what `kill`, timeouts and job schedulers send) is cleaned up after like Ctrl-C:
+    exit 143, 'terminated; nothing was written', no destination and no temporary file."""
+    held = Held(small_source, out / "model_d2.pth", moment, named=named)
+    assert len(held.temporary_sizes()) == 1 and len(temporaries(out)) == int(named)
 
-    result = _kill(proc, signal.SIGTERM)
+    result = held.signal(signal.SIGTERM)
 
     assert result.returncode == 128 + signal.SIGTERM, "the CLI turns SIGTERM into a clean stop (exit 143)"
     assert "terminated; nothing was written" in result.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == [], "SIGTERM left files behind"
-
-
-@pytest.mark.slow
-def test_sigterm_while_writing_cleans_up_like_ctrl_c(big_source: Path, tmp_path: Path):
-    dst = tmp_path / "convnext_base_d2.pth"
-    proc = _start(big_source, dst)
-    _wait_for_temporary(proc, tmp_path, settled=False)
-
-    _kill(proc, signal.SIGTERM)
-
-    left = temporaries(tmp_path)
-    for temporary in left:
-        temporary.unlink()
-    assert left == [], f"SIGTERM left {[p.name for p in left]}"
+    assert "Traceback" not in result.stderr, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == [], "SIGTERM left files behind"
 
 
 # ================================================================ the disk refuses
