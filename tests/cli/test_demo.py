@@ -28,11 +28,15 @@ def test_demo_passes_on_the_embedded_convnext_tiny(tmp_path):
 
 @pytest.mark.slow
 def test_demo_fails_when_the_features_differ(tmp_path, monkeypatch):
-    """A zero tolerance the fp32 round-off cannot meet would not prove anything; a broken block does fail."""
+    """A zero tolerance the fp32 round-off cannot meet would not prove anything; a broken block does fail.
+    (On ConvNeXt-Atto, the same path as Tiny at an eighth of the cost: the verdict is what is tested.)"""
     from conversion import d2
+
+    monkeypatch.setattr(demo, "VARIANT", "convnext_atto")
 
     real_forward = d2.Block.forward
     monkeypatch.setattr(d2.Block, "forward", lambda self, x: real_forward(self, x) * 1.001)
     out = io.StringIO()
     assert not demo.run(str(tmp_path), out=out)
-    assert "FAIL" in out.getvalue()
+    text = out.getvalue()
+    assert "FAIL" in text and text.count("(only the fresh output norms), 0 unexpected, 0 shape-skipped") == 2, text
