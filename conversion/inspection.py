@@ -53,7 +53,7 @@ def inspect_checkpoint(path: str, *, layout: Union[None, str, LayoutOption] = No
     """
     # Metadata only, for every format: a torch archive's index, a safetensors header, the pickles of
     # a legacy torch file or a plain pickle (tensors and arrays as handles, payloads left in the file).
-    source = open_source(path, metadata_only=True)
+    source = open_source(path)
     loaded, fmt, bytes_read = source.objects, source.format, source.bytes_read
     state_dict, container = select_state_dict(loaded)
     check_weight_types(state_dict)

@@ -291,14 +291,13 @@ class Source:
     modules: Optional[frozenset] = None
 
 
-def open_source(path: str, *, metadata_only: bool = False) -> Source:
+def open_source(path: str) -> Source:
     """Open `path` reading as little as its format allows, into handles: a torch archive by its
     index, a safetensors file by its header, a legacy torch file or a plain pickle by its pickles
     (`open_pickled`); tensor bytes stay in the file, as `TensorRef`s (`ArrayRef`s for a pickle's
     numpy arrays) whose storages `Source.storages` locates.  A safetensors header this reader
     cannot vouch for is read whole (`load_source`), so the refusal is safetensors' own.
-    `metadata_only` (what `inspect` asks for) changes nothing any more: convert opens files the
-    same way.
+    `inspect` and `convert` open files the same way.
 
     Raises:
         UnreadableCheckpoint, UnsafeCheckpoint: as `read_checkpoint`.

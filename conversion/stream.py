@@ -38,8 +38,8 @@ from .io import crc as _crc
 from .io.crc import ReadBack
 from .io.modelzoo_pkl import array_digests
 from .io.pickle_writer import OpcodeWriter
-from .io.handles import ITEM_SIZE, FileBytes, StorageRef, TensorRef, numel
-from .io.tensor_bytes import Tensors, widened
+from .io.handles import ITEM_SIZE, FileBytes, StorageRef, TensorRef, location_bytes, numel
+from .io.tensor_bytes import Gathered, Tensors, widened
 from .io.torchzip import (  # noqa: F401  (read_index, _data_offset: this module's readers, used by tests)
     _aligned_info,
     _data_offset,
@@ -138,8 +138,8 @@ def _copy_from_source(tensors: Tensors, dst_fd: int, offset: int, count: int) ->
     """`_copy_range` from the source file; a source that ends inside the range is named."""
     try:
         _copy_range(tensors.fd, dst_fd, offset, count)
-    except EOFError:  # the source shrank after its index or header was read
-        raise UnreadableCheckpoint(f"{tensors.path}: the file ends inside a tensor (truncated while converting).", "Re-download or re-save it.") from None
+    except EOFError:
+        raise tensors.ends_inside_a_tensor() from None
 
 
 def _source_crcs(tensors: Tensors, runs: List[FileBytes]) -> List[int]:
@@ -147,8 +147,8 @@ def _source_crcs(tensors: Tensors, runs: List[FileBytes]) -> List[int]:
     computed in parallel from the source: the expected value the read-back checks the copy against."""
     try:
         return _crc.crcs_of_ranges(tensors.fd, [(run.offset, run.nbytes) for run in runs]) if runs else []
-    except EOFError:  # the source shrank after its header was read
-        raise UnreadableCheckpoint(f"{tensors.path}: the file ends inside a tensor (truncated while converting).", "Re-download or re-save it.") from None
+    except EOFError:
+        raise tensors.ends_inside_a_tensor() from None
 
 
 def write_archive(
@@ -209,9 +209,6 @@ def write_archive(
 
 
 def _storage_size(tensors: Tensors, key: str) -> int:
-    from .io.handles import location_bytes
-    from .io.tensor_bytes import Gathered
-
     loc = tensors.storages[key]
     return numel(loc.ref) * ITEM_SIZE[loc.ref.dtype] if isinstance(loc, Gathered) else location_bytes(loc)
 

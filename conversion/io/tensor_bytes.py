@@ -125,7 +125,12 @@ class Tensors:
         try:
             return read_run(self.fd, offset, count)
         except EOFError:
-            raise UnreadableCheckpoint(f"{self.path}: the file ends inside a tensor (truncated).", "Re-download or re-save it.") from None
+            raise self.ends_inside_a_tensor() from None
+
+    def ends_inside_a_tensor(self) -> UnreadableCheckpoint:
+        """The error for a source that ends inside a range its index or header declared (truncated,
+        or cut short by another process while it converts)."""
+        return UnreadableCheckpoint(f"{self.path}: the file ends inside a tensor (truncated).", "Re-download or re-save it.")
 
 
 def read_run(fd: int, offset: int, count: int) -> bytearray:

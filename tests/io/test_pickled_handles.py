@@ -169,7 +169,7 @@ def test_a_payload_declared_past_the_end_is_refused_by_both_readers_alike(tmp_pa
     with pytest.raises(UnreadableCheckpoint, match=r"cut\.pkl: 'w': the pickle declares 360000 bytes where fewer are left") as whole:
         load_checkpoint(str(path))
     with pytest.raises(UnreadableCheckpoint) as handles:
-        open_source(str(path), metadata_only=True)
+        open_source(str(path))
     assert handles.value.message == whole.value.message
 
 
@@ -180,7 +180,7 @@ def test_a_legacy_storage_past_the_end_is_refused_by_both_readers_alike(tmp_path
     with pytest.raises(UnreadableCheckpoint, match=r"cut\.pth: storage \S+ is truncated or its size disagrees with the index") as whole:
         load_checkpoint(str(path))
     with pytest.raises(UnreadableCheckpoint) as handles:
-        open_source(str(path), metadata_only=True)
+        open_source(str(path))
     assert handles.value.message == whole.value.message
 
 
@@ -198,7 +198,7 @@ def test_arrays_sharing_one_payload_still_spend_the_budget_once_each(tmp_path):
     parts += [pickle.APPENDS, pickle.STOP]
     path = tmp_path / "shared.pkl"
     path.write_bytes(b"".join(parts))
-    for read in (load_checkpoint, lambda p: open_source(p, metadata_only=True)):
+    for read in (load_checkpoint, lambda p: open_source(p)):
         with pytest.raises(UnreadableCheckpoint, match="builds more data than it holds"):
             read(str(path))
 
