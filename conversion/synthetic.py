@@ -28,7 +28,9 @@ def random_state_dict(arch: Architecture, seed: int = 0, dtype: torch.dtype = to
     g = torch.Generator().manual_seed(seed)
     out = {}
     for name, shape in canonical_shapes(arch).items():
-        noise = torch.randn(shape, generator=g, dtype=torch.float64)
+        # float32 noise: what checkpoints hold, and twice as quick to draw as float64 (a ConvNeXt-Tiny
+        # takes 0.2 s); narrower dtypes are this value rounded once.
+        noise = torch.randn(shape, generator=g, dtype=torch.float32)
         if _LAYER_NORM_WEIGHT.search(name):
             value = 1.0 + 0.1 * noise
         elif name.endswith(".gamma") and ".grn." not in name:
