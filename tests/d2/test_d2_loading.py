@@ -125,3 +125,21 @@ def test_the_test_api_returns_the_harness_observation(tmp_path):
     # Only res5 asked for: the backbone has norm3 alone, the one fresh pair.
     assert sorted(result.missing) == ["backbone.norm3.bias", "backbone.norm3.weight"]
     assert result.unexpected == [] and result.incorrect_shapes == []
+
+
+@pytest.mark.parametrize("values, dtype, finite", [
+    ([], torch.float32, True),
+    ([1.0, -2.0], torch.float32, True),
+    ([60000.0] * 4, torch.float16, True),  # the sum overflows float16; every element is finite
+    ([3e38, 3e38], torch.float32, True),  # the sum overflows float32
+    ([1.0, float("nan")], torch.float32, False),
+    ([float("inf"), -float("inf")], torch.float32, False),  # their sum is NaN
+    ([1.0, float("inf")], torch.bfloat16, False),
+], ids=["empty", "finite", "fp16-sum-overflows", "fp32-sum-overflows", "nan", "inf-and-minus-inf", "bf16-inf"])
+def test_non_finite_names_exactly_the_tensors_holding_nan_or_inf(values, dtype, finite):
+    from conversion.d2_loading import non_finite
+
+    model = torch.nn.Linear(len(values), 1, bias=False)
+    with torch.no_grad():
+        model.weight = torch.nn.Parameter(torch.tensor([values], dtype=dtype).reshape(1, len(values)))
+    assert non_finite(model, ["weight", "not-in-the-model"]) == ([] if finite else ["weight"])
