@@ -14,7 +14,7 @@ from conversion.testing import write_synthetic_checkpoint
 
 from ..cli.test_cli import assert_plain_error
 from ..support import require
-from .test_gate import Outcome, Step, run_in_one_interpreter
+from .test_gate import Outcome, Step, run_in_one_interpreter, shared_interpreter
 
 require("detectron2")
 
@@ -80,15 +80,16 @@ def runs(project: Path, weights: Dict[str, str], tmp_path_factory) -> Dict[str, 
 
 @pytest.fixture(scope="module")
 def package_import(project: Path, weights: Dict[str, str], tmp_path_factory) -> Dict[str, Outcome]:
-    """Importing the example's package by name, in an interpreter of its own: the package's `__init__`
-    imports (and so registers) the backbone before it fails, which a session that loads the backbone
-    file would see as a second registration.  First `convnext-d2 verify --import MODULE` as a user
-    runs it, then the plain `import MODULE` (that re-runs the package's `__init__`, which fails again)."""
+    """Importing the example's package by name, not where `runs` loaded the backbone file: the package's
+    `__init__` imports (and so registers) the backbone before it fails, which would be a second
+    registration there.  It runs in the interpreter the gate's tests share, which never loads that
+    file: first `convnext-d2 verify --import MODULE` as a user runs it, then the plain `import MODULE`
+    (which runs the package's `__init__` again: it fails again)."""
     steps = {
         "cli": Step("cli", project, _verify(weights["good"], MODULE)),
         "import": Step("import", project, (MODULE,)),
     }
-    return run_in_one_interpreter(steps, tmp_path_factory.mktemp("package"))
+    return shared_interpreter().run(steps, tmp_path_factory.mktemp("package"))
 
 
 def test_the_packages_init_really_cannot_be_imported_here(package_import):
