@@ -1,6 +1,9 @@
 """The pytest plugin (`conversion.testing.plugin`, entry point `pytest11`): inert unless given
 `--convnext-d2-checkpoint`, then it adds the gate tests (`-k roundtrip` selects them) that fail with
-verify's report.  Each test runs pytest in a subprocess on a throwaway suite, as another project would."""
+verify's report.  Each test runs pytest in another process on a throwaway suite, as another project
+would: the inertness and the wheel install in processes of their own, the rest as steps of one
+interpreter (`Interpreter`, which tests/d2/test_example.py uses too: that runner is why this module
+is a little over 400 lines)."""
 from __future__ import annotations
 
 import atexit
@@ -31,7 +34,7 @@ SMALL = Architecture((1, 1, 2, 1), (8, 16, 24, 32), num_classes=5, classifier_no
 # pytest + torch (+ detectron2) start in a few seconds; a hung one must not hang the suite.
 PYTEST_TIMEOUT_S = 300
 
-# Another project's suite: one passing test, one skipped, one using the plugin's builder fixture.
+# Another project's suite: one passing test, one skipped.
 OTHER_SUITE = {
     "pytest.ini": "[pytest]\n",
     "test_other.py": """
@@ -187,7 +190,8 @@ for line in sys.stdin:  # one plan a line, [steps file, results file]; each answ
 class Step:
     """One step of `run_in_one_interpreter`: `kind` "pytest" (ARGS after `-p no:cacheprovider -rA`, the
     plugin loaded as an installed entry point would unless `plugin` is False), "cli" (`convnext-d2
-    ARGS`) or "import" (ARGS[0], a module name), run in `cwd` with `env` set."""
+    ARGS`) or "import" (ARGS[0], a module name), run in `cwd` with `env` set (and left set), the modules
+    `fresh_modules` dropped first."""
 
     kind: str
     cwd: Path
@@ -242,15 +246,24 @@ class Interpreter:
         reader.start()
         reader.join(PYTEST_TIMEOUT_S)
         if answer != ["done\n"]:
-            self.close()
+            what = f"hung (over {PYTEST_TIMEOUT_S} s)" if not answer else "died"
             self._log.seek(0)
-            raise AssertionError(f"the steps' interpreter {'hung' if not answer else 'died'}:\n{self._log.read()[-3000:]}")
+            log = self._log.read()[-3000:]
+            self.close(kill=True)
+            raise AssertionError(f"the steps' interpreter {what} running {[step.kind for step in steps.values()]}:\n{log}")
         outcomes = json.loads(results.read_text())
         return {name: Outcome(r["status"], r["stdout"], r["stderr"]) for name, r in zip(steps, outcomes)}
 
-    def close(self) -> None:
-        if self._process.poll() is None:
-            self._process.stdin.close()  # type: ignore[union-attr]  (its loop ends: it exits)
+    @property
+    def alive(self) -> bool:
+        return self._process.poll() is None
+
+    def close(self, kill: bool = False) -> None:
+        if self.alive:
+            if kill:
+                self._process.kill()
+            else:
+                self._process.stdin.close()  # type: ignore[union-attr]  (its loop ends: it exits)
             try:
                 self._process.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -276,8 +289,8 @@ def shared_interpreter() -> Interpreter:
     ask for it (each start of torch and Detectron2 costs seconds).  What runs in it: the gate's runs on
     another project's suite, and the example's package import by name; never the example's backbone
     loaded from its file, which the package import would then register a second time."""
-    if not _SHARED:
-        _SHARED.append(Interpreter())
+    if not _SHARED or not _SHARED[0].alive:
+        _SHARED[:] = [Interpreter()]
         atexit.register(_SHARED[0].close)
     return _SHARED[0]
 
