@@ -269,7 +269,8 @@ class Interpreter:
             except subprocess.TimeoutExpired:
                 self._process.kill()
                 self._process.wait()
-        self._log.close()
+        if not self._log.closed:
+            self._log.close()
 
 
 def run_in_one_interpreter(steps: Dict[str, Step], folder: Path) -> Dict[str, Outcome]:
@@ -323,7 +324,11 @@ def sessions(tmp_path_factory) -> Dict[str, Any]:
         # Last, in this checkout, whose conftest loads the plugin (no `-p`) and defines the old names.
         steps["old-names"] = Step("pytest", ROOT, ("tests/unit/test_architecture.py", "--checkpoint", files["raw"], "-k", "roundtrip"),
                                   plugin=False)
-    return {"files": files, "runs": shared_interpreter().run(steps, tmp)}
+    runs = shared_interpreter().run(steps, tmp)
+    # The last of its users in file order (test_example.py runs first): its memory (torch, Detectron2)
+    # is not held through the rest of the suite.  A later user would start a fresh one.
+    shared_interpreter().close()
+    return {"files": files, "runs": runs}
 
 
 @pytest.fixture(scope="module")
