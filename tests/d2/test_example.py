@@ -62,9 +62,9 @@ def _verify(weights_file: str, backbone: object) -> Tuple[str, ...]:
 
 @pytest.fixture(scope="module")
 def runs(project: Path, weights: Dict[str, str], tmp_path_factory) -> Dict[str, Outcome]:
-    """The CPU-runner workflow's two steps in one interpreter, as CI runs them: the one-line
-    `convnext-d2 verify` (first, so that it loads the backbone file itself) on the good and on a raw
-    file, then the example's own pytest (a fresh `pytest.main` per weights file, its test module
+    """The CPU-runner workflow's two steps, in one interpreter (CI starts a process for each; here a
+    start of torch and Detectron2 is paid once): the one-line `convnext-d2 verify` (first, so that it
+    loads the backbone file itself) on the good and on a raw file, then the example's own pytest (a fresh `pytest.main` per weights file, its test module
     imported anew so that it reads DIMASKDINO_WEIGHTS again).  The example's second test does not read
     the weights: it runs in the good file's session only, the broken kinds' sessions run the first."""
     steps = {
