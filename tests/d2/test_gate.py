@@ -1,15 +1,23 @@
 """The pytest plugin (`conversion.testing.plugin`, entry point `pytest11`): inert unless given
 `--convnext-d2-checkpoint`, then it adds the gate tests (`-k roundtrip` selects them) that fail with
-verify's report.  Each test runs pytest in a subprocess on a throwaway suite, as another project would."""
+verify's report.  Each test runs pytest in another process on a throwaway suite, as another project
+would: the inertness and the wheel install in processes of their own, the rest as steps of one
+interpreter (`Interpreter`, which tests/d2/test_example.py uses too: that runner is why this module
+is a little over 400 lines)."""
 from __future__ import annotations
 
+import atexit
+import importlib.util
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -26,7 +34,7 @@ SMALL = Architecture((1, 1, 2, 1), (8, 16, 24, 32), num_classes=5, classifier_no
 # pytest + torch (+ detectron2) start in a few seconds; a hung one must not hang the suite.
 PYTEST_TIMEOUT_S = 300
 
-# Another project's suite: one passing test, one skipped, one using the plugin's builder fixture.
+# Another project's suite: one passing test, one skipped.
 OTHER_SUITE = {
     "pytest.ini": "[pytest]\n",
     "test_other.py": """
@@ -41,6 +49,21 @@ OTHER_SUITE = {
         """,
 }
 
+# A suite using the plugin's fixtures without its options.
+BUILDER_SUITE = {
+    "pytest.ini": "[pytest]\n",
+    "test_builder.py": """
+        import os
+
+        def test_builder(convnext_d2_write_checkpoint, tmp_path):
+            path = convnext_d2_write_checkpoint("w.pth", layout="timm", variant="convnext_atto")
+            assert os.path.dirname(path) == str(tmp_path) and os.path.getsize(path) > 1000
+
+        def test_gate_fixture_skips_without_a_checkpoint(convnext_d2_gate):
+            raise AssertionError("not reached")
+        """,
+}
+
 
 def _suite(root: Path, files=OTHER_SUITE) -> Path:
     root.mkdir(parents=True, exist_ok=True)
@@ -49,15 +72,11 @@ def _suite(root: Path, files=OTHER_SUITE) -> Path:
     return root
 
 
-def run_pytest(cwd: Path, *args: str, plugin: Optional[bool] = True, python: str = sys.executable) -> subprocess.CompletedProcess:
-    """pytest in `cwd` with this checkout importable; `plugin` loads it as an installed entry point would,
-    `plugin=False` blocks it (it may be installed, as in tox, where the entry point loads it anyway), and
-    `plugin=None` leaves it to the run (this checkout's conftest loads it)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    env.pop("PYTEST_ADDOPTS", None)
-    command = [python, "-m", "pytest", "-p", "no:cacheprovider", "-rA"] + ([] if plugin is None else ["-p", PLUGIN if plugin else "no:" + PLUGIN]) + list(args)
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=PYTEST_TIMEOUT_S)
+def run_pytest(cwd: Path, *args: str, plugin: bool = True) -> subprocess.CompletedProcess:
+    """pytest in a process of its own, in `cwd` with this checkout importable; `plugin` loads it (`-p`) as an
+    installed entry point would, `plugin=False` blocks it (`-p no:`: tox installs the package)."""
+    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", "-p", PLUGIN if plugin else "no:" + PLUGIN] + list(args)
+    return subprocess.run(command, cwd=cwd, env=child_environment(), capture_output=True, text=True, timeout=PYTEST_TIMEOUT_S)
 
 
 def _outcomes(output: str) -> List[str]:
@@ -73,15 +92,17 @@ def _summary(output: str) -> str:
 
 
 def test_the_plugin_is_inert_without_its_options(tmp_path):
-    """Loaded but not asked: the other suite's tests, outcomes and header are exactly as without it."""
+    """Loaded but not asked: the other suite's tests, outcomes and header are exactly as without it.
+    Each run is a process of its own: after another session in the same interpreter, an import's side
+    effect (a hook, a module pytest then finds loaded) could make both runs look alike."""
     suite = _suite(tmp_path / "other")
     with_plugin, without = run_pytest(suite), run_pytest(suite, plugin=False)
     assert with_plugin.returncode == without.returncode == 0, with_plugin.stdout + with_plugin.stderr
     assert _outcomes(with_plugin.stdout) == _outcomes(without.stdout) != []
     assert _summary(with_plugin.stdout) == _summary(without.stdout)
     assert "1 passed, 1 skipped" in _summary(without.stdout)
-    # pytest's "plugins:" line names every installed plugin's distribution (so it names convnext-d2
-    # where the package is installed, as in tox); nothing else may mention it.
+    # pytest's "plugins:" line names the distributions of entry-point plugins (convnext-d2's where the
+    # package is installed and entry points load, as in the wheel test); nothing else may mention it.
     shown = "\n".join(line for line in with_plugin.stdout.splitlines() if not line.startswith("plugins:"))
     assert "convnext" not in shown.lower(), with_plugin.stdout
     collected = run_pytest(suite, "--collect-only", "-q"), run_pytest(suite, "--collect-only", "-q", plugin=False)
@@ -95,57 +116,226 @@ def test_the_options_are_namespaced():
     assert {"--convnext-d2-checkpoint", "--convnext-d2-config", "--convnext-d2-import", "--convnext-d2-source"} <= set(names)
 
 
-# Several pytest sessions in one interpreter: each a fresh `pytest.main` in its own folder, the
-# interpreter's start (torch, Detectron2: seconds) paid once.  Used for the gate's verdicts; the plugin's
-# inertness is checked in separate processes (a session after another could hide an import side effect).
-_SESSIONS = r"""
-import contextlib, io, json, os, sys
-import pytest
-results = []
-for cwd, args in json.loads(sys.argv[1]):
-    os.chdir(cwd)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        status = pytest.main(["-p", "no:cacheprovider", "-rA", "-p", "conversion.testing.plugin", *args])
-    results.append({"status": int(status), "stdout": out.getvalue()})
-print(json.dumps(results))
+# Several steps in one interpreter, its start (torch, Detectron2: seconds) paid once: each step a fresh
+# `pytest.main` in its own folder, a `convnext-d2 ...` command (`conversion.cli.main`, which is all
+# that `python -m conversion` runs), or a module imported by name.  Each step's stdout and stderr
+# are captured at the file descriptors, so that whatever a real process would print (logging
+# handlers, warnings, C code) is in them.  Steps run in order and share the interpreter: where a
+# step needs a fresh interpreter (the plugin's inertness, an import's side effects), it gets its own.
+_STEPS = r"""
+import contextlib, json, os, sys, tempfile, traceback
+
+
+@contextlib.contextmanager
+def captured(result):
+    sys.stdout.flush(); sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    files = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    os.dup2(files[0].fileno(), 1); os.dup2(files[1].fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stdout.flush(); sys.stderr.flush()
+        os.dup2(saved[0], 1); os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+        for name, f in zip(("stdout", "stderr"), files):
+            f.seek(0); result[name] = f.read().decode("utf-8", "replace"); f.close()
+
+
+def run(step):
+    if step["kind"] == "pytest":
+        import pytest
+        return int(pytest.main(step["args"]))
+    if step["kind"] == "cli":
+        from conversion.cli import main
+        return main(step["args"])
+    try:  # "import": as `python -c "import NAME"` would
+        __import__(step["args"][0])
+    except BaseException:
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+def run_plan(plan, answer):
+    with open(plan) as f:
+        steps = json.load(f)
+    results = []
+    for step in steps:
+        os.chdir(step["cwd"])
+        os.environ.update(step["env"])
+        for name in step["fresh_modules"]:
+            sys.modules.pop(name, None)  # a test module imported anew reads its environment again
+        result = {"status": None}
+        with captured(result):
+            try:
+                result["status"] = run(step)
+            except SystemExit as stop:
+                result["status"] = stop.code
+            except BaseException:
+                traceback.print_exc()  # escaped: the step's stderr shows it, its status stays None
+        results.append(result)
+    with open(answer, "w") as f:
+        json.dump(results, f)
+
+
+for line in sys.stdin:  # one plan a line, [steps file, results file]; each answered "done" when written
+    run_plan(*json.loads(line))
+    print("done", flush=True)
 """
 
 
-def run_pytest_sessions(sessions: Dict[str, Tuple[Path, List[str]]]) -> Dict[str, Tuple[int, str]]:
-    """name -> (exit status, stdout) of `pytest ARGS` in each folder, the plugin loaded as an installed entry point would."""
-    env = dict(os.environ)
+@dataclass(frozen=True)
+class Step:
+    """One step of `run_in_one_interpreter`: `kind` "pytest" (ARGS after `-p no:cacheprovider -rA`, the
+    plugin loaded as an installed entry point would unless `plugin` is False), "cli" (`convnext-d2
+    ARGS`) or "import" (ARGS[0], a module name), run in `cwd` with `env` set (and left set), the modules
+    `fresh_modules` dropped first."""
+
+    kind: str
+    cwd: Path
+    args: Tuple[str, ...]
+    env: Tuple[Tuple[str, str], ...] = ()
+    fresh_modules: Tuple[str, ...] = ()
+    plugin: bool = True
+
+    def as_plan(self) -> Dict[str, Any]:
+        args = [str(a) for a in self.args]
+        if self.kind == "pytest":
+            args = ["-p", "no:cacheprovider", "-rA"] + (["-p", PLUGIN] if self.plugin else []) + args
+        return {"kind": self.kind, "cwd": str(self.cwd), "args": args, "env": dict(self.env),
+                "fresh_modules": list(self.fresh_modules)}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: Optional[int]  # None: an exception escaped the step (its traceback is in stderr)
+    stdout: str
+    stderr: str
+
+
+def child_environment() -> Dict[str, str]:
+    """This process's environment with this checkout importable, no PYTEST_ADDOPTS, and no pytest
+    plugin loaded from entry points: each run loads the convnext-d2 plugin itself (`-p`) or not at
+    all, so that what it shows is that plugin's doing (an installed copy's entry point, beside
+    every other installed plugin, is the wheel test's subject)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_ADDOPTS", "PYTEST_PLUGINS")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    env.pop("PYTEST_ADDOPTS", None)
-    plan = [(str(cwd), [str(a) for a in args]) for cwd, args in sessions.values()]
-    done = subprocess.run([sys.executable, "-c", _SESSIONS, json.dumps(plan)], env=env, capture_output=True, text=True,
-                          timeout=PYTEST_TIMEOUT_S)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
-    return {name: (r["status"], r["stdout"]) for name, r in zip(sessions, results)}
+    env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+    return env
+
+
+class Interpreter:
+    """A fresh interpreter that runs plans of steps as they come (`_STEPS`), in order, until closed."""
+
+    def __init__(self) -> None:
+        self._log = tempfile.TemporaryFile(mode="w+")  # its own stderr, outside any step: shown if it dies
+        self._process = subprocess.Popen([sys.executable, "-c", _STEPS], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=self._log, text=True, env=child_environment())
+
+    def run(self, steps: Dict[str, Step], folder: Path) -> Dict[str, Outcome]:
+        """name -> Outcome of each step (the plan and the results are files in `folder`)."""
+        plan, results = folder / "steps.json", folder / "outcomes.json"
+        plan.write_text(json.dumps([step.as_plan() for step in steps.values()]))
+        assert self._process.stdin is not None and self._process.stdout is not None
+        self._process.stdin.write(json.dumps([str(plan), str(results)]) + "\n")
+        self._process.stdin.flush()
+        answer: List[str] = []
+        reader = threading.Thread(target=lambda: answer.append(self._process.stdout.readline()), daemon=True)  # type: ignore[union-attr]
+        reader.start()
+        reader.join(PYTEST_TIMEOUT_S)
+        if answer != ["done\n"]:
+            what = f"hung (over {PYTEST_TIMEOUT_S} s)" if not answer else "died"
+            self._log.seek(0)
+            log = self._log.read()[-3000:]
+            self.close(kill=True)
+            raise AssertionError(f"the steps' interpreter {what} running {[step.kind for step in steps.values()]}:\n{log}")
+        outcomes = json.loads(results.read_text())
+        return {name: Outcome(r["status"], r["stdout"], r["stderr"]) for name, r in zip(steps, outcomes)}
+
+    @property
+    def alive(self) -> bool:
+        return self._process.poll() is None
+
+    def close(self, kill: bool = False) -> None:
+        if self.alive:
+            if kill:
+                self._process.kill()
+            else:
+                self._process.stdin.close()  # type: ignore[union-attr]  (its loop ends: it exits)
+            try:
+                self._process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        if not self._log.closed:
+            self._log.close()
+
+
+def run_in_one_interpreter(steps: Dict[str, Step], folder: Path) -> Dict[str, Outcome]:
+    """name -> Outcome of each step, all run in order by one fresh interpreter."""
+    interpreter = Interpreter()
+    try:
+        return interpreter.run(steps, folder)
+    finally:
+        interpreter.close()
+
+
+_SHARED: List[Interpreter] = []
+
+
+def shared_interpreter() -> Interpreter:
+    """One interpreter for this test process, started on first use and shared by the test files that
+    ask for it (each start of torch and Detectron2 costs seconds).  What runs in it: the gate's runs on
+    another project's suite, and the example's package import by name; never the example's backbone
+    loaded from its file, which the package import would then register a second time."""
+    if not _SHARED or not _SHARED[0].alive:
+        _SHARED[:] = [Interpreter()]
+        atexit.register(_SHARED[0].close)
+    return _SHARED[0]
 
 
 @pytest.fixture(scope="module")
-def gate(tmp_path_factory) -> Dict[str, Any]:
+def sessions(tmp_path_factory) -> Dict[str, Any]:
+    """Another project's suite run with the plugin, each run a `pytest` session in one interpreter:
+    the builder fixture's run, and (where Detectron2 imports) the gate on the files given and this
+    checkout's own run with its old option names.  The files, and name -> Outcome."""
+    tmp = tmp_path_factory.mktemp("gate")
+    other, builder = _suite(tmp / "other"), _suite(tmp / "builder", BUILDER_SUITE)
+    steps = {"builder": Step("pytest", builder, ())}
+    files: Dict[str, str] = {}
+    if importlib.util.find_spec("detectron2") is not None:
+        files = {
+            "good": write_synthetic_checkpoint(tmp / "good.pth", layout="detectron2", variant=SMALL),
+            "raw": write_synthetic_checkpoint(tmp / "raw.pth", layout="official", variant=SMALL),
+            "missing": str(tmp / "nope.pth"),
+            "source": write_synthetic_checkpoint(tmp / "source.pth", layout="timm", variant=SMALL),
+            "other": write_synthetic_checkpoint(tmp / "other.pth", layout="timm", variant=SMALL, seed=7),
+        }
+        gate_runs = {
+            "good": ["--convnext-d2-checkpoint", files["good"], "-k", "roundtrip"],
+            "raw": ["--convnext-d2-checkpoint", files["raw"]],
+            "missing": ["--convnext-d2-checkpoint", files["missing"]],
+            "features-equal": ["--convnext-d2-checkpoint", files["good"], "--convnext-d2-source", files["source"], "-k", "roundtrip"],
+            "features-differ": ["--convnext-d2-checkpoint", files["good"], "--convnext-d2-source", files["other"], "-k", "features"],
+        }
+        steps.update({name: Step("pytest", other, tuple(args)) for name, args in gate_runs.items()})
+        # Last, in this checkout, whose conftest loads the plugin (no `-p`) and defines the old names.
+        steps["old-names"] = Step("pytest", ROOT, ("tests/unit/test_architecture.py", "--checkpoint", files["raw"], "-k", "roundtrip"),
+                                  plugin=False)
+    runs = shared_interpreter().run(steps, tmp)
+    # The last of its users in file order (test_example.py runs first): its memory (torch, Detectron2)
+    # is not held through the rest of the suite.  A later user would start a fresh one.
+    shared_interpreter().close()
+    return {"files": files, "runs": runs}
+
+
+@pytest.fixture(scope="module")
+def gate(sessions) -> Dict[str, Any]:
     """The gate on another project's suite: the files it is given, and each run's (exit status, stdout)."""
     require("detectron2")
-    tmp = tmp_path_factory.mktemp("gate")
-    suite = _suite(tmp / "other")
-    files = {
-        "good": write_synthetic_checkpoint(tmp / "good.pth", layout="detectron2", variant=SMALL),
-        "raw": write_synthetic_checkpoint(tmp / "raw.pth", layout="official", variant=SMALL),
-        "missing": str(tmp / "nope.pth"),
-        "source": write_synthetic_checkpoint(tmp / "source.pth", layout="timm", variant=SMALL),
-        "other": write_synthetic_checkpoint(tmp / "other.pth", layout="timm", variant=SMALL, seed=7),
-    }
-    runs = run_pytest_sessions({
-        "good": (suite, ["--convnext-d2-checkpoint", files["good"], "-k", "roundtrip"]),
-        "raw": (suite, ["--convnext-d2-checkpoint", files["raw"]]),
-        "missing": (suite, ["--convnext-d2-checkpoint", files["missing"]]),
-        "features-equal": (suite, ["--convnext-d2-checkpoint", files["good"], "--convnext-d2-source", files["source"], "-k", "roundtrip"]),
-        "features-differ": (suite, ["--convnext-d2-checkpoint", files["good"], "--convnext-d2-source", files["other"], "-k", "features"]),
-    })
-    return {"files": files, "runs": runs}
+    return {"files": sessions["files"], "runs": {name: (r.status, r.stdout) for name, r in sessions["runs"].items()}}
 
 
 def test_the_gate_tests_pass_on_a_good_file_and_are_selected_by_their_keyword(gate):
@@ -179,32 +369,23 @@ def test_the_gate_compares_features_with_a_source(gate):
     assert status == 1 and "features differ from the source" in stdout, stdout
 
 
-def test_the_builder_fixture_writes_into_the_tests_tmp_path(tmp_path):
-    suite = _suite(tmp_path / "other", {
-        "pytest.ini": "[pytest]\n",
-        "test_builder.py": """
-            import os
-
-            def test_builder(convnext_d2_write_checkpoint, tmp_path):
-                path = convnext_d2_write_checkpoint("w.pth", layout="timm", variant="convnext_atto")
-                assert os.path.dirname(path) == str(tmp_path) and os.path.getsize(path) > 1000
-
-            def test_gate_fixture_skips_without_a_checkpoint(convnext_d2_gate):
-                raise AssertionError("not reached")
-            """,
-    })
-    result = run_pytest(suite)
-    assert result.returncode == 0, result.stdout + result.stderr
+def test_the_builder_fixture_writes_into_the_tests_tmp_path(sessions):
+    result = sessions["runs"]["builder"]
+    assert result.status == 0, result.stdout + result.stderr
     assert "PASSED test_builder.py::test_builder" in result.stdout
     assert "no --convnext-d2-checkpoint given" in result.stdout
 
 
 def test_this_repositorys_old_option_names_still_work(gate):
     """`pytest --checkpoint FILE` in this checkout is the plugin's `--convnext-d2-checkpoint`."""
-    raw = gate["files"]["raw"]
-    result = run_pytest(ROOT, "tests/unit/test_architecture.py", "--checkpoint", raw, "-k", "roundtrip", plugin=None)
-    assert result.returncode == 1, result.stdout
-    assert "FAILED convnext-d2::test_convnext_d2_roundtrip_checkpoint_loads_clean" in _outcomes(result.stdout), result.stdout
+    status, stdout = gate["runs"]["old-names"]
+    assert status == 1, stdout
+    assert "FAILED convnext-d2::test_convnext_d2_roundtrip_checkpoint_loads_clean" in _outcomes(stdout), stdout
+
+
+def _plugins_line(output: str) -> str:
+    """pytest's header line naming the distributions whose entry-point plugins it loaded ("" if none)."""
+    return next((line for line in output.splitlines() if line.startswith("plugins:")), "")
 
 
 @pytest.mark.slow
@@ -235,12 +416,14 @@ def test_installing_the_package_registers_the_plugin_and_changes_no_other_suite(
                               capture_output=True, text=True, timeout=PYTEST_TIMEOUT_S)
 
     assert "--convnext-d2-checkpoint" in run("--help").stdout, "the pytest11 entry point did not load the plugin"
-    assert "--convnext-d2-checkpoint" not in run("--help", "-p", f"no:{PLUGIN}").stdout
     installed, disabled = run(), run("-p", f"no:{PLUGIN}")
     assert installed.returncode == disabled.returncode == 0, installed.stdout + installed.stderr
     assert _outcomes(installed.stdout) == _outcomes(disabled.stdout) != []
     assert _summary(installed.stdout) == _summary(disabled.stdout)
-    # pytest lists every installed plugin by its distribution; apart from that line the header is the same.
+    # pytest lists every plugin its entry points loaded by distribution; apart from that line the header
+    # is the same.  That line also shows that `-p no:` kept the entry point from loading the plugin at
+    # all (a `--help -p no:` run without the options would show no more), so the comparison is real.
     header = [line for line in installed.stdout.splitlines()[:6] if not line.startswith("plugins:")]
     assert header == [line for line in disabled.stdout.splitlines()[:6] if not line.startswith("plugins:")]
-    assert "convnext-d2-0.1.0" in next(line for line in installed.stdout.splitlines() if line.startswith("plugins:"))
+    assert "convnext-d2-0.1.0" in _plugins_line(installed.stdout)
+    assert "convnext-d2" not in _plugins_line(disabled.stdout), disabled.stdout
