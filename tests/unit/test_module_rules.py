@@ -17,6 +17,7 @@ here with a message saying which line to change.
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from pathlib import Path
 from typing import Dict, Iterator, List, Set, Tuple
@@ -91,6 +92,7 @@ def _package_modules() -> List[Path]:
     return sorted(PACKAGE.rglob("*.py"))
 
 
+@functools.lru_cache(maxsize=None)  # each module is parsed once for all the rules
 def _tree(path: Path) -> ast.Module:
     return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
 
