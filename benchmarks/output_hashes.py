@@ -1,6 +1,11 @@
 """Record the sha256 of every output for a fixed set of sources, to show a refactor changes no byte.
 
-Usage: python benchmarks/output_hashes.py OUT.json   (run before and after; compare the files)
+Usage: python benchmarks/output_hashes.py OUT.json [SOURCES_DIR]   (run before and after; compare the files)
+
+With SOURCES_DIR the sources are kept there and reused when present, so that the runs to compare
+convert the very same files: a legacy torch file names its storages by their memory addresses
+(`torch.save(..., _use_new_zipfile_serialization=False)`), so it differs from run to run, and so
+does a `.pth` written from it (which keeps the file's storage names).
 
 Sources: every layout (V1 and V2, a small architecture and the Tiny variant), fp32/fp16/bf16,
 bare and under 'model', saved as a torch zip, a legacy torch file, a numpy .pkl and safetensors;
@@ -55,9 +60,11 @@ def _numpy(obj):
     return obj
 
 
-def main(out: str) -> int:
+def main(out: str, sources: str = "") -> int:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
+        kept = sources or tmp
+        os.makedirs(kept, exist_ok=True)
         for arch_name, arch in ARCHES.items():
             try:
                 canonical = random_state_dict(arch, seed=1)
@@ -81,15 +88,17 @@ def main(out: str) -> int:
                                 continue
                             if arch_name == "tiny-v1" and (how != "zip" or dtype == torch.float16):
                                 continue
-                            src = os.path.join(tmp, f"src{ext}")
-                            _save(obj, src, how)
+                            case = f"{arch_name}/{layout}/{str(dtype)[6:]}/{container}/{how}"
+                            src = os.path.join(kept, case.replace("/", "_") + ext)
+                            if not os.path.exists(src):
+                                _save(obj, src, how)
                             for out_ext in (".pth", ".pkl"):
-                                name = f"{arch_name}/{layout}/{str(dtype)[6:]}/{container}/{how}->{out_ext}"
+                                name = f"{case}->{out_ext}"
                                 dst = os.path.join(tmp, "out" + out_ext)
                                 try:
                                     report = convert(src, dst, force=True).to_dict()
                                 except ConversionError as err:
-                                    results[name] = f"refused: {err.message.replace(tmp, '<tmp>')}"
+                                    results[name] = f"refused: {err.message.replace(kept + os.sep, '<tmp>/')}"
                                     continue
                                 with open(dst, "rb") as f:
                                     digest = hashlib.sha256(f.read()).hexdigest()
@@ -104,4 +113,4 @@ def main(out: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main(*sys.argv[1:3]))
