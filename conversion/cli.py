@@ -20,7 +20,7 @@ from .inspection import inspect_checkpoint
 from .layouts import LAYOUTS, LayoutOption, parse_layout_option
 from .pipeline import convert, repair
 from .summaries import format_inspection, format_repair, format_report, format_verification, summarise_names
-from .target import DEFAULT_PREFIX
+from .target import BACKBONE_PREFIX
 
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
 
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("src", metavar="SRC", help="checkpoint to read (.pth, .pt, .bin, .pkl, .safetensors, ...)")
     c.add_argument("dst", metavar="DST", help="file to write; .pth/.pt = torch file, .pkl = Detectron2 model zoo")
     c.add_argument("--ema", action="store_true", help="take the EMA weights of a training checkpoint (model_ema)")
-    c.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"prepended to every name (default {DEFAULT_PREFIX!r}; '' for none)")
+    c.add_argument("--prefix", default=BACKBONE_PREFIX, help=f"prepended to every name (default {BACKBONE_PREFIX!r}; '' for none)")
     c.add_argument("--from", dest="layout", metavar="LAYOUT", type=_layout_option, help=_layout_help())
     c.add_argument("--force", action="store_true", help="overwrite DST if it exists")
     c.add_argument("--quiet", action="store_true", help="no progress bar and no summary (errors still go to stderr)")

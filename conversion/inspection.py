@@ -5,11 +5,11 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Union
 
-from .architecture import infer_architecture
 from .diagnose import d2_problems
-from .layouts import LAYOUTS, LayoutOption, check_pinned_version, classifier_names, parse_layout_option, source_name_of, to_canonical
+from .layouts import LAYOUTS, LayoutOption, classifier_names
 from .containers import check_weight_types, select_state_dict
 from .io.handles import numel
+from .pipeline import recognise
 from .read import open_source
 
 
@@ -57,10 +57,7 @@ def inspect_checkpoint(path: str, *, layout: Union[None, str, LayoutOption] = No
     loaded, fmt, bytes_read = source.objects, source.format, source.bytes_read
     state_dict, container = select_state_dict(loaded)
     check_weight_types(state_dict)
-    option = parse_layout_option(layout)
-    canonical = to_canonical(state_dict, forced=option.name if option else None)
-    arch = infer_architecture({k: tuple(v.shape) for k, v in canonical.state_dict.items()}, source_name_of(canonical))
-    check_pinned_version(option, canonical, arch.version)
+    canonical, arch = recognise(state_dict, layout)
     dtypes: Dict[str, int] = {}
     for tensor in canonical.state_dict.values():
         name = str(tensor.dtype).replace("torch.", "")

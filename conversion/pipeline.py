@@ -21,7 +21,7 @@ from .containers import check_weight_types, select_state_dict
 from .formats import AUTHOR, output_format
 from .io.handles import TensorRef, check_references, numel
 from .read import Source, open_source, placeholders_in
-from .target import ALL_OUTPUTS, DEFAULT_PREFIX, Target, fresh_output_norms, to_target
+from .target import ALL_OUTPUTS, BACKBONE_PREFIX, Target, fresh_output_norms, to_target
 
 # Nothing on this path imports torch (~640 MB resident just to import): handles are written by
 # byte copies and numpy.
@@ -79,19 +79,31 @@ def _stored_dtype(dtype: Any, fmt: str) -> Any:
 
 
 def prepare(
-    state_dict: Mapping[str, Any], *, prefix: str = DEFAULT_PREFIX, layout: Union[None, str, LayoutOption] = None
+    state_dict: Mapping[str, Any], *, prefix: str = BACKBONE_PREFIX, layout: Union[None, str, LayoutOption] = None
 ) -> Tuple[Architecture, Any, Any]:
     """Pure part of the pipeline: (architecture, canonical, target) for an in-memory state dict.
 
     The target is ordered as the official model orders its parameters, whatever the
     source order, so the same weights always give the same bytes.
     """
+    canonical, arch = recognise(state_dict, layout)
+    ordered = {name: canonical.state_dict[name] for name in canonical_shapes(arch)}
+    return arch, canonical, to_target(ordered, prefix=prefix)
+
+
+def recognise(state_dict: Mapping[str, Any], layout: Union[None, str, LayoutOption] = None) -> Tuple[Canonical, Architecture]:
+    """The recognising stage, the one place convert, inspect and verify do it: the weights in
+    canonical names (their layout found, or the one `layout` names), and the architecture their
+    shapes give.  Only names and shapes are read: handles serve as well as tensors.
+
+    Raises:
+        NotConvNeXt: not a ConvNeXt this tool knows, or not the version `layout` pins.
+    """
     option = parse_layout_option(layout)
     canonical = to_canonical(state_dict, forced=option.name if option else None)
     arch = infer_architecture({k: tuple(v.shape) for k, v in canonical.state_dict.items()}, source_name_of(canonical))
     check_pinned_version(option, canonical, arch.version)
-    ordered = {name: canonical.state_dict[name] for name in canonical_shapes(arch)}
-    return arch, canonical, to_target(ordered, prefix=prefix)
+    return canonical, arch
 
 
 @dataclass
@@ -106,7 +118,7 @@ class Plan:
     streamed: bool  # every written tensor is a handle: its bytes are pulled from the file when written
 
 
-def plan(source: Source, fmt: str, *, ema: bool = False, prefix: str = DEFAULT_PREFIX, layout: Union[None, str, LayoutOption] = None) -> Plan:
+def plan(source: Source, fmt: str, *, ema: bool = False, prefix: str = BACKBONE_PREFIX, layout: Union[None, str, LayoutOption] = None) -> Plan:
     """Select the weights, check every handle fits its storage, and map them to target names.
 
     One writer per format serves every plan: handles are written from where their bytes are
@@ -126,7 +138,7 @@ def convert(
     dst: str,
     *,
     ema: bool = False,
-    prefix: str = DEFAULT_PREFIX,
+    prefix: str = BACKBONE_PREFIX,
     layout: Union[None, str, LayoutOption] = None,
     force: bool = False,
     progress: Optional[Callable[[int, int], None]] = None,
@@ -215,7 +227,7 @@ def _report(planned: Plan, dst: str, fmt: str, prefix: str) -> ConversionReport:
             changes[_dtype_name(tensor.dtype)] = _dtype_name(written)
     renamed = {
         t: canonical.source_names[c]
-        for t, c in target.renamed.items()
+        for t, c in target.canonical_names.items()
         if canonical.source_names[c] != canonical.prefix + c  # a prefix alone is not a rename
     }
     return ConversionReport(
@@ -289,5 +301,5 @@ def repair(src: str, dst: str, *, force: bool = False) -> RepairReport:
     causes = _problems(planned)
     if not causes:
         return RepairReport(os.path.abspath(src), os.path.abspath(dst), [])
-    report = _convert(planned, dst, fmt, prefix=DEFAULT_PREFIX, force=force)
+    report = _convert(planned, dst, fmt, prefix=BACKBONE_PREFIX, force=force)
     return RepairReport(os.path.abspath(src), os.path.abspath(dst), causes, report)

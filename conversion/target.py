@@ -14,9 +14,9 @@ from typing import Any, Dict, List, Mapping, Sequence, Tuple
 from .architecture import CLASSIFIER_KEYS, NUM_STAGES, Architecture
 
 # Every Detectron2 meta-architecture (GeneralizedRCNN, MaskFormer, MaskDINO, ...) keeps its backbone
-# at `.backbone`, so its state dict names the backbone's tensors `backbone.*`: the default prefix.
+# at `.backbone`, so its state dict names the backbone's tensors `backbone.*`: what a converted file's
+# names start with unless `--prefix` says otherwise, and where verify looks for the backbone.
 BACKBONE_PREFIX = "backbone."
-DEFAULT_PREFIX = BACKBONE_PREFIX
 ALL_OUTPUTS = tuple(f"res{i + 2}" for i in range(NUM_STAGES))
 
 
@@ -25,25 +25,25 @@ class Target:
     """The state dict to write, and what the mapping did."""
 
     state_dict: Dict[str, Any]
-    renamed: Dict[str, str]  # target name -> canonical name
+    canonical_names: Dict[str, str]  # target name -> canonical name, for every kept tensor
     dropped: Tuple[str, ...]  # canonical names left out (classifier only)
 
 
-def to_target(canonical: Mapping[str, Any], prefix: str = DEFAULT_PREFIX) -> Target:
+def to_target(canonical: Mapping[str, Any], prefix: str = BACKBONE_PREFIX) -> Target:
     """Prefix every backbone tensor; drop the classifier's `norm.*` and `head.*`."""
     kept: Dict[str, Any] = {}
-    renamed: Dict[str, str] = {}
+    canonical_names: Dict[str, str] = {}
     dropped: List[str] = []
     for name, tensor in canonical.items():
         if name in CLASSIFIER_KEYS:
             dropped.append(name)
             continue
         kept[prefix + name] = tensor
-        renamed[prefix + name] = name
-    return Target(state_dict=kept, renamed=renamed, dropped=tuple(sorted(dropped)))
+        canonical_names[prefix + name] = name
+    return Target(state_dict=kept, canonical_names=canonical_names, dropped=tuple(sorted(dropped)))
 
 
-def fresh_output_norms(arch: Architecture, out_features: Sequence[str] = ALL_OUTPUTS, prefix: str = DEFAULT_PREFIX) -> List[str]:
+def fresh_output_norms(arch: Architecture, out_features: Sequence[str] = ALL_OUTPUTS, prefix: str = BACKBONE_PREFIX) -> List[str]:
     """Target keys a backbone with `out_features` has that the file will not hold.
 
     These are the output norms `norm{i}` for each requested `res{i+2}` that the source

@@ -28,13 +28,14 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from . import d2_loading as d2l
-from .architecture import Architecture, infer_architecture
+from .architecture import Architecture
 from .containers import select_state_dict
 from .errors import UnusableVerifyInput, describe_exception
 from .heuristics import heuristic_assignment
 from .imports import load_imports
 from .layouts import Canonical, to_canonical
-from .read import read_checkpoint
+from .pipeline import recognise
+from .read import open_source, read_checkpoint
 from .summaries import summarise_names
 from .target import BACKBONE_PREFIX, to_target
 
@@ -103,8 +104,9 @@ def _canonical_of(path: str) -> Canonical:
 
 
 def _architecture_of(path: str) -> Architecture:
-    """The architecture of the checkpoint's weights (this project's backbone is shaped to fit it)."""
-    return infer_architecture({k: tuple(v.shape) for k, v in _canonical_of(path).state_dict.items()})
+    """The architecture of the checkpoint's weights (this project's backbone is shaped to fit it):
+    recognised as `convert` recognises it, from the file's metadata only."""
+    return recognise(select_state_dict(open_source(path).objects)[0])[1]
 
 
 # ---------------------------------------------------------------- config and model

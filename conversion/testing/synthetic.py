@@ -18,7 +18,7 @@ from ..architecture import CLASSIFIER_KEYS, RELEASED_VARIANTS, Architecture
 from ..errors import NotConvNeXt
 from ..layouts import LAYOUTS, from_canonical
 from ..synthetic import random_state_dict
-from ..target import DEFAULT_PREFIX, to_target
+from ..target import BACKBONE_PREFIX, to_target
 from ..write import PICKLE_PROTOCOL, encode, stored_dtype
 
 # "detectron2": what `convnext-d2 convert` writes (backbone names behind `backbone.`, classifier dropped).
@@ -69,7 +69,7 @@ def synthetic_state_dict(
     arch = resolve_architecture(variant, version, num_classes)
     canonical = random_state_dict(arch, seed=seed, dtype=dtype)
     if layout == DETECTRON2:
-        return dict(to_target(canonical, prefix=DEFAULT_PREFIX if prefix is None else prefix).state_dict)
+        return dict(to_target(canonical, prefix=BACKBONE_PREFIX if prefix is None else prefix).state_dict)
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; known: {', '.join(synthetic_layouts())}")
     return in_layout(canonical, layout, prefix)

@@ -108,3 +108,22 @@ def test_every_dtype_is_kept_in_memory(dtype):
 
     sd = random_state_dict(TINY, dtype=dtype)
     assert {t.dtype for t in prepare(sd)[2].state_dict.values()} == {dtype}
+
+
+def test_the_report_names_as_renamed_only_what_the_layout_renamed(tmp_path):
+    """A prefix alone (the official names behind `module.`, then `backbone.`) is no rename; timm's
+    names are, each listed with the name the file had."""
+    from conversion import convert
+    from conversion.synthetic import random_state_dict
+
+    arch = Architecture((1, 1, 1, 1), (8, 8, 8, 8), num_classes=3, classifier_norm=True)
+    official = random_state_dict(arch)
+    torch.save({"model": {"module." + k: v for k, v in official.items()}}, tmp_path / "official.pth")
+    torch.save(from_canonical(official, "timm"), tmp_path / "timm.pth")
+
+    assert convert(str(tmp_path / "official.pth"), str(tmp_path / "a.pth")).renamed == {}
+    renamed = convert(str(tmp_path / "timm.pth"), str(tmp_path / "b.pth")).renamed
+    assert renamed["backbone.downsample_layers.0.0.weight"] == "stem.0.weight"
+    assert renamed["backbone.stages.2.0.dwconv.weight"] == "stages.2.blocks.0.conv_dw.weight"
+    # every backbone tensor: the stem (4), three downsamples (4 each), four blocks (9 each, gamma too)
+    assert "backbone.stages.0.0.gamma" in renamed and len(renamed) == 4 + 3 * 4 + 4 * 9, sorted(renamed)
