@@ -204,7 +204,7 @@ def _non_finite(planned: Plan, strict: bool) -> Optional[List[str]]:
 def _write(planned: Plan, dst: str, fmt: str, *, force: bool, progress: Optional[Callable[[int, int], None]]) -> int:
     """The one writer per format, for every source; returns the bytes written."""
     from .io.tensor_bytes import writable
-    from .stream import TORCH_SMALL_RECORDS, write_streamed, write_streamed_pickle
+    from .stream import TORCH_SMALL_RECORDS, write_pth, write_pkl
 
     source = planned.source
     tensors, model = writable(source.path, source.storages, planned.target.state_dict, gather=fmt == "torch")
@@ -212,8 +212,8 @@ def _write(planned: Plan, dst: str, fmt: str, *, force: bool, progress: Optional
         keep = sorted({ref.storage.key for ref in model.values()})
         small = source.index.small_records() if source.index is not None else list(TORCH_SMALL_RECORDS)
         payload = {"model": model, "__author__": AUTHOR}
-        return write_streamed(dst, tensors, payload, keep, small, force=force, source=source.path, progress=progress)
-    return write_streamed_pickle(dst, tensors, model, AUTHOR, force=force, source=source.path, progress=progress)
+        return write_pth(dst, tensors, payload, keep, small, force=force, source=source.path, progress=progress)
+    return write_pkl(dst, tensors, model, AUTHOR, force=force, source=source.path, progress=progress)
 
 
 def _report(planned: Plan, dst: str, fmt: str, prefix: str) -> ConversionReport:

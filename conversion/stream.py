@@ -1,5 +1,8 @@
 """The writers: handles -> `.pth` (a torch archive) or `.pkl` (a model-zoo pickle), pulling each
 handle's bytes from where its storage is (conversion/io/tensor_bytes.py), for every source format.
+One writer per format, in two layers: `write_pth` / `write_pkl` write a destination path
+atomically and verify it; `write_pth_to` / `write_pkl_to` write into an open file (what the first
+pair, and `conversion.write.encode` for tensors in memory, run).
 
 A torch archive is `<folder>/data.pkl` (the pickled dict, each tensor a reference to a storage
 record) plus one stored record per storage, `<folder>/data/<key>`.  Renaming keys and dropping the
@@ -151,7 +154,7 @@ def _source_crcs(tensors: Tensors, runs: List[FileBytes]) -> List[int]:
         raise tensors.ends_inside_a_tensor() from None
 
 
-def write_archive(
+def write_pth_to(
     dst_file: Any,
     tensors: Tensors,
     payload: Any,
@@ -263,10 +266,10 @@ def _blame_source(source: Optional[Tensors], key: Optional[str]) -> None:
         raise UnreadableCheckpoint(f"{source.path}: record data/{key} fails its CRC-32: the archive is corrupt.", "Re-download or re-save it.")
 
 
-def write_streamed(
+def write_pth(
     dst: str, tensors: Tensors, payload: Any, keep: List[str], small: Sequence[Tuple[str, bytes]], *, force: bool, source: str, progress: Progress = None
 ) -> int:
-    """Atomically write the archive to `dst` (write_archive, then check_archive on the temporary file)."""
+    """Atomically write the archive to `dst` (write_pth_to, then check_archive on the temporary file)."""
     crcs: Dict[str, int] = {}
     read_back = ReadBack()
     with tensors:
@@ -274,7 +277,7 @@ def write_streamed(
             dst,
             force=force,
             source=source,
-            write=lambda f: crcs.update(write_archive(f, tensors, payload, keep, small, progress, read_back)),
+            write=lambda f: crcs.update(write_pth_to(f, tensors, payload, keep, small, progress, read_back)),
             verify=lambda tmp: check_archive(tmp, payload, crcs, shown_as=dst, source=tensors, read_back=read_back),
             read_back=read_back,
         )
@@ -379,7 +382,7 @@ class _ModelZooWriter:
             self.progress(self.done, self.total)
 
 
-def write_model_zoo(
+def write_pkl_to(
     f: Any, tensors: Tensors, model: Dict[str, TensorRef], author: str, progress: Progress = None, read_back: Optional[ReadBack] = None
 ) -> Dict[str, Any]:
     """Write the model-zoo pickle of `model` to the open binary file `f`; return each array's
@@ -393,7 +396,7 @@ def write_model_zoo(
     return {name: (arr.ref.shape, NUMPY_DTYPES[arr.ref.dtype]) + pickler.digests[id(arr)] for name, arr in arrays.items()}
 
 
-def write_streamed_pickle(
+def write_pkl(
     dst: str, tensors: Tensors, model: Dict[str, TensorRef], author: str, *, force: bool, source: str, progress: Progress = None
 ) -> int:
     """Atomically write a Detectron2 model-zoo .pkl, one tensor in memory at a time, then read it
@@ -407,7 +410,7 @@ def write_streamed_pickle(
     read_back = ReadBack()
 
     def write(f: Any) -> None:
-        expected.update(write_model_zoo(f, tensors, model, author, progress, read_back))
+        expected.update(write_pkl_to(f, tensors, model, author, progress, read_back))
 
     def verify(tmp: str) -> None:
         try:

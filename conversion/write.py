@@ -38,15 +38,15 @@ def encode(state_dict: Mapping[str, torch.Tensor], fmt: str) -> bytes:
     """The exact bytes of the checkpoint file, as the one writer of each format makes them
     (deterministic: same input, same bytes); tensors and arrays in memory become handles."""
     from .io.tensor_bytes import writable
-    from .stream import TORCH_SMALL_RECORDS, write_archive, write_model_zoo
+    from .stream import TORCH_SMALL_RECORDS, write_pth_to, write_pkl_to
 
     tensors, model = writable(None, {}, state_dict, gather=True)
     buf = io.BytesIO()
     if fmt == "torch":
         payload = {"model": model, "__author__": AUTHOR}
-        write_archive(buf, tensors, payload, sorted({ref.storage.key for ref in model.values()}), TORCH_SMALL_RECORDS)
+        write_pth_to(buf, tensors, payload, sorted({ref.storage.key for ref in model.values()}), TORCH_SMALL_RECORDS)
     else:
-        write_model_zoo(buf, tensors, model, AUTHOR)
+        write_pkl_to(buf, tensors, model, AUTHOR)
     return buf.getvalue()
 
 

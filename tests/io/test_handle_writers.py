@@ -226,7 +226,7 @@ def test_a_readers_handle_subclass_is_written_as_the_plain_handle_it_is(tmp_path
 
     from conversion.io.handles import InMemory, StorageRef, TensorRef
     from conversion.io.tensor_bytes import writable
-    from conversion.stream import TORCH_SMALL_RECORDS, write_streamed
+    from conversion.stream import TORCH_SMALL_RECORDS, write_pth
 
     @dataclass(frozen=True)
     class NoteRef(TensorRef):
@@ -237,7 +237,7 @@ def test_a_readers_handle_subclass_is_written_as_the_plain_handle_it_is(tmp_path
     tensors, model = writable(None, {"k": InMemory(values.tobytes())}, {"backbone.w": ref}, gather=True)
     assert type(model["backbone.w"]) is TensorRef and model["backbone.w"] == TensorRef(ref.storage, 0, (2, 3), (3, 1))
     payload = {"model": model, "__author__": "convnext-d2"}
-    write_streamed(str(tmp_path / "a.pth"), tensors, payload, ["k"], TORCH_SMALL_RECORDS, force=False, source="")
+    write_pth(str(tmp_path / "a.pth"), tensors, payload, ["k"], TORCH_SMALL_RECORDS, force=False, source="")
     assert torch.equal(torch_load_weights_only(tmp_path / "a.pth")["model"]["backbone.w"], torch.arange(6.0).reshape(2, 3))
 
 
