@@ -18,9 +18,9 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 from .errors import UnreadableCheckpoint
 from .formats import ZIP_MAGIC, check_source, is_torch_zip
-from .io.handles import ITEM_SIZE, STORAGE_DTYPES, ArrayRef, FileBytes, Inflated, InMemory, Location, StorageRef, TensorRef, contiguous_stride
+from .io.handles import ITEM_SIZE, STORAGE_DTYPES, ArrayRef, FileBytes, Inflated, InMemory, Latin1Text, Location, StorageRef, TensorRef, contiguous_stride
 from .io.legacy_torch import LEGACY_TORCH_MAGIC, read_inner_file, read_legacy
-from .io.tensor_bytes import read_run
+from .io.tensor_bytes import read_latin1_text, read_run, spelled_bytes
 from .io.safe_pickle import BUDGET_SLACK, Payload, Placeholder, SafeUnpickler
 
 _NUMPY_OF = {
@@ -31,7 +31,7 @@ _inner_keys = itertools.count()
 # Reading a pickle's metadata: a small read-ahead, so that stepping over a payload wastes little.
 _METADATA_BUFFER = 1024
 # What `_tensors` is given per storage key: raw bytes (a torch archive's records) or a location.
-StorageBytes = Union[bytes, bytearray, FileBytes, Inflated, InMemory]
+StorageBytes = Union[bytes, bytearray, FileBytes, Inflated, InMemory, Latin1Text]
 
 
 def read_location(fd: Optional[int], location: Location) -> bytearray:
@@ -47,7 +47,9 @@ def read_location(fd: Optional[int], location: Location) -> bytearray:
     if isinstance(location, Inflated):
         raise NotImplementedError("Inflated locations are read by the torch archive reader (io.torchzip), not here.")
     if fd is None:
-        raise ValueError("a FileBytes location needs the source file open")
+        raise ValueError("a location in the file needs the source file open")
+    if isinstance(location, Latin1Text):
+        return bytearray(read_latin1_text(fd, location))
     try:
         return read_run(fd, location.offset, location.nbytes)
     except EOFError as short:
@@ -65,13 +67,17 @@ def _tensors(storages: Dict[str, StorageBytes], fd: Optional[int] = None) -> Cal
 
     def raw(key: str) -> Any:
         data = storages.get(key)
-        return read_location(fd, data) if isinstance(data, (FileBytes, Inflated, InMemory)) else data
+        return read_location(fd, data) if isinstance(data, (FileBytes, Inflated, InMemory, Latin1Text)) else data
 
     def build(ref: Any) -> Any:
         import numpy as np
 
         if isinstance(ref, Payload):
             data = read_location(fd, ref.location)
+            if ref.kind == "text":  # a long str: UTF-8 in the file
+                return bytes(data).decode("utf-8", "surrogatepass")
+            if ref.kind == "latin1":  # bytes spelled as latin-1 text (protocol 2)
+                return spelled_bytes(bytes(data), f"the {ref.nbytes}-byte text at offset {ref.location.offset}")
             return data if ref.kind == "bytearray" else bytes(data) if ref.kind == "bytes" else data.decode("latin1")
         if isinstance(ref, ArrayRef):  # its own storage: arrays never share bytes
             array = np.frombuffer(raw(ref.storage.key), ref.array_dtype)

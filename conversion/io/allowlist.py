@@ -15,7 +15,7 @@ import re
 from typing import TYPE_CHECKING, Any, Callable, Dict, Tuple
 
 from ..errors import UnreadableCheckpoint, UnsafeCheckpoint
-from .handles import ITEM_SIZE, STORAGE_DTYPES, ArrayRef, FileBytes, InMemory, StorageRef, TensorRef, contiguous_stride, extent
+from .handles import ITEM_SIZE, STORAGE_DTYPES, ArrayRef, FileBytes, InMemory, Latin1Text, StorageRef, TensorRef, contiguous_stride, extent
 
 if TYPE_CHECKING:
     from .safe_pickle import SafeUnpickler
@@ -70,8 +70,10 @@ class StorageType:
 
 
 class Payload:
-    """A large byte string of the pickle left in the file (the unpickler's payload mode): where it
-    is, and what Python type it stands for ("bytes", "bytearray", or "str" for a Python 2 string)."""
+    """A large byte string or str of the pickle left in the file (the unpickler's payload mode):
+    where it is, and what it stands for: "bytes", "bytearray", "str" (a Python 2 string: its bytes
+    as they are), "text" (a str, UTF-8 in the file) or "latin1" (bytes spelled as that text, each
+    character one byte: pickle protocol 2's `bytes`; `nbytes` is then the text's length)."""
 
     __slots__ = ("location", "kind")
 
@@ -182,8 +184,15 @@ def _array_from(u: "SafeUnpickler", data: Any, dtype: Any, shape: Any, fortran: 
     if not isinstance(data, (bytes, bytearray, Payload)):
         raise _corrupt(f"{what} ({dt.str}, shape {list(shape)}) has no data of its own (no buffer).")
     nbytes = _nbytes(data)
-    count = _count(shape, nbytes, what)
-    if nbytes != count * dt.itemsize:
+    if isinstance(data, Payload) and data.kind == "latin1":
+        # Text of N characters below 256 takes N to 2N bytes of UTF-8: the exact count is checked
+        # when the text is decoded (io.tensor_bytes.read_latin1_text), here only that it can fit.
+        count = _count(shape, nbytes, what)
+        fits = count * dt.itemsize <= nbytes <= 2 * count * dt.itemsize
+    else:
+        count = _count(shape, nbytes, what)
+        fits = nbytes == count * dt.itemsize
+    if not fits:
         raise _corrupt(f"{what} ({dt.str}, shape {list(shape)}) needs {count * dt.itemsize} bytes, its data has {nbytes}.")
     u.spend(nbytes)
     if not dt.isnative:  # torch takes native byte order only: same values, swapped once here
@@ -198,8 +207,13 @@ def _array_from(u: "SafeUnpickler", data: Any, dtype: Any, shape: Any, fortran: 
 def _array_ref(u: "SafeUnpickler", data: Any, dt: Any, shape: Tuple[int, ...], fortran: bool) -> ArrayRef:
     """A checked array as a handle: a large payload stays in the file (`FileBytes`); small data,
     and data whose byte order must be swapped, is held in memory (native order)."""
-    if isinstance(data, Payload) and dt.isnative:
-        location: Any = data.location
+    count = 1
+    for d in shape:
+        count *= d
+    if isinstance(data, Payload) and dt.isnative and data.kind == "latin1":
+        location: Any = Latin1Text(data.location.offset, data.location.nbytes, count * dt.itemsize)
+    elif isinstance(data, Payload) and dt.isnative:
+        location = data.location
     else:
         raw = u.payload_bytes(data) if isinstance(data, Payload) else bytes(data)
         if not dt.isnative:
@@ -207,9 +221,6 @@ def _array_ref(u: "SafeUnpickler", data: Any, dt: Any, shape: Tuple[int, ...], f
         location = InMemory(raw)
     native = dt.newbyteorder("=") if not dt.isnative else dt
     name = native.name  # computed by numpy in Python: once
-    count = 1
-    for d in shape:
-        count *= d
     storage = StorageRef(u.add_storage(location), _STORAGE_OF.get(name, name), count)
     stride = tuple(reversed(contiguous_stride(tuple(reversed(shape))))) if fortran else contiguous_stride(shape)
     return ArrayRef(storage, 0, shape, stride, array_dtype=native.str, array_name=name)
@@ -284,6 +295,8 @@ def _bytearray(u: "SafeUnpickler", args: tuple) -> Any:
     if not isinstance(data, (bytes, bytearray, Payload)):
         raise _corrupt(f"bytearray({type(args[0]).__name__ if args else ''}) would build bytes the file does not hold.")
     u.spend(_nbytes(data))
+    if isinstance(data, Payload) and data.kind == "latin1":  # spelled as text: the bytes, decoded now
+        return bytearray(u.payload_bytes(data))
     return Payload(data.location, "bytearray") if isinstance(data, Payload) else bytearray(data)
 
 
@@ -300,6 +313,8 @@ def _latin1(args: tuple) -> Any:
             return args[0].encode("latin1")
         if isinstance(args[0], Payload) and args[0].kind == "str":  # a Python 2 string left in the file
             return Payload(args[0].location, "bytes")
+        if isinstance(args[0], Payload) and args[0].kind == "text":  # protocol 2's bytes in Python 3
+            return Payload(args[0].location, "latin1")
     return None
 
 
@@ -367,7 +382,7 @@ def _rebuild_parameter(u: "SafeUnpickler", args: tuple) -> Any:
 
 
 def _load_from_bytes(u: "SafeUnpickler", args: tuple) -> Any:
-    if u.load_from_bytes is None or len(args) != 1 or not (isinstance(args[0], bytes) or (isinstance(args[0], Payload) and args[0].kind == "bytes")):
+    if u.load_from_bytes is None or len(args) != 1 or not (isinstance(args[0], bytes) or (isinstance(args[0], Payload) and args[0].kind in ("bytes", "latin1"))):
         raise _refuse("torch.storage._load_from_bytes")
     return u.load_from_bytes(u.payload_bytes(args[0]) if isinstance(args[0], Payload) else args[0])
 

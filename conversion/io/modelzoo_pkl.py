@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Sequence, Tuple, Union
 
 from .crc import crcs_of_ranges
-from .handles import ArrayRef, FileBytes, InMemory, Location
+from .handles import ArrayRef, FileBytes, InMemory, Latin1Text, Location
 from .safe_pickle import BUDGET_SLACK, SafeUnpickler
+from .tensor_bytes import read_latin1_text
 
 __all__ = ["ArrayPayload", "read_array_payloads", "array_digests"]
 
@@ -30,15 +31,17 @@ class ArrayPayload:
     payload: Union[FileBytes, InMemory]
 
 
-def _payloads(obj: Any, storages: Dict[str, Location]) -> Any:
+def _payloads(obj: Any, storages: Dict[str, Location], fd: int) -> Any:
     """The pickle's objects with each array as an `ArrayPayload` (plain containers only: the
-    writers' pickles hold dicts of arrays and strings)."""
+    writers' pickles hold dicts of arrays and strings).  An array whose bytes protocol 2 spelled
+    as text (never in the writers' pickles) comes back decoded, in memory."""
     if isinstance(obj, ArrayRef):
-        return ArrayPayload(obj.shape, obj.array_dtype, storages[obj.storage.key])
+        loc = storages[obj.storage.key]
+        return ArrayPayload(obj.shape, obj.array_dtype, InMemory(read_latin1_text(fd, loc)) if isinstance(loc, Latin1Text) else loc)
     if isinstance(obj, dict):
-        return {k: _payloads(v, storages) for k, v in obj.items()}
+        return {k: _payloads(v, storages, fd) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_payloads(v, storages) for v in obj]
+        return [_payloads(v, storages, fd) for v in obj]
     return obj
 
 
@@ -57,7 +60,7 @@ def read_array_payloads(path: str) -> Any:
         size = os.fstat(f.fileno()).st_size
         u = SafeUnpickler(f, size=size, budget=2 * size + BUDGET_SLACK, skip_payloads=True, payload_threshold=0)
         obj = u.load()
-        return _payloads(obj, dict(u.storages))
+        return _payloads(obj, dict(u.storages), f.fileno())
 
 
 def _walk_payloads(obj: Any, found: List[ArrayPayload]) -> None:

@@ -20,9 +20,9 @@ pure-Python unpickler with the opcodes that build or call replaced, so that:
 - **no uninitialised memory**: every array takes exactly its bytes from the file, and every
   tensor reference must lie inside its storage.
 
-**Payload mode** (`skip_payloads`, what the handle readers use): byte strings longer than
-`PAYLOAD_THRESHOLD` (BINBYTES, BINBYTES8, BYTEARRAY8, BINSTRING) are stepped over, not read, and
-become `Payload`s (offset and size in the file); numpy arrays become `ArrayRef`s over storages
+**Payload mode** (`skip_payloads`, what the handle readers use): byte strings and strs longer
+than `PAYLOAD_THRESHOLD` (BINBYTES, BINBYTES8, BYTEARRAY8, BINSTRING, BINUNICODE, BINUNICODE8) are
+stepped over, not read, and become `Payload`s (offset and size in the file); numpy arrays become `ArrayRef`s over storages
 listed in `storages`.  No frame is read ahead (frames are only a hint), so every payload is one
 run of the file.  Every length is still checked against the bytes left and every array still
 spends its bytes from the budget, so a payload never claims more than the file holds.
@@ -44,6 +44,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from ..errors import UnreadableCheckpoint, UnsafeCheckpoint
 from .allowlist import _BUILDERS, Payload, Placeholder, StorageType, _corrupt, _dtype, _PendingArray, _PendingDtype, _Rebuilder, resolve
 from .handles import FileBytes, Location
+from .tensor_bytes import spelled_bytes
 
 __all__ = ["MAX_DEPTH", "MAX_OBJECTS", "BUDGET_SLACK", "PAYLOAD_THRESHOLD", "Payload", "Placeholder", "StorageType", "SafeUnpickler", "safe_load"]
 
@@ -63,7 +64,10 @@ def _length_checked(fmt: str, size: int, make: Callable[[bytes], Any], kind: Opt
     def load(self: "SafeUnpickler") -> None:
         (n,) = struct.unpack(fmt, self.read(size))
         self.check_left(n)
-        if kind is not None and self.skip_payloads and n > self.payload_threshold:
+        # A str is left in the file only when long, whatever the threshold for bytes: keys, codec
+        # names and the like stay strs.
+        threshold = max(self.payload_threshold, PAYLOAD_THRESHOLD) if kind == "text" else self.payload_threshold
+        if kind is not None and self.skip_payloads and n > threshold:
             self.append(Payload(self.skip(n), kind))
             return
         data = self.read(n)
@@ -168,11 +172,17 @@ class SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcode
         return FileBytes(start, n)
 
     def payload_bytes(self, payload: Payload) -> bytes:
-        """A payload's bytes, read now (an inner archive, an array whose byte order is swapped)."""
+        """A payload's bytes, read now (an inner archive, an array whose byte order is swapped);
+        those of a protocol-2 `bytes` spelled as text are what the text spells."""
         loc = payload.location
         data = os.pread(self._file.fileno(), loc.nbytes, loc.offset)
         if len(data) != loc.nbytes:
             raise _corrupt(f"the file ends inside a {loc.nbytes}-byte string at offset {loc.offset}.")
+        if payload.kind == "latin1":
+            try:
+                return spelled_bytes(data, f"the {loc.nbytes}-byte text at offset {loc.offset}")
+            except UnreadableCheckpoint as err:
+                raise _corrupt(err.message) from None
         return data
 
     def add_storage(self, location: Location) -> str:
@@ -458,8 +468,10 @@ class SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcode
     dispatch[pickle.BINBYTES[0]] = _length_checked("<I", 4, bytes, "bytes")
     dispatch[pickle.BINBYTES8[0]] = _length_checked("<Q", 8, bytes, "bytes")
     dispatch[pickle.BYTEARRAY8[0]] = _length_checked("<Q", 8, bytearray, "bytearray")
-    dispatch[pickle.BINUNICODE[0]] = _length_checked("<I", 4, lambda b: str(b, "utf-8", "surrogatepass"))
-    dispatch[pickle.BINUNICODE8[0]] = _length_checked("<Q", 8, lambda b: str(b, "utf-8", "surrogatepass"))
+    # A long str in payload mode is left in the file too: protocol 2 spells an array's bytes as one
+    # (`_codecs.encode(text, 'latin1')`, allowlist._latin1), and any other is read when needed.
+    dispatch[pickle.BINUNICODE[0]] = _length_checked("<I", 4, lambda b: str(b, "utf-8", "surrogatepass"), "text")
+    dispatch[pickle.BINUNICODE8[0]] = _length_checked("<Q", 8, lambda b: str(b, "utf-8", "surrogatepass"), "text")
     dispatch[pickle.LONG4[0]] = _length_checked("<i", 4, lambda b: int.from_bytes(b, "little", signed=True))
 
     def load_binstring(self) -> None:
