@@ -74,8 +74,6 @@ def _tensors(storages: Dict[str, StorageBytes], fd: Optional[int] = None) -> Cal
 
         if isinstance(ref, Payload):
             data = read_location(fd, ref.location)
-            if ref.kind == "text":  # a long str: UTF-8 in the file
-                return bytes(data).decode("utf-8", "surrogatepass")
             if ref.kind == "latin1":  # bytes spelled as latin-1 text (protocol 2)
                 return spelled_bytes(bytes(data), f"the {ref.nbytes}-byte text at offset {ref.location.offset}")
             return data if ref.kind == "bytearray" else bytes(data) if ref.kind == "bytes" else data.decode("latin1")

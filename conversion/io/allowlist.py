@@ -72,8 +72,9 @@ class StorageType:
 class Payload:
     """A large byte string or str of the pickle left in the file (the unpickler's payload mode):
     where it is, and what it stands for: "bytes", "bytearray", "str" (a Python 2 string: its bytes
-    as they are), "text" (a str, UTF-8 in the file) or "latin1" (bytes spelled as that text, each
-    character one byte: pickle protocol 2's `bytes`; `nbytes` is then the text's length)."""
+    as they are), "text" (a str, UTF-8 in the file: only ever `_codecs.encode`'s argument) or
+    "latin1" (the bytes `_codecs.encode` makes of that text, each character one byte: pickle
+    protocol 2's `bytes`; `nbytes` is then the text's length)."""
 
     __slots__ = ("location", "kind")
 
@@ -327,6 +328,10 @@ def _encode(u: "SafeUnpickler", args: tuple) -> Any:
     return data
 
 
+# The one `_codecs.encode` global: the unpickler leaves a long str in the file only as its argument.
+CODECS_ENCODE = _Rebuilder("_codecs.encode", _encode)
+
+
 def _set(kind: type) -> Callable[["SafeUnpickler", tuple], Any]:
     def build(u: "SafeUnpickler", args: tuple) -> Any:
         if args and not (len(args) == 1 and isinstance(args[0], (list, tuple))):
@@ -396,7 +401,7 @@ _ALLOWED: Dict[Tuple[str, str], _Rebuilder] = {
     ("builtins", "bytes"): _Rebuilder("builtins.bytes", _empty_bytes),
     ("builtins", "set"): _Rebuilder("builtins.set", _set(set)),
     ("builtins", "frozenset"): _Rebuilder("builtins.frozenset", _set(frozenset)),
-    ("_codecs", "encode"): _Rebuilder("_codecs.encode", _encode),
+    ("_codecs", "encode"): CODECS_ENCODE,
     ("copyreg", "_reconstructor"): _Rebuilder("copyreg._reconstructor", _reconstructor),
     ("builtins", "getattr"): _Rebuilder("builtins.getattr", _getattr),
     ("builtins", "object"): _Rebuilder("builtins.object", lambda u, a: u.placeholder("builtins.object")),

@@ -20,9 +20,10 @@ pure-Python unpickler with the opcodes that build or call replaced, so that:
 - **no uninitialised memory**: every array takes exactly its bytes from the file, and every
   tensor reference must lie inside its storage.
 
-**Payload mode** (`skip_payloads`, what the handle readers use): byte strings and strs longer
-than `PAYLOAD_THRESHOLD` (BINBYTES, BINBYTES8, BYTEARRAY8, BINSTRING, BINUNICODE, BINUNICODE8) are
-stepped over, not read, and become `Payload`s (offset and size in the file); numpy arrays become `ArrayRef`s over storages
+**Payload mode** (`skip_payloads`, what the handle readers use): byte strings longer than
+`PAYLOAD_THRESHOLD` (BINBYTES, BINBYTES8, BYTEARRAY8, BINSTRING, and a BINUNICODE / BINUNICODE8
+str that `_codecs.encode` spells bytes with) are stepped over, not read, and become `Payload`s
+(offset and size in the file); numpy arrays become `ArrayRef`s over storages
 listed in `storages`.  No frame is read ahead (frames are only a hint), so every payload is one
 run of the file.  Every length is still checked against the bytes left and every array still
 spends its bytes from the budget, so a payload never claims more than the file holds.
@@ -42,7 +43,7 @@ import struct
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..errors import UnreadableCheckpoint, UnsafeCheckpoint
-from .allowlist import _BUILDERS, Payload, Placeholder, StorageType, _corrupt, _dtype, _PendingArray, _PendingDtype, _Rebuilder, resolve
+from .allowlist import _BUILDERS, CODECS_ENCODE, Payload, Placeholder, StorageType, _corrupt, _dtype, _PendingArray, _PendingDtype, _Rebuilder, resolve
 from .handles import FileBytes, Location
 from .tensor_bytes import spelled_bytes
 
@@ -64,11 +65,16 @@ def _length_checked(fmt: str, size: int, make: Callable[[bytes], Any], kind: Opt
     def load(self: "SafeUnpickler") -> None:
         (n,) = struct.unpack(fmt, self.read(size))
         self.check_left(n)
-        # A str is left in the file only when long, whatever the threshold for bytes: keys, codec
-        # names and the like stay strs.
-        threshold = max(self.payload_threshold, PAYLOAD_THRESHOLD) if kind == "text" else self.payload_threshold
-        if kind is not None and self.skip_payloads and n > threshold:
-            self.append(Payload(self.skip(n), kind))
+        # A str is left in the file only as the argument of `_codecs.encode` (pushed right after it:
+        # protocol 2's spelling of bytes) and only when long, whatever the threshold for bytes:
+        # every other str (keys, names) is read, and stays a str.
+        if kind == "text":
+            threshold = max(self.payload_threshold, PAYLOAD_THRESHOLD)
+            leave = bool(self.stack) and self.stack[-1] is CODECS_ENCODE
+        else:
+            threshold, leave = self.payload_threshold, kind is not None
+        if leave and self.skip_payloads and n > threshold:
+            self.append(Payload(self.skip(n), str(kind)))
             return
         data = self.read(n)
         if len(data) != n:
@@ -468,8 +474,8 @@ class SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcode
     dispatch[pickle.BINBYTES[0]] = _length_checked("<I", 4, bytes, "bytes")
     dispatch[pickle.BINBYTES8[0]] = _length_checked("<Q", 8, bytes, "bytes")
     dispatch[pickle.BYTEARRAY8[0]] = _length_checked("<Q", 8, bytearray, "bytearray")
-    # A long str in payload mode is left in the file too: protocol 2 spells an array's bytes as one
-    # (`_codecs.encode(text, 'latin1')`, allowlist._latin1), and any other is read when needed.
+    # A long str that `_codecs.encode` is about to turn into bytes (protocol 2's `bytes`, an array's
+    # data: allowlist._latin1) is left in the file in payload mode; any other str is read.
     dispatch[pickle.BINUNICODE[0]] = _length_checked("<I", 4, lambda b: str(b, "utf-8", "surrogatepass"), "text")
     dispatch[pickle.BINUNICODE8[0]] = _length_checked("<Q", 8, lambda b: str(b, "utf-8", "surrogatepass"), "text")
     dispatch[pickle.LONG4[0]] = _length_checked("<i", 4, lambda b: int.from_bytes(b, "little", signed=True))

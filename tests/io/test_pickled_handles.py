@@ -278,6 +278,10 @@ def test_long_byte_strings_anywhere_come_back_as_what_they_were(tmp_path, protoc
     for key in (big, "t", "s", "f", "ba", "__author__", "text", text, "ts"):
         assert got[key] == obj[key] and type(got[key]) is type(obj[key]), key
     assert type(got["ba"][0]) is bytearray
+    # Read as handles, a str stays a str (only `_codecs.encode`'s argument is left in the file).
+    handles = open_pickled(str(path)).objects
+    assert type(handles["text"]) is str and handles["text"] == text and handles[text] == "a str key"
+    assert handles["ts"] == obj["ts"]
 
 
 def test_the_source_lists_the_modules_its_pickles_name(tmp_path):
