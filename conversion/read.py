@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 from .errors import UnreadableCheckpoint
 from .formats import ZIP_MAGIC, check_source, is_torch_zip
 from .io.handles import ITEM_SIZE, STORAGE_DTYPES, ArrayRef, FileBytes, Inflated, InMemory, Latin1Text, Location, StorageRef, TensorRef, contiguous_stride
-from .io.legacy_torch import LEGACY_TORCH_MAGIC, read_inner_file, read_legacy
+from .io.legacy_torch import LEGACY_TORCH_MAGIC, read_inner_file, read_inner_in_file, read_legacy
 from .io.tensor_bytes import read_latin1_text, read_run, spelled_bytes
 from .io.safe_pickle import BUDGET_SLACK, Payload, Placeholder, SafeUnpickler
 
@@ -27,7 +27,6 @@ _NUMPY_OF = {
     "float32": "<f4", "float16": "<f2", "float64": "<f8", "int64": "<i8", "int32": "<i4", "int16": "<i2",
     "int8": "|i1", "uint8": "|u1", "bool": "|b1", "bfloat16": "<i2", "complex64": "<c8", "complex128": "<c16",
 }
-_inner_keys = itertools.count()
 # Reading a pickle's metadata: a small read-ahead, so that stepping over a payload wastes little.
 _METADATA_BUFFER = 1024
 # What `_tensors` is given per storage key: raw bytes (a torch archive's records) or a location.
@@ -124,16 +123,28 @@ def materialize(obj: Any, build: Callable[[Any], Any], name: str = "") -> Any:
     return obj
 
 
-def _inner_archive(storages: Dict[str, Location]) -> Callable[[bytes], Any]:
+def _inner_archive(storages: Dict[str, Location], f: Any) -> Callable[[Any], Any]:
     """torch.storage._load_from_bytes(b) inside a plain pickle: `b` is a torch file holding one
-    storage; read with the same rules (no further nesting), its bytes kept in memory under a fresh key."""
+    storage, read with the same rules (no further nesting) under a fresh key.  Left in the file (a
+    `Payload`), it is read there for its pickles only and its storage stays a run of the source
+    file; given as bytes (a short one, or spelled as text), its storage is kept in memory."""
+    name = "<tensor inside pickle>"
+    keys = itertools.count()  # numbered per file: the same file gives the same keys (and output bytes)
 
-    def load(data: bytes) -> Any:
-        ref, raw = read_inner_file(data, "<tensor inside pickle>")
-        if not isinstance(ref, StorageRef) or raw is None:
+    def counted(n: int) -> None:
+        if hasattr(f, "raw") and hasattr(f.raw, "bytes_read"):
+            f.raw.bytes_read += n
+
+    def load(data: Any) -> Any:
+        if isinstance(data, Payload):
+            ref, location = read_inner_in_file(f.fileno(), data.location, name, counted)
+        else:
+            ref, raw = read_inner_file(data, name)
+            location = InMemory(bytes(raw)) if raw is not None else None
+        if not isinstance(ref, StorageRef) or location is None:
             raise UnreadableCheckpoint("a pickled tensor's inner archive holds no storage.", "Re-save the weights.")
-        key = f"inner-{next(_inner_keys)}"
-        storages[key] = InMemory(bytes(raw))
+        key = f"inner-{next(keys)}"
+        storages[key] = location
         return StorageRef(key, ref.storage_type, ref.numel)
 
     return load
@@ -164,7 +175,7 @@ def _read_pickled(f: Any, path: str, size: int) -> _Pickled:
     """A legacy torch file or a plain pickle from `f` (the source file, at 0): objects whose tensors
     and arrays are handles, large payloads left in the file, every bound of the unpickler kept."""
     storages: Dict[str, Location] = {}
-    u = SafeUnpickler(f, size=size, budget=2 * size + BUDGET_SLACK, load_from_bytes=_inner_archive(storages), skip_payloads=True)
+    u = SafeUnpickler(f, size=size, budget=2 * size + BUDGET_SLACK, load_from_bytes=_inner_archive(storages, f), skip_payloads=True)
     obj = u.load()
     if isinstance(obj, int) and obj == LEGACY_TORCH_MAGIC:
         modules: set = set()

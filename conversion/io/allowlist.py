@@ -389,7 +389,10 @@ def _rebuild_parameter(u: "SafeUnpickler", args: tuple) -> Any:
 def _load_from_bytes(u: "SafeUnpickler", args: tuple) -> Any:
     if u.load_from_bytes is None or len(args) != 1 or not (isinstance(args[0], bytes) or (isinstance(args[0], Payload) and args[0].kind in ("bytes", "latin1"))):
         raise _refuse("torch.storage._load_from_bytes")
-    return u.load_from_bytes(u.payload_bytes(args[0]) if isinstance(args[0], Payload) else args[0])
+    # A payload of raw bytes goes as it is (the caller may read the inner archive in place); one
+    # spelled as text, decoded.
+    data = args[0]
+    return u.load_from_bytes(u.payload_bytes(data) if isinstance(data, Payload) and data.kind == "latin1" else data)
 
 
 _NDARRAY = _Rebuilder("numpy.ndarray", _ndarray)

@@ -11,6 +11,7 @@ the index and against the file; the objects' tensors are `TensorRef`s into those
 from __future__ import annotations
 
 import io
+import os
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from ..errors import UnreadableCheckpoint, UnsafeCheckpoint
@@ -19,7 +20,7 @@ from .allowlist import StorageType
 from .handles import ITEM_SIZE, STORAGE_DTYPES, FileBytes, InMemory, Location, StorageRef
 from .safe_pickle import BUDGET_SLACK, SafeUnpickler, safe_load
 
-__all__ = ["LEGACY_TORCH_MAGIC", "read_legacy", "read_inner_file"]
+__all__ = ["LEGACY_TORCH_MAGIC", "read_legacy", "read_inner_file", "read_inner_in_file"]
 
 # First record of a legacy torch.save file: this pickled int.
 LEGACY_TORCH_MAGIC = 0x1950A86A20F9469CFC6C
@@ -119,3 +120,58 @@ def read_inner_file(data: bytes, name: str) -> Tuple[Any, Optional[bytes]]:
         return obj, None
     location = storages[obj.key]
     return obj, location.data if isinstance(location, InMemory) else None
+
+
+class _Window(io.RawIOBase):
+    """Bytes [start, start + length) of the file open as `fd`, as a file of their own (positions
+    relative to `start`), read with pread and unbuffered: only what the pickles ask for is read,
+    and counted in `counted` (the source's bytes_read)."""
+
+    def __init__(self, fd: int, start: int, length: int, counted: Callable[[int], None]) -> None:
+        super().__init__()
+        self._fd, self._start, self._length, self._pos, self._counted = fd, start, length, 0, counted
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = max(0, min(len(buffer), self._length - self._pos))
+        data = os.pread(self._fd, n, self._start + self._pos) if n else b""
+        buffer[: len(data)] = data
+        self._pos += len(data)
+        self._counted(len(data))
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+def read_inner_in_file(fd: int, location: FileBytes, name: str, counted: Callable[[int], None]) -> Tuple[Any, Optional[Location]]:
+    """`read_inner_file` of an inner archive that is a run of the source file (a pickled tensor's
+    bytes left in the file): a legacy torch file (what `torch.storage._load_from_bytes` is given)
+    is read for its pickles only, its storage staying a run of the source file; any other (a torch
+    zip) is read into memory as `read_inner_file` reads it.  Returns (its object, where that
+    storage's bytes are, when the object is a storage).
+    """
+    window = _Window(fd, location.offset, location.nbytes, counted)
+    if window.read(4) == ZIP_MAGIC:
+        window.seek(0)
+        obj, raw = read_inner_file(window.read(), name)
+        return obj, (InMemory(bytes(raw)) if raw is not None else None)
+    window.seek(0)
+    magic, _ = safe_load(window, size=location.nbytes)
+    if magic != LEGACY_TORCH_MAGIC:
+        raise UnsafeCheckpoint(f"{name}: a pickled tensor whose inner data is not a torch file.", "Re-save the weights with torch.save.")
+    obj, storages = read_legacy(window, name, location.nbytes)
+    if not isinstance(obj, StorageRef):
+        return obj, None
+    inner = storages[obj.key]
+    return obj, FileBytes(location.offset + inner.offset, inner.nbytes) if isinstance(inner, FileBytes) else inner

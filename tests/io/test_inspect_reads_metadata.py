@@ -40,6 +40,10 @@ def _save(sd, directory, kind: str) -> str:
     elif kind == "torch-legacy":
         path = os.path.join(directory, "legacy.pth")
         torch.save({"model": sd, "epoch": 3}, path, _use_new_zipfile_serialization=False)
+    elif kind == "tensors-pickle":  # torch tensors through plain pickle: each storage an inner legacy torch file
+        path = os.path.join(directory, "tensors.pkl")
+        with open(path, "wb") as f:
+            pickle.dump({"model": sd, "__author__": "someone"}, f)
     elif kind in ("numpy-pickle", "numpy-pickle-protocol-2"):  # numpy's own array pickles (_reconstruct + BUILD)
         path = os.path.join(directory, "numpy.pkl")
         with open(path, "wb") as f:  # pickle's default protocol, or 2 (bytes spelled as latin-1 text)
@@ -53,7 +57,7 @@ def _save(sd, directory, kind: str) -> str:
 
 
 FORMAT = {"torch-zip": "torch-zip", "safetensors": "safetensors", "torch-legacy": "torch-legacy",
-          "numpy-pickle": "pickle", "numpy-pickle-protocol-2": "pickle", "model-zoo-pkl": "pickle"}
+          "numpy-pickle": "pickle", "numpy-pickle-protocol-2": "pickle", "tensors-pickle": "pickle", "model-zoo-pkl": "pickle"}
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="counts reads through Linux's /proc/self/io")
