@@ -18,9 +18,9 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 from .errors import UnreadableCheckpoint
 from .formats import ZIP_MAGIC, check_source, is_torch_zip
-from .io.handles import ITEM_SIZE, STORAGE_DTYPES, ArrayRef, FileBytes, Inflated, InMemory, Latin1Text, Location, StorageRef, TensorRef, contiguous_stride
+from .io.handles import ITEM_SIZE, STORAGE_DTYPES, ArrayRef, ByteSwapped, FileBytes, Inflated, InMemory, Latin1Text, Location, StorageRef, TensorRef, contiguous_stride
 from .io.legacy_torch import LEGACY_TORCH_MAGIC, read_inner_file, read_inner_in_file, read_legacy
-from .io.tensor_bytes import read_latin1_text, read_run, spelled_bytes
+from .io.tensor_bytes import IN_FILE, read_byte_swapped, read_latin1_text, read_run, spelled_bytes
 from .io.safe_pickle import BUDGET_SLACK, Payload, Placeholder, SafeUnpickler
 
 _NUMPY_OF = {
@@ -30,7 +30,7 @@ _NUMPY_OF = {
 # Reading a pickle's metadata: a small read-ahead, so that stepping over a payload wastes little.
 _METADATA_BUFFER = 1024
 # What `_tensors` is given per storage key: raw bytes (a torch archive's records) or a location.
-StorageBytes = Union[bytes, bytearray, FileBytes, Inflated, InMemory, Latin1Text]
+StorageBytes = Union[bytes, bytearray, FileBytes, Inflated, InMemory, Latin1Text, ByteSwapped]
 
 
 def read_location(fd: Optional[int], location: Location) -> bytearray:
@@ -49,6 +49,8 @@ def read_location(fd: Optional[int], location: Location) -> bytearray:
         raise ValueError("a location in the file needs the source file open")
     if isinstance(location, Latin1Text):
         return bytearray(read_latin1_text(fd, location))
+    if isinstance(location, ByteSwapped):
+        return bytearray(read_byte_swapped(fd, location))
     try:
         return read_run(fd, location.offset, location.nbytes)
     except EOFError as short:
@@ -66,7 +68,7 @@ def _tensors(storages: Dict[str, StorageBytes], fd: Optional[int] = None) -> Cal
 
     def raw(key: str) -> Any:
         data = storages.get(key)
-        return read_location(fd, data) if isinstance(data, (FileBytes, Inflated, InMemory, Latin1Text)) else data
+        return read_location(fd, data) if isinstance(data, IN_FILE + (Inflated, InMemory)) else data
 
     def build(ref: Any) -> Any:
         import numpy as np

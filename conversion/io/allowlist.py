@@ -15,7 +15,7 @@ import re
 from typing import TYPE_CHECKING, Any, Callable, Dict, Tuple
 
 from ..errors import UnreadableCheckpoint, UnsafeCheckpoint
-from .handles import ITEM_SIZE, STORAGE_DTYPES, ArrayRef, FileBytes, InMemory, Latin1Text, StorageRef, TensorRef, contiguous_stride, extent
+from .handles import ITEM_SIZE, STORAGE_DTYPES, ArrayRef, ByteSwapped, FileBytes, InMemory, Latin1Text, StorageRef, TensorRef, contiguous_stride, extent
 
 if TYPE_CHECKING:
     from .safe_pickle import SafeUnpickler
@@ -206,8 +206,9 @@ def _array_from(u: "SafeUnpickler", data: Any, dtype: Any, shape: Any, fortran: 
 
 
 def _array_ref(u: "SafeUnpickler", data: Any, dt: Any, shape: Tuple[int, ...], fortran: bool) -> ArrayRef:
-    """A checked array as a handle: a large payload stays in the file (`FileBytes`); small data,
-    and data whose byte order must be swapped, is held in memory (native order)."""
+    """A checked array as a handle: a large payload stays in the file (`FileBytes`; `Latin1Text`
+    when protocol 2 spelled it as text; `ByteSwapped` in the other byte order); small data (and
+    text in the other byte order) is held in memory, in native order."""
     count = 1
     for d in shape:
         count *= d
@@ -215,6 +216,8 @@ def _array_ref(u: "SafeUnpickler", data: Any, dt: Any, shape: Tuple[int, ...], f
         location: Any = Latin1Text(data.location.offset, data.location.nbytes, count * dt.itemsize)
     elif isinstance(data, Payload) and dt.isnative:
         location = data.location
+    elif isinstance(data, Payload) and data.kind != "latin1":  # the other byte order: swapped when read
+        location = ByteSwapped(data.location.offset, data.location.nbytes, dt.str)
     else:
         raw = u.payload_bytes(data) if isinstance(data, Payload) else bytes(data)
         if not dt.isnative:

@@ -67,8 +67,18 @@ class Latin1Text:
     nbytes: int  # the bytes it spells (what the array needs)
 
 
+@dataclass(frozen=True)
+class ByteSwapped:
+    """A storage's bytes as a run of the file in the other byte order (a numpy array pickled
+    big-endian): swapped to little-endian, element by element, when read."""
+
+    offset: int  # absolute offset in the source file of the run's first byte
+    nbytes: int
+    dtype: str  # the numpy dtype the run holds, e.g. ">f4" (complex numbers swap each part)
+
+
 # Where one storage's bytes are; a `Source` maps storage keys to these (see read.Source.storages).
-Location = Union[FileBytes, Inflated, InMemory, Latin1Text]
+Location = Union[FileBytes, Inflated, InMemory, Latin1Text, ByteSwapped]
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Sequence, Tuple, Union
 
 from .crc import crcs_of_ranges
-from .handles import ArrayRef, FileBytes, InMemory, Latin1Text, Location
+from .handles import ArrayRef, ByteSwapped, FileBytes, InMemory, Latin1Text, Location
 from .safe_pickle import BUDGET_SLACK, SafeUnpickler
-from .tensor_bytes import read_latin1_text
+from .tensor_bytes import read_byte_swapped, read_latin1_text
 
 __all__ = ["ArrayPayload", "read_array_payloads", "array_digests"]
 
@@ -34,10 +34,14 @@ class ArrayPayload:
 def _payloads(obj: Any, storages: Dict[str, Location], fd: int) -> Any:
     """The pickle's objects with each array as an `ArrayPayload` (plain containers only: the
     writers' pickles hold dicts of arrays and strings).  An array whose bytes protocol 2 spelled
-    as text (never in the writers' pickles) comes back decoded, in memory."""
+    as text, or in the other byte order (never in the writers' pickles), comes back decoded, in memory."""
     if isinstance(obj, ArrayRef):
         loc = storages[obj.storage.key]
-        return ArrayPayload(obj.shape, obj.array_dtype, InMemory(read_latin1_text(fd, loc)) if isinstance(loc, Latin1Text) else loc)
+        if isinstance(loc, Latin1Text):
+            loc = InMemory(read_latin1_text(fd, loc))
+        elif isinstance(loc, ByteSwapped):
+            loc = InMemory(read_byte_swapped(fd, loc))
+        return ArrayPayload(obj.shape, obj.array_dtype, loc)
     if isinstance(obj, dict):
         return {k: _payloads(v, storages, fd) for k, v in obj.items()}
     if isinstance(obj, list):

@@ -16,6 +16,7 @@ from typing import Any, Dict, Mapping, Optional, Set, Tuple, Union
 from ..errors import UnreadableCheckpoint
 from .handles import (
     ITEM_SIZE,
+    ByteSwapped,
     STORAGE_DTYPES,
     FileBytes,
     Inflated,
@@ -48,7 +49,8 @@ class Gathered:
     ref: TensorRef
 
 
-WriteLocation = Union[FileBytes, Inflated, InMemory, Latin1Text, Gathered]
+WriteLocation = Union[FileBytes, Inflated, InMemory, Latin1Text, ByteSwapped, Gathered]
+IN_FILE = (FileBytes, Latin1Text, ByteSwapped)  # the locations read from the source file
 
 
 class Tensors:
@@ -60,7 +62,7 @@ class Tensors:
         self._inflated: Tuple[str, bytes] = ("", b"")  # the last member inflated: its tensors share it
 
     def __enter__(self) -> "Tensors":
-        if self.path is not None and any(isinstance(loc, (FileBytes, Latin1Text)) for loc in self.storages.values()):
+        if self.path is not None and any(isinstance(loc, IN_FILE) for loc in self.storages.values()):
             self._file = open(self.path, "rb")
         return self
 
@@ -96,9 +98,9 @@ class Tensors:
 
                 self._inflated = (loc.member, inflate(str(self.path), loc))
             return self._inflated[1]
-        if isinstance(loc, Latin1Text):
+        if isinstance(loc, (Latin1Text, ByteSwapped)):
             try:
-                return read_latin1_text(self.fd, loc)
+                return read_latin1_text(self.fd, loc) if isinstance(loc, Latin1Text) else read_byte_swapped(self.fd, loc)
             except UnreadableCheckpoint as err:
                 raise UnreadableCheckpoint(f"{self.path}: {err.message}", err.hint) from None
         return self._pread(loc.offset, loc.nbytes)
@@ -186,6 +188,23 @@ def read_latin1_text(fd: int, loc: Latin1Text) -> bytes:
     if len(data) != loc.nbytes:
         raise UnreadableCheckpoint(f"{what} spells {len(data)} bytes.", "The file is corrupt; re-download or re-save it.")
     return data
+
+
+def read_byte_swapped(fd: int, loc: ByteSwapped) -> bytes:
+    """The bytes of a `ByteSwapped` run in little-endian order: the one place such a storage is read.
+
+    Raises:
+        UnreadableCheckpoint: the file ends inside the run.
+    """
+    import numpy as np
+
+    try:
+        raw = read_run(fd, loc.offset, loc.nbytes)
+    except EOFError:
+        raise UnreadableCheckpoint(f"the file ends inside the {loc.nbytes}-byte array at offset {loc.offset}.",
+                                   "The file is truncated; re-download or re-save it.") from None
+    dtype = np.dtype(loc.dtype)
+    return np.frombuffer(raw, dtype).astype(dtype.newbyteorder("<")).tobytes()
 
 
 def widened(raw: bytes) -> bytes:

@@ -44,10 +44,11 @@ def _save(sd, directory, kind: str) -> str:
         path = os.path.join(directory, "tensors.pkl")
         with open(path, "wb") as f:
             pickle.dump({"model": sd, "__author__": "someone"}, f)
-    elif kind in ("numpy-pickle", "numpy-pickle-protocol-2"):  # numpy's own array pickles (_reconstruct + BUILD)
+    elif kind.startswith("numpy-pickle"):  # numpy's own array pickles (_reconstruct + BUILD)
         path = os.path.join(directory, "numpy.pkl")
+        arrays = {k: v.astype(v.dtype.newbyteorder(">")) for k, v in _numpy(sd).items()} if kind.endswith("big-endian") else _numpy(sd)
         with open(path, "wb") as f:  # pickle's default protocol, or 2 (bytes spelled as latin-1 text)
-            pickle.dump({"model": _numpy(sd), "__author__": "someone"}, f, protocol=2 if kind.endswith("-2") else None)
+            pickle.dump({"model": arrays, "__author__": "someone"}, f, protocol=2 if kind.endswith("-2") else None)
     else:  # the model-zoo file this project writes: numpy.ndarray(shape, dtype, bytearray(payload))
         src, path = os.path.join(directory, "src.pth"), os.path.join(directory, "zoo.pkl")
         torch.save(sd, src)
@@ -57,7 +58,8 @@ def _save(sd, directory, kind: str) -> str:
 
 
 FORMAT = {"torch-zip": "torch-zip", "safetensors": "safetensors", "torch-legacy": "torch-legacy",
-          "numpy-pickle": "pickle", "numpy-pickle-protocol-2": "pickle", "tensors-pickle": "pickle", "model-zoo-pkl": "pickle"}
+          "numpy-pickle": "pickle", "numpy-pickle-protocol-2": "pickle", "numpy-pickle-big-endian": "pickle",
+          "tensors-pickle": "pickle", "model-zoo-pkl": "pickle"}
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="counts reads through Linux's /proc/self/io")

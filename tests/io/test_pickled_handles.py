@@ -16,10 +16,12 @@ import torch
 
 from conversion.architecture import Architecture
 from conversion.errors import UnreadableCheckpoint
-from conversion.io.handles import ArrayRef, FileBytes, InMemory, TensorRef, numel
+from conversion.io.handles import ArrayRef, ByteSwapped, FileBytes, InMemory, TensorRef, numel
 from conversion.io.safe_pickle import PAYLOAD_THRESHOLD, Payload
 from conversion.read import load_checkpoint, open_pickled, open_source
 from conversion.synthetic import random_state_dict
+
+from ..support import read_written
 
 SD = random_state_dict(Architecture((1, 1, 2, 1), (8, 16, 24, 32), num_classes=5, classifier_norm=True), seed=5)
 
@@ -92,7 +94,11 @@ def test_a_plain_pickle_gives_array_refs_over_runs_of_the_file(tmp_path, protoco
         assert isinstance(ref, ArrayRef), name
         assert (ref.shape, ref.dtype, numel(ref)) == (want.shape, want.dtype.name, want.size), name
         location = source.storages[ref.storage.key]
-        big = want.nbytes > PAYLOAD_THRESHOLD and arrays[name].dtype.isnative  # swapped arrays are held in memory
+        big = want.nbytes > PAYLOAD_THRESHOLD
+        if big and not arrays[name].dtype.isnative:  # left in the file in its own byte order, swapped when read
+            assert isinstance(location, ByteSwapped) and location.dtype == arrays[name].dtype.str, name
+            assert _run(path, FileBytes(location.offset, location.nbytes)) == arrays[name].tobytes(order="A"), name
+            continue
         assert isinstance(location, FileBytes if big else InMemory), name
         assert _run(path, location) == want.astype(want.dtype.newbyteorder("=")).tobytes(order="A"), name
     assert source.objects["model"]["fortran"].stride == (1, 40)
@@ -337,3 +343,22 @@ def test_a_frame_shorter_than_its_contents_is_refused_as_pickle_refuses_it(tmp_p
         with pytest.raises(UnreadableCheckpoint, match="frame"):
             read()
 
+
+
+def test_a_big_endian_pickle_converts_to_its_values_in_native_order(tmp_path):
+    """Arrays pickled big-endian stay in the file as they are (ByteSwapped) and are swapped when
+    written: both outputs hold numpy's values."""
+    from conversion import convert
+
+    arrays = {k: v.numpy().astype(">f4") for k, v in SD.items()}
+    path = tmp_path / "big.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"model": arrays}, f, protocol=4)
+    assert any(isinstance(loc, ByteSwapped) for loc in open_pickled(str(path)).storages.values())
+    convert(str(path), str(tmp_path / "w.pth"))
+    convert(str(path), str(tmp_path / "w.pkl"))
+    pth, pkl = read_written(tmp_path / "w.pth")["model"], read_written(tmp_path / "w.pkl")["model"]
+    for name, want in arrays.items():
+        if "backbone." + name in pth:
+            assert np.array_equal(pth["backbone." + name].numpy(), want.astype("<f4")), name
+            assert np.array_equal(pkl["backbone." + name], want) and pkl["backbone." + name].dtype == np.float32, name
