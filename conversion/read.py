@@ -20,7 +20,7 @@ from .errors import UnreadableCheckpoint
 from .formats import ZIP_MAGIC, check_source, is_torch_zip
 from .io.handles import ITEM_SIZE, STORAGE_DTYPES, ArrayRef, ByteSwapped, FileBytes, Inflated, InMemory, Latin1Text, Location, StorageRef, TensorRef, contiguous_stride
 from .io.legacy_torch import LEGACY_TORCH_MAGIC, read_inner_file, read_inner_in_file, read_legacy
-from .io.tensor_bytes import IN_FILE, read_byte_swapped, read_latin1_text, read_run, spelled_bytes
+from .io.tensor_bytes import IN_FILE, SPELLED, read_run, read_spelled, spelled_bytes
 from .io.safe_pickle import BUDGET_SLACK, Payload, Placeholder, SafeUnpickler
 
 _NUMPY_OF = {
@@ -47,10 +47,8 @@ def read_location(fd: Optional[int], location: Location) -> bytearray:
         raise NotImplementedError("Inflated locations are read by the torch archive reader (io.torchzip), not here.")
     if fd is None:
         raise ValueError("a location in the file needs the source file open")
-    if isinstance(location, Latin1Text):
-        return bytearray(read_latin1_text(fd, location))
-    if isinstance(location, ByteSwapped):
-        return bytearray(read_byte_swapped(fd, location))
+    if isinstance(location, SPELLED):
+        return bytearray(read_spelled(fd, location))
     try:
         return read_run(fd, location.offset, location.nbytes)
     except EOFError as short:
@@ -133,8 +131,8 @@ def _inner_archive(storages: Dict[str, Location], f: Any) -> Callable[[Any], Any
     name = "<tensor inside pickle>"
     keys = itertools.count()  # numbered per file: the same file gives the same keys (and output bytes)
 
-    def counted(n: int) -> None:
-        if hasattr(f, "raw") and hasattr(f.raw, "bytes_read"):
+    def counted(n: int) -> None:  # bytes read in place count as the source's own
+        if isinstance(getattr(f, "raw", None), _CountingFile):
             f.raw.bytes_read += n
 
     def load(data: Any) -> Any:

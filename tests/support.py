@@ -134,6 +134,18 @@ def output_norms_for(out_features: Iterable[str], prefix: str = "backbone.") -> 
     return output_norm_names(sorted(int(name[len("res"):]) - 2 for name in out_features), prefix)
 
 
+def bytes_at(path: Any, location: Any) -> bytes:
+    """The raw bytes a reader's location names (an `InMemory`'s own, or a run of the file at
+    `path`), read with plain file calls: the oracle side of a handle test."""
+    from conversion.io.handles import InMemory
+
+    if isinstance(location, InMemory):
+        return location.data
+    with open(path, "rb") as f:
+        f.seek(location.offset)
+        return f.read(location.nbytes)
+
+
 def read_written(path: Any) -> Dict[str, Any]:
     """A file the converter wrote, decoded without conversion/: `torch.load(weights_only=True)` for a
     torch file, the standard unpickler for a `.pkl` (numpy arrays; the file is the test's own output)."""

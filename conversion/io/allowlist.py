@@ -185,13 +185,12 @@ def _array_from(u: "SafeUnpickler", data: Any, dtype: Any, shape: Any, fortran: 
     if not isinstance(data, (bytes, bytearray, Payload)):
         raise _corrupt(f"{what} ({dt.str}, shape {list(shape)}) has no data of its own (no buffer).")
     nbytes = _nbytes(data)
+    count = _count(shape, nbytes, what)
     if isinstance(data, Payload) and data.kind == "latin1":
         # Text of N characters below 256 takes N to 2N bytes of UTF-8: the exact count is checked
         # when the text is decoded (io.tensor_bytes.read_latin1_text), here only that it can fit.
-        count = _count(shape, nbytes, what)
         fits = count * dt.itemsize <= nbytes <= 2 * count * dt.itemsize
     else:
-        count = _count(shape, nbytes, what)
         fits = nbytes == count * dt.itemsize
     if not fits:
         raise _corrupt(f"{what} ({dt.str}, shape {list(shape)}) needs {count * dt.itemsize} bytes, its data has {nbytes}.")

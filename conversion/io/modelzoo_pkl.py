@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Sequence, Tuple, Union
 
 from .crc import crcs_of_ranges
-from .handles import ArrayRef, ByteSwapped, FileBytes, InMemory, Latin1Text, Location
+from .handles import ArrayRef, FileBytes, InMemory, Location
 from .safe_pickle import BUDGET_SLACK, SafeUnpickler
-from .tensor_bytes import read_byte_swapped, read_latin1_text
+from .tensor_bytes import SPELLED, read_spelled
 
 __all__ = ["ArrayPayload", "read_array_payloads", "array_digests"]
 
@@ -37,10 +37,8 @@ def _payloads(obj: Any, storages: Dict[str, Location], fd: int) -> Any:
     as text, or in the other byte order (never in the writers' pickles), comes back decoded, in memory."""
     if isinstance(obj, ArrayRef):
         loc = storages[obj.storage.key]
-        if isinstance(loc, Latin1Text):
-            loc = InMemory(read_latin1_text(fd, loc))
-        elif isinstance(loc, ByteSwapped):
-            loc = InMemory(read_byte_swapped(fd, loc))
+        if isinstance(loc, SPELLED):
+            loc = InMemory(read_spelled(fd, loc))
         return ArrayPayload(obj.shape, obj.array_dtype, loc)
     if isinstance(obj, dict):
         return {k: _payloads(v, storages, fd) for k, v in obj.items()}

@@ -50,7 +50,8 @@ class Gathered:
 
 
 WriteLocation = Union[FileBytes, Inflated, InMemory, Latin1Text, ByteSwapped, Gathered]
-IN_FILE = (FileBytes, Latin1Text, ByteSwapped)  # the locations read from the source file
+SPELLED = (Latin1Text, ByteSwapped)  # runs of the file that hold the bytes in another spelling
+IN_FILE = (FileBytes,) + SPELLED  # the locations read from the source file
 
 
 class Tensors:
@@ -98,9 +99,9 @@ class Tensors:
 
                 self._inflated = (loc.member, inflate(str(self.path), loc))
             return self._inflated[1]
-        if isinstance(loc, (Latin1Text, ByteSwapped)):
+        if isinstance(loc, SPELLED):
             try:
-                return read_latin1_text(self.fd, loc) if isinstance(loc, Latin1Text) else read_byte_swapped(self.fd, loc)
+                return read_spelled(self.fd, loc)
             except UnreadableCheckpoint as err:
                 raise UnreadableCheckpoint(f"{self.path}: {err.message}", err.hint) from None
         return self._pread(loc.offset, loc.nbytes)
@@ -205,6 +206,11 @@ def read_byte_swapped(fd: int, loc: ByteSwapped) -> bytes:
                                    "The file is truncated; re-download or re-save it.") from None
     dtype = np.dtype(loc.dtype)
     return np.frombuffer(raw, dtype).astype(dtype.newbyteorder("<")).tobytes()
+
+
+def read_spelled(fd: int, loc: Union[Latin1Text, ByteSwapped]) -> bytes:
+    """The bytes a `SPELLED` location stands for, decoded: what every reader of one calls."""
+    return read_latin1_text(fd, loc) if isinstance(loc, Latin1Text) else read_byte_swapped(fd, loc)
 
 
 def widened(raw: bytes) -> bytes:

@@ -14,9 +14,11 @@ import pytest
 from conversion import convert
 from conversion.architecture import Architecture
 from conversion.errors import UnreadableCheckpoint
-from conversion.io.handles import FileBytes, InMemory
+from conversion.io.handles import FileBytes
 from conversion.io.modelzoo_pkl import ArrayPayload, array_digests, read_array_payloads
 from conversion.synthetic import random_state_dict
+
+from ..support import bytes_at
 
 ARCH = Architecture((1, 1, 2, 1), (8, 16, 24, 32))
 
@@ -32,14 +34,6 @@ def _arrays():
         "ints": np.arange(2000, dtype=np.int64).reshape(40, 50),
         "mask": rng.standard_normal(7000) > 0,
     }
-
-
-def _payload_bytes(path, payload) -> bytes:
-    if isinstance(payload, InMemory):
-        return payload.data
-    with open(path, "rb") as f:
-        f.seek(payload.offset)
-        return f.read(payload.nbytes)
 
 
 @pytest.mark.parametrize("protocol", [2, 3, 4, 5])
@@ -59,7 +53,7 @@ def test_every_array_is_described_by_shape_dtype_and_the_file_run_of_its_bytes(t
         a = got["model"][name]
         assert isinstance(a, ArrayPayload)
         assert (a.shape, np.dtype(a.dtype)) == (want.shape, want.dtype), name
-        assert _payload_bytes(path, a.payload) == want.tobytes(), name
+        assert bytes_at(path, a.payload) == want.tobytes(), name
     if protocol >= 3:  # bytes are raw runs of the file from protocol 3 on (protocol 2 spells them as latin-1 text)
         assert isinstance(got["model"]["large"].payload, FileBytes)
         assert isinstance(got["model"]["framed"].payload, FileBytes)

@@ -21,17 +21,9 @@ from conversion.io.safe_pickle import PAYLOAD_THRESHOLD, Payload
 from conversion.read import load_checkpoint, open_pickled, open_source
 from conversion.synthetic import random_state_dict
 
-from ..support import read_written
+from ..support import bytes_at, read_written
 
 SD = random_state_dict(Architecture((1, 1, 2, 1), (8, 16, 24, 32), num_classes=5, classifier_norm=True), seed=5)
-
-
-def _run(path, location) -> bytes:
-    if isinstance(location, InMemory):
-        return location.data
-    with open(path, "rb") as f:
-        f.seek(location.offset)
-        return f.read(location.nbytes)
 
 
 def _storage_bytes(t: torch.Tensor) -> bytes:
@@ -69,7 +61,7 @@ def test_a_legacy_file_gives_tensor_refs_whose_storages_are_runs_of_the_file(tmp
         assert ref.dtype == str(want.dtype).replace("torch.", "")
         location = source.storages[ref.storage.key]
         assert isinstance(location, FileBytes)
-        assert _run(path, location) == _storage_bytes(want), name
+        assert bytes_at(path, location) == _storage_bytes(want), name
     assert source.bytes_read < 64 * 1024  # the pickles and the 8-byte counts, never the storages
 
 
@@ -88,7 +80,7 @@ def test_a_plain_pickle_gives_array_refs_over_runs_of_the_file(tmp_path, protoco
     source = open_pickled(str(path))
 
     assert source.format == "pickle" and source.objects["__author__"] == "x"
-    assert isinstance(source.objects["blob"], Payload) and _run(path, source.objects["blob"].location) == oracle["blob"]
+    assert isinstance(source.objects["blob"], Payload) and bytes_at(path, source.objects["blob"].location) == oracle["blob"]
     for name, want in oracle["model"].items():
         ref = source.objects["model"][name]
         assert isinstance(ref, ArrayRef), name
@@ -97,10 +89,10 @@ def test_a_plain_pickle_gives_array_refs_over_runs_of_the_file(tmp_path, protoco
         big = want.nbytes > PAYLOAD_THRESHOLD
         if big and not arrays[name].dtype.isnative:  # left in the file in its own byte order, swapped when read
             assert isinstance(location, ByteSwapped) and location.dtype == arrays[name].dtype.str, name
-            assert _run(path, FileBytes(location.offset, location.nbytes)) == arrays[name].tobytes(order="A"), name
+            assert bytes_at(path, FileBytes(location.offset, location.nbytes)) == arrays[name].tobytes(order="A"), name
             continue
         assert isinstance(location, FileBytes if big else InMemory), name
-        assert _run(path, location) == want.astype(want.dtype.newbyteorder("=")).tobytes(order="A"), name
+        assert bytes_at(path, location) == want.astype(want.dtype.newbyteorder("=")).tobytes(order="A"), name
     assert source.objects["model"]["fortran"].stride == (1, 40)
     assert source.bytes_read < 64 * 1024
 
@@ -228,7 +220,7 @@ def test_tensors_pickled_with_plain_pickle_come_back_through_their_inner_archive
         location = source.storages[ref.storage.key]
         if want.numel() * want.element_size() > PAYLOAD_THRESHOLD:  # its inner file is longer still: left in the file
             assert isinstance(location, FileBytes), name
-            assert _run(path, location) == want.numpy().tobytes(), name
+            assert bytes_at(path, location) == want.numpy().tobytes(), name
             in_file += 1
         else:
             assert isinstance(location, (FileBytes, InMemory)), name
