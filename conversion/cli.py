@@ -15,7 +15,7 @@ import traceback
 from typing import Any, Callable, Iterator, List, Optional, Sequence
 
 from . import __version__
-from .errors import ConversionError
+from .errors import ConversionError, DestinationError, printable
 from .inspection import inspect_checkpoint
 from .layouts import LAYOUTS, LayoutOption, parse_layout_option
 from .pipeline import convert, repair
@@ -81,8 +81,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _print(text: str, file: Any = None) -> None:
+    """Print what may hold names from the file: non-printable characters escaped (errors.printable),
+    and anything the stream's encoding lacks backslash-escaped, so that printing cannot fail on it."""
+    stream = file or sys.stdout
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    text = printable(text, keep_newlines=True)
+    print(text.encode(encoding, "backslashreplace").decode(encoding, "replace"), file=stream)
+
+
 def _emit(args: argparse.Namespace, report: Any, human: Callable[[Any], str]) -> None:
-    print(json.dumps(report.to_dict(), indent=2, sort_keys=True) if args.json else human(report))
+    _print(json.dumps(report.to_dict(), indent=2, sort_keys=True) if args.json else human(report))
+
+
+def _report_written(args: argparse.Namespace, report: Any) -> None:
+    """convert's warning and report, for a file already written: where printing them fails (a
+    closed or full stdout), the file is removed, so that an error exit leaves nothing behind."""
+    try:
+        if report.non_finite:
+            _print(f"convnext-d2: warning: {len(report.non_finite)} tensor(s) hold NaN or Inf: "
+                   f"{summarise_names(report.non_finite, 4)} (written as they are; --strict refuses them)", file=sys.stderr)
+        if not args.quiet:
+            _emit(args, report, format_report)
+    except BrokenPipeError:  # the reader left (`| head`): the file is fine, and main says so
+        raise
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            os.remove(args.dst)
+        if isinstance(err, OSError):
+            raise DestinationError(f"{args.dst}: written, then removed: the report could not be printed ({err.strerror or err}).",
+                                   "Check where stdout goes, or pass --quiet.") from None
+        raise
 
 
 # Below this many bytes a conversion takes about a second: no bar for it.
@@ -123,11 +152,7 @@ def _run(args: argparse.Namespace) -> int:
                 args.src, args.dst, ema=args.ema, prefix=args.prefix, layout=args.layout, force=args.force,
                 progress=progress, strict=args.strict,
             )
-        if report.non_finite:
-            print(f"convnext-d2: warning: {len(report.non_finite)} tensor(s) hold NaN or Inf: "
-                  f"{summarise_names(report.non_finite, 4)} (written as they are; --strict refuses them)", file=sys.stderr)
-        if not args.quiet:
-            _emit(args, report, format_report)
+        _report_written(args, report)
         return EXIT_OK
     if args.command == "repair":
         _emit(args, repair(args.src, args.dst, force=args.force), format_repair)

@@ -33,8 +33,21 @@ class ConversionError(Exception):
         return self.message if not self.hint else f"{self.message}\n{self.hint}"
 
     def as_printed(self, program: str = "convnext-d2") -> str:
-        """The one or two lines the CLI prints on stderr (also the message of a failing gate test)."""
-        return f"{program}: error: {self.message}" + (f"\n{program}: {self.hint}" if self.hint else "")
+        """The one or two lines the CLI prints on stderr (also the message of a failing gate test);
+        what the file put into the message (a name holding a newline) cannot add a line."""
+        return f"{program}: error: {printable(self.message)}" + (f"\n{program}: {printable(self.hint)}" if self.hint else "")
+
+
+def printable(text: str, keep_newlines: bool = False) -> str:
+    """`text` with every character that is not printable escaped as Python spells it (`\\n`,
+    `\\x1b`, `\\u202e`, a lone surrogate `\\ud800`): names come from the file, and a control
+    character would forge lines or colours, a surrogate fails to encode.  With `keep_newlines`,
+    the line breaks of a formatted report stay."""
+    if text.isprintable():
+        return text
+    if keep_newlines:
+        return "\n".join(printable(line) for line in text.split("\n"))
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 def plain_text(message: str) -> str:

@@ -210,7 +210,9 @@ def _write(planned: Plan, dst: str, fmt: str, *, force: bool, progress: Optional
     tensors, model = writable(source.path, source.storages, planned.target.state_dict, gather=fmt == "torch")
     if fmt == "torch":
         keep = sorted({ref.storage.key for ref in model.values()})
-        small = source.index.small_records() if source.index is not None else list(TORCH_SMALL_RECORDS)
+        # Written anew, never copied: a source's records are whatever its writer put there, and torch's
+        # reader parses them (an alignment that is not a number fails torch.load of the output).
+        small = list(TORCH_SMALL_RECORDS)
         payload = {"model": model, "__author__": AUTHOR}
         return write_pth(dst, tensors, payload, keep, small, force=force, source=source.path, progress=progress)
     return write_pkl(dst, tensors, model, AUTHOR, force=force, source=source.path, progress=progress)

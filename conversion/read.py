@@ -21,7 +21,7 @@ from .formats import ZIP_MAGIC, check_source, is_torch_zip
 from .io.handles import ITEM_SIZE, STORAGE_DTYPES, ArrayRef, ByteSwapped, FileBytes, Inflated, InMemory, Latin1Text, Location, StorageRef, TensorRef, contiguous_stride
 from .io.legacy_torch import LEGACY_TORCH_MAGIC, read_inner_file, read_inner_in_file, read_legacy
 from .io.tensor_bytes import IN_FILE, SPELLED, read_run, read_spelled, spelled_bytes
-from .io.safe_pickle import BUDGET_SLACK, Payload, Placeholder, SafeUnpickler
+from .io.safe_pickle import BUDGET_SLACK, Budget, Payload, Placeholder, SafeUnpickler
 
 _NUMPY_OF = {
     "float32": "<f4", "float16": "<f2", "float64": "<f8", "int64": "<i8", "int32": "<i4", "int16": "<i2",
@@ -123,11 +123,12 @@ def materialize(obj: Any, build: Callable[[Any], Any], name: str = "") -> Any:
     return obj
 
 
-def _inner_archive(storages: Dict[str, Location], f: Any) -> Callable[[Any], Any]:
+def _inner_archive(storages: Dict[str, Location], f: Any, budget: Budget) -> Callable[[Any], Any]:
     """torch.storage._load_from_bytes(b) inside a plain pickle: `b` is a torch file holding one
     storage, read with the same rules (no further nesting) under a fresh key.  Left in the file (a
     `Payload`), it is read there for its pickles only and its storage stays a run of the source
-    file; given as bytes (a short one, or spelled as text), its storage is kept in memory."""
+    file; given as bytes (a short one, or spelled as text), its storage is kept in memory.  Its
+    pickles spend the source file's `budget`: nesting does not multiply what a file may build."""
     name = "<tensor inside pickle>"
     keys = itertools.count()  # numbered per file: the same file gives the same keys (and output bytes)
 
@@ -137,9 +138,9 @@ def _inner_archive(storages: Dict[str, Location], f: Any) -> Callable[[Any], Any
 
     def load(data: Any) -> Any:
         if isinstance(data, Payload):
-            ref, location = read_inner_in_file(f.fileno(), data.location, name, counted)
+            ref, location = read_inner_in_file(f.fileno(), data.location, name, counted, budget)
         else:
-            ref, raw = read_inner_file(data, name)
+            ref, raw = read_inner_file(data, name, budget)
             location = InMemory(bytes(raw)) if raw is not None else None
         if not isinstance(ref, StorageRef) or location is None:
             raise UnreadableCheckpoint("a pickled tensor's inner archive holds no storage.", "Re-save the weights.")
@@ -175,11 +176,12 @@ def _read_pickled(f: Any, path: str, size: int) -> _Pickled:
     """A legacy torch file or a plain pickle from `f` (the source file, at 0): objects whose tensors
     and arrays are handles, large payloads left in the file, every bound of the unpickler kept."""
     storages: Dict[str, Location] = {}
-    u = SafeUnpickler(f, size=size, budget=2 * size + BUDGET_SLACK, load_from_bytes=_inner_archive(storages, f), skip_payloads=True)
+    budget = Budget(2 * size + BUDGET_SLACK)  # the file's one budget, for all its pickles
+    u = SafeUnpickler(f, size=size, budget=budget, load_from_bytes=_inner_archive(storages, f, budget), skip_payloads=True)
     obj = u.load()
     if isinstance(obj, int) and obj == LEGACY_TORCH_MAGIC:
         modules: set = set()
-        objects, legacy = read_legacy(f, path, size, modules=modules)
+        objects, legacy = read_legacy(f, path, size, modules=modules, budget=budget)
         return _Pickled("torch-legacy", objects, legacy, frozenset(modules))
     storages.update(u.storages)
     return _Pickled("pickle", obj, storages, frozenset(u.modules))
@@ -265,7 +267,7 @@ def _guarded(path: str, read: Callable[[], Any]) -> Any:
             raise
         raise type(err)(f"{path}: {err.message}", err.hint) from None
     except OSError as err:
-        raise UnreadableCheckpoint(f"{path}: cannot read ({err.strerror or err}).", "Check the path and permissions.") from None
+        raise UnreadableCheckpoint(f"{path}: cannot read ({err.strerror or err}).", "Check the path and permissions, and pass a checkpoint file (not a device or /proc file).") from None
     except (Exception, RecursionError) as err:  # any parse failure of foreign bytes is the same user-facing fact
         raise UnreadableCheckpoint(
             f"{path}: not a readable checkpoint ({type(err).__name__}: {str(err)[:160]}).",
@@ -318,6 +320,10 @@ def open_source(path: str) -> Source:
         UnreadableCheckpoint, UnsafeCheckpoint: as `read_checkpoint`.
     """
     check_source(path)
+    return _guarded(path, lambda: _open_source(path))  # a read that fails (EIO on a special file) included
+
+
+def _open_source(path: str) -> Source:
     if is_torch_zip(path):
         from .io.torchzip import read_index
 

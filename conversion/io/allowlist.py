@@ -141,11 +141,14 @@ def _ints(value: Any, what: str) -> Tuple[int, ...]:
 
 
 def _count(shape: Tuple[int, ...], limit: int, what: str) -> int:
-    """Elements of `shape`, refusing negative sizes and products beyond `limit` (no overflow)."""
+    """Elements of `shape`, refusing negative sizes and products beyond `limit` (no overflow).
+    A zero anywhere makes it empty, however large the dimensions before it (a zero-width stage)."""
+    if any(d < 0 for d in shape):
+        raise _corrupt(f"{what} has a negative size {list(shape)}.")
+    if 0 in shape:
+        return 0
     n = 1
     for d in shape:
-        if d < 0:
-            raise _corrupt(f"{what} has a negative size {list(shape)}.")
         n *= d
         if n > limit:
             raise _corrupt(f"{what} of shape {list(shape)} is larger than its data.")

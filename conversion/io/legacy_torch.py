@@ -18,7 +18,7 @@ from ..errors import UnreadableCheckpoint, UnsafeCheckpoint
 from ..formats import ZIP_MAGIC
 from .allowlist import StorageType
 from .handles import ITEM_SIZE, STORAGE_DTYPES, FileBytes, InMemory, Location, StorageRef
-from .safe_pickle import BUDGET_SLACK, SafeUnpickler, safe_load
+from .safe_pickle import BUDGET_SLACK, Budget, SafeUnpickler, safe_load
 
 __all__ = ["LEGACY_TORCH_MAGIC", "read_legacy", "read_inner_file", "read_inner_in_file"]
 
@@ -51,33 +51,37 @@ def _persistent_ids(declared: Dict[str, StorageRef]) -> Callable[[Any], Any]:
     return persistent
 
 
-def read_legacy(f: Any, path: str, size: int, *, in_file: bool = True, modules: Optional[set] = None) -> Tuple[Any, Dict[str, Location]]:
+def read_legacy(
+    f: Any, path: str, size: int, *, in_file: bool = True, modules: Optional[set] = None, budget: Optional[Budget] = None
+) -> Tuple[Any, Dict[str, Location]]:
     """The rest of a legacy torch file after its magic number: (objects with `TensorRef` leaves,
     storage key -> location).  `f` is positioned after the magic; `size` is the whole file's size.
 
     With `in_file` (f is the source file itself) storages and large array payloads stay in the file
     as `FileBytes`; otherwise (`f` is an inner archive in memory) they are `InMemory` copies.
-    `modules`, if given, gets the modules the objects' globals name.
+    `modules`, if given, gets the modules the objects' globals name.  Every pickle spends `budget`
+    (the source file's, where this file is nested in it; else one for this file).
 
     Raises:
         UnreadableCheckpoint: a big-endian file, a storage list that disagrees with the objects,
             a storage truncated or whose size disagrees with its index.
     """
     declared: Dict[str, StorageRef] = {}
+    budget = budget or Budget(2 * size + BUDGET_SLACK)
 
     def left() -> int:
         return size - f.tell()
 
     for _ in range(2):  # protocol version, sys_info
-        info, _ = safe_load(f, size=left())
+        info, _ = safe_load(f, size=left(), budget=budget)
     if isinstance(info, dict) and info.get("little_endian") is False:
         raise UnreadableCheckpoint(f"{path}: a big-endian legacy torch file.", "Re-save it on a little-endian machine.")
-    u = SafeUnpickler(f, size=left(), budget=2 * left() + BUDGET_SLACK, persistent_load=_persistent_ids(declared), skip_payloads=in_file)
+    u = SafeUnpickler(f, size=left(), budget=budget, persistent_load=_persistent_ids(declared), skip_payloads=in_file)
     objects = u.load()
     if modules is not None:
         modules.update(u.modules)
     storages: Dict[str, Location] = dict(u.storages)
-    keys, _ = safe_load(f, size=left())
+    keys, _ = safe_load(f, size=left(), budget=budget)
     if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys) or set(keys) != set(declared):
         raise UnreadableCheckpoint(f"{path}: corrupt legacy torch file (storage list).", "Re-download or re-save it.")
     for key in keys:
@@ -96,10 +100,10 @@ def read_legacy(f: Any, path: str, size: int, *, in_file: bool = True, modules: 
     return objects, storages
 
 
-def read_inner_file(data: bytes, name: str) -> Tuple[Any, Optional[bytes]]:
+def read_inner_file(data: bytes, name: str, budget: Optional[Budget] = None) -> Tuple[Any, Optional[bytes]]:
     """A pickled tensor's inner archive (`torch.storage._load_from_bytes`), a torch file of one
-    storage read by the same rules (no further nesting): (its object, that storage's bytes when the
-    object is a storage).
+    storage read by the same rules (no further nesting), spending the source file's `budget`: (its
+    object, that storage's bytes when the object is a storage).
 
     Raises:
         UnsafeCheckpoint: the inner data is not a torch file.
@@ -109,13 +113,13 @@ def read_inner_file(data: bytes, name: str) -> Tuple[Any, Optional[bytes]]:
     if data[:4] == ZIP_MAGIC:
         from .torchzip import read_index
 
-        index = read_index(f, name)
+        index = read_index(f, name, budget)
         obj = index.objects
         return obj, (index.storage_bytes()[obj.key] if isinstance(obj, StorageRef) else None)
-    magic, _ = safe_load(f, size=len(data))
+    magic, _ = safe_load(f, size=len(data), budget=budget)
     if magic != LEGACY_TORCH_MAGIC:
         raise UnsafeCheckpoint(f"{name}: a pickled tensor whose inner data is not a torch file.", "Re-save the weights with torch.save.")
-    obj, storages = read_legacy(f, name, len(data), in_file=False)
+    obj, storages = read_legacy(f, name, len(data), in_file=False, budget=budget)
     if not isinstance(obj, StorageRef):
         return obj, None
     location = storages[obj.key]
@@ -154,7 +158,9 @@ class _Window(io.RawIOBase):
         return self._pos
 
 
-def read_inner_in_file(fd: int, location: FileBytes, name: str, counted: Callable[[int], None]) -> Tuple[Any, Optional[Location]]:
+def read_inner_in_file(
+    fd: int, location: FileBytes, name: str, counted: Callable[[int], None], budget: Optional[Budget] = None
+) -> Tuple[Any, Optional[Location]]:
     """`read_inner_file` of an inner archive that is a run of the source file (a pickled tensor's
     bytes left in the file): a legacy torch file (what `torch.storage._load_from_bytes` is given)
     is read for its pickles only, its storage staying a run of the source file; any other (a torch
@@ -164,13 +170,13 @@ def read_inner_in_file(fd: int, location: FileBytes, name: str, counted: Callabl
     window = _Window(fd, location.offset, location.nbytes, counted)
     if window.read(4) == ZIP_MAGIC:
         window.seek(0)
-        obj, raw = read_inner_file(window.read(), name)
+        obj, raw = read_inner_file(window.read(), name, budget)
         return obj, (InMemory(bytes(raw)) if raw is not None else None)
     window.seek(0)
-    magic, _ = safe_load(window, size=location.nbytes)
+    magic, _ = safe_load(window, size=location.nbytes, budget=budget)
     if magic != LEGACY_TORCH_MAGIC:
         raise UnsafeCheckpoint(f"{name}: a pickled tensor whose inner data is not a torch file.", "Re-save the weights with torch.save.")
-    obj, storages = read_legacy(window, name, location.nbytes)
+    obj, storages = read_legacy(window, name, location.nbytes, budget=budget)
     if not isinstance(obj, StorageRef):
         return obj, None
     inner = storages[obj.key]

@@ -47,13 +47,23 @@ from .allowlist import _BUILDERS, CODECS_ENCODE, Payload, Placeholder, StorageTy
 from .handles import FileBytes, Location
 from .tensor_bytes import spelled_bytes
 
-__all__ = ["MAX_DEPTH", "MAX_OBJECTS", "BUDGET_SLACK", "PAYLOAD_THRESHOLD", "Payload", "Placeholder", "StorageType", "SafeUnpickler", "safe_load"]
+__all__ = ["MAX_DEPTH", "MAX_OBJECTS", "BUDGET_SLACK", "Budget", "PAYLOAD_THRESHOLD", "Payload", "Placeholder", "StorageType", "SafeUnpickler", "safe_load"]
 
 MAX_DEPTH = 100  # a state dict is 2-4 levels deep; a training checkpoint rarely more than 10
 MAX_OBJECTS = 1_000_000  # containers and objects built by one pickle
 BUDGET_SLACK = 1 << 20  # bytes any file may build beyond its own size (small files, headers)
 # Payload mode: byte strings longer than this are left in the file (a `Payload`: offset and size).
 PAYLOAD_THRESHOLD = 4096
+
+
+
+class Budget:
+    """One source file's allowance: the bytes its rebuilders may produce and the objects its pickles
+    may build, shared by every unpickler reading from that file (a legacy file's five pickles, each
+    pickled tensor's inner archive), so that nesting cannot multiply it."""
+
+    def __init__(self, nbytes: int, objects: int = MAX_OBJECTS) -> None:
+        self.nbytes, self.objects = nbytes, objects
 
 # ---------------------------------------------------------------- the unpickler
 
@@ -89,7 +99,8 @@ class SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcode
 
     Args:
         file: a binary file; `size` bytes from its current position belong to this input.
-        budget: bytes the rebuilders may produce in all (the caller sets it from the file's size).
+        budget: bytes the rebuilders may produce in all (the caller sets it from the file's size), or
+            the source file's `Budget`, shared with the other unpicklers reading from that file.
         persistent_load: what a persistent id means (torch archives); None refuses them.
         load_from_bytes: torch.storage._load_from_bytes (a pickled tensor's inner archive).
         skip_payloads: payload mode: byte strings over `payload_threshold` bytes are not read but
@@ -104,7 +115,7 @@ class SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcode
         file: Any,
         *,
         size: int,
-        budget: int,
+        budget: "int | Budget",
         persistent_load: Optional[Callable[[Any], Any]] = None,
         load_from_bytes: Optional[Callable[[bytes], Any]] = None,
         skip_payloads: bool = False,
@@ -112,7 +123,7 @@ class SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcode
     ) -> None:
         super().__init__(file, encoding="latin1")
         self._file, self._end = file, file.tell() + size
-        self._budget = budget
+        self.budget = budget if isinstance(budget, Budget) else Budget(budget)
         self._persistent = persistent_load
         self.load_from_bytes = load_from_bytes
         self._depth: Dict[int, int] = {}  # id -> nesting depth, for every container built
@@ -120,7 +131,6 @@ class SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcode
         self._alive: List[Any] = []  # keeps tracked objects alive, so their ids stay unique
         self._pending_slots: Dict[int, List[Any]] = {}  # id of a pending object -> its memo keys
         self.placeholders: List[str] = []  # dotted class names read past, in order of appearance
-        self._objects = 0
         self.skip_payloads, self.payload_threshold = skip_payloads, payload_threshold
         self.storages: Dict[str, Location] = {}  # payload mode: the arrays' storages, by key
         self.modules: set = set()  # modules the pickle's globals name (e.g. numpy._core: pickled by numpy 2)
@@ -133,8 +143,8 @@ class SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcode
     # -- bounds
 
     def spend(self, nbytes: int) -> None:
-        self._budget -= nbytes
-        if self._budget < 0:
+        self.budget.nbytes -= nbytes
+        if self.budget.nbytes < 0:
             raise _corrupt("the file builds more data than it holds (an allocation bomb or crafted references).")
 
     def check_left(self, n: int) -> None:
@@ -209,9 +219,9 @@ class SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcode
         return depth
 
     def _register(self, obj: Any, depth: int) -> Any:
-        self._objects += 1
-        if self._objects > MAX_OBJECTS:
-            raise _corrupt(f"the pickle builds more than {MAX_OBJECTS} objects.")
+        self.budget.objects -= 1
+        if self.budget.objects < 0:
+            raise _corrupt(f"the file's pickles build more than {MAX_OBJECTS} objects.")
         self._depth[id(obj)] = depth
         self._alive.append(obj)
         return obj
@@ -523,7 +533,7 @@ class SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcode
             raise type(err)(f"'{key[:120]}': {err.message}", err.hint) from None
 
 
-def safe_load(file: Any, *, size: int, budget: Optional[int] = None, **hooks: Any) -> Tuple[Any, List[str]]:
+def safe_load(file: Any, *, size: int, budget: "int | Budget | None" = None, **hooks: Any) -> Tuple[Any, List[str]]:
     """Unpickle one pickle from `file` (its next `size` bytes); return (objects, placeholders read past).
     (`SafeUnpickler` itself, for payload mode: its `storages` and `modules` come with the objects.)
 

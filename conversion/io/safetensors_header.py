@@ -47,7 +47,7 @@ def read_header(path: str) -> Optional[Header]:
         raw = f.read(length)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than the parser recurses
         return None
     found = _handles(header, size - 8 - length, 8 + length) if isinstance(header, dict) else None
     return None if found is None else Header(found[0], 8 + length, found[1])
@@ -58,7 +58,7 @@ def _handles(header: Dict[str, Any], data_bytes: int, data_start: int) -> Option
     storages: Dict[str, FileBytes] = {}
     for name in sorted(k for k in header if k != "__metadata__"):
         entry = header[name]
-        if not isinstance(entry, dict) or entry.get("dtype") not in _STORAGE_OF:
+        if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str) or entry["dtype"] not in _STORAGE_OF:
             return None
         shape, offsets = entry.get("shape"), entry.get("data_offsets")
         if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):

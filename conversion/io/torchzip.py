@@ -16,18 +16,20 @@ import struct
 import zipfile
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, Optional
 
 from ..errors import UnreadableCheckpoint, UnsafeCheckpoint
 from .handles import FileBytes, Inflated, Location, StorageRef
-from .safe_pickle import StorageType, safe_load
+from .safe_pickle import Budget, StorageType, safe_load
 
 ALIGNMENT = 64  # torch's PyTorchStreamWriter aligns record data to 64 bytes (mmap-able)
 # A deflated member may inflate to at most this many times its stored size (plus 64 KiB): torch
 # writes stored members, and a pickled index compresses ~5x; zip bombs reach ~1000x.
 COMPRESSION_BOUND = 20
-# The small records torch.save writes besides data.pkl and the storages, in its order.
-SMALL_RECORDS = (".format_version", ".storage_alignment", "byteorder", "version", ".data/serialization_id")
+# General-purpose flag bits torch's reader (miniz) refuses in a member, in the directory or a local
+# header: encrypted (0), compressed patched data (5), strong encryption (6), masked local headers (13).
+# Python's zipfile raises NotImplementedError for some of them only when a member is read.
+UNSUPPORTED_FLAGS = 0x0001 | 0x0020 | 0x0040 | 0x2000
 
 @dataclass
 class ArchiveIndex:
@@ -54,13 +56,6 @@ class ArchiveIndex:
                 out[name[len("data/"):]] = Inflated(info.filename, info.file_size, info.CRC)
         return out
 
-    def small_records(self) -> List[Tuple[str, bytes]]:
-        """The records besides the index and the storages that a written archive keeps (format
-        version, alignment, byte order, version, serialization id), in torch's order."""
-        names = [n for n in SMALL_RECORDS if n in self.records]
-        with zipfile.ZipFile(self.path) as zf:
-            return [(n, zf.read(self.records[n])) for n in names]
-
     def storage_bytes(self) -> Dict[str, bytearray]:
         """Every storage record's bytes (CRC-checked by zipfile), for the loaded path."""
         out: Dict[str, bytearray] = {}
@@ -70,7 +65,7 @@ class ArchiveIndex:
                 for name, info in self.records.items():
                     if name.startswith("data/"):
                         out[name[len("data/"):]] = bytearray(zf.read(info))
-        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as err:
+        except Exception as err:  # noqa: BLE001 - any failure to parse the file's bytes is the same fact
             raise UnreadableCheckpoint(f"{self.path}: corrupt torch archive ({type(err).__name__}: {str(err)[:120]}).", "Re-download or re-save it.") from None
         finally:
             if self.source is None:
@@ -140,7 +135,7 @@ def _check_directory(path: str, records: Dict[str, zipfile.ZipInfo]) -> None:
                     f"(more than {COMPRESSION_BOUND}x): refused before inflating.",
                     "A torch archive stores its records uncompressed; re-save it with torch.save.",
                 )
-        if bad or info.flag_bits & 0x2001 or info.volume > 1:
+        if bad or info.flag_bits & UNSUPPORTED_FLAGS or info.volume > 1:
             raise UnreadableCheckpoint(f"{path}: corrupt torch archive (inconsistent directory entry).", "Re-download or re-save it.")
 
 
@@ -185,11 +180,12 @@ def _check_totals(f: Any, path: str, zf: zipfile.ZipFile) -> None:
     f.seek(0)
 
 
-def read_index(source: Any, name: str = "") -> ArchiveIndex:
+def read_index(source: Any, name: str = "", budget: Optional[Budget] = None) -> ArchiveIndex:
     """Parse a torch zip archive's central directory and `data.pkl`; tensor bytes are not read.
 
     `source` is a path or an open binary file (a pickled tensor's inner archive); `name` names it
-    in errors.  The index is unpickled by the one safe unpickler, with storages as references.
+    in errors.  The index is unpickled by the one safe unpickler, with storages as references,
+    spending `budget` where the archive is nested in a source file (a pickled tensor's).
 
     Raises:
         UnsafeCheckpoint: the index names something whose only use is to run code.
@@ -235,7 +231,8 @@ def read_index(source: Any, name: str = "") -> ArchiveIndex:
             ) from None
         held = sum(i.file_size for k, i in records.items() if k.startswith("data/"))
         try:
-            objects, _ = safe_load(io.BytesIO(data), size=len(data), budget=2 * len(data) + held + (1 << 20), persistent_load=_storage_of)
+            allowance = budget or 2 * len(data) + held + (1 << 20)
+            objects, _ = safe_load(io.BytesIO(data), size=len(data), budget=allowance, persistent_load=_storage_of)
         except UnreadableCheckpoint as err:
             raise type(err)(f"{path}: {err.message}", err.hint) from None
         except Exception as err:
@@ -257,7 +254,7 @@ def inflate(path: str, member: Inflated) -> bytes:
         with zipfile.ZipFile(path) as zf:
             with zf.open(member.member) as f:  # zipfile stops at the declared size and checks the CRC at the end
                 data = f.read(member.nbytes + 1)
-    except (zipfile.BadZipFile, OSError, EOFError, zlib.error, KeyError) as err:
+    except Exception as err:  # noqa: BLE001 - any failure to parse the file's bytes is the same fact
         raise UnreadableCheckpoint(f"{path}: member {member.member} does not inflate ({type(err).__name__}: {str(err)[:120]}).", "Re-download or re-save it.") from None
     if len(data) != member.nbytes or zlib.crc32(data) != member.crc:
         raise UnreadableCheckpoint(f"{path}: member {member.member} fails its size or CRC-32: the archive is corrupt.", "Re-download or re-save it.")
@@ -293,7 +290,7 @@ def _data_offset(f: Any, info: zipfile.ZipInfo) -> int:
     crc, csize, usize, name_len, extra_len = struct.unpack("<IIIHH", header[14:30])
     name = f.read(name_len)
     described_later = flags & 0x08  # sizes and CRC in a data descriptor after the data
-    if name != info.filename.encode("utf-8") or method != info.compress_type or (
+    if name != info.filename.encode("utf-8") or method != info.compress_type or flags & UNSUPPORTED_FLAGS or (
         not described_later and (crc, csize, usize) != (info.CRC, info.compress_size, info.file_size) and usize != 0xFFFFFFFF
     ):
         raise UnreadableCheckpoint(f"corrupt archive entry {info.filename} (local header disagrees with the directory)", "Re-download or re-save it.")
