@@ -62,8 +62,9 @@ class Budget:
     may build, shared by every unpickler reading from that file (a legacy file's five pickles, each
     pickled tensor's inner archive), so that nesting cannot multiply it."""
 
-    def __init__(self, nbytes: int, objects: int = MAX_OBJECTS) -> None:
-        self.nbytes, self.objects = nbytes, objects
+    def __init__(self, nbytes: int, objects: Optional[int] = None) -> None:
+        self.nbytes, self.objects = nbytes, MAX_OBJECTS if objects is None else objects
+        self.limit = self.objects
 
 # ---------------------------------------------------------------- the unpickler
 
@@ -221,7 +222,7 @@ class SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcode
     def _register(self, obj: Any, depth: int) -> Any:
         self.budget.objects -= 1
         if self.budget.objects < 0:
-            raise _corrupt(f"the file's pickles build more than {MAX_OBJECTS} objects.")
+            raise _corrupt(f"the file's pickles build more than {self.budget.limit} objects.")
         self._depth[id(obj)] = depth
         self._alive.append(obj)
         return obj

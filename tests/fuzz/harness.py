@@ -44,9 +44,10 @@ SLOW_RUN_S = 20.0  # a run this long is kept as a finding (libFuzzer's -timeout 
 
 
 def kind_of(problem: str) -> str:
-    """A finding's kind: its message without numbers, quoted names and paths."""
-    text = re.sub(r"'[^']*'|\"[^\"]*\"|/\S+|\d+", "_", problem)
-    return re.sub(r"\W+", "-", text).strip("-")[:80]
+    """A finding's kind: the words of its message before anything quoted, without numbers and paths."""
+    text = re.split(r"['\"(]", problem.replace("convnext-d2: ", ""), maxsplit=1)[0]
+    text = re.sub(r"/\S+|\d+", "_", text)
+    return re.sub(r"[^A-Za-z_]+", "-", text).strip("-")[:80]
 
 
 class Findings:
