@@ -209,6 +209,10 @@ def _looks_like_safetensors(f: Any) -> bool:
 
 def _load_safetensors(path: str) -> Dict[str, Any]:
     try:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="numpy"):  # safetensors' own header check, before importing torch to refuse
+            pass
         from safetensors.torch import load_file
     except ImportError:
         raise UnreadableCheckpoint(

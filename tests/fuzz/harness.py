@@ -4,6 +4,7 @@
     tox -e fuzz -- -max_total_time=1800      # 30 minutes; any libFuzzer flag passes through
     tox -e fuzz -- --runs 200                # no atheris needed: 200 seeded mutations, then stop
     tox -e fuzz -- --replay FILE...          # the oracle on given inputs (a finding, a corpus file)
+    tox -e fuzz -- --minimise FILE OUT       # FILE with what the same broken promise does not need removed
 
 An input is one command byte (`oracle.command_of`: inspect, convert to .pth or to .pkl, and the
 source's suffix) and the source file's bytes.  The seeds are `seeds.py`'s synthetic checkpoints;
@@ -153,6 +154,35 @@ def replay(paths: Sequence[str], findings: Findings) -> int:
     return findings.total
 
 
+def minimise(data: bytes, trials: int = 400) -> bytes:
+    """`data` with chunks removed (halves, then quarters, ... down to single bytes) while the same
+    kind of promise still breaks: run against the code that broke it, this is what the regression
+    corpus keeps."""
+    from .oracle import broken_promises
+
+    def kind(candidate: bytes) -> Optional[str]:
+        with tempfile.TemporaryDirectory(prefix="convnext-d2-fuzz-") as tmp:
+            problems = broken_promises(candidate, Path(tmp))
+        return kind_of(problems[0]) if problems else None
+
+    want = kind(data)
+    if want is None:
+        return data
+    chunk = max(1, (len(data) - 1) // 2)
+    while chunk >= 1 and trials > 0:
+        at, shrunk = 1, False  # the command byte stays
+        while at < len(data) and trials > 0:
+            candidate = data[:at] + data[at + chunk:]
+            trials -= 1
+            if kind(candidate) == want:
+                data, shrunk = candidate, True
+            else:
+                at += chunk
+        if not shrunk:
+            chunk //= 2
+    return data
+
+
 def fuzz(libfuzzer_args: List[str], corpus: Path, findings: Findings) -> None:
     import atheris
 
@@ -180,8 +210,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--replay", nargs="+", metavar="FILE", help="run the oracle on these inputs")
     parser.add_argument("--corpus", type=Path, default=STATE / "corpus", help="the corpus folder (seeded when empty)")
     parser.add_argument("--findings", type=Path, default=STATE / "findings", help="where broken promises are kept")
+    parser.add_argument("--minimise", nargs=2, metavar=("FILE", "OUT"), help="write FILE minimised (the same kind broken) to OUT")
     args, libfuzzer_args = parser.parse_known_args(argv)
     findings = Findings(args.findings)
+    if args.minimise:
+        data = Path(args.minimise[0]).read_bytes()
+        small = minimise(data)
+        Path(args.minimise[1]).write_bytes(small)
+        print(f"{len(data)} -> {len(small)} bytes")
+        return 0
     if args.replay:
         return 1 if replay(args.replay, findings) else 0
     corpus = seeds(args.corpus)
