@@ -34,8 +34,6 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy  # noqa: F401
 import torch  # noqa: F401
 
-# Mutated archives repeat names and mutated pickles name old protocols: the libraries warn, the oracle judges.
-warnings.simplefilter("ignore")
 HERE = Path(__file__).resolve().parent
 STATE = HERE.parent.parent / ".fuzz"
 MAX_INPUT_BYTES = 200_000  # the seeds are under 40 KB; room for grown pickles and archives
@@ -212,6 +210,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--findings", type=Path, default=STATE / "findings", help="where broken promises are kept")
     parser.add_argument("--minimise", nargs=2, metavar=("FILE", "OUT"), help="write FILE minimised (the same kind broken) to OUT")
     args, libfuzzer_args = parser.parse_known_args(argv)
+    # Mutated archives repeat names and mutated pickles name old protocols: the libraries warn, the oracle judges.
+    warnings.simplefilter("ignore")
     findings = Findings(args.findings)
     if args.minimise:
         data = Path(args.minimise[0]).read_bytes()

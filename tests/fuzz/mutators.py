@@ -18,6 +18,7 @@ import pickle
 import pickletools
 import random
 import struct
+import warnings
 import zipfile
 from typing import Any, Callable, List, Optional, Tuple
 
@@ -101,7 +102,8 @@ def mutate_zip(body: bytes, rng: random.Random, raw: Raw) -> bytes:
 
 def _write_zip(members: List[Tuple[str, bytes]], deflate: bool) -> bytes:
     buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED) as archive:
+    with warnings.catch_warnings(), zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED) as archive:
+        warnings.simplefilter("ignore")  # a member named twice is one of the mutations
         for name, content in members:
             info = zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0))
             info.compress_type = zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED

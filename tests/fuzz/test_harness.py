@@ -1,0 +1,93 @@
+"""The fuzz harness itself (tests/fuzz/harness.py): a bounded `--runs` smoke run keeps every promise,
+its oracle does report a broken one, and its mutators keep the structure they promise to keep.
+
+The harness's long runs (`tox -e fuzz`, atheris) are not part of the suite; this runs its seeds and
+a few dozen structure-aware mutations of them without atheris, in a few seconds.
+"""
+from __future__ import annotations
+
+import io
+import random
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from conversion.errors import UnreadableCheckpoint
+
+from . import harness, mutators, oracle, seeds
+
+SMOKE_RUNS = 40
+SEED_SHARE = 6  # one seed in six: every format, each command, a few seconds
+MUTATIONS_CHECKED = 30
+
+
+@pytest.fixture(scope="module")
+def seed_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("corpus")
+    seeds.write_seeds(folder)
+    for i, path in enumerate(sorted(folder.iterdir())):
+        if i % SEED_SHARE:
+            path.unlink()
+    return folder
+
+
+def test_a_bounded_run_of_the_harness_keeps_every_promise(seed_folder, tmp_path, capsys):
+    import warnings
+
+    findings = tmp_path / "findings"
+    with warnings.catch_warnings():  # the harness silences the libraries' warnings about mutated files
+        status = harness.main(["--runs", str(SMOKE_RUNS), "--corpus", str(seed_folder), "--findings", str(findings)])
+    out = capsys.readouterr().out
+    assert status == 0, out + "".join(p.read_text() for p in findings.glob("*.txt"))
+    assert f"{SMOKE_RUNS + len(list(seed_folder.iterdir()))} runs, 0 finding(s)" in out
+    assert not findings.exists()
+
+
+def _seed(name_part: str, command: int) -> bytes:
+    name, data = next((n, d) for n, d in seeds.seed_files() if name_part in n)
+    return bytes([oracle.selector_for(command, "." + name.rsplit(".", 1)[1])]) + data
+
+
+def test_the_oracle_reports_an_internal_error_and_a_file_left_behind(tmp_path, monkeypatch):
+    def fails_after_writing(src, dst, **kwargs):
+        Path(dst).write_bytes(b"half")
+        raise UnreadableCheckpoint("refused after writing.")
+
+    data = _seed("tiny.zip", command=1)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.setattr("conversion.cli.convert", lambda *a, **k: 1 / 0)
+    assert any("internal error: ZeroDivisionError" in p for p in oracle.broken_promises(data, tmp_path / "a"))
+    monkeypatch.setattr("conversion.cli.convert", fails_after_writing)
+    assert any("left behind after exit 2" in p for p in oracle.broken_promises(data, tmp_path / "b"))
+
+
+def test_the_zip_mutator_keeps_every_member_crc_right():
+    data = _seed("tiny.zip", command=1)
+    rng = random.Random(0)
+    kept = 0
+    for _ in range(MUTATIONS_CHECKED):
+        body = mutators.mutate_zip(data[1:], rng, lambda b, n: b[: max(1, len(b) - 1)])
+        try:
+            with zipfile.ZipFile(io.BytesIO(body)) as archive:
+                kept += archive.testzip() is None
+        except Exception:  # noqa: BLE001 - a local header's flags or sizes were the target
+            pass
+    assert kept >= MUTATIONS_CHECKED // 2
+
+
+def test_the_pickle_mutator_changes_opcodes_not_bytes_at_random():
+    import pickletools
+
+    data = _seed("tiny.numpy-p4", command=0)[1:]
+    rng = random.Random(1)
+    parsed = 0
+    for _ in range(MUTATIONS_CHECKED):
+        body = mutators.mutate_pickles(data, rng, lambda b, n: b)
+        try:
+            list(pickletools.genops(io.BytesIO(body)))
+            parsed += 1
+        except Exception:  # noqa: BLE001 - an opcode moved where its argument no longer parses
+            pass
+    assert parsed >= MUTATIONS_CHECKED // 2
