@@ -91,3 +91,21 @@ def test_the_pickle_mutator_changes_opcodes_not_bytes_at_random():
         except Exception:  # noqa: BLE001 - an opcode moved where its argument no longer parses
             pass
     assert parsed >= MUTATIONS_CHECKED // 2
+
+
+@pytest.mark.parametrize("seed_name, command", [("tiny.zip", 1), ("tiny.numpy-p2", 2), ("half.legacy", 1)])
+def test_the_differential_check_catches_a_tensor_that_differs_from_what_torch_or_numpy_read(seed_name, command, tmp_path, monkeypatch):
+    data = _seed(seed_name, command)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    assert oracle.broken_promises(data, tmp_path / "a") == []
+    read_written = oracle._read_written
+
+    def one_value_changed(dst):
+        written = dict(read_written(dst))
+        name = sorted(written)[0]
+        written[name] = written[name] + 1
+        return written
+
+    monkeypatch.setattr(oracle, "_read_written", one_value_changed)
+    assert any("hold no tensor the source decodes to" in p for p in oracle.broken_promises(data, tmp_path / "b"))
