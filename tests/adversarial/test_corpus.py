@@ -26,7 +26,7 @@ from typing import List, Tuple
 import pytest
 
 from ..cli.test_cli import ROOT, assert_plain_error
-from ..fuzz.oracle import command_of
+from ..fuzz.oracle import lay_out
 from ..support import torch_load_weights_only
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
@@ -74,12 +74,8 @@ def _run_observed(args: List[str], cwd: Path) -> Tuple[int, int, str]:
 @pytest.mark.parametrize("case", CASES, ids=[p.name.split(".")[0] for p in CASES])
 def test_every_input_the_fuzzer_or_a_probe_flagged_keeps_every_promise(case: Path, tmp_path: Path):
     data = corpus_input(case)
-    command, ext, suffix = command_of(data)
-    src, out = tmp_path / f"source{suffix}", tmp_path / "out"
-    src.write_bytes(data[1:])
-    out.mkdir()
-    dst = out / f"model_d2{ext}"
-    args = [command, str(src)] + ([str(dst)] if command == "convert" else [])
+    command, src, dst, args = lay_out(data, tmp_path)
+    out = dst.parent
     status, peak, stderr = _run_observed(args, tmp_path)
     assert status in EXIT_STATUSES, stderr
     assert "internal error" not in stderr and "Traceback" not in stderr, stderr
@@ -89,7 +85,7 @@ def test_every_input_the_fuzzer_or_a_probe_flagged_keeps_every_promise(case: Pat
     assert sorted(os.listdir(out)) == wanted and sorted(os.listdir(tmp_path)) == sorted(["out", src.name])
     bound = RSS_BASE_BYTES + RSS_PER_SOURCE_BYTE * len(data)
     assert peak <= bound, f"peak {peak >> 20} MiB for a {len(data)}-byte source (bound {bound >> 20} MiB)"
-    if wanted and ext == ".pth":
+    if wanted and dst.suffix == ".pth":
         assert isinstance(torch_load_weights_only(dst)["model"], dict)
     elif wanted:
         with open(dst, "rb") as f:

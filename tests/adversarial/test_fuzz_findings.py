@@ -189,19 +189,32 @@ def _written(dst: Path) -> Dict[str, torch.Tensor]:
     return torch_load_weights_only(dst)["model"]
 
 
-@pytest.mark.parametrize("source", ["torch-zip", "model-zoo-pkl"])
+def _zero_width_source(source: str, sd: Dict[str, torch.Tensor], folder: Path) -> Path:
+    if source == "torch-zip":
+        (folder / "model.pth").write_bytes(_torch_file({"model": sd}))
+    elif source == "torch-legacy":
+        (folder / "model.pth").write_bytes(_torch_file({"model": sd}, legacy=True))
+    elif source == "model-zoo-pkl":
+        (folder / "model.pkl").write_bytes(pickle.dumps({"model": {k: v.numpy() for k, v in sd.items()}, "__author__": "x"}, protocol=2))
+    elif source == "pickled-tensors":
+        (folder / "model.pkl").write_bytes(pickle.dumps({"model": sd}, protocol=4))
+    else:
+        from safetensors.torch import save
+
+        (folder / "model.safetensors").write_bytes(save(dict(sd)))
+    return next(folder.iterdir())
+
+
+@pytest.mark.parametrize("source", ["torch-zip", "torch-legacy", "model-zoo-pkl", "pickled-tensors", "safetensors"])
 @pytest.mark.parametrize("ext", [".pkl", ".pth"])
 def test_a_zero_width_stage_converts_with_its_empty_tensors_as_they_are(zero_width, source, ext, tmp_path, capsys):
     """Before: convert to .pkl exited 1 ("written pickle does not read back ... report this as a
     bug": an empty record had no range to read back), and a .pkl source of zero-size arrays was
     refused as "larger than its data" (the element count stopped at the dimensions before the 0)."""
+    if source == "safetensors":
+        require("safetensors")
     src_dir, out = _folders(tmp_path)
-    if source == "torch-zip":
-        src = src_dir / "model.pth"
-        src.write_bytes(_torch_file({"model": zero_width}))
-    else:
-        src = src_dir / "model.pkl"
-        src.write_bytes(pickle.dumps({"model": {k: v.numpy() for k, v in zero_width.items()}, "__author__": "x"}, protocol=2))
+    src = _zero_width_source(source, zero_width, src_dir)
     dst = out / f"model_d2{ext}"
     result = Run("convert", src, dst, cwd=tmp_path, capsys=capsys)
     assert result.returncode == EXIT_OK, result.stderr

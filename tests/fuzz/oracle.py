@@ -84,14 +84,21 @@ def run_cli(argv: List[str]) -> Tuple[Any, str, str]:
     return status, out.getvalue().decode("utf-8", "replace"), err.getvalue().decode("utf-8", "replace")
 
 
-def broken_promises(data: bytes, workdir: Path, rss_limit: Optional[int] = None) -> List[str]:
-    """Run the command `data` asks for on its file in the empty folder `workdir`; what went wrong."""
+def lay_out(data: bytes, workdir: Path) -> Tuple[str, Path, Path, List[str]]:
+    """A fuzz input as a run in the empty folder `workdir`: (command, its source written there, the
+    destination in `workdir/out`, the CLI's arguments)."""
     command, ext, suffix = command_of(data)
     src, out_dir = workdir / f"source{suffix}", workdir / "out"
     src.write_bytes(data[1:])
     out_dir.mkdir()
     dst = out_dir / f"model_d2{ext}"
-    argv = [command, str(src)] + ([str(dst)] if command == "convert" else [])
+    return command, src, dst, [command, str(src)] + ([str(dst)] if command == "convert" else [])
+
+
+def broken_promises(data: bytes, workdir: Path, rss_limit: Optional[int] = None) -> List[str]:
+    """Run the command `data` asks for on its file in the empty folder `workdir`; what went wrong."""
+    command, src, dst, argv = lay_out(data, workdir)
+    out_dir = dst.parent
     status, stdout, stderr = run_cli(argv)
     problems = _exit_and_messages(status, stderr)
     left = sorted(os.listdir(out_dir)) + sorted(set(os.listdir(workdir)) - {src.name, "out"})

@@ -5,7 +5,7 @@ on it, see `oracle.command_of`) and the file's bytes.  The checkpoints are synth
 in the official layout, a ConvNeXt with four channels a stage so that a file is a few KB): torch zip
 archives and legacy torch files as `torch.save` writes them, plain pickles of numpy arrays and of
 torch tensors at protocols 2 to 5, safetensors, Detectron2 model-zoo `.pkl`s, and small variants
-(zero-valued, half precision, ConvNeXt V2, deeper stages) so that every reader's branches have a
+(zero-valued, a zero-width stage, half precision, ConvNeXt V2, deeper stages) so that every reader's branches have a
 valid starting point to mutate from.
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ from conversion.synthetic import random_state_dict
 TINY = Architecture(depths=(1, 1, 1, 1), dims=(4, 4, 4, 4), num_classes=2, classifier_norm=True)
 # Atto's depths (2, 2, 6, 2) at two channels: more blocks, the same kinds.
 ATTO_SHAPED = Architecture(depths=(2, 2, 6, 2), dims=(2, 2, 2, 2))
+ZERO_WIDTH = Architecture(depths=(1, 1, 1, 1), dims=(4, 0, 4, 4))
 V2 = Architecture(depths=(1, 1, 1, 1), dims=(4, 4, 4, 4), version=2, layer_scale=False)
 PICKLE_PROTOCOLS = (2, 3, 4, 5)
 
@@ -35,6 +36,7 @@ def _variants() -> Iterator[Tuple[str, Dict[str, torch.Tensor]]]:
     yield "atto-shaped", random_state_dict(ATTO_SHAPED, seed=2)
     yield "v2", random_state_dict(V2, seed=3)
     yield "zero", {k: torch.zeros_like(v) for k, v in random_state_dict(TINY, seed=4).items()}
+    yield "zero-width", random_state_dict(ZERO_WIDTH, seed=8)  # a stage without channels: empty tensors
     yield "half", random_state_dict(TINY, seed=5, dtype=torch.float16)
     yield "bf16", random_state_dict(TINY, seed=6, dtype=torch.bfloat16)
 
