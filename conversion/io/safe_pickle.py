@@ -50,11 +50,10 @@ from .tensor_bytes import spelled_bytes
 __all__ = ["MAX_DEPTH", "MAX_OBJECTS", "BUDGET_SLACK", "Budget", "PAYLOAD_THRESHOLD", "Payload", "Placeholder", "StorageType", "SafeUnpickler", "safe_load"]
 
 MAX_DEPTH = 100  # a state dict is 2-4 levels deep; a training checkpoint rarely more than 10
-MAX_OBJECTS = 1_000_000  # containers and objects built by one pickle
+MAX_OBJECTS = 1_000_000  # containers and objects built by one source file's pickles (a `Budget`)
 BUDGET_SLACK = 1 << 20  # bytes any file may build beyond its own size (small files, headers)
 # Payload mode: byte strings longer than this are left in the file (a `Payload`: offset and size).
 PAYLOAD_THRESHOLD = 4096
-
 
 
 class Budget:
@@ -65,6 +64,7 @@ class Budget:
     def __init__(self, nbytes: int, objects: Optional[int] = None) -> None:
         self.nbytes, self.objects = nbytes, MAX_OBJECTS if objects is None else objects
         self.limit = self.objects
+
 
 # ---------------------------------------------------------------- the unpickler
 

@@ -26,9 +26,10 @@ ALIGNMENT = 64  # torch's PyTorchStreamWriter aligns record data to 64 bytes (mm
 # A deflated member may inflate to at most this many times its stored size (plus 64 KiB): torch
 # writes stored members, and a pickled index compresses ~5x; zip bombs reach ~1000x.
 COMPRESSION_BOUND = 20
-# General-purpose flag bits torch's reader (miniz) refuses in a member, in the directory or a local
-# header: encrypted (0), compressed patched data (5), strong encryption (6), masked local headers (13).
-# Python's zipfile raises NotImplementedError for some of them only when a member is read.
+# General-purpose flag bits torch's reader (miniz) refuses in a directory entry: encrypted (0),
+# compressed patched data (5), strong encryption (6), masked local headers (13).  Python's zipfile
+# raises NotImplementedError for some only when the member is read, so they are refused up front;
+# a local header claiming one (torch reads past it) is refused too, as a header that disagrees.
 UNSUPPORTED_FLAGS = 0x0001 | 0x0020 | 0x0040 | 0x2000
 
 @dataclass
