@@ -30,6 +30,7 @@ from conversion.cli import main
 COMMANDS: Tuple[Tuple[str, str], ...] = (("inspect", ""), ("convert", ".pth"), ("convert", ".pkl"))
 SOURCE_SUFFIXES = (".pth", ".pkl", ".safetensors", ".bin")
 EXIT_STATUSES = (0, 2)
+INTERRUPTED = (130, 143)  # the CLI's exit statuses for SIGINT and SIGTERM
 MAX_ERROR_LINES = 2
 WARNING_MARK = "convnext-d2: warning:"
 # Peak memory a run may add over the process's own (torch, the harness), per byte of input and in
@@ -81,6 +82,8 @@ def run_cli(argv: List[str]) -> Tuple[Any, str, str]:
             status = exit_.code
         except BaseException as escaped:  # noqa: BLE001 - reported as the broken promise it is
             status = escaped
+    if status in INTERRUPTED:  # the CLI turned the person's Ctrl-C (or a SIGTERM) into its exit status: stop
+        raise KeyboardInterrupt
     return status, out.getvalue().decode("utf-8", "replace"), err.getvalue().decode("utf-8", "replace")
 
 
