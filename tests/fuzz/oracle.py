@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from conversion.cli import main
+from conversion.testing.loading import torch_load_weights_only
 
 # (command, destination extension) chosen by a seed's first byte, and the source's file name suffix.
 COMMANDS: Tuple[Tuple[str, str], ...] = (("inspect", ""), ("convert", ".pth"), ("convert", ".pkl"))
@@ -147,7 +148,7 @@ def _read_written(dst: Path) -> dict:
     if dst.suffix == ".pkl":
         with open(dst, "rb") as f:
             return pickle.load(f)["model"]  # how Detectron2 reads a model-zoo file
-    return torch.load(str(dst), map_location="cpu", weights_only=True)["model"]
+    return torch_load_weights_only(str(dst))["model"]  # weights_only=True where torch has it (>= 1.13)
 
 
 def _decode_source(src: Path) -> Any:
@@ -164,7 +165,8 @@ def _as_tensor(value: Any) -> torch.Tensor:
 
 def _bytes_of(tensor: torch.Tensor) -> Tuple[str, Tuple[int, ...], bytes]:
     flat = tensor.contiguous().reshape(-1)
-    return str(flat.dtype), (flat.numel(),), flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+    same_width = flat.view(torch.int16) if flat.dtype == torch.bfloat16 else flat  # numpy has no bfloat16
+    return str(flat.dtype), (flat.numel(),), same_width.numpy().tobytes()
 
 
 def _tensor_bytes(obj: Any, to_pkl: bool, depth: int = 0) -> Set[Tuple[str, Tuple[int, ...], bytes]]:
