@@ -153,6 +153,16 @@ def test_the_whole_model_checkpoint_with_tied_heads_converts_with_its_trained_no
     assert report.left_out["class_embed."] == 2 * 6 and report.left_out["transformer."] > 0
 
 
+def test_assert_loads_clean_takes_a_lazy_config_and_checks_its_own_weights(project):
+    from conversion.testing import assert_loads_clean
+
+    assert assert_loads_clean(config=ATTO).weights_from == "train.init_checkpoint"
+    with pytest.raises(AssertionError, match="124 backbone weights missing"):
+        assert_loads_clean(config=ATTO, overrides=["train.init_checkpoint=convnext_atto_1k_224.pth"])
+    with pytest.raises(AssertionError, match="is not the config's own weights"):
+        assert_loads_clean("convnext_atto_1k_224.pth", config=ATTO, strict=True)
+
+
 # ---------------------------------------------------------------- bad input: one or two lines, exit 2
 
 
