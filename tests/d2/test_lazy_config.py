@@ -109,6 +109,8 @@ def test_a_model_that_cannot_be_instantiated_falls_back_to_its_backbone_and_says
     main(["verify", "--config", ATTO, "model.transformer.use_compiled_op=True"])
     out = capsys.readouterr().out
     assert "backbone only: whole model not built" in out and "were not checked" in out
+    assert "(expected): backbone.norm1, backbone.norm2, backbone.norm3\n" in out, "the built backbone's own norms"
+    assert f"checkpoint {project / WEIGHTS} (the config's train.init_checkpoint)" in out
 
 
 def test_every_device_under_the_model_is_set_to_cpu(project, capsys):
