@@ -14,15 +14,11 @@ train_net.py does (`DetectionCheckpointer(model).resume_or_load`), and the whole
 """
 from __future__ import annotations
 
-import argparse
-import gc
 import os
-import statistics
 import sys
 import tempfile
-import time
 import warnings
-from typing import Callable, Dict, List, Tuple
+from typing import Dict, List, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -32,27 +28,13 @@ import torch  # noqa: E402
 from conversion import convert  # noqa: E402
 from conversion.testing.synthetic import synthetic_state_dict  # noqa: E402
 
+from verify_whole_model import median_s, parse_repeat, print_rows  # noqa: E402  (this folder is the script's sys.path[0])
+
 CONFIG = os.path.join(ROOT, "tests", "detrex_like_configs", "dino_convnext_tiny_384_4scale_12ep.py")
 
 
-def _median_s(run: Callable[[], object], repeat: int) -> Tuple[float, float]:
-    """Median wall and CPU seconds (CPU time, all threads, is steadier on a shared machine)."""
-    run()  # warm-up
-    wall, cpu = [], []
-    for _ in range(repeat):
-        gc.collect()  # free the previous model outside the timed region
-        started, started_cpu = time.perf_counter(), time.process_time()
-        result = run()
-        wall.append(time.perf_counter() - started)
-        cpu.append(time.process_time() - started_cpu)
-        del result
-    return statistics.median(wall), statistics.median(cpu)
-
-
 def main(argv: List[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeat", type=int, default=5)
-    args = parser.parse_args(argv)
+    repeat = parse_repeat(argv, __doc__)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         from conversion import lazy_config
@@ -73,20 +55,17 @@ def main(argv: List[str]) -> int:
         report = verify(None, config=CONFIG, overrides=override)
         assert report.ok and report.loaded == 178 and len(report.fresh) == 6, report.problems
         rows: Dict[str, Tuple[float, float]] = {
-            "load config (LazyConfig.load + override)": _median_s(lambda: lazy_config.load(CONFIG, override), args.repeat),
-            "instantiate cfg.model (CPU)": _median_s(lambda: lazy_config.build(lazy_config.load(CONFIG, override), CONFIG), args.repeat),
-            "load converted checkpoint (resume_or_load)": _median_s(lambda: load_observed(model, converted), args.repeat),
-            "verify --config X.py (whole, CKPT-less)": _median_s(lambda: verify(None, config=CONFIG, overrides=override), args.repeat),
-            "convert the tied model_final.pth (.pth)": _median_s(lambda: convert(whole, os.path.join(tmp, "b.pth"), force=True), args.repeat),
-            "convert the tied model_final.pth (.pkl)": _median_s(lambda: convert(whole, os.path.join(tmp, "b.pkl"), force=True), args.repeat),
+            "load config (LazyConfig.load + override)": median_s(lambda: lazy_config.load(CONFIG, override), repeat),
+            "instantiate cfg.model (CPU)": median_s(lambda: lazy_config.build(lazy_config.load(CONFIG, override), CONFIG), repeat),
+            "load converted checkpoint (resume_or_load)": median_s(lambda: load_observed(model, converted), repeat),
+            "verify --config X.py (whole, CKPT-less)": median_s(lambda: verify(None, config=CONFIG, overrides=override), repeat),
+            "convert the tied model_final.pth (.pth)": median_s(lambda: convert(whole, os.path.join(tmp, "b.pth"), force=True), repeat),
+            "convert the tied model_final.pth (.pkl)": median_s(lambda: convert(whole, os.path.join(tmp, "b.pkl"), force=True), repeat),
         }
     print(f"DINO-like Tiny: {sum(distinct.values()) / 1e6:.1f} M parameters, {len(state)} state-dict keys "
           f"({len(state) - len(distinct)} of them views of a shared storage); torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, median of {args.repeat}")
-    print(f"load average {os.getloadavg()[0]:.2f} at the end")
-    print("| phase | wall s | CPU s |\n|---|---|---|")
-    for name, (wall, cpu) in rows.items():
-        print(f"| {name} | {wall:.2f} | {cpu:.2f} |")
+          f"{torch.get_num_threads()} threads, median of {repeat}")
+    print_rows(rows)
     return 0
 
 

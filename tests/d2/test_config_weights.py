@@ -5,9 +5,7 @@ weights is a warning (`--strict` fails it); several configs give one verdict eac
 side of the same rules is in test_lazy_config.py."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any, Tuple
 
 import pytest
 
@@ -16,7 +14,7 @@ from conversion.cli import main
 from conversion.testing import write_synthetic_checkpoint
 
 from ..cli.test_cli import assert_plain_error
-from ..support import require
+from ..support import require, verify_json
 
 require("detectron2")
 from conversion.d2 import BACKBONE_NAME  # noqa: E402
@@ -49,38 +47,31 @@ def training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def _verify(capsys: pytest.CaptureFixture, *args: str) -> Tuple[int, Any, str]:
-    status = main(["verify", *args, "--json"])
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err, err
-    return status, json.loads(out) if out.strip() else None, err
-
-
 def test_without_ckpt_model_weights_is_checked_relative_to_the_working_directory(training, capsys):
-    status, report, _ = _verify(capsys, "--config", "train.yaml")
+    status, report, _ = verify_json(capsys, "--config", "train.yaml")
     assert status == EXIT_OK and report["weights_from"] == "MODEL.WEIGHTS"
     assert report["checkpoint"] == str(training / "weights" / "good.pth") and report["loaded"] > 0
 
 
 def test_a_model_weights_override_after_the_options_is_what_is_checked(training, capsys):
-    status, report, _ = _verify(capsys, "--config", "train.yaml", "MODEL.WEIGHTS", "raw.pth")
+    status, report, _ = verify_json(capsys, "--config", "train.yaml", "MODEL.WEIGHTS", "raw.pth")
     assert status == EXIT_PROBLEM and report["checkpoint"] == str(training / "raw.pth") and report["loaded"] == 0
 
 
 def test_ckpt_may_come_before_or_after_the_options(training, capsys):
-    before, _, _ = _verify(capsys, "weights/good.pth", "--config", "train.yaml")
-    after, report, _ = _verify(capsys, "--config", "train.yaml", "weights/good.pth")
+    before, _, _ = verify_json(capsys, "weights/good.pth", "--config", "train.yaml")
+    after, report, _ = verify_json(capsys, "--config", "train.yaml", "weights/good.pth")
     assert before == after == EXIT_OK and report["weights_from"] is None
 
 
 def test_a_ckpt_other_than_model_weights_is_a_warning_and_strict_fails_it(training, capsys):
     write_synthetic_checkpoint(training / "other.pth", layout="detectron2", variant=SMALL)
-    status, report, _ = _verify(capsys, "other.pth", "--config", "train.yaml")
+    status, report, _ = verify_json(capsys, "other.pth", "--config", "train.yaml")
     assert status == EXIT_OK and report["warnings"] == [report["weights_warning"]]
     assert "training loads MODEL.WEIGHTS = weights/good.pth" in report["weights_warning"]
-    status, _, _ = _verify(capsys, "other.pth", "--config", "train.yaml", "--strict")
+    status, _, _ = verify_json(capsys, "other.pth", "--config", "train.yaml", "--strict")
     assert status == EXIT_PROBLEM
-    status, _, _ = _verify(capsys, "./weights/../weights/good.pth", "--config", "train.yaml", "--strict")
+    status, _, _ = verify_json(capsys, "./weights/../weights/good.pth", "--config", "train.yaml", "--strict")
     assert status == EXIT_OK, "the config's own file, spelled another way, is no warning"
 
 

@@ -9,14 +9,13 @@ and in `legacy` (Detectron2 v0.6 has `LazyConfig` and `instantiate`, with omegac
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List
 
 import pytest
 import torch
 
-from ..support import require
+from ..support import require, verify_json
 
 require("detectron2")
 require("omegaconf")
@@ -49,13 +48,6 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def _verify(capsys: pytest.CaptureFixture, *args: str) -> Tuple[int, object, str]:
-    status = main(["verify", *args, "--json"])
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err, err
-    return status, json.loads(out) if out.strip() else None, err
-
-
 def _backbone_trunk() -> List[str]:
     return sorted("backbone." + k for k in _official() if not k.startswith(("head.", "norm.")))
 
@@ -64,14 +56,14 @@ def _backbone_trunk() -> List[str]:
 
 
 def test_the_raw_official_file_exits_1_naming_every_backbone_weight_missing(project, capsys):
-    status, report, _ = _verify(capsys, "convnext_atto_1k_224.pth", "--config", ATTO)
+    status, report, _ = verify_json(capsys, "convnext_atto_1k_224.pth", "--config", ATTO)
     assert status == EXIT_PROBLEM and report["loaded"] == 0
     assert report["missing"] == _backbone_trunk(), "every trunk weight of the backbone is named missing"
     assert report["whole_model"] and report["meta_architecture"] == "DINOLike" and report["backbone"] == "ConvNeXtLike"
 
 
 def test_the_converted_file_exits_0_with_the_models_own_fresh_norms(project, capsys):
-    status, report, _ = _verify(capsys, WEIGHTS, "--config", ATTO, "--source", "convnext_atto_1k_224.pth")
+    status, report, _ = verify_json(capsys, WEIGHTS, "--config", ATTO, "--source", "convnext_atto_1k_224.pth")
     assert status == EXIT_OK and report["problems"] == [] and report["warnings"] == []
     assert report["loaded"] == len(_backbone_trunk()) and report["missing"] == []
     assert report["fresh"] == FRESH, "detrex's ConvNeXt has norm1..3 only (out_indices [1, 2, 3]), no norm0"
@@ -79,31 +71,31 @@ def test_the_converted_file_exits_0_with_the_models_own_fresh_norms(project, cap
 
 
 def test_without_ckpt_the_gate_checks_train_init_checkpoint_from_the_working_directory(project, capsys):
-    status, report, _ = _verify(capsys, "--config", ATTO)
+    status, report, _ = verify_json(capsys, "--config", ATTO)
     assert status == EXIT_OK and report["weights_from"] == "train.init_checkpoint"
     assert report["checkpoint"] == str(project / WEIGHTS)
 
 
 def test_the_config_trains_from_the_raw_file_and_the_ckpt_less_gate_says_so(project, capsys):
     """detrex's own config: its init_checkpoint overridden to the raw file, as train_net.py takes it."""
-    status, report, _ = _verify(capsys, "--config", ATTO, "train.init_checkpoint=convnext_atto_1k_224.pth")
+    status, report, _ = verify_json(capsys, "--config", ATTO, "train.init_checkpoint=convnext_atto_1k_224.pth")
     assert status == EXIT_PROBLEM and report["checkpoint"] == str(project / "convnext_atto_1k_224.pth")
     assert report["missing"] == _backbone_trunk()
 
 
 def test_a_ckpt_other_than_the_configs_weights_is_a_warning_and_strict_fails_it(project, capsys):
     (project / "other.pth").write_bytes((project / WEIGHTS).read_bytes())
-    status, report, _ = _verify(capsys, "other.pth", "--config", ATTO)
+    status, report, _ = verify_json(capsys, "other.pth", "--config", ATTO)
     assert status == EXIT_OK and len(report["warnings"]) == 1
     assert "training loads train.init_checkpoint = weights/convnext_atto_d2.pth" in report["warnings"][0]
-    status, report, _ = _verify(capsys, "other.pth", "--config", ATTO, "--strict")
+    status, report, _ = verify_json(capsys, "other.pth", "--config", ATTO, "--strict")
     assert status == EXIT_PROBLEM and not report["ok"]
-    status, report, _ = _verify(capsys, str(project / WEIGHTS), "--config", ATTO, "--strict")
+    status, report, _ = verify_json(capsys, str(project / WEIGHTS), "--config", ATTO, "--strict")
     assert status == EXIT_OK, "the same file named another way is the config's own weights"
 
 
 def test_a_model_that_cannot_be_instantiated_falls_back_to_its_backbone_and_says_what_was_not_checked(project, capsys):
-    status, report, _ = _verify(capsys, "--config", ATTO, "model.transformer.use_compiled_op=True")
+    status, report, _ = verify_json(capsys, "--config", ATTO, "model.transformer.use_compiled_op=True")
     assert status == EXIT_OK and report["whole_model"] is False and report["loaded"] == len(_backbone_trunk())
     assert "instantiating DINOLike failed (ModuleNotFoundError" in report["whole_model_reason"]
     main(["verify", "--config", ATTO, "model.transformer.use_compiled_op=True"])
