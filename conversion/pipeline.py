@@ -19,7 +19,7 @@ from .errors import NonFiniteWeights, UnreadableCheckpoint
 from .layouts import Canonical, LayoutOption, check_pinned_version, classifier_names, parse_layout_option, source_name_of, to_canonical
 from .containers import check_weight_types, select_state_dict
 from .formats import AUTHOR, output_format
-from .io.handles import ITEM_SIZE, TensorRef, check_references, numel
+from .io.handles import ITEM_SIZE, TensorRef, check_references, location_bytes, numel
 from .io.safe_pickle import BUDGET_SLACK
 from .read import Source, open_source, placeholders_in
 from .target import ALL_OUTPUTS, BACKBONE_PREFIX, Target, fresh_output_norms, to_target
@@ -130,7 +130,7 @@ def plan(source: Source, fmt: str, *, ema: bool = False, prefix: str = BACKBONE_
     check_weight_types(state_dict)
     check_references(source.path, source.storages, state_dict)  # every tensor, dropped ones too: a broken file is refused whole
     arch, canonical, target = prepare(state_dict, prefix=prefix, layout=layout)
-    check_output_bound(source.path, target.state_dict)
+    check_output_bound(source, target.state_dict)
     streamed = all(isinstance(v, TensorRef) for v in target.state_dict.values())
     return Plan(source, container, arch, canonical, target, streamed)
 
@@ -143,20 +143,21 @@ def _leaf_bytes(value: Any) -> int:
     return numel(value) * int(size)
 
 
-def check_output_bound(path: str, target: Mapping[str, Any]) -> None:
-    """Refuse to write more tensor data than the reader would build from the file.
+def check_output_bound(source: Source, target: Mapping[str, Any]) -> None:
+    """Refuse to write more tensor data than the file holds (twice over, plus `BUDGET_SLACK`).
 
     The reader charges a shared storage once, so a crafted file can name one storage under every
     backbone key; a `.pkl` writes each array out in full, so the output would be many times the
-    file.  The bytes written (each tensor counted in full, as the `.pkl` writer writes it, whatever
-    it shares) must fit the reader's own budget: twice the file's size plus `BUDGET_SLACK`.  An
-    honest file's backbone shares nothing, so its kept tensors are at most the file's own bytes.
+    file.  The bytes written, each tensor counted in full whatever it shares, must fit twice what
+    the file holds (its size, or its storages' bytes where a deflated zip holds more) plus
+    `BUDGET_SLACK`: the reader's own budget.  An honest file's backbone shares nothing, so its kept
+    tensors are at most its own bytes (twice, where a `.pkl` widens bfloat16 to float32).
     """
-    budget = 2 * os.path.getsize(path) + BUDGET_SLACK
+    held = max(os.path.getsize(source.path), sum(location_bytes(loc) for loc in source.storages.values()))
     wanted = sum(_leaf_bytes(v) for v in target.values())
-    if wanted > budget:
+    if wanted > 2 * held + BUDGET_SLACK:
         raise UnreadableCheckpoint(
-            f"{path}: the backbone's tensors would write {wanted} bytes from a {os.path.getsize(path)}-byte file "
+            f"{source.path}: the backbone's tensors would write {wanted} bytes from a file holding {held} "
             "(its weights are views of the same storage: crafted references).",
             "The file is corrupt or crafted; re-save the weights.",
         )
