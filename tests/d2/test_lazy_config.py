@@ -5,7 +5,8 @@ Detectron2's real `LazyConfig`, `instantiate` and `DetectionCheckpointer`.
 The trap of detrex's own DINO-ConvNeXt config: `train.init_checkpoint` is the raw official ConvNeXt
 file, whose names lack `backbone.`; not one backbone weight loads.  The converted file loads every
 one; the model's fresh norms are its own (`norm1..3` for `out_indices` [1, 2, 3]).  Runs in `full`
-and in `legacy` (Detectron2 v0.6 has `LazyConfig` and `instantiate`, with omegaconf 2.1+).
+and in `legacy` (Detectron2 v0.6 has `detectron2.config.LazyConfig` and `instantiate`; omegaconf
+2.3 in both).
 """
 from __future__ import annotations
 
