@@ -49,14 +49,16 @@ def load(path: str, overrides: Sequence[str] = ()) -> Any:
     try:
         cfg = LazyConfig.load(path)
     except SyntaxError as err:
-        raise _unusable(path, f"a syntax error at line {err.lineno} ({err.msg}).", "Fix the config; training could not load it either.") from None
+        raise _unusable(path, f"a syntax error at line {err.lineno} ({err.msg}).",
+                        "Fix the config; training could not load it either.") from None
     except BaseException as err:  # the user's code raised (or imported a missing module) while loading
         if isinstance(err, KeyboardInterrupt):
             raise
         raise _unusable(path, f"loading it raised {describe_exception(err)}.",
                         "Fix the config or install what it imports; training could not load it either.") from None
     if "model" not in cfg:
-        raise _unusable(path, "defines no `model`.", "Pass the LazyConfig that defines the model train_net.py instantiates.")
+        raise _unusable(path, "defines no `model`.",
+                        "Pass the LazyConfig that defines the model train_net.py instantiates.")
     apply_overrides(cfg, path, overrides)
     return cfg
 
@@ -77,9 +79,11 @@ def apply_overrides(cfg: Any, path: str, overrides: Sequence[str]) -> None:
     for override in overrides:
         key, _, text = override.partition("=")
         if not LAZY_OVERRIDE.match(override):
-            raise _unusable(path, f"override '{override}' is not key=value.", "Write overrides as train.init_checkpoint=path/to.pth.")
+            raise _unusable(path, f"override '{override}' is not key=value.",
+                            "Write overrides as train.init_checkpoint=path/to.pth.")
         if OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
-            raise _unusable(path, f"override '{key}' names no key of this config.", "Check the key's spelling against the config.")
+            raise _unusable(path, f"override '{key}' names no key of this config.",
+                            "Check the key's spelling against the config.")
         OmegaConf.update(cfg, key, _parse_value(text), merge=True)
 
 

@@ -18,7 +18,7 @@ import os
 import re
 from typing import Any, List, Optional, Sequence, Tuple
 
-from .errors import UnusableVerifyInput
+from .errors import UnusableVerifyInput, describe_exception
 
 YAML_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+$")  # MODEL.WEIGHTS, SOLVER.BASE_LR
 LAZY_OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)*=")  # train.init_checkpoint=...
@@ -42,7 +42,8 @@ def split_arguments(args: Sequence[str]) -> Tuple[Optional[str], List[str], List
         item = items[i]
         if YAML_KEY.match(item):
             if i + 1 >= len(items):
-                raise UnusableVerifyInput(f"override {item} has no value.", "Write YAML overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS path/to.pth.")
+                raise UnusableVerifyInput(f"override {item} has no value.",
+                                          "Write YAML overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS path/to.pth.")
             yaml += [item, items[i + 1]]
             i += 2
             continue
@@ -72,7 +73,8 @@ def apply_yaml_overrides(cfg: Any, config: str, overrides: Sequence[str]) -> Non
     try:
         cfg.merge_from_list(list(overrides))
     except Exception as err:  # a value of the wrong type for its key
-        raise UnusableVerifyInput(f"--config {config}: overrides {' '.join(overrides)} do not apply ({type(err).__name__}: {err}).",
+        what = f"overrides {' '.join(overrides)} do not apply ({describe_exception(err)})"
+        raise UnusableVerifyInput(f"--config {config}: {what}.",
                                   "Give each key a value of its type.") from None
 
 
@@ -91,7 +93,8 @@ def check_local_file(path: str, named: str) -> str:
         )
     local = path.split("?", 1)[0]
     if not os.path.isfile(local):
-        where = "" if os.path.isabs(local) else f" (relative to the working directory {os.getcwd()}, as training opens it)"
+        cwd = os.getcwd()
+        where = "" if os.path.isabs(local) else f" (relative to the working directory {cwd}, as training opens it)"
         raise UnusableVerifyInput(f"{what}: no such file{where}.", "Check the path.")
     if os.path.getsize(local) == 0:
         raise UnusableVerifyInput(f"{what}: the file is empty.", "Save or convert the weights again.")
@@ -127,7 +130,9 @@ def differs_warning(checkpoint: str, key: str, value: Optional[str]) -> Optional
             "(verify without CKPT to check that file, or set it to this one)")
 
 
-def resolve(checkpoint: Optional[str], config: Optional[str], key: str, value: Optional[str]) -> Tuple[str, Optional[str], Optional[str]]:
+def resolve(
+    checkpoint: Optional[str], config: Optional[str], key: str, value: Optional[str]
+) -> Tuple[str, Optional[str], Optional[str]]:
     """(the file to load, the config key it came from, a warning when CKPT is not the config's own
     weights): CKPT when given, else the config's `key` (whose value is `value`).
 

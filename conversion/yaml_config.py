@@ -28,7 +28,8 @@ def load(config: str, overrides: Sequence[str] = ()) -> Any:
         UnusableVerifyInput: no such file, not a usable YAML, or an override that does not apply.
     """
     if not os.path.isfile(config):
-        raise UnusableVerifyInput(f"--config {config}: no such file.", "Pass the training config (a Detectron2 YAML or a LazyConfig .py).")
+        raise UnusableVerifyInput(f"--config {config}: no such file.",
+                                  "Pass the training config (a Detectron2 YAML or a LazyConfig .py).")
     try:
         cfg = d2l.config_for(config)
     except Exception as err:  # YAML syntax, not a mapping, a key of the wrong type: all unusable
