@@ -89,8 +89,8 @@ def _view_identity(tensor: Any) -> Hashable:
     (a tied module saves one storage under every name it has)."""
     if isinstance(tensor, TensorRef):
         return (tensor.storage.key, tensor.offset, tensor.shape, tensor.stride)
-    if hasattr(tensor, "untyped_storage"):  # a torch tensor in memory
-        return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
+    if hasattr(tensor, "data_ptr"):  # a torch tensor in memory (data_ptr: its first element's address, any torch)
+        return (tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), str(tensor.dtype))
     return id(tensor)
 
 
