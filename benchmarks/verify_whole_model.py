@@ -40,7 +40,7 @@ MODEL:
 """
 
 
-def _median_s(run: Callable[[], object], repeat: int) -> Tuple[float, float]:
+def median_s(run: Callable[[], object], repeat: int) -> Tuple[float, float]:
     """Median wall and CPU seconds (CPU time, all threads, is steadier on a shared machine)."""
     run()  # warm-up
     wall, cpu = [], []
@@ -54,10 +54,23 @@ def _median_s(run: Callable[[], object], repeat: int) -> Tuple[float, float]:
     return statistics.median(wall), statistics.median(cpu)
 
 
-def main(argv: List[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse_repeat(argv: List[str], doc: str) -> int:
+    """The `--repeat N` option the gate benchmarks share."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--repeat", type=int, default=5)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv).repeat
+
+
+def print_rows(rows: Dict[str, Tuple[float, float]]) -> None:
+    """The load average now, then the phases as a markdown table (what docs/benchmarks.md holds)."""
+    print(f"load average {os.getloadavg()[0]:.2f} at the end")
+    print("| phase | wall s | CPU s |\n|---|---|---|")
+    for name, (wall, cpu) in rows.items():
+        print(f"| {name} | {wall:.2f} | {cpu:.2f} |")
+
+
+def main(argv: List[str]) -> int:
+    repeat = parse_repeat(argv, __doc__)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         import tests.dimaskdino_like  # noqa: F401  (registers DIMaskDINOLike and D2ConvNeXt)
@@ -80,21 +93,19 @@ def main(argv: List[str]) -> int:
         cfg = config_for(whole_yaml)
         model = build_whole_model(cfg)
         state = model.state_dict()
-        size = (sum(v.numel() for v in state.values()) / 1e6, len(state))
+        distinct = {v.data_ptr(): v.numel() for v in state.values()}  # the tied box head once
+        size = (sum(distinct.values()) / 1e6, len(state))
         rows: Dict[str, Tuple[float, float]] = {
-            "build whole model (build_model, CPU)": _median_s(lambda: build_whole_model(cfg), args.repeat),
-            "load converted .pth into it (resume_or_load)": _median_s(lambda: load_observed(model, converted), args.repeat),
-            "load MaskDINO-style .pkl into it (heuristics)": _median_s(lambda: load_observed(model, raw), args.repeat),
-            "build backbone alone": _median_s(lambda: build_holder(cfg), args.repeat),
-            "verify (whole), converted .pth": _median_s(lambda: verify(converted, config=whole_yaml), args.repeat),
-            "verify (backbone only), converted .pth": _median_s(lambda: verify(converted, config=alone_yaml), args.repeat),
+            "build whole model (build_model, CPU)": median_s(lambda: build_whole_model(cfg), repeat),
+            "load converted .pth into it (resume_or_load)": median_s(lambda: load_observed(model, converted), repeat),
+            "load MaskDINO-style .pkl into it (heuristics)": median_s(lambda: load_observed(model, raw), repeat),
+            "build backbone alone": median_s(lambda: build_holder(cfg), repeat),
+            "verify (whole), converted .pth": median_s(lambda: verify(converted, config=whole_yaml), repeat),
+            "verify (backbone only), converted .pth": median_s(lambda: verify(converted, config=alone_yaml), repeat),
         }
     print(f"DI-MaskDINO-like Tiny: {size[0]:.1f} M parameters, {size[1]} state-dict keys; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeat}")
-    print(f"load average {os.getloadavg()[0]:.2f} at the end")
-    print("| phase | wall s | CPU s |\n|---|---|---|")
-    for name, (wall, cpu) in rows.items():
-        print(f"| {name} | {wall:.2f} | {cpu:.2f} |")
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {repeat}")
+    print_rows(rows)
     return 0
 
 

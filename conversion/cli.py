@@ -69,12 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="overwrite DST if it exists")
     v = sub.add_parser("verify", parents=[common],
                        help="load a checkpoint as train_net.py would; fail when training would not start from its weights")
-    v.add_argument("ckpt", metavar="CKPT", help="the Detectron2 checkpoint (a '?matching_heuristics=True' suffix is honoured)")
-    v.add_argument("--config", metavar="YAML", help="the training config (default: this project's backbone, shaped like CKPT)")
+    v.add_argument("ckpt", metavar="CKPT", nargs="?",
+                   help="the Detectron2 checkpoint (a '?matching_heuristics=True' suffix is honoured); default: the "
+                        "config's own weights (MODEL.WEIGHTS, or a LazyConfig's train.init_checkpoint), which training loads")
+    v.add_argument("--config", metavar="YAML|LAZY.py", action="append", default=[],
+                   help="the training config: a Detectron2 YAML or a LazyConfig .py (detrex; loading it runs its code, "
+                        "as training does); repeatable: one verdict each, the exit status the worst "
+                        "(default: this project's backbone, shaped like CKPT)")
     v.add_argument("--import", dest="imports", metavar="MODULE|FILE.py", action="append", default=[],
                    help="module or .py file that registers your backbone (a file is loaded without its package's __init__: the CPU-only CI case); repeatable, in order")
     v.add_argument("--source", metavar="SRC", help="also compare features with the backbone given SRC's weights")
     v.add_argument("--strict", action="store_true", help="warnings (e.g. checkpoint tensors nobody uses) fail too (exit 1)")
+    v.epilog = ("Overrides after the options, as train_net.py takes them: KEY VALUE for a YAML config "
+                "(MODEL.WEIGHTS path/to.pth), key=value for a LazyConfig (train.init_checkpoint=path/to.pth).")
     i = sub.add_parser("inspect", parents=[common], help="say what a checkpoint holds and what Detectron2 would make of it")
     i.add_argument("src", metavar="SRC", help="checkpoint to read")
     i.add_argument("--from", dest="layout", metavar="LAYOUT", type=_layout_option, help=_layout_help())
@@ -158,15 +165,33 @@ def _run(args: argparse.Namespace) -> int:
         _emit(args, repair(args.src, args.dst, force=args.force), format_repair)
         return EXIT_OK
     if args.command == "verify":
-        from .verify import verify
-
-        report = verify(args.ckpt, config=args.config, imports=args.imports, source=args.source, strict=args.strict)
-        _emit(args, report, format_verification)
-        return EXIT_OK if report.ok else EXIT_PROBLEM
+        return _verify(args)
     if args.command == "inspect":
         _emit(args, inspect_checkpoint(args.src, layout=args.layout), format_inspection)
         return EXIT_OK
     raise AssertionError(f"unhandled command {args.command}")  # argparse restricts the choices
+
+
+def _verify(args: argparse.Namespace) -> int:
+    """One verification per --config (or one without), each report printed, the exit status the worst:
+    an unusable config is its error lines (exit 2), the others are still checked."""
+    from .verify import verify_all
+
+    results = verify_all(args.positional, configs=args.config, imports=args.imports, source=args.source, strict=args.strict)
+    if len(results) == 1 and isinstance(results[0], ConversionError):
+        raise results[0]
+    reports = [r for r in results if not isinstance(r, ConversionError)]
+    if args.json and reports:
+        data = [r.to_dict() for r in reports]
+        print(json.dumps(data[0] if len(data) == 1 else data, indent=2, sort_keys=True))
+    elif reports:
+        print("\n".join(format_verification(r) for r in reports))
+    statuses = [EXIT_OK if r.ok else EXIT_PROBLEM for r in reports]
+    for err in results:
+        if isinstance(err, ConversionError):
+            print(err.as_printed(), file=sys.stderr)
+            statuses.append(err.exit_status)
+    return max(statuses)
 
 
 class _Terminated(BaseException):
@@ -177,8 +202,24 @@ def _terminate(signum: int, frame: Any) -> None:
     raise _Terminated()
 
 
+def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    """Parse the command line; verify's positional items (CKPT and train_net-style overrides, in any
+    order after the options) are split by `training_weights.split_arguments`."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command != "verify":
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return args
+    options = [e for e in extra if e.startswith("-")]
+    if options:
+        parser.error(f"unrecognized arguments: {' '.join(options)}")
+    args.positional = ([args.ckpt] if args.ckpt else []) + extra
+    return args
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     try:
         previous = signal.signal(signal.SIGTERM, _terminate)
     except ValueError:  # not the main thread (embedded use): leave signals alone

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, Hashable, Iterable, List, Mapping, Optional, Union
 
 from .diagnose import d2_problems
 from .layouts import LAYOUTS, LayoutOption, classifier_names
 from .containers import check_weight_types, select_state_dict
-from .io.handles import numel
+from .io.handles import TensorRef, numel
 from .pipeline import recognise
 from .read import open_source
 
@@ -32,7 +32,7 @@ class InspectReport:
     dims: List[int]
     num_classes: Optional[int]
     tensors: int
-    parameters: int
+    parameters: int  # of every tensor in the state dict (the backbone's and the detector's), tied ones once
     dtypes: Dict[str, int]
     reshaped: Dict[str, str] = field(default_factory=dict)
     left_out: Dict[str, str] = field(default_factory=dict)  # source name -> why a conversion leaves it out
@@ -74,7 +74,7 @@ def inspect_checkpoint(path: str, *, layout: Union[None, str, LayoutOption] = No
         source_prefix=canonical.prefix,
         **arch.report_fields(),
         tensors=len(state_dict),
-        parameters=sum(numel(t) for t in canonical.state_dict.values()),
+        parameters=distinct_parameters(state_dict.values()),
         dtypes=dtypes,
         reshaped={canonical.source_names[k]: fix for k, fix in canonical.reshaped.items()},
         left_out=dict(canonical.dropped),
@@ -82,3 +82,19 @@ def inspect_checkpoint(path: str, *, layout: Union[None, str, LayoutOption] = No
         problems=d2_problems(path, fmt, loaded, canonical.layout, canonical.prefix, classifier_names(canonical), source.modules),
         bytes_read=bytes_read,
     )
+
+
+def _view_identity(tensor: Any) -> Hashable:
+    """What makes two state-dict entries the same weights: the same view of the same storage
+    (a tied module saves one storage under every name it has)."""
+    if isinstance(tensor, TensorRef):
+        return (tensor.storage.key, tensor.offset, tensor.shape, tensor.stride)
+    if hasattr(tensor, "data_ptr"):  # a torch tensor in memory (data_ptr: its first element's address, any torch)
+        return (tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), str(tensor.dtype))
+    return id(tensor)
+
+
+def distinct_parameters(tensors: Iterable[Any]) -> int:
+    """Elements of all `tensors`, each tied (shared) one counted once."""
+    seen = {_view_identity(t): numel(t) for t in tensors}
+    return sum(seen.values())

@@ -15,11 +15,12 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from .architecture import Architecture, canonical_shapes, infer_architecture
 from .diagnose import d2_problems
-from .errors import NonFiniteWeights
+from .errors import NonFiniteWeights, UnreadableCheckpoint
 from .layouts import Canonical, LayoutOption, check_pinned_version, classifier_names, parse_layout_option, source_name_of, to_canonical
 from .containers import check_weight_types, select_state_dict
 from .formats import AUTHOR, output_format
-from .io.handles import TensorRef, check_references, numel
+from .io.handles import ITEM_SIZE, TensorRef, check_references, location_bytes, numel
+from .io.safe_pickle import BUDGET_SLACK
 from .read import Source, open_source, placeholders_in
 from .target import ALL_OUTPUTS, BACKBONE_PREFIX, Target, fresh_output_norms, to_target
 
@@ -129,8 +130,37 @@ def plan(source: Source, fmt: str, *, ema: bool = False, prefix: str = BACKBONE_
     check_weight_types(state_dict)
     check_references(source.path, source.storages, state_dict)  # every tensor, dropped ones too: a broken file is refused whole
     arch, canonical, target = prepare(state_dict, prefix=prefix, layout=layout)
+    check_output_bound(source, target.state_dict)
     streamed = all(isinstance(v, TensorRef) for v in target.state_dict.values())
     return Plan(source, container, arch, canonical, target, streamed)
+
+
+def _leaf_bytes(value: Any) -> int:
+    """Bytes a leaf takes when written out on its own (a handle, a torch tensor or a numpy array)."""
+    if isinstance(value, TensorRef):
+        return numel(value) * ITEM_SIZE[value.dtype]
+    size = value.element_size() if hasattr(value, "element_size") else value.itemsize
+    return numel(value) * int(size)
+
+
+def check_output_bound(source: Source, target: Mapping[str, Any]) -> None:
+    """Refuse to write more tensor data than the file holds (twice over, plus `BUDGET_SLACK`).
+
+    The reader charges a shared storage once, so a crafted file can name one storage under every
+    backbone key; a `.pkl` writes each array out in full, so the output would be many times the
+    file.  The bytes written, each tensor counted in full whatever it shares, must fit twice what
+    the file holds (its size, or its storages' bytes where a deflated zip holds more) plus
+    `BUDGET_SLACK`: the reader's own budget.  An honest file's backbone shares nothing, so its kept
+    tensors are at most its own bytes (twice, where a `.pkl` widens bfloat16 to float32).
+    """
+    held = max(os.path.getsize(source.path), sum(location_bytes(loc) for loc in source.storages.values()))
+    wanted = sum(_leaf_bytes(v) for v in target.values())
+    if wanted > 2 * held + BUDGET_SLACK:
+        raise UnreadableCheckpoint(
+            f"{source.path}: the backbone's tensors would write {wanted} bytes from a file holding {held} "
+            "(its weights are views of the same storage: crafted references).",
+            "The file is corrupt or crafted; re-save the weights.",
+        )
 
 
 def convert(

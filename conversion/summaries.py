@@ -127,7 +127,8 @@ def _verdict(r: Any) -> str:
 def format_verification(r: Any) -> str:
     """The human report of `verify`: the verdict line, then what was loaded into what."""
     source = f" from {r.config}" if r.config else " (this project's, shaped like the checkpoint)"
-    lines = [_verdict(r), f"  checkpoint {r.checkpoint}", f"  backbone   {r.backbone}{source}"]
+    whence = f" (the config's {r.weights_from})" if r.weights_from else ""
+    lines = [_verdict(r), f"  checkpoint {r.checkpoint}{whence}", f"  backbone   {r.backbone}{source}"]
     if not r.load_attempted:
         lines.append(f"  model      not built, nothing loaded: {r.whole_model_reason}")
     elif r.whole_model:
@@ -138,7 +139,9 @@ def format_verification(r: Any) -> str:
     if r.error is None and r.load_attempted:
         how = " (names matched by matching_heuristics)" if r.heuristics else " (exact names)"
         lines.append(f"  loaded     {r.loaded} backbone tensors{how}")
-        lines.append(f"  fresh      {len(r.fresh)} output-norm tensors initialised by the backbone (expected)")
+        modules = sorted({name.rsplit(".", 1)[0] for name in r.fresh})  # the built model's own norms
+        named = f": {', '.join(modules)}" if modules else ""
+        lines.append(f"  fresh      {len(r.fresh)} output-norm tensors initialised by the backbone (expected){named}")
         lines.append(f"  missing    {len(r.missing)}; unused {len(r.unexpected)}; shape-skipped {len(r.shape_skipped)}")
         if r.whole_model:
             lines.append(f"  outside    {r.loaded_outside} tensors loaded outside the backbone; "

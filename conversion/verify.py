@@ -1,10 +1,13 @@
-"""`verify`: will training start from these weights?  Load a checkpoint as Detectron2's train_net.py
-does and report every way it falls short, separating what matters from what does not.
+"""`verify`: will training start from these weights?  Load the checkpoint training loads as its
+train_net.py does and report every way it falls short, separating what matters from what does not.
 
-What is loaded into: the whole model, built with `build_model(cfg)` on the CPU, when the config's
-`MODEL.META_ARCHITECTURE` is registered (the user's package imported); otherwise the backbone the
-config names, alone, and the report says what that could not check.  Without a config, this
-project's backbone shaped like the checkpoint.
+Which file: CKPT when given (a warning when it is not the config's own weights), else the config's
+own `MODEL.WEIGHTS` / LazyConfig `train.init_checkpoint`, resolved as training resolves it
+(`training_weights`).  What is loaded into: for a YAML config, the whole model `build_model(cfg)`
+builds on the CPU when its `MODEL.META_ARCHITECTURE` is registered (the user's package imported),
+otherwise the backbone it names, alone (`yaml_config`); for a LazyConfig `.py`, `instantiate(cfg.model)`
+on the CPU, otherwise `cfg.model.backbone` alone (`lazy_config`); the report says what the backbone
+alone could not check.  Without a config, this project's backbone shaped like the checkpoint.
 
 Problems (exit 1) are what would make training not start from the pretrained weights, or change
 something silently: a backbone weight left without a value (other than the fresh output norms
@@ -23,14 +26,17 @@ import os
 import re
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
 from . import d2_loading as d2l
+from . import lazy_config as lazy
+from . import training_weights as tw
+from . import yaml_config
 from .architecture import Architecture
 from .containers import select_state_dict
-from .errors import UnusableVerifyInput, describe_exception
+from .errors import ConversionError, UnusableVerifyInput, describe_exception
 from .heuristics import heuristic_assignment
 from .imports import load_imports
 from .layouts import Canonical, to_canonical
@@ -46,7 +52,6 @@ FEATURE_TOLERANCE = 1e-4
 FEATURE_INPUT = (1, 3, 64, 64)  # divisible by the backbone's stride 32
 LISTED = 8  # names spelled out in one report line; --json has them all
 REPAIR_FIX = "convnext-d2 repair CKPT FIXED.pth (or convert the original checkpoint again)"
-NO_CONFIG = "no --config given"
 
 
 @dataclass
@@ -62,6 +67,8 @@ class VerifyReport:
     config: Optional[str]
     backbone: str
     strict: bool = False
+    weights_from: Optional[str] = None  # "MODEL.WEIGHTS" / "train.init_checkpoint" when CKPT came from the config
+    weights_warning: Optional[str] = None  # CKPT given, and not the file the config trains from
     meta_architecture: Optional[str] = None
     whole_model: bool = False
     whole_model_reason: Optional[str] = None
@@ -112,18 +119,12 @@ def _architecture_of(path: str) -> Architecture:
 # ---------------------------------------------------------------- config and model
 
 
-def _config(config: Optional[str], checkpoint: str) -> Any:
-    if not config:
-        return d2l.config_for(None, **d2l.convnext_options(_architecture_of(checkpoint.split("?", 1)[0])))
-    if not os.path.isfile(config):
-        raise UnusableVerifyInput(f"--config {config}: no such file.", "Pass the training config (a Detectron2 YAML).")
-    try:
-        return d2l.config_for(config)
-    except Exception as err:  # YAML syntax, not a mapping, a key of the wrong type: all unusable
-        raise UnusableVerifyInput(
-            f"--config {config}: not a usable Detectron2 YAML config ({describe_exception(err)}).",
-            "Pass the YAML file train_net.py is given with --config-file.",
-        ) from None
+def _config(config: Optional[str], checkpoint: Optional[str], overrides: Sequence[str] = ()) -> Any:
+    """The user's YAML (with its overrides), or this project's backbone shaped like the checkpoint."""
+    if config:
+        return yaml_config.load(config, overrides)
+    assert checkpoint is not None
+    return d2l.config_for(None, **d2l.convnext_options(_architecture_of(checkpoint.split("?", 1)[0])))
 
 
 def _no_backbone_report(report: VerifyReport, cfg: Any) -> VerifyReport:
@@ -139,42 +140,6 @@ def _no_backbone_report(report: VerifyReport, cfg: Any) -> VerifyReport:
     )
     report.fix = "set MODEL.BACKBONE.NAME to your ConvNeXt backbone's registered name (e.g. D2ConvNeXt, with --import)"
     return report
-
-
-def _backbone_only(cfg: Any) -> Any:
-    try:
-        return d2l.build_holder(cfg)
-    except Exception as err:  # the user's backbone code: nothing can be verified without it
-        raise UnusableVerifyInput(
-            f"backbone '{cfg.MODEL.BACKBONE.NAME}' cannot be built from this config ({describe_exception(err)}).",
-            "Check MODEL.CONVNEXT (or your backbone's section) in the config.",
-        ) from None
-
-
-def _model(cfg: Any, config: Optional[str]) -> Tuple[Any, Optional[str]]:
-    """(model, None) for the whole model train_net.py builds, else (backbone holder, why not)."""
-    from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY
-
-    if cfg.MODEL.BACKBONE.NAME not in BACKBONE_REGISTRY:
-        raise UnusableVerifyInput(
-            f"backbone '{cfg.MODEL.BACKBONE.NAME}' is not registered in Detectron2's BACKBONE_REGISTRY.",
-            "Pass --import MODULE for the module that registers it (e.g. your project's backbone module).",
-        )
-    if not config:
-        return _backbone_only(cfg), NO_CONFIG
-    meta = cfg.MODEL.META_ARCHITECTURE
-    if meta not in META_ARCH_REGISTRY:
-        why = f"MODEL.META_ARCHITECTURE '{meta}' is not registered (--import the module that registers it)"
-    else:
-        try:
-            model = d2l.build_whole_model(cfg)
-        except Exception as err:  # a missing dataset, a compiled op, the user's bug: fall back, say why
-            why = f"building {meta} failed ({describe_exception(err)})"
-        else:
-            if isinstance(getattr(model, d2l.BACKBONE_ATTRIBUTE, None), torch.nn.Module):
-                return model, None
-            why = f"{meta} has no .{d2l.BACKBONE_ATTRIBUTE} module"
-    return _backbone_only(cfg), why
 
 
 # ---------------------------------------------------------------- what the load did
@@ -296,43 +261,73 @@ def _compare_with_source(backbone: torch.nn.Module, source: str, report: VerifyR
         )
 
 
+def _setup_yaml(checkpoint: Optional[str], config: Optional[str], overrides: Sequence[str], strict: bool) -> Tuple[VerifyReport, Any]:
+    """The report and the model (None: the config names no backbone, nothing to load) for a YAML config or none."""
+    if not config:  # this project's backbone, shaped like the checkpoint: it must be read first
+        tw.resolve(checkpoint, None, "", None)
+    cfg = _config(config, checkpoint, overrides)
+    path, weights_from, differs = tw.resolve(checkpoint, config, "MODEL.WEIGHTS", cfg.MODEL.WEIGHTS if config else None)
+    report = VerifyReport(checkpoint=os.path.abspath(path), config=config, backbone=cfg.MODEL.BACKBONE.NAME,
+                          strict=strict, weights_from=weights_from, weights_warning=differs)
+    if config and not d2l.names_a_backbone(config):
+        return _no_backbone_report(report, cfg), None
+    model, report.whole_model_reason = yaml_config.build(cfg, config)
+    report.meta_architecture = cfg.MODEL.META_ARCHITECTURE if report.whole_model_reason is None else None
+    return report, model
+
+
+def _setup_lazy(checkpoint: Optional[str], config: str, overrides: Sequence[str], strict: bool) -> Tuple[VerifyReport, Any]:
+    """The report and the model for a LazyConfig: its `model` instantiated on CPU, or its backbone alone."""
+    cfg = lazy.load(config, overrides)
+    path, weights_from, differs = tw.resolve(checkpoint, config, lazy.INIT_CHECKPOINT, lazy.init_checkpoint(cfg))
+    backbone = lazy.target_name(cfg.model.backbone) if lazy.has_backbone_node(cfg) else "?"
+    report = VerifyReport(checkpoint=os.path.abspath(path), config=config, backbone=backbone, strict=strict,
+                          weights_from=weights_from, weights_warning=differs)
+    model, report.whole_model_reason = lazy.build(cfg, config)
+    report.meta_architecture = lazy.target_name(cfg.model) if report.whole_model_reason is None else None
+    return report, model
+
+
 def verify(
-    checkpoint: str,
+    checkpoint: Optional[str] = None,
     *,
     config: Optional[str] = None,
     imports: Sequence[str] = (),
     source: Optional[str] = None,
     strict: bool = False,
+    overrides: Sequence[str] = (),
 ) -> VerifyReport:
-    """Load `checkpoint` as train_net.py would and report problems and warnings (see the module docstring).
+    """Load the weights training loads, as its train_net.py would, and report problems and warnings
+    (see the module docstring).
 
     Args:
-        checkpoint: the Detectron2 file (a `?matching_heuristics=True` suffix is honoured, as Detectron2 does).
-        config: the training YAML; its meta-architecture is built whole when registered.
+        checkpoint: the Detectron2 file (a `?matching_heuristics=True` suffix is honoured, as Detectron2
+            does); None: the config's own weights (`MODEL.WEIGHTS`, or a LazyConfig's
+            `train.init_checkpoint`), resolved from the working directory as training resolves them.
+        config: the training config: a YAML (its meta-architecture is built whole when registered) or
+            a LazyConfig `.py` (its `model` instantiated on CPU; this runs the config's code).
         imports: modules to import first (they register the user's backbone and meta-architecture).
         source: the original checkpoint, to compare the backbone's features with.
         strict: warnings count as failures (`report.ok` is False when there are any).
+        overrides: train_net-style overrides: `KEY VALUE` items for a YAML, `key=value` for a LazyConfig.
 
     Raises:
         ConversionError: unusable input (missing file, import or config failure), exit 2.
     """
-    if not os.path.isfile(checkpoint.split("?", 1)[0]):
-        raise UnusableVerifyInput(f"{checkpoint}: no such file.", "Check the path.")
     if importlib.util.find_spec("detectron2") is None:
         raise UnusableVerifyInput(
             f"verify loads the file with Detectron2's own checkpointer, and Detectron2 is not installed for {sys.executable}.",
             "Run verify in the environment you train in (convert, inspect and repair work without Detectron2).",
         )
     load_imports(imports)
-    cfg = _config(config, checkpoint)
-    report = VerifyReport(
-        checkpoint=os.path.abspath(checkpoint), config=config, backbone=cfg.MODEL.BACKBONE.NAME, strict=strict
-    )
-    if config and not d2l.names_a_backbone(config):
-        return _no_backbone_report(report, cfg)
-    model, report.whole_model_reason = _model(cfg, config)
+    if config and lazy.is_lazy_config(config):
+        report, model = _setup_lazy(checkpoint, config, overrides, strict)
+    else:
+        report, model = _setup_yaml(checkpoint, config, overrides, strict)
+    if model is None:
+        return report
+    checkpoint = report.checkpoint  # resolved as training resolves it (a query suffix kept)
     report.whole_model = report.whole_model_reason is None
-    report.meta_architecture = cfg.MODEL.META_ARCHITECTURE if report.whole_model else None
     state = model.state_dict()
     model_shapes = {k: tuple(v.shape) for k, v in state.items()}
     model_dtypes = {k: str(v.dtype).replace("torch.", "") for k, v in state.items()}
@@ -348,9 +343,42 @@ def verify(
         report.non_finite = d2l.non_finite(model, loaded)
     report.log_warnings = [w.splitlines()[0] for w in seen.warnings() if "not found in the checkpoint" not in w]
     report.problems = _problems(report, seen.heuristics and report.error is None and report.loaded == 0)
-    report.warnings = _warnings(report)
+    report.warnings = ([report.weights_warning] if report.weights_warning else []) + _warnings(report)
     if source is not None and report.error is None and not report.problems:
         _compare_with_source(model.backbone, source, report)
     if report.problems:
         report.fix = REPAIR_FIX
     return report
+
+
+def verify_all(
+    arguments: Sequence[str],
+    *,
+    configs: Sequence[str] = (),
+    imports: Sequence[str] = (),
+    source: Optional[str] = None,
+    strict: bool = False,
+) -> List[Union[VerifyReport, ConversionError]]:
+    """`verify` once per config (or once without one), as the CLI calls it: `arguments` are its
+    positional items, the CKPT (optional) and train_net-style overrides (`KEY VALUE` pairs go to
+    the YAML configs, `key=value` to the LazyConfigs).  An unusable config is its error, in order;
+    the others are still verified.
+
+    Raises:
+        ConversionError: the arguments themselves are unusable (two CKPTs, an override no config takes).
+    """
+    checkpoint, yaml_overrides, lazy_overrides = tw.split_arguments(arguments)
+    kinds = {lazy.is_lazy_config(c) for c in configs}
+    for given, lazy_kind, example in ((yaml_overrides, False, "KEY VALUE"), (lazy_overrides, True, "key=value")):
+        if given and lazy_kind not in kinds:
+            wanted = "a LazyConfig .py" if lazy_kind else "a YAML"
+            raise UnusableVerifyInput(f"override {given[0]} ({example}) needs {wanted} --config, and none was given.",
+                                      "YAML configs take KEY VALUE overrides; LazyConfigs take key=value.")
+    results: List[Union[VerifyReport, ConversionError]] = []
+    for config in list(configs) or [None]:
+        overrides = lazy_overrides if config and lazy.is_lazy_config(config) else yaml_overrides
+        try:
+            results.append(verify(checkpoint, config=config, imports=imports, source=source, strict=strict, overrides=overrides))
+        except ConversionError as err:
+            results.append(err)
+    return results

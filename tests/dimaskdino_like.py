@@ -4,7 +4,8 @@ Only names and shapes matter to checkpoint loading, so the model holds MaskDINO'
 with plain layers: the backbone at `backbone` (this project's, or any registered one), a pixel
 decoder (`input_proj.{i}` conv + GroupNorm per level, encoder layers with `self_attn.*`, `norm1`,
 `norm2` like MaskDINO's deformable encoder) and a transformer decoder (`norm1..3` per layer and a
-final `decoder.norm`, as MaskDINO's `decoder_norm`).  The final norm is the trap of issue 13: a
+final `decoder.norm`, as MaskDINO's `decoder_norm`) whose box head is tied as MaskDINO ties it
+(`_bbox_embed`, every `bbox_embed.{i}` and `decoder.bbox_embed.{i}` are one module).  The final norm is the trap of issue 13: a
 `*.norm.weight` of width `HIDDEN_DIM`, which `matching_heuristics` fills with the classifier's
 pooled `norm.weight` when the backbone's last width equals it.  `DECODER_NORMS: 2` adds a second
 such module (`refine_decoder.norm`), for which Detectron2 raises instead.
@@ -77,9 +78,7 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(d, ffn) for _ in range(layers))
         self.norm = nn.LayerNorm(d)  # MaskDINO's decoder_norm, named `norm` inside the decoder
         self.ref_point_head = nn.Sequential(nn.Linear(2 * d, d), nn.Linear(d, d))
-        self.bbox_embed = nn.ModuleList(
-            nn.Sequential(nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, 4)) for _ in range(layers + 1)
-        )
+        # `bbox_embed` is the predictor's, set by it (MaskDINO ties one box head to every layer).
 
 
 class PixelDecoder(nn.Module):
@@ -109,7 +108,12 @@ class Predictor(nn.Module):
             self.refine_decoder = Decoder(d, s["DEC_FFN"], 0)  # a second `*.norm` of the same width
         self.class_embed = nn.Linear(d, s["NUM_CLASSES"])
         self.mask_embed = nn.Sequential(nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d))
-        self.bbox_embed = nn.Sequential(nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, 4))
+        # MaskDINO's tying: one box head, kept as `_bbox_embed`, for every decoder layer, and the
+        # decoder's `bbox_embed` is the same list: a whole-model state dict saves one storage under
+        # 2 * DEC_LAYERS + 1 names per tensor.
+        self._bbox_embed = nn.Sequential(nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, 4))
+        self.bbox_embed = nn.ModuleList([self._bbox_embed] * s["DEC_LAYERS"])
+        self.decoder.bbox_embed = self.bbox_embed
 
 
 @META_ARCH_REGISTRY.register()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import pytest
 import torch
@@ -171,3 +171,16 @@ def copy_flipping_its_last_byte(real_copy: Any) -> Any:
         os.pwrite(dst_fd, bytes([os.pread(dst_fd, 1, last)[0] ^ 0xFF]), last)
 
     return corrupting_copy
+
+
+def verify_json(capsys: Any, *args: str) -> Tuple[int, Any, str]:
+    """`convnext-d2 verify ARGS --json` in this process: (exit status, the parsed report or None, stderr);
+    never a traceback."""
+    import json
+
+    from conversion.cli import main
+
+    status = main(["verify", *args, "--json"])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err, err
+    return status, json.loads(out) if out.strip() else None, err

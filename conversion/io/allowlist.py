@@ -364,7 +364,8 @@ def _getattr(u: "SafeUnpickler", args: tuple) -> Any:
 
 def _rebuild_tensor(u: "SafeUnpickler", args: tuple) -> Any:
     """torch._utils._rebuild_tensor(_v2)(storage, offset, size, stride, ...): a reference, checked
-    to lie inside its storage (otherwise torch would grow the storage with uninitialised memory)."""
+    to lie inside its storage (otherwise torch would grow the storage with uninitialised memory).
+    The storage's bytes are spent once per storage, not per view (`SafeUnpickler.spend_storage`)."""
     if len(args) < 4:
         raise _corrupt("a tensor rebuild with too few arguments.")
     storage, offset, size, stride = args[:4]
@@ -375,13 +376,13 @@ def _rebuild_tensor(u: "SafeUnpickler", args: tuple) -> Any:
     if not isinstance(storage, StorageRef) or not isinstance(offset, int):
         raise _corrupt("a tensor refers to something other than a storage.")
     size, stride = _ints(size, "a tensor's size"), _ints(stride, "a tensor's stride")
-    count = _count(size, 1 << 62, "a tensor")
+    _count(size, 1 << 62, "a tensor")
     if offset < 0 or len(size) != len(stride) or any(st < 0 for st in stride) or extent(offset, size, stride) > view_numel:
         raise _corrupt(f"a tensor (shape {list(size)}, offset {offset}) reaches past its storage of {view_numel} elements.")
     hooks = args[5] if len(args) > 5 else None
     if hooks not in (None, {}) and not (isinstance(hooks, dict) and not hooks):
         raise _corrupt("a tensor carries backward hooks.")
-    u.spend(count * ITEM_SIZE[STORAGE_DTYPES[storage.storage_type]])
+    u.spend_storage(storage.key, storage.numel * ITEM_SIZE[STORAGE_DTYPES[storage.storage_type]])
     return TensorRef(StorageRef(storage.key, storage.storage_type, storage.numel), base + offset, size, stride)
 
 

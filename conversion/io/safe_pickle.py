@@ -16,7 +16,9 @@ pure-Python unpickler with the opcodes that build or call replaced, so that:
 - **memory is proportional to the input**: at most `MAX_OBJECTS` containers and objects; every
   length read from the stream is checked against the bytes left before reading; what the
   rebuilders produce (bytes, arrays, tensors) is counted against a budget the reader sets from
-  the file's size (`bytearray(10**10)`, codec chains and shared buffers repeated are refused);
+  the file's size (`bytearray(10**10)`, codec chains and shared buffers repeated are refused); a
+  tensor storage is counted once, however many tensors view it (tied weights are data, and a view
+  costs nothing beyond the check that it lies inside its storage);
 - **no uninitialised memory**: every array takes exactly its bytes from the file, and every
   tensor reference must lie inside its storage.
 
@@ -125,6 +127,7 @@ class SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcode
         super().__init__(file, encoding="latin1")
         self._file, self._end = file, file.tell() + size
         self.budget = budget if isinstance(budget, Budget) else Budget(budget)
+        self._charged: Dict[str, int] = {}  # storage key -> bytes already spent for it (views share them)
         self._persistent = persistent_load
         self.load_from_bytes = load_from_bytes
         self._depth: Dict[int, int] = {}  # id -> nesting depth, for every container built
@@ -147,6 +150,15 @@ class SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcode
         self.budget.nbytes -= nbytes
         if self.budget.nbytes < 0:
             raise _corrupt("the file builds more data than it holds (an allocation bomb or crafted references).")
+
+    def spend_storage(self, key: str, nbytes: int) -> None:
+        """A tensor's storage costs its bytes once, however many tensors view it: tied modules
+        (DETR's shared `bbox_embed`) save as many views of one storage.  A later reference that
+        declares the storage larger pays only the difference."""
+        extra = nbytes - self._charged.get(key, 0)
+        if extra > 0:
+            self.spend(extra)
+            self._charged[key] = nbytes
 
     def check_left(self, n: int) -> None:
         if n < 0 or n > self._end - self._file.tell() + (self._frame_left()):

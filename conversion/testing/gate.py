@@ -10,21 +10,25 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 
 def assert_loads_clean(
-    checkpoint: PathLike,
+    checkpoint: Optional[PathLike] = None,
     config: Optional[PathLike] = None,
     imports: Sequence[str] = (),
     source: Optional[PathLike] = None,
     strict: bool = False,
+    overrides: Sequence[str] = (),
 ) -> Any:
     """Assert that training would start from `checkpoint`'s weights, as `convnext-d2 verify` decides.
 
     Args:
-        checkpoint: the Detectron2 checkpoint (`MODEL.WEIGHTS`); a `?matching_heuristics=True`
-            suffix is honoured, as Detectron2 honours it.
-        config: the training YAML (default: this project's backbone, shaped like the checkpoint).
+        checkpoint: the Detectron2 checkpoint; a `?matching_heuristics=True` suffix is honoured, as
+            Detectron2 honours it.  None: the config's own weights (`MODEL.WEIGHTS`, or a
+            LazyConfig's `train.init_checkpoint`), the file training loads.
+        config: the training config, a YAML or a LazyConfig `.py` (loading one runs its code, as
+            training does); default: this project's backbone, shaped like the checkpoint.
         imports: modules or `.py` files that register the config's backbone, in order.
         source: the original checkpoint; the backbone's features are then compared with it.
-        strict: warnings (e.g. unused checkpoint tensors) fail too.
+        strict: warnings (e.g. unused checkpoint tensors, a checkpoint other than the config's) fail too.
+        overrides: train_net-style overrides: `KEY VALUE` items for a YAML, `key=value` for a LazyConfig.
 
     Returns:
         verify's report (`.ok`, `.problems`, `.warnings`, ...), for further assertions.
@@ -36,17 +40,19 @@ def assert_loads_clean(
     Example:
         >>> assert_loads_clean("weights/convnext_tiny_d2.pth", config="configs/tiny.yaml",
         ...                    imports=["mypkg/modeling/backbone/convnext.py"])  # doctest: +SKIP
+        >>> assert_loads_clean(config="projects/dino/configs/dino_convnext_tiny.py")  # doctest: +SKIP
     """
     from ..summaries import format_verification
     from ..verify import verify
 
     try:
         report = verify(
-            os.fspath(checkpoint),
+            None if checkpoint is None else os.fspath(checkpoint),
             config=None if config is None else os.fspath(config),
             imports=tuple(os.fspath(i) for i in imports),
             source=None if source is None else os.fspath(source),
             strict=strict,
+            overrides=tuple(overrides),
         )
     except ConversionError as err:
         raise AssertionError(err.as_printed()) from None  # reads like `convnext-d2 verify`

@@ -1,12 +1,16 @@
 """The convnext-d2 pytest plugin (entry point `pytest11`, installed with the package).
 
 Inert unless asked: it adds namespaced options and two fixtures, and only when
-`--convnext-d2-checkpoint PATH` is given does it add gate tests to the run:
+`--convnext-d2-checkpoint PATH` or `--convnext-d2-config CONFIG` is given does it add gate tests:
 
-    pytest --convnext-d2-checkpoint weights/convnext_tiny_d2.pth \
-           --convnext-d2-config configs/tiny.yaml \
+    pytest --convnext-d2-config configs/tiny.yaml \
            --convnext-d2-import mypkg/modeling/backbone/convnext.py \
+           [--convnext-d2-checkpoint weights/convnext_tiny_d2.pth] \
            [--convnext-d2-source convnext_tiny_22k_1k_224.pth] [--convnext-d2-strict]
+
+Without a checkpoint the gate checks the config's own weights (`MODEL.WEIGHTS`, or a LazyConfig's
+`train.init_checkpoint`): the file training loads.  A LazyConfig `.py` is Python: the gate runs it
+(as training does), and only when `--convnext-d2-config` names it.
 
 The gate tests are named `test_convnext_d2_roundtrip_*` (so `-k roundtrip` selects them) and fail
 with verify's report, or, for unusable input (a missing file), with the CLI's error lines.
@@ -40,6 +44,11 @@ class GateOptions:
     source: Optional[str]
     strict: bool
 
+    @property
+    def active(self) -> bool:
+        """A checkpoint or a config (whose own weights are then checked) turns the gate on."""
+        return bool(self.checkpoint or self.config)
+
     @classmethod
     def from_config(cls, config: pytest.Config) -> "GateOptions":
         return cls(
@@ -54,8 +63,9 @@ class GateOptions:
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("convnext-d2", "convnext-d2 weights gate (adds gate tests only when a checkpoint is given)")
     group.addoption("--convnext-d2-checkpoint", dest=CHECKPOINT, metavar="PATH",
-                    help="a Detectron2 checkpoint to gate: adds the test_convnext_d2_roundtrip_* tests")
-    group.addoption("--convnext-d2-config", dest=CONFIG, metavar="YAML", help="the training config the checkpoint is for")
+                    help="a Detectron2 checkpoint to gate (default: the config's own weights); adds the test_convnext_d2_roundtrip_* tests")
+    group.addoption("--convnext-d2-config", dest=CONFIG, metavar="YAML|LAZY.py",
+                    help="the training config (a YAML or a LazyConfig .py, whose code runs); alone, gates the config's own weights")
     group.addoption("--convnext-d2-import", dest=IMPORTS, metavar="MODULE|FILE.py", action="append",
                     help="module or .py file that registers the config's backbone; repeatable, in order")
     group.addoption("--convnext-d2-source", dest=SOURCE, metavar="PATH",
@@ -86,13 +96,13 @@ class GateItem(pytest.Item):
 def _loads_clean(options: GateOptions) -> None:
     from . import assert_loads_clean
 
-    assert_loads_clean(options.checkpoint or "", options.config, options.imports, strict=options.strict)
+    assert_loads_clean(options.checkpoint, options.config, options.imports, strict=options.strict)
 
 
 def _features_equal_source(options: GateOptions) -> None:
     from . import assert_loads_clean
 
-    report = assert_loads_clean(options.checkpoint or "", options.config, options.imports, options.source, strict=options.strict)
+    report = assert_loads_clean(options.checkpoint, options.config, options.imports, options.source, strict=options.strict)
     if report.feature_difference is None:
         raise AssertionError("verify compared no features with --convnext-d2-source (the load had a problem first)")
 
@@ -108,23 +118,24 @@ def _gate_items(session: pytest.Session, options: GateOptions) -> List[pytest.It
 @pytest.hookimpl(tryfirst=True)  # before -k/-m deselection, so `-k roundtrip` applies to these too
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: List[pytest.Item]) -> None:
     options = GateOptions.from_config(config)
-    if options.checkpoint:
+    if options.active:
         items.extend(_gate_items(session, options))
 
 
 def pytest_report_header(config: pytest.Config) -> Optional[str]:
     options = GateOptions.from_config(config)
-    if not options.checkpoint:
+    if not options.active:
         return None  # inert: an installed plugin leaves other suites' output unchanged
-    return f"convnext-d2 gate: {options.checkpoint}" + (f" with {options.config}" if options.config else "")
+    checked = options.checkpoint or "the config's own weights"
+    return f"convnext-d2 gate: {checked}" + (f" with {options.config}" if options.config else "")
 
 
 @pytest.fixture
 def convnext_d2_gate(request: pytest.FixtureRequest) -> GateOptions:
     """The gate's command-line options; skips the test when no `--convnext-d2-checkpoint` was given."""
     options = GateOptions.from_config(request.config)
-    if not options.checkpoint:
-        pytest.skip("no --convnext-d2-checkpoint given: the weights gate is off")
+    if not options.active:
+        pytest.skip("no --convnext-d2-checkpoint or --convnext-d2-config given: the weights gate is off")
     return options
 
 

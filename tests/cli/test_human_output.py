@@ -95,7 +95,7 @@ verify: OK with warnings (1)
   backbone   D2ConvNeXt from <tmp>/D2ConvNeXt.yaml
   model      backbone only: whole model not built: MODEL.META_ARCHITECTURE 'MaskDINO' is not registered (--import the module that registers it); checkpoint keys that could match outside the backbone were not checked
   loaded     61 backbone tensors (exact names)
-  fresh      8 output-norm tensors initialised by the backbone (expected)
+  fresh      8 output-norm tensors initialised by the backbone (expected): backbone.norm0, backbone.norm1, backbone.norm2, backbone.norm3
   missing    0; unused 2; shape-skipped 0
   warning    2 checkpoint tensors unused by the model: backbone.norm.bias, backbone.norm.weight (training ignores them; convnext-d2 repair CKPT FIXED.pth writes the file without them)
 """,
@@ -105,7 +105,7 @@ verify: FAIL: --strict: 2 checkpoint tensors unused by the model: backbone.norm.
   backbone   D2ConvNeXt from <tmp>/whole.yaml
   model      DIMaskDINOLike, built whole on CPU as train_net.py builds it
   loaded     61 backbone tensors (exact names)
-  fresh      8 output-norm tensors initialised by the backbone (expected)
+  fresh      8 output-norm tensors initialised by the backbone (expected): backbone.norm0, backbone.norm1, backbone.norm2, backbone.norm3
   missing    0; unused 2; shape-skipped 0
   outside    0 tensors loaded outside the backbone; 97 keep the model's initialisation
 """,
@@ -115,7 +115,7 @@ verify: FAIL: 61 backbone weights missing (they would train from random init): b
   backbone   build_convnext_d2_backbone (this project's, shaped like the checkpoint)
   model      backbone only: whole model not built: no --config given; checkpoint keys that could match outside the backbone were not checked
   loaded     0 backbone tensors (exact names)
-  fresh      8 output-norm tensors initialised by the backbone (expected)
+  fresh      8 output-norm tensors initialised by the backbone (expected): backbone.norm0, backbone.norm1, backbone.norm2, backbone.norm3
   missing    61; unused 61; shape-skipped 0
   warning    61 checkpoint tensors unused by the model: downsample_layers.0.0.bias, downsample_layers.0.0.weight, downsample_layers.0.1.bias, downsample_layers.0.1.weight, downsample_layers.1.0.bias, downsample_layers.1.0.weight, downsample_layers.1.1.bias, downsample_layers.1.1.weight and 53 more (training ignores them; convnext-d2 repair CKPT FIXED.pth writes the file without them)
   fix        convnext-d2 repair CKPT FIXED.pth (or convert the original checkpoint again)

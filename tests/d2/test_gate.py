@@ -1,5 +1,5 @@
 """The pytest plugin (`conversion.testing.plugin`, entry point `pytest11`): inert unless given
-`--convnext-d2-checkpoint`, then it adds the gate tests (`-k roundtrip` selects them) that fail with
+`--convnext-d2-checkpoint` or `--convnext-d2-config`, then it adds the gate tests (`-k roundtrip` selects them) that fail with
 verify's report.  Each test runs pytest in another process on a throwaway suite, as another project
 would: the inertness and the wheel install in processes of their own, the rest as steps of one
 interpreter (`Interpreter`, which tests/d2/test_example.py uses too: that runner is why this module
@@ -313,7 +313,10 @@ def sessions(tmp_path_factory) -> Dict[str, Any]:
             "source": write_synthetic_checkpoint(tmp / "source.pth", layout="timm", variant=SMALL),
             "other": write_synthetic_checkpoint(tmp / "other.pth", layout="timm", variant=SMALL, seed=7),
         }
+        files["atto"] = write_synthetic_checkpoint(tmp / "atto.pth", layout="detectron2", variant="convnext_atto")
+        files["lazy"] = str(_lazy_config(tmp, files["atto"]))
         gate_runs = {
+            "lazy": ["--convnext-d2-config", files["lazy"], "-k", "roundtrip"],
             "good": ["--convnext-d2-checkpoint", files["good"], "-k", "roundtrip"],
             "raw": ["--convnext-d2-checkpoint", files["raw"]],
             "missing": ["--convnext-d2-checkpoint", files["missing"]],
@@ -331,6 +334,15 @@ def sessions(tmp_path_factory) -> Dict[str, Any]:
     return {"files": files, "runs": runs}
 
 
+def _lazy_config(folder: Path, weights: str) -> Path:
+    """A LazyConfig of the detrex-like project (tests/detrex_like_configs) whose init_checkpoint is `weights`."""
+    path = folder / "dino_atto.py"
+    base = ROOT / "tests" / "detrex_like_configs" / "dino_convnext_atto.py"
+    path.write_text(f"from detectron2.config import LazyConfig\n_cfg = LazyConfig.load({str(base)!r})\n"
+                    f"model, train = _cfg.model, _cfg.train\ntrain.init_checkpoint = {weights!r}\n")
+    return path
+
+
 @pytest.fixture(scope="module")
 def gate(sessions) -> Dict[str, Any]:
     """The gate on another project's suite: the files it is given, and each run's (exit status, stdout)."""
@@ -344,6 +356,13 @@ def test_the_gate_tests_pass_on_a_good_file_and_are_selected_by_their_keyword(ga
     assert status == 0, stdout
     assert _outcomes(stdout) == ["PASSED convnext-d2::test_convnext_d2_roundtrip_checkpoint_loads_clean"], stdout
     assert f"convnext-d2 gate: {gate['files']['good']}" in stdout, "the header says what is gated"
+
+
+def test_a_lazy_config_alone_gates_its_own_init_checkpoint(gate):
+    status, stdout = gate["runs"]["lazy"]
+    assert status == 0, stdout
+    assert _outcomes(stdout) == ["PASSED convnext-d2::test_convnext_d2_roundtrip_checkpoint_loads_clean"], stdout
+    assert f"convnext-d2 gate: the config's own weights with {gate['files']['lazy']}" in stdout
 
 
 def test_the_gate_test_fails_on_a_bad_file_with_verifys_report(gate):
@@ -373,7 +392,7 @@ def test_the_builder_fixture_writes_into_the_tests_tmp_path(sessions):
     result = sessions["runs"]["builder"]
     assert result.status == 0, result.stdout + result.stderr
     assert "PASSED test_builder.py::test_builder" in result.stdout
-    assert "no --convnext-d2-checkpoint given" in result.stdout
+    assert "no --convnext-d2-checkpoint or --convnext-d2-config given" in result.stdout
 
 
 def test_this_repositorys_old_option_names_still_work(gate):

@@ -262,3 +262,26 @@ def test_meta_architecture_failing_to_build_in_a_real_process_prints_no_tracebac
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stdout + done.stderr
     report = json.loads(done.stdout)
     assert report["whole_model"] is False and report["whole_model_reason"].startswith("building NeedsItsDataset failed (KeyError:")
+
+
+def test_a_whole_model_final_pth_with_tied_box_heads_converts_with_its_trained_backbone_bit_equal(tmp_path):
+    """The user's own trained DI-MaskDINO-like model, saved as Detectron2's trainer saves it: its box
+    head is one module under every `bbox_embed.{i}` and `decoder.bbox_embed.{i}` (one storage, many
+    names).  The backbone converts with its trained output norms; the rest is listed as left out."""
+    from .. import dimaskdino_like  # noqa: F401  (registers the meta-architecture)
+
+    model = build_whole_model(config_for(_yaml(tmp_path, APART)))
+    torch.manual_seed(0)
+    for p in model.parameters():
+        torch.nn.init.normal_(p)
+    state = model.state_dict()
+    head = "sem_seg_head.predictor."
+    assert state[head + "_bbox_embed.2.weight"].data_ptr() == state[head + "decoder.bbox_embed.1.2.weight"].data_ptr()
+    torch.save({"model": state, "iteration": 368749}, tmp_path / "model_final.pth")
+    report = convert(str(tmp_path / "model_final.pth"), str(tmp_path / "backbone.pkl"))
+    with open(tmp_path / "backbone.pkl", "rb") as f:
+        written = pickle.load(f)["model"]
+    assert sorted(written) == sorted(k for k in state if k.startswith("backbone."))
+    for name, value in written.items():
+        assert torch.equal(torch.from_numpy(value), state[name]), name
+    assert report.left_out["sem_seg_head."] == sum(1 for k in state if k.startswith("sem_seg_head."))

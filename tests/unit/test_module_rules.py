@@ -2,7 +2,7 @@
 package is imported here, so a rule cannot be satisfied by import-time side effects):
 
 - only `conversion/io/torchzip.py` touches `zipfile` internals;
-- only `d2.py`, `d2_loading.py`, `verify.py` and `conversion/testing/` import detectron2, and only
+- only `d2.py`, `d2_loading.py`, `lazy_config.py`, `yaml_config.py`, `verify.py` and `conversion/testing/` import detectron2, and only
   `d2_loading.py` (the loading harness) touches `DetectionCheckpointer._load_model`, here or in tests;
 - the CLI imports the public verbs only, no reader/writer internals, and nothing imports the CLI;
 - Python's pure-Python pickler/unpickler internals (`pickle._Pickler`, `_Unpickler`, the framer)
@@ -41,7 +41,7 @@ ZIPFILE_INTERNAL_ATTRIBUTES = {
 }
 ZIPFILE_INTERNALS_ALLOWED = {"conversion/io/torchzip.py"}
 
-DETECTRON2_ALLOWED = {"conversion/d2.py", "conversion/d2_loading.py", "conversion/verify.py"}
+DETECTRON2_ALLOWED = {"conversion/d2.py", "conversion/d2_loading.py", "conversion/lazy_config.py", "conversion/verify.py", "conversion/yaml_config.py"}
 DETECTRON2_ALLOWED_FOLDERS = ("conversion/testing/",)
 LOAD_MODEL_WRAPPERS = {"conversion/d2_loading.py"}
 
