@@ -22,6 +22,7 @@ from conversion.io.handles import FileBytes, StorageRef, TensorRef, check_refere
 from conversion.io.legacy_torch import LEGACY_TORCH_MAGIC
 from conversion.read import load_checkpoint
 
+from ..support import torch_load_weights_only
 from . import assemble as A
 
 NDARRAY = A.global_("numpy", "ndarray")
@@ -191,13 +192,11 @@ def test_a_malformed_legacy_torch_file_is_refused_with_its_own_reason(case, tmp_
 
 def test_the_legacy_file_builder_makes_files_torch_reads(tmp_path):
     """Control for the table above: with every field as torch writes it, torch and this reader agree."""
-    import torch
-
     path = tmp_path / "legacy.pth"
     path.write_bytes(_legacy_file(_pid(), tensor=True, payload=struct.pack("<4f", 1, 2, 3, 4)))
 
     ours = load_checkpoint(str(path))["w"]
-    theirs = torch.load(str(path), weights_only=True)["w"]
+    theirs = torch_load_weights_only(path)["w"]
     assert ours.tolist() == theirs.tolist() == [1.0, 2.0, 3.0, 4.0]
 
 
