@@ -38,7 +38,8 @@ What it does, in order:
 
 Writes to the output folder (default .mutation/): results.jsonl (one mutant per line: id, module,
 line, operator, the original and mutated text, verdict, which stage decided, seconds) and
-report.md (the per-module table, then every survivor with its diff, to review or to record).
+report.md (the per-module table, then every survivor with its diff, to review or to record) and
+coverage.txt (line and branch coverage of the package from the same run, every process included).
 
     python tools/mutation.py [--sample 300] [--jobs 2] [--budget SECONDS] [--timeout SECONDS]
                              [--modules io/,pipeline.py] [--out .mutation] [--list]
@@ -53,6 +54,7 @@ import ast
 import concurrent.futures
 import copy
 import hashlib
+import io
 import json
 import os
 import random
@@ -337,8 +339,9 @@ def coverage_map(out: Path, jobs: int) -> Dict[str, Dict[int, List[str]]]:
     rcfile = work / "coveragerc"
     # No `patch = subprocess` here: COVERAGE_PROCESS_START (below) makes every process read this
     # file itself at its start, so `context` takes the node id each process inherits.
-    rcfile.write_text(f"[run]\nbranch = false\nsource = {PACKAGE}\nparallel = true\ndata_file = {work}/.coverage\n"
-                      f"context = ${{{CONTEXT_VARIABLE}}}\n")
+    rcfile.write_text(f"[run]\nbranch = true\nsource = {PACKAGE}\nparallel = true\ndata_file = {work}/.coverage\n"
+                      f"context = ${{{CONTEXT_VARIABLE}}}\n[paths]\nsource =\n    {tree}/{PACKAGE}/\n    */site/{PACKAGE}/\n"
+                      f"[report]\nprecision = 1\nskip_empty = true\n")
     env = _child_environment(tree)
     env["COVERAGE_PROCESS_START"] = str(rcfile)
     started = time.monotonic()
@@ -360,6 +363,10 @@ def coverage_map(out: Path, jobs: int) -> Dict[str, Dict[int, List[str]]]:
     combined = coverage.Coverage(data_file=str(work / ".coverage"), config_file=str(rcfile))
     combined.combine(data_paths=[str(work)])
     data = combined.get_data()
+    # The same run measures the package's line and branch coverage (as `tox -e coverage` does).
+    report = io.StringIO()
+    combined.report(file=report)
+    (out / "coverage.txt").write_text(report.getvalue().replace(f"{tree}/", ""), encoding="utf-8")
     lines: Dict[str, Dict[int, List[str]]] = {}
     for filename in data.measured_files():
         relative = _package_path(filename, tree)
