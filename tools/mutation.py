@@ -339,8 +339,9 @@ def coverage_map(out: Path, jobs: int) -> Dict[str, Dict[int, List[str]]]:
     rcfile = work / "coveragerc"
     # No `patch = subprocess` here: COVERAGE_PROCESS_START (below) makes every process read this
     # file itself at its start, so `context` takes the node id each process inherits.
-    rcfile.write_text(f"[run]\nbranch = true\nsource = {PACKAGE}\nparallel = true\ndata_file = {work}/.coverage\n"
-                      f"context = ${{{CONTEXT_VARIABLE}}}\n[paths]\nsource =\n    {tree}/{PACKAGE}/\n    */site/{PACKAGE}/\n"
+    rcfile.write_text(f"[run]\nbranch = true\nsource_pkgs = {PACKAGE}\nparallel = true\ndata_file = {work}/.coverage\n"
+                      f"patch = _exit\ncontext = ${{{CONTEXT_VARIABLE}}}\n"
+                      f"[paths]\nsource =\n    {tree}/{PACKAGE}/\n    */site/{PACKAGE}/\n    */site-packages/{PACKAGE}/\n"
                       f"[report]\nprecision = 1\nskip_empty = true\n")
     env = _child_environment(tree)
     env["COVERAGE_PROCESS_START"] = str(rcfile)
@@ -386,8 +387,10 @@ def _package_path(filename: str, tree: Path) -> Optional[str]:
     path = Path(filename).resolve()
     if path.is_relative_to(tree.resolve()):
         return path.relative_to(tree.resolve()).as_posix()
-    marker = f"/site/{PACKAGE}/"
-    return PACKAGE + "/" + filename.split(marker, 1)[1] if marker in filename else None
+    for marker in (f"/site/{PACKAGE}/", f"/site-packages/{PACKAGE}/"):
+        if marker in filename:
+            return PACKAGE + "/" + filename.split(marker, 1)[1]
+    return None
 
 
 # ---------------------------------------------------------------- running mutants
@@ -598,9 +601,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"{m.id}\t{m.line}\t{m.operator}\t{_one_line(m.original)} -> {_one_line(m.mutated)}")
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
+    # The scratch copies first: the tree as it was when the run started, whatever is edited meanwhile.
+    workers = [Worker(args.out, i, args.timeout) for i in range(args.jobs)]
     lines = coverage_map(args.out, args.jobs)
     judgements = equivalent_judgements()
-    workers = [Worker(args.out, i, args.timeout) for i in range(args.jobs)]
+    # Run in a seeded shuffled order: a run cut short by --budget is a smaller sample of all modules.
+    sample = sorted(sample, key=lambda m: hashlib.sha256(m.id.encode()).hexdigest())
     free = list(workers)
     lock = threading.Lock()
     results: List[Result] = []
