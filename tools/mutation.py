@@ -39,7 +39,8 @@ What it does, in order:
 Writes to the output folder (default .mutation/): results.jsonl (one mutant per line: id, module,
 line, operator, the original and mutated text, verdict, which stage decided, seconds) and
 report.md (the per-module table, then every survivor with its diff, to review or to record) and
-coverage.txt (line and branch coverage of the package from the same run, every process included).
+coverage.txt and coverage.json (line and branch coverage of the package from the same run, every
+process included).
 
     python tools/mutation.py [--sample 300] [--jobs 2] [--budget SECONDS] [--timeout SECONDS]
                              [--modules io/,pipeline.py] [--out .mutation] [--list]
@@ -368,6 +369,7 @@ def coverage_map(out: Path, jobs: int) -> Dict[str, Dict[int, List[str]]]:
     report = io.StringIO()
     combined.report(file=report)
     (out / "coverage.txt").write_text(report.getvalue().replace(f"{tree}/", ""), encoding="utf-8")
+    combined.json_report(outfile=str(out / "coverage.json"))  # per module: lines and branches, covered and missed
     lines: Dict[str, Dict[int, List[str]]] = {}
     for filename in data.measured_files():
         relative = _package_path(filename, tree)
