@@ -590,6 +590,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--modules", default="", help="comma-separated prefixes under conversion/ (default: all)")
     parser.add_argument("--out", type=Path, default=ROOT / ".mutation", help="output folder (default .mutation/)")
     parser.add_argument("--list", action="store_true", help="print the sample and stop")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the verdicts already in results.jsonl and run only the other mutants of the sample")
     args = parser.parse_args(argv)
     started = time.monotonic()
     modules = package_modules([s for s in args.modules.split(",") if s])
@@ -613,7 +615,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     lock = threading.Lock()
     results: List[Result] = []
     not_run: List[Mutant] = []
-    jsonl = (args.out / "results.jsonl").open("w", encoding="utf-8")
+    earlier = args.out / "results.jsonl"
+    if args.resume and earlier.is_file():
+        wanted = {m.id for m in sample}
+        results = [Result(**json.loads(line)) for line in earlier.read_text(encoding="utf-8").splitlines() if line.strip()]
+        results = [r for r in results if r.id in wanted]
+        done = {r.id for r in results}
+        sample = [m for m in sample if m.id not in done]
+    jsonl = earlier.open("w", encoding="utf-8")
+    for result in results:
+        jsonl.write(json.dumps(asdict(result)) + "\n")
 
     def one(mutant: Mutant) -> Result:
         covered = lines.get(mutant.module, {})
