@@ -317,7 +317,7 @@ def draw_sample(per_module: Dict[str, List[Mutant]], texts: Dict[str, str], size
 # ---------------------------------------------------------------- the per-test coverage map
 
 
-def tree_key(modules: Sequence[Path]) -> str:
+def tree_key() -> str:
     """The text of the package and of the tests: the coverage map is reused while neither changes."""
     digest = hashlib.sha256()
     for path in sorted(list((ROOT / PACKAGE).rglob("*.py")) + list((ROOT / "tests").rglob("*.py")) + [ROOT / "conftest.py"]):
@@ -328,7 +328,7 @@ def tree_key(modules: Sequence[Path]) -> str:
 def coverage_map(out: Path, jobs: int) -> Dict[str, Dict[int, List[str]]]:
     """module -> line -> the node ids of the tests that executed it ("" when outside any test)."""
     cached = out / "coverage-map.json"
-    key = tree_key([])
+    key = tree_key()
     if cached.is_file():
         data = json.loads(cached.read_text())
         if data.get("key") == key:
@@ -368,7 +368,8 @@ def coverage_map(out: Path, jobs: int) -> Dict[str, Dict[int, List[str]]]:
     # The same run measures the package's line and branch coverage (as `tox -e coverage` does).
     report = io.StringIO()
     combined.report(file=report)
-    (out / "coverage.txt").write_text(report.getvalue().replace(f"{tree}/", ""), encoding="utf-8")
+    text = report.getvalue().replace(f"{tree}/", "").replace(f"{os.path.relpath(tree)}/", "")  # paths as conversion/...
+    (out / "coverage.txt").write_text(text, encoding="utf-8")
     combined.json_report(outfile=str(out / "coverage.json"))  # per module: lines and branches, covered and missed
     lines: Dict[str, Dict[int, List[str]]] = {}
     for filename in data.measured_files():
