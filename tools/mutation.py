@@ -350,7 +350,8 @@ def coverage_map(out: Path, jobs: int) -> Dict[str, Dict[int, List[str]]]:
     command = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "-p", "mutation",
                "-n", str(jobs), "--dist", "loadfile"]
     run = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True)
-    print(f"coverage map: the suite under coverage, {time.monotonic() - started:.0f} s, exit {run.returncode}",
+    summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else ""
+    print(f"coverage map: the suite under coverage, {time.monotonic() - started:.0f} s, exit {run.returncode}: {summary}",
           file=sys.stderr)
     # A test that fails without any mutant would "kill" every mutant it runs for: left out of the
     # map, and named here (fix it, then rerun).
