@@ -633,12 +633,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         line_tests = sorted(set(t for ln in range(mutant.line, mutant.end_line + 1) for t in covered.get(ln, []) if t))
         module_tests = sorted(set(t for ts in covered.values() for t in ts if t))
         executed = any(covered.get(ln) for ln in range(mutant.line, mutant.end_line + 1))
-        if not executed:
-            return Result(mutant.id, mutant.module, mutant.line, mutant.operator, mutant.original, mutant.mutated,
-                          "no-tests", "", 0.0)
         with lock:
+            # Checked for every mutant alike, so that a run cut short is an unbiased part of the sample.
             if args.budget and time.monotonic() - started > args.budget:
                 raise TimeoutError
+            if not executed:
+                return Result(mutant.id, mutant.module, mutant.line, mutant.operator, mutant.original, mutant.mutated,
+                              "no-tests", "", 0.0)
             worker = free.pop()
         try:
             result = worker.run(mutant, line_tests, module_tests)
