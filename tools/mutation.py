@@ -419,7 +419,7 @@ class Result:
     operator: str
     original: str
     mutated: str
-    verdict: str  # killed, survived, equivalent, no-tests, not-run
+    verdict: str  # killed, survived, equivalent, no-tests, timeout (the whole suite ran past its limit: rerun)
     stage: str  # which run decided: line-tests, module-files, whole-suite, timeout
     seconds: float
     failing: str = ""
@@ -455,6 +455,11 @@ class Worker:
                 if tests == []:
                     continue
                 outcome, failing = self._pytest(tests, self.timeout if tests is not None else self.suite_timeout)
+                if outcome == "timeout" and tests is None:
+                    # The whole suite, serially, past its limit: the machine's load as likely as the
+                    # mutant; reported apart, to rerun with a longer --timeout, never counted as killed.
+                    verdict, stage = "timeout", "whole-suite (timeout)"
+                    break
                 if outcome != "passed":
                     verdict, stage = "killed", (stage if outcome == "failed" else f"{stage} ({outcome})")
                     break
@@ -561,8 +566,8 @@ def write_report(out: Path, results: Sequence[Result], not_run: Sequence[Mutant]
              "are left out, mutants no test executes count as survivors.", "",
              "| module | mutants | killed | survived | equivalent | no tests | score |", "|---|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {m} | {n} | {k} | {s} | {e} | {u} | {score} |" for m, n, k, s, e, u, score in summary_rows(results)]
-    survivors = [r for r in results if r.verdict in ("survived", "no-tests")]
-    lines += ["", f"## Survivors ({len(survivors)})", ""]
+    survivors = [r for r in results if r.verdict in ("survived", "no-tests", "timeout")]
+    lines += ["", f"## Survivors, and whole-suite runs past their time limit ({len(survivors)})", ""]
     for r in sorted(survivors, key=lambda r: (r.module, r.line)):
         lines += [f"- `{r.id}` ({r.verdict}, {r.operator}) {r.module}:{r.line}",
                   f"  `{_one_line(r.original)}` -> `{_one_line(r.mutated)}`"]
