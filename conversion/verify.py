@@ -239,6 +239,16 @@ def _warnings(report: VerifyReport) -> List[str]:
 def _compare_with_source(backbone: torch.nn.Module, source: str, report: VerifyReport) -> None:
     target = to_target(_canonical_of(source).state_dict, prefix="").state_dict
     reference = copy.deepcopy(backbone)
+    # A source of another architecture: said as a misfit (load_state_dict would raise on the first shape).
+    shapes = {k: list(v.shape) for k, v in reference.state_dict().items()}
+    misfits = [k for k, v in target.items() if k in shapes and list(v.shape) != shapes[k]]
+    if misfits:
+        first = misfits[0]
+        report.problems.append(
+            f"--source does not fit this backbone: {len(misfits)} tensors of another shape "
+            f"(e.g. {first}: {list(target[first].shape)} in the source, {shapes[first]} in the backbone)."
+        )
+        return
     result = reference.load_state_dict(target, strict=False)
     stray = [k for k in result.missing_keys if not FRESH_OUTPUT_NORM.match(BACKBONE_PREFIX + k)]
     if stray or result.unexpected_keys:

@@ -123,7 +123,8 @@ def wrap(state_dict: Mapping[str, Any], container: str, wrapper_prefix: str = ""
         return {
             "model": sd,
             "model_ema": {wrapper_prefix + k: v for k, v in (ema or state_dict).items()},
-            "optimizer": {"state": {}, "param_groups": [{"lr": 4e-3, "params": [0, 1]}]},
+            # A frozen parameter's momentum is an empty tensor: zero-element tensors are read past too.
+            "optimizer": {"state": {1: {"momentum_buffer": torch.zeros(0)}}, "param_groups": [{"lr": 4e-3, "params": [0, 1]}]},
             "epoch": 299,
             "scaler": {"scale": 65536.0},
             "args": argparse.Namespace(model="convnext_tiny", lr=4e-3, drop_path=0.1, input_size=224),
@@ -131,11 +132,17 @@ def wrap(state_dict: Mapping[str, Any], container: str, wrapper_prefix: str = ""
     raise ValueError(f"unknown container {container!r}; known: {', '.join(CONTAINERS)}")
 
 
-def _as_numpy(value: Any) -> Any:
+def _as_numpy(value: Any, converted: Optional[Dict[int, Any]] = None) -> Any:
+    """Tensors as numpy arrays; one tensor under two names (a training checkpoint's `model_ema`
+    without an EMA of its own, tied weights) becomes one array, which pickle writes once and
+    names twice, as numpy users' files do."""
+    converted = {} if converted is None else converted
     if isinstance(value, torch.Tensor):
-        return value.detach().cpu().to(stored_dtype(value.dtype, "pickle")).contiguous().numpy()
+        if id(value) not in converted:
+            converted[id(value)] = value.detach().cpu().to(stored_dtype(value.dtype, "pickle")).contiguous().numpy()
+        return converted[id(value)]
     if isinstance(value, dict):
-        return {k: _as_numpy(v) for k, v in value.items()}
+        return {k: _as_numpy(v, converted) for k, v in value.items()}
     return value
 
 
