@@ -94,13 +94,32 @@ def format_inspection(r: "InspectReport") -> str:
     if r.detector_parts:
         total = sum(r.detector_parts.values())
         lines.append(f"  detector   {total} tensors around the backbone, left out on conversion: {_by_part(r.detector_parts)}")
+    lines += _prediction_lines(r.detectron2)
     if r.problems:
         lines.append("  Detectron2 loading this file as it is:")
         lines += [f"    - {p}" for p in r.problems]
-        lines.append("  fix: convnext-d2 convert SRC DST.pth")
-    else:
+        lines.append("  fix: convnext-d2 repair SRC DST.pth")
+    elif r.detectron2.get("loaded"):  # never "no problem" for a file nothing loads from
         lines.append("  Detectron2 loading this file as it is: no problem found")
     return "\n".join(lines)
+
+
+def _prediction_lines(p: Dict[str, Any]) -> List[str]:
+    """What Detectron2 does with the file (inspect's `detectron2` data), in words."""
+    if not p:
+        return []
+    if p["raises"] is not None:
+        outcome = f"raises: {p['raises']}"
+    else:
+        total = len(p["loaded"]) + len(p["missing"])
+        how = {None: "exact names", "file": "matching_heuristics from the file", "url": "matching_heuristics from the URL",
+               "caffe2": "Caffe2 renames and matching_heuristics"}[p["heuristics"]]
+        outcome = (f"loads {len(p['loaded'])} of {total} backbone tensors ({how}"
+                   + ("; 'module.' stripped" if p["module_stripped"] else "")
+                   + f"); {len(p['shape_skipped'])} shape-skipped, {len(p['unused'])} unused")
+    lines = [f"  detectron2 {p['stack']}: {p['reader']}{'; ' if p['reader'] else ''}{outcome}"]
+    lines += [f"             on {stack}: {other}" for stack, other in sorted(p["other_stacks"].items())]
+    return lines
 
 
 def format_repair(r: "RepairReport") -> str:
@@ -112,6 +131,9 @@ def format_repair(r: "RepairReport") -> str:
     assert r.conversion is not None
     lines.append("  repaired by converting:")
     lines += ["  " + line for line in format_report(r.conversion).splitlines()[1:] if "note " not in line]
+    if r.not_repaired:
+        lines.append(f"  not repairable ({len(r.not_repaired)}): no file made from this one holds them")
+        lines += [f"    - {why}" for why in r.not_repaired]
     return "\n".join(lines)
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conversion.architecture import Architecture
+from conversion.d2_prediction import SAFETENSORS_PATHS, Stack, installed_stack, predict
 from conversion.diagnose import d2_problems
 from conversion.inspection import inspect_checkpoint
 from conversion.synthetic import random_state_dict
@@ -20,6 +21,7 @@ from ..support import CLASSIFIER_NAMES
 ARCH = Architecture((1, 1, 1, 1), (8, 8, 8, 8), num_classes=2, classifier_norm=True)
 SD = random_state_dict(ARCH)
 BACKBONE = {"backbone." + k: v for k, v in SD.items() if k not in CLASSIFIER_NAMES}
+OLD_NUMPY = Stack((1, 9), (0, 6), False, numpy=(1, 24))
 
 
 def _problems(path):
@@ -101,22 +103,30 @@ def test_classifier_keys_mention_the_heuristics_trap(tmp_path):
     assert "backbone.head.weight" in problem and "matching_heuristics" in problem
 
 
-def test_safetensors_cannot_be_read_by_detectron2(tmp_path):
+def test_a_safetensors_file_is_a_problem_only_where_torch_load_cannot_read_its_path(tmp_path):
+    """torch >= 2.13 hands a `.safetensors` path to safetensors.torch.load_file (safetensors installed):
+    Detectron2 then loads it cleanly; older torch reads it as a pickle and fails."""
     safetensors = pytest.importorskip("safetensors.torch", reason="safetensors is installed in the full environment only")
     safetensors.save_file({k: v.contiguous() for k, v in BACKBONE.items()}, str(tmp_path / "x.safetensors"))
-    _one(_problems(tmp_path / "x.safetensors"), "safetensors file")
+    report = inspect_checkpoint(str(tmp_path / "x.safetensors"))
+    if installed_stack().torch >= SAFETENSORS_PATHS:
+        assert report.problems == [] and "safetensors.torch.load_file" in report.detectron2["reader"]
+        assert "torch 1.9, detectron2 0.6" in report.detectron2["other_stacks"]
+    else:
+        _one(report.problems, "safetensors file")
 
 
-def test_numpy_2_pickles_are_named(tmp_path):
-    """The bytes `numpy._core` in a plain pickle: numpy < 1.26 cannot import it."""
-    path = tmp_path / "x.pkl"
-    with open(path, "wb") as f:
-        pickle.dump({"model": {k: v.numpy() for k, v in BACKBONE.items()}, "__author__": "x", "note": "numpy._core"}, f)
-    assert "numpy._core" in _one(d2_problems(str(path), "pickle", {"model": {}, "__author__": "x"}), "numpy >= 2")
+def test_numpy_2_pickles_are_named_for_a_numpy_older_than_1_26():
+    """A pickle naming `numpy._core`: numpy < 1.26 cannot import it."""
+    problems = d2_problems(predict("x.pkl", "pickle", {"model": {}, "__author__": "x"}, {}, OLD_NUMPY, frozenset({"numpy._core.multiarray"})),
+                           "x.pkl", "pickle", {"model": {}, "__author__": "x"}, modules=frozenset({"numpy._core.multiarray"}))
+    assert "numpy._core" in _one(problems, "numpy >= 2")
 
 
 def test_other_layouts_are_named_before_prefix_problems():
-    problems = d2_problems("x.pth", "torch-zip", {"model": {"w": torch.zeros(1)}}, layout="timm", source_prefix="")
+    model = {"backbone.stages.0.0.dwconv.weight": (1,)}
+    loaded = {"model": {"w": torch.zeros(1)}}
+    problems = d2_problems(predict("x.pth", "torch-zip", loaded, model, installed_stack()), "x.pth", "torch-zip", loaded, layout="timm", source_prefix="")
     assert len(problems) == 1 and "names are in the timm layout" in problems[0]
 
 

@@ -202,8 +202,10 @@ def test_inspect_of_a_safetensors_file_reads_its_header_and_tells_what_a_torch_f
     got = inspect_checkpoint(str(tmp_path / "w.safetensors")).to_dict()
     want = inspect_checkpoint(str(tmp_path / "w.pth")).to_dict()
     assert got["format"] == "safetensors" and got["bytes_read"] == 8 + header
-    assert [p for p in got["problems"] if "safetensors" in p], got["problems"]
-    for key in ("path", "file_bytes", "format", "bytes_read", "problems"):
+    # The same names: the same answer where torch reads .safetensors paths (torch >= 2.13 with safetensors).
+    assert got["problems"] == want["problems"] or [p for p in got["problems"] if "safetensors" in p], got["problems"]
+    assert got["detectron2"]["loaded"] == want["detectron2"]["loaded"] or got["detectron2"]["raises"], got["detectron2"]
+    for key in ("path", "file_bytes", "format", "bytes_read", "problems", "detectron2"):
         got.pop(key), want.pop(key)
     assert got == want
 
