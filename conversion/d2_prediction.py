@@ -81,17 +81,22 @@ def _version(text: str) -> Version:
     return tuple(int("".join(ch for ch in p if ch.isdigit()) or 0) for p in parts)  # type: ignore[return-value]
 
 
+def _detectron2_version() -> Optional[Version]:
+    """Detectron2's `__version__`, read from its `__init__.py` without importing it (a source
+    install, as v0.6 often is, has no distribution metadata)."""
+    spec = importlib.util.find_spec("detectron2")
+    if spec is None or not spec.origin:
+        return None
+    with open(spec.origin, encoding="utf-8") as f:
+        found = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", f.read(), re.M)
+    return _version(found.group(1)) if found else None
+
+
 def installed_stack() -> Stack:
     """The stack installed here (detectron2 taken as 0.7, the current release, where it is absent)."""
     import importlib.metadata as metadata  # versions without importing torch (~640 MB resident)
 
-    d2 = (0, 7)
-    for dist in ("detectron2", "sal-detectron2"):
-        try:
-            d2 = _version(metadata.version(dist))
-            break
-        except metadata.PackageNotFoundError:
-            continue
+    d2 = _detectron2_version() or (0, 7)
     try:
         numpy = _version(metadata.version("numpy"))
     except metadata.PackageNotFoundError:

@@ -112,8 +112,8 @@ def _names_problem(prediction: Prediction, layout: Optional[str], source_prefix:
             spelled = (f"names start with '{source_prefix}' instead of '{BACKBONE_PREFIX}'" if source_prefix
                        else f"names lack the '{BACKBONE_PREFIX}' prefix")
         handed = sorted(prediction.unused)[:1]
-        how = "; matching_heuristics matched none of them" if prediction.heuristics else ""
-        what = f" (handed to the model as e.g. '{handed[0]}'{how})" if handed else how
+        how = ", matching_heuristics matching none of them" if prediction.heuristics else ""
+        what = f"; the model is handed names such as '{handed[0]}'{how}" if handed else how
         return [f"{spelled or 'names do not match the backbone'}: Detectron2 loads none of them{what} "
                 "(only log warnings; training starts from random init)."]
     if prediction.renamed and source_prefix is not None and source_prefix != BACKBONE_PREFIX:

@@ -107,7 +107,7 @@ def recognise(
         NotConvNeXt: not a ConvNeXt this tool knows, or not the version `layout` pins.
     """
     option = parse_layout_option(layout)
-    canonical = to_canonical(state_dict, forced=option.name if option else None)
+    canonical = to_canonical(state_dict, forced=option.name if option else None, lenient=lenient)
     arch = infer_architecture({k: tuple(v.shape) for k, v in canonical.state_dict.items()}, source_name_of(canonical), lenient=lenient)
     check_pinned_version(option, canonical, arch.version)
     return canonical, arch

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Dict, List
 
+from .d2_prediction import FRESH_OUTPUT_NORM
+
 if TYPE_CHECKING:
     from .inspection import InspectReport
     from .pipeline import ConversionReport, RepairReport
@@ -111,10 +113,11 @@ def _prediction_lines(p: Dict[str, Any]) -> List[str]:
     if p["raises"] is not None:
         outcome = f"raises: {p['raises']}"
     else:
-        total = len(p["loaded"]) + len(p["missing"])
+        fresh = sum(1 for k in p["missing"] if FRESH_OUTPUT_NORM.match(k))
+        total = len(p["loaded"]) + len(p["missing"]) - fresh
         how = {None: "exact names", "file": "matching_heuristics from the file", "url": "matching_heuristics from the URL",
                "caffe2": "Caffe2 renames and matching_heuristics"}[p["heuristics"]]
-        outcome = (f"loads {len(p['loaded'])} of {total} backbone tensors ({how}"
+        outcome = (f"loads {len(p['loaded'])} of {total} backbone weights, {fresh} output norms fresh ({how}"
                    + ("; 'module.' stripped" if p["module_stripped"] else "")
                    + f"); {len(p['shape_skipped'])} shape-skipped, {len(p['unused'])} unused")
     lines = [f"  detectron2 {p['stack']}: {p['reader']}{'; ' if p['reader'] else ''}{outcome}"]
