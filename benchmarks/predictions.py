@@ -54,8 +54,9 @@ def corpus(d: Any, n: int) -> List[Any]:
     kinds = [
         V(prefix="_orig_mod.backbone."), V(prefix="module.module.backbone."), V(prefix="module._orig_mod.backbone."),
         V(writer=("pickle.dump", ".pth")), V(writer=("safetensors", ".safetensors"), container="bare"),
-        V(prefix="", heuristics_in_file=True), V(prefix="model.", heuristics_in_file=True),
-        V(prefix="backbone.bottom_up.", heuristics_in_file=True), V(prefix="module.", heuristics_in_file=True),
+        V(prefix="", heuristics_in_file=True),
+        *[V(prefix=p, heuristics_in_file=True, arrays=True, container="model+author", writer=("pickle.dump", ".pkl"))
+          for p in ("model.", "backbone.bottom_up.", "module.")],
         V(prefix="module.backbone.", non_finite="nan"), V(prefix="module.backbone.", heuristics_in_file=True),
         V(prefix="", classifier=True, drop="stages.3.0.norm", arrays=True, container="model+author",
           heuristics_in_file=True, writer=("pickle.dump", ".pkl")),

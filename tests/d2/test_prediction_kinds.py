@@ -82,7 +82,8 @@ def test_kind_d_matching_heuristics_in_a_pth_dict_is_honoured(tmp_path):
 def test_kind_e_prefixed_names_under_heuristics_load_nothing(tmp_path, prefix):
     """Heuristics match only a dotted suffix of a model key, and run before `module.` is stripped."""
     (tmp_path / "again").mkdir()
-    seen, inspected, verified, repaired = _answers(Variant(prefix=prefix, heuristics_in_file=True), tmp_path)
+    v = Variant(prefix=prefix, heuristics_in_file=True, arrays=True, container="model+author", writer=("pickle.dump", ".pkl"))
+    seen, inspected, verified, repaired = _answers(v, tmp_path)
     assert seen.error is None and not seen.loaded
     assert _loads_nothing_said(inspected) and not any("matches them only through" in p for p in inspected.problems)
     assert not verified.ok and verified.loaded == 0
