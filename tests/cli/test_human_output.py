@@ -58,7 +58,7 @@ converted <tmp>/legacy.pth
   layout     official: facebookresearch ConvNeXt / ConvNeXt-V2 (also FCMAE dense files and Detectron2 files)
   variant    custom variant, ConvNeXt V1, depths [1, 2, 1, 1], dims [8, 16, 8, 16], classifier 4 classes
   tensors    65 (0.01 M parameters); dtypes float32 x65
-  detectron2 <stack>: torch.load (weights_only=True); loads 0 of 61 backbone weights, 8 output norms fresh (exact names); 0 shape-skipped, 65 unused
+  detectron2 <stack>: torch.load (weights_only=<stack's>); loads 0 of 61 backbone weights, 8 output norms fresh (exact names); 0 shape-skipped, 65 unused
   Detectron2 loading this file as it is:
     - names lack the 'backbone.' prefix: Detectron2 loads none of them; the model is handed names such as 'downsample_layers.0.0.bias' (only log warnings; training starts from random init).
     - classifier tensors head.bias, head.weight, norm.bias, norm.weight are unused by a detection backbone; under matching_heuristics the pooled 'norm.weight' suffix-matches every '*.norm.weight' in the model.
@@ -170,6 +170,7 @@ def _normalised(text: str, tmp: Path) -> str:
     how other stacks differ (both depend on the environment; `--json` tests check them)."""
     text = re.sub(r"\n {13}on torch [^\n]*", "", text)
     text = re.sub(r"torch \d+\.\d+, detectron2 \d+\.\d+(, safetensors)?", "<stack>", text)
+    text = re.sub(r"weights_only=(True|False)", "weights_only=<stack's>", text)
     return re.sub(r"\b\d+(\.\d)? (B|KB|MB|GB)\b", "<size>", text.replace(str(tmp), "<tmp>"))
 
 
