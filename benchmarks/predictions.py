@@ -31,7 +31,7 @@ import sys
 import tempfile
 import warnings
 from collections import Counter
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RAISE_WORDS = ("fails", "cannot read", "refuses", "UnpicklingError", "Unsupported type", "Weights only", "raises",

@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
-import re
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
