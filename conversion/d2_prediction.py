@@ -9,7 +9,8 @@
    `.safetensors` to `safetensors.torch.load_file` when safetensors is installed;
 2. the container rule: a `.pkl` dict with `model` and `__author__` is taken as it is, any other
    `.pkl` is Caffe2 blobs (`blobs` unwrapped, `*_momentum` dropped, names renamed, heuristics on);
-   a torch-read dict without `model` is wrapped whole as `{"model": dict}`;
+   a `.pyth` is pycls's `model_state` (heuristics on); any other torch-read dict without `model` is
+   wrapped whole as `{"model": dict}`;
 3. `matching_heuristics`: a true `matching_heuristics` key beside `model` (any reader), or, on
    Detectron2 0.7 and for the torch reader only, `?matching_heuristics=True` after the path (v0.6
    knows no query: the path with it is not found);
@@ -111,7 +112,7 @@ class Prediction:
     stack: str
     reader: str
     raises: Optional[str] = None  # what Detectron2 raises; None: the load completes
-    heuristics: Optional[str] = None  # None, "file", "url" or "caffe2": what turned them on
+    heuristics: Optional[str] = None  # None, "file", "url", "caffe2" or "pycls": what turned them on
     module_stripped: bool = False
     loaded: Dict[str, str] = field(default_factory=dict)  # model key -> the file's name for it
     missing: List[str] = field(default_factory=list)  # model keys left as the model built them
@@ -191,6 +192,12 @@ def _container(name: str, loaded: Any, query: Mapping[str, List[str]], stack: St
             raise PredictedRaise("Caffe2 'blobs' is not a dict: AttributeError")
         kept = {k: v for k, v in blobs.items() if not str(k).endswith("_momentum")}
         return {"model": kept, "__author__": "Caffe2", HEURISTICS_QUERY: True}, "caffe2"
+    if name.endswith(".pyth"):  # pycls: its `model_state`, matched by heuristics
+        state = loaded.get("model_state")
+        if not isinstance(state, Mapping):
+            raise PredictedRaise("AssertionError: Cannot load .pyth file; pycls checkpoints must contain 'model_state'")
+        kept = {k: v for k, v in state.items() if not str(k).endswith("num_batches_tracked")}
+        return {"model": kept, "__author__": "pycls", HEURISTICS_QUERY: True}, "pycls"
     checkpoint = dict(loaded) if "model" in loaded else {"model": loaded}
     via = "file" if checkpoint.get(HEURISTICS_QUERY) else None
     rest = {k: v for k, v in query.items() if k != HEURISTICS_QUERY}

@@ -116,7 +116,7 @@ def _prediction_lines(p: Dict[str, Any]) -> List[str]:
         fresh = sum(1 for k in p["missing"] if FRESH_OUTPUT_NORM.match(k))
         total = len(p["loaded"]) + len(p["missing"]) - fresh
         how = {None: "exact names", "file": "matching_heuristics from the file", "url": "matching_heuristics from the URL",
-               "caffe2": "Caffe2 renames and matching_heuristics"}[p["heuristics"]]
+               "caffe2": "Caffe2 renames and matching_heuristics", "pycls": "pycls .pyth, matching_heuristics"}[p["heuristics"]]
         outcome = (f"loads {len(p['loaded'])} of {total} backbone weights, {fresh} output norms fresh ({how}"
                    + ("; 'module.' stripped" if p["module_stripped"] else "")
                    + f"); {len(p['shape_skipped'])} shape-skipped, {len(p['unused'])} unused")
@@ -128,7 +128,8 @@ def _prediction_lines(p: Dict[str, Any]) -> List[str]:
 def format_repair(r: "RepairReport") -> str:
     """`repair`'s summary: the causes found, then the conversion that fixed them."""
     if not r.repaired:
-        return f"{r.source}\n  fine: Detectron2 loads it as it is; nothing to repair, {r.destination} not written"
+        return (f"{r.source}\n  fine: Detectron2 loads every backbone weight of it as it is; nothing to repair, "
+                f"{r.destination} not written\n  (names, containers and shapes only: `verify` also checks the values for NaN/Inf)")
     lines = [f"{r.source}", f"  {len(r.causes)} cause(s) found:"]
     lines += [f"    - {cause}" for cause in r.causes]
     assert r.conversion is not None

@@ -88,7 +88,8 @@ converted <tmp>/legacy.pth
 """,
     "repair-nothing-to-do": """\
 <tmp>/good.pth
-  fine: Detectron2 loads it as it is; nothing to repair, <tmp>/again.pth not written
+  fine: Detectron2 loads every backbone weight of it as it is; nothing to repair, <tmp>/again.pth not written
+  (names, containers and shapes only: `verify` also checks the values for NaN/Inf)
 """,
     "verify-ok-with-warnings-backbone-only": """\
 verify: OK with warnings (1)

@@ -13,7 +13,7 @@ from conversion.pipeline import repair
 
 from ..support import build_d2_model, require
 from .differential import ARCH, Variant, observe, write
-from .test_prediction_differential import check_variant
+from .test_prediction_differential import assert_prediction_matches
 
 pytestmark = [pytest.mark.filterwarnings("ignore")]
 TRUNK = 61  # the test backbone's weights an ImageNet file gives (its 8 output norms stay fresh)
@@ -30,7 +30,6 @@ def _answers(v: Variant, tmp_path):
 
     path, file_weights = write(v, str(tmp_path))
     seen = observe(build_d2_model(ARCH), path, file_weights)
-    check_variant(v, str(tmp_path / "again"))  # the differential property on this very variant
     return seen, inspect_checkpoint(path), verify(path), repair(path.split("?", 1)[0], str(tmp_path / "fixed.pth"), force=True)
 
 
@@ -40,7 +39,6 @@ def _loads_nothing_said(report) -> bool:
 
 @pytest.mark.parametrize("prefix", ["_orig_mod.backbone.", "module.module.backbone.", "module._orig_mod.backbone."])
 def test_kind_a_compiled_or_doubly_wrapped_names_load_nothing_and_are_repaired(tmp_path, prefix):
-    (tmp_path / "again").mkdir()
     seen, inspected, verified, repaired = _answers(Variant(prefix=prefix), tmp_path)
     assert seen.error is None and not seen.loaded  # fvcore strips `module.` once and never `_orig_mod.`
     assert _loads_nothing_said(inspected) and inspected.detectron2["loaded"] == {}
@@ -49,7 +47,6 @@ def test_kind_a_compiled_or_doubly_wrapped_names_load_nothing_and_are_repaired(t
 
 
 def test_kind_b_pickle_dump_as_pth_raises_in_torch_load_and_is_repaired(tmp_path):
-    (tmp_path / "again").mkdir()
     seen, inspected, verified, repaired = _answers(Variant(writer=("pickle.dump", ".pth")), tmp_path)
     assert seen.error is not None
     assert inspected.detectron2["raises"] and any("pickle.dump" in p for p in inspected.problems)
@@ -59,7 +56,6 @@ def test_kind_b_pickle_dump_as_pth_raises_in_torch_load_and_is_repaired(tmp_path
 
 def test_kind_c_a_safetensors_path_loads_where_torch_reads_it(tmp_path):
     require("safetensors")
-    (tmp_path / "again").mkdir()
     seen, inspected, verified, repaired = _answers(Variant(writer=("safetensors", ".safetensors"), container="bare"), tmp_path)
     if installed_stack().torch >= SAFETENSORS_PATHS:
         assert seen.error is None and len(seen.loaded) == TRUNK
@@ -69,7 +65,6 @@ def test_kind_c_a_safetensors_path_loads_where_torch_reads_it(tmp_path):
 
 
 def test_kind_d_matching_heuristics_in_a_pth_dict_is_honoured(tmp_path):
-    (tmp_path / "again").mkdir()
     seen, inspected, verified, repaired = _answers(Variant(prefix="", heuristics_in_file=True), tmp_path)
     assert seen.error is None and len(seen.loaded) == TRUNK
     assert not _loads_nothing_said(inspected) and len(inspected.detectron2["loaded"]) == TRUNK
@@ -81,7 +76,6 @@ def test_kind_d_matching_heuristics_in_a_pth_dict_is_honoured(tmp_path):
 @pytest.mark.parametrize("prefix", ["model.", "backbone.bottom_up.", "module."])
 def test_kind_e_prefixed_names_under_heuristics_load_nothing(tmp_path, prefix):
     """Heuristics match only a dotted suffix of a model key, and run before `module.` is stripped."""
-    (tmp_path / "again").mkdir()
     v = Variant(prefix=prefix, heuristics_in_file=True, arrays=True, container="model+author", writer=("pickle.dump", ".pkl"))
     seen, inspected, verified, repaired = _answers(v, tmp_path)
     assert seen.error is None and not seen.loaded
@@ -91,7 +85,6 @@ def test_kind_e_prefixed_names_under_heuristics_load_nothing(tmp_path, prefix):
 
 
 def test_kind_f_module_prefixed_nan_is_loaded_and_fails_verify(tmp_path):
-    (tmp_path / "again").mkdir()
     seen, inspected, verified, repaired = _answers(Variant(prefix="module.backbone.", non_finite="nan"), tmp_path)
     assert seen.error is None and len(seen.loaded) == TRUNK  # `module.` stripped: everything loads, the NaN too
     assert len(inspected.detectron2["loaded"]) == TRUNK and inspected.detectron2["module_stripped"]
@@ -102,14 +95,12 @@ def test_kind_f_module_prefixed_nan_is_loaded_and_fails_verify(tmp_path):
 
 def test_kind_f_module_prefixed_heuristics_file_is_not_called_empty(tmp_path):
     """The same miscount gave `matching_heuristics matched nothing` for files that load cleanly."""
-    (tmp_path / "again").mkdir()
     seen, _, verified, _ = _answers(Variant(prefix="module.backbone.", heuristics_in_file=True), tmp_path)
     assert seen.error is None and len(seen.loaded) == TRUNK
     assert verified.ok and verified.loaded == TRUNK
 
 
 def test_kind_g_pooled_norm_handed_to_a_missing_block_norm_is_a_problem(tmp_path):
-    (tmp_path / "again").mkdir()
     v = Variant(prefix="", classifier=True, drop="stages.3.0.norm", arrays=True, container="model+author",
                 heuristics_in_file=True, writer=("pickle.dump", ".pkl"))
     seen, inspected, verified, repaired = _answers(v, tmp_path)
@@ -130,3 +121,19 @@ def test_the_prediction_names_where_another_stack_answers_differently(tmp_path):
         assert "not found" in other["torch 1.9, detectron2 0.6"]
     else:
         assert inspect_checkpoint(path).detectron2["raises"]
+
+
+@pytest.mark.parametrize("container", ["model_state", "model"])
+def test_a_pycls_pyth_is_read_for_its_model_state_by_heuristics(tmp_path, container):
+    """`.pyth` is pycls's: `model_state` taken, matched by heuristics; without it Detectron2 asserts."""
+    import torch
+
+    from .differential import SOURCE
+
+    weights = {k: v for k, v in SOURCE.items() if not k.startswith(("head.", "norm."))}
+    path = str(tmp_path / "x.pyth")
+    torch.save({container: weights}, path)
+    seen = observe(build_d2_model(ARCH), path, weights)
+    prediction = inspect_checkpoint(path).detectron2
+    assert_prediction_matches(prediction, seen)
+    assert (seen.error is None) == (container == "model_state") and prediction["heuristics"] in ("pycls", None)
