@@ -149,11 +149,13 @@ _OUTPUT_NORM_KEY = re.compile(r"^norm(\d)\.(weight|bias)$")
 NameOf = Callable[[str], str]
 
 
-def infer_architecture(shapes: Mapping[str, Sequence[int]], name_of: Optional[NameOf] = None) -> Architecture:
+def infer_architecture(shapes: Mapping[str, Sequence[int]], name_of: Optional[NameOf] = None, *, lenient: bool = False) -> Architecture:
     """Read depths, dims and version off canonical names and shapes, then check every tensor.
 
     `name_of` (canonical name -> the file's name for it, present or not) only makes messages name
-    the file's own keys; without it they use canonical names.
+    the file's own keys; without it they use canonical names.  `lenient` skips the check of every
+    tensor against the architecture: what a file with a tensor dropped or misshapen is meant to be,
+    for predicting its load (`inspect`, `verify`, `repair`); `convert` is never lenient.
 
     Raises:
         NotConvNeXt: a variant the backbone cannot represent (what was found, timm's name for it),
@@ -199,7 +201,8 @@ def infer_architecture(shapes: Mapping[str, Sequence[int]], name_of: Optional[Na
     )
     name_of = name_of or (lambda key: key)
     refuse_unrepresentable(shapes, arch, name_of)
-    check_shapes(shapes, arch, name_of)
+    if not lenient:
+        check_shapes(shapes, arch, name_of)
     return arch
 
 

@@ -12,7 +12,7 @@ from .errors import ContainerError, UnreadableCheckpoint
 
 # Container keys, in the order tried.  Released official files use `model` (EMA files
 # too); training checkpoints add `model_ema`; mmpretrain and others use `state_dict`.
-_WEIGHT_CONTAINERS = ("model", "state_dict", "module")
+_WEIGHT_CONTAINERS = ("model", "state_dict", "module", "model_state")  # model_state: pycls (.pyth)
 _EMA_CONTAINERS = ("model_ema", "state_dict_ema")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel, torch.compile
 

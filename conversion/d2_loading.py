@@ -156,6 +156,9 @@ class LoadObservation:
             model state was loaded (Detectron2 raised, or the path was empty).
         records: every record the fvcore/detectron2 loggers emitted.
         error: the exception Detectron2 raised, if any.
+        loaded_from: model key -> the file's name of the tensor it received: what really loaded,
+            read from the dict fvcore hands to `model.load_state_dict` (after the heuristics' renames,
+            `module.` stripping and the shape check), each tensor traced back to its name in the file.
     """
 
     def __init__(self) -> None:
@@ -165,6 +168,7 @@ class LoadObservation:
         self.incompatible: Any = None
         self.records: List[logging.LogRecord] = []
         self.error: Optional[BaseException] = None
+        self.loaded_from: Dict[str, str] = {}
 
     @property
     def missing(self) -> List[str]:
@@ -222,6 +226,20 @@ def load_observed(model: nn.Module, path: str) -> LoadObservation:
     seen = LoadObservation()
     checkpointer = DetectionCheckpointer(model)
     real_load_model = checkpointer._load_model
+    real_to_tensors = checkpointer._convert_ndarray_to_tensor
+    real_load_state_dict = model.load_state_dict
+    file_name_of: Dict[int, str] = {}  # id of each tensor of the file's weights (once tensors) -> its name
+
+    def to_tensors(state_dict: Dict[str, Any]) -> None:
+        real_to_tensors(state_dict)
+        if not file_name_of:  # the first call sees the file's own names (before any renaming)
+            file_name_of.update({id(v): k for k, v in state_dict.items()})
+
+    def load_state_dict(state_dict: Any, strict: bool = True) -> Any:
+        model_state = model.state_dict()
+        seen.loaded_from = {k: file_name_of.get(id(v), k) for k, v in state_dict.items()
+                            if k in model_state and tuple(v.shape) == tuple(model_state[k].shape)}
+        return real_load_state_dict(state_dict, strict=strict)
 
     def observe(checkpoint: Dict[str, Any]) -> Any:
         # Shapes are taken before Detectron2 renames anything (matching_heuristics rewrites the dict).
@@ -234,11 +252,15 @@ def load_observed(model: nn.Module, path: str) -> LoadObservation:
         return seen.incompatible
 
     checkpointer._load_model = observe  # type: ignore[method-assign]
+    checkpointer._convert_ndarray_to_tensor = to_tensors  # type: ignore[method-assign]
+    model.load_state_dict = load_state_dict  # type: ignore[method-assign]
     with capture_checkpointer_logs() as records:
         try:
             checkpointer.resume_or_load(path, resume=False)
         except Exception as err:  # Detectron2's own failures are findings, reported by the caller
             seen.error = err
+        finally:
+            del model.load_state_dict  # the instance attribute: the class's method again
     seen.records = records
     return seen
 

@@ -1,19 +1,19 @@
-"""What Detectron2 would make of a file as it is (docs/design.md, "How Detectron2 reads a file").
+"""What Detectron2 would make of a file as it is, in words (docs/design.md, "How Detectron2 reads a file").
 
-Detectron2 picks its reader by extension: `.pkl` goes through plain `pickle.load` and
-needs `model` *and* `__author__` to be taken as-is; anything else goes through
-`torch.load` (with `weights_only=True` from torch 2.6), and a dict without `model` is
-wrapped whole.  Then names must equal the model's (`backbone.` + official names for a
-ConvNeXt backbone), or they are skipped with a warning.  Each problem below is one
-documented way a file fails loudly or, worse, silently (each listed in docs/troubleshooting.md).
+The facts come from one place, `d2_prediction.predict` (reader, container, heuristics, `module.`,
+exact names); this module turns a prediction into the problems `inspect`, `convert`'s notes and
+`repair` print.  A problem is stated only where the prediction says Detectron2 raises, renames by
+heuristics, or leaves backbone weights without their value; each is one documented way a file fails
+loudly or, worse, silently (each listed in docs/troubleshooting.md).
 """
 from __future__ import annotations
 
 import argparse
 import os
-from typing import Any, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 from .containers import is_array, walk
+from .d2_prediction import FRESH_OUTPUT_NORM, SAFETENSORS_PATHS, Prediction, loads_nothing, misplaced
 from .target import BACKBONE_PREFIX
 
 
@@ -59,9 +59,17 @@ def _reader_problems(path: str, fmt: str, loaded: Any, modules: Optional[frozens
             f"a .pkl with {what}: Detectron2 takes it for Caffe2 blobs and fails "
             f"('ValueError: Unsupported type found in checkpoint! ...: <class 'dict'>') or renames by heuristics."
         ]
+    if fmt == "safetensors" and not name.endswith(".safetensors"):
+        return [f"a safetensors file under a {os.path.splitext(name)[1] or 'bare'} name: torch.load reads safetensors "
+                f"only from a path ending in .safetensors (torch >= {'.'.join(map(str, SAFETENSORS_PATHS))}, safetensors installed)."]
     if fmt == "safetensors":
-        return ["a safetensors file: Detectron2's checkpointer cannot read it (it calls torch.load)."]
+        return [f"a safetensors file: Detectron2's checkpointer reads it only through torch >= "
+                f"{'.'.join(map(str, SAFETENSORS_PATHS))} with safetensors installed (torch.load then calls safetensors.torch.load_file)."]
     problems = []
+    if not is_pkl and fmt == "pickle":
+        problems.append("written by pickle.dump, not torch.save, under a name that is not .pkl: torch.load, which "
+                        "Detectron2 calls for every name but .pkl, cannot read it ('Weights only load failed' or "
+                        "'Invalid magic number; corrupt file?').")
     if is_pkl and fmt == "pickle" and _names_numpy_core(path, modules):
         problems.append(
             "pickled by numpy >= 2 (it names numpy._core): numpy < 1.26, as in older Detectron2 stacks, "
@@ -79,7 +87,7 @@ def _reader_problems(path: str, fmt: str, loaded: Any, modules: Optional[frozens
                 f"no top-level 'model': Detectron2 wraps the whole dict as the model and fails "
                 f"('Unsupported type found in checkpoint! {odd}')."
             )
-    if not is_pkl:
+    if not is_pkl and fmt != "pickle":
         # Objects read past (placeholders: Namespace, loggers, configs) and arrays: torch's allowlist has neither.
         unsafe = sorted(
             {v.cls.rsplit(".", 1)[-1] if type(v).__name__ == "Placeholder" else _type_name(v)
@@ -93,12 +101,50 @@ def _reader_problems(path: str, fmt: str, loaded: Any, modules: Optional[frozens
     return problems
 
 
-def _asks_for_heuristics(fmt: str, loaded: Any) -> bool:
-    """A model-zoo `.pkl` whose dict sets `matching_heuristics`: Detectron2 then matches names by suffix."""
-    return fmt == "pickle" and isinstance(loaded, dict) and bool(loaded.get("matching_heuristics") is True)
+def _names_problem(prediction: Prediction, layout: Optional[str], source_prefix: Optional[str]) -> List[str]:
+    """Why the backbone's names do not load, or load only through the heuristics."""
+    if loads_nothing(prediction, BACKBONE_PREFIX):
+        if layout is not None and layout != "official":
+            return [f"names are in the {layout} layout: a Detectron2 ConvNeXt with official names loads none of them "
+                    "(every weight missing, training starts from random init)."]
+        spelled = ""
+        if source_prefix is not None and source_prefix != BACKBONE_PREFIX:
+            spelled = (f"names start with '{source_prefix}' instead of '{BACKBONE_PREFIX}'" if source_prefix
+                       else f"names lack the '{BACKBONE_PREFIX}' prefix")
+        handed = sorted(prediction.unused)[:1]
+        how = ", matching_heuristics matching none of them" if prediction.heuristics else ""
+        what = f"; the model is handed names such as '{handed[0]}'{how}" if handed else how
+        return [f"{spelled or 'names do not match the backbone'}: Detectron2 loads none of them{what} "
+                "(only log warnings; training starts from random init)."]
+    if prediction.renamed and source_prefix is not None and source_prefix != BACKBONE_PREFIX:
+        spelled = f"start with '{source_prefix}' instead of '{BACKBONE_PREFIX}'" if source_prefix else f"lack the '{BACKBONE_PREFIX}' prefix"
+        return [f"names {spelled}: Detectron2 matches them only through matching_heuristics "
+                f"({'the URL' if prediction.heuristics == 'url' else 'the file'}: longest name suffix), "
+                "which can also hand them to modules outside the backbone."]
+    return []
+
+
+def _load_problems(prediction: Prediction) -> List[str]:
+    """Backbone weights left without their value, or given the wrong one."""
+    out = []
+    wrong: Dict[str, str] = misplaced(prediction.loaded)
+    if wrong:
+        pairs = [f"'{c}' into {m}" for m, c in sorted(wrong.items())]
+        out.append(f"matching_heuristics gives {len(pairs)} backbone weight(s) the pooled classifier norm: "
+                   f"{', '.join(pairs)} (each has a value, the wrong one).")
+    if prediction.shape_skipped:
+        out.append(f"{len(prediction.shape_skipped)} backbone tensors skipped for a shape mismatch: "
+                   f"{', '.join(prediction.shape_skipped[:4])}.")
+    missing = [k for k in prediction.missing if k.startswith(BACKBONE_PREFIX) and not FRESH_OUTPUT_NORM.match(k)
+               and k not in prediction.shape_skipped]
+    if missing and not loads_nothing(prediction, BACKBONE_PREFIX):
+        out.append(f"{len(missing)} backbone weights get no value from the file (they train from random init): "
+                   f"{', '.join(missing[:4])}.")
+    return out
 
 
 def d2_problems(
+    prediction: Prediction,
     path: str,
     fmt: str,
     loaded: Any,
@@ -109,27 +155,17 @@ def d2_problems(
 ) -> List[str]:
     """Problems Detectron2's `DetectionCheckpointer` would hit loading `path` into a ConvNeXt backbone as it is.
 
-    `classifier_names` are the source's names of the classifier tensors (`head.*`, pooled `norm.*`).
-    `modules` are the modules the file's globals name, where the reader recorded them (otherwise the
-    file's bytes are searched for `numpy._core`).
+    `prediction` is what it does (d2_prediction.predict); `fmt`, `loaded` and `modules` are the file
+    as this project read it, for naming the cause of a raise; `classifier_names` are the source's
+    names of the classifier tensors (`head.*`, pooled `norm.*`).
     """
-    problems = _reader_problems(path, fmt, loaded, modules)
-    if layout is not None and layout != "official":
-        problems.append(
-            f"names are in the {layout} layout: a Detectron2 ConvNeXt with official names loads none of them "
-            "(every weight missing, training starts from random init)."
-        )
-    elif source_prefix is not None and source_prefix != BACKBONE_PREFIX:
-        spelled = f"start with '{source_prefix}' instead of '{BACKBONE_PREFIX}'" if source_prefix else f"lack the '{BACKBONE_PREFIX}' prefix"
-        if _asks_for_heuristics(fmt, loaded):
-            problems.append(
-                f"names {spelled}: Detectron2 matches them only through the file's matching_heuristics "
-                "(longest name suffix), which can also hand them to modules outside the backbone."
-            )
-        else:
-            problems.append(
-                f"names {spelled}: Detectron2 loads none of them (only log warnings; training starts from random init)."
-            )
+    if prediction.raises is not None or prediction.heuristics == "caffe2":
+        problems = _reader_problems(path.split("?", 1)[0], fmt, loaded, modules)
+        if prediction.raises is not None:
+            return problems or [f"Detectron2 raises: {prediction.raises}."]
+    else:
+        problems = []
+    problems += _names_problem(prediction, layout, source_prefix) + _load_problems(prediction)
     classifier = sorted(classifier_names or [])
     if classifier:
         problems.append(

@@ -101,3 +101,9 @@ class UnusableImport(ConversionError):
 
 class UnusableVerifyInput(ConversionError):
     """`verify`: a checkpoint path, a config or a backbone name that cannot be used."""
+
+
+class PredictedRaise(Exception):
+    """Not a user error: Detectron2 (or torch under it) *would* raise loading a file, as predicted
+    by `d2_prediction` (and the heuristics it runs).  Caught there and recorded as the prediction's
+    `raises`; never reaches the CLI."""

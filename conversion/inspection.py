@@ -5,12 +5,14 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Hashable, Iterable, List, Mapping, Optional, Union
 
+from .d2_prediction import backbone_keys, predict_everywhere, split_query
 from .diagnose import d2_problems
 from .layouts import LAYOUTS, LayoutOption, classifier_names
 from .containers import check_weight_types, select_state_dict
 from .io.handles import TensorRef, numel
 from .pipeline import recognise
 from .read import open_source
+from .target import BACKBONE_PREFIX
 
 
 @dataclass
@@ -39,6 +41,9 @@ class InspectReport:
     # A detector's or segmenter's parts around its `backbone.` (neck., roi_head., ...) -> tensor count.
     detector_parts: Dict[str, int] = field(default_factory=dict)
     problems: List[str] = field(default_factory=list)  # what Detectron2 would hit loading the file as is
+    # What Detectron2 does with the file as it is, on the installed stack (d2_prediction.Prediction):
+    # reader, raises, heuristics, loaded / missing / unused / shape-skipped names, other stacks' outcomes.
+    detectron2: Dict[str, Any] = field(default_factory=dict)
     bytes_read: Optional[int] = None  # of the file: only its metadata is read, whatever the format
 
     def to_dict(self) -> Dict[str, Any]:
@@ -46,18 +51,21 @@ class InspectReport:
 
 
 def inspect_checkpoint(path: str, *, layout: Union[None, str, LayoutOption] = None) -> InspectReport:
-    """Read, recognise and diagnose `path` without writing anything.
+    """Read, recognise and diagnose `path` without writing anything (`path?matching_heuristics=True`
+    predicts the load of that URL, as Detectron2 reads it).
 
     Raises:
         ConversionError: unreadable, no state dict, or not a ConvNeXt this tool knows.
     """
     # Metadata only, for every format: a torch archive's index, a safetensors header, the pickles of
     # a legacy torch file or a plain pickle (tensors and arrays as handles, payloads left in the file).
+    path_asked, (path, _) = path, split_query(path)
     source = open_source(path)
     loaded, fmt, bytes_read = source.objects, source.format, source.bytes_read
     state_dict, container = select_state_dict(loaded)
     check_weight_types(state_dict)
-    canonical, arch = recognise(state_dict, layout)
+    canonical, arch = recognise(state_dict, layout, lenient=True)
+    prediction = predict_everywhere(path_asked, fmt, loaded, backbone_keys(arch, BACKBONE_PREFIX), modules=source.modules)
     dtypes: Dict[str, int] = {}
     for tensor in canonical.state_dict.values():
         name = str(tensor.dtype).replace("torch.", "")
@@ -79,7 +87,8 @@ def inspect_checkpoint(path: str, *, layout: Union[None, str, LayoutOption] = No
         reshaped={canonical.source_names[k]: fix for k, fix in canonical.reshaped.items()},
         left_out=dict(canonical.dropped),
         detector_parts=dict(canonical.left_out),
-        problems=d2_problems(path, fmt, loaded, canonical.layout, canonical.prefix, classifier_names(canonical), source.modules),
+        problems=d2_problems(prediction, path_asked, fmt, loaded, canonical.layout, canonical.prefix, classifier_names(canonical), source.modules),
+        detectron2=prediction.to_dict(),
         bytes_read=bytes_read,
     )
 

@@ -464,11 +464,12 @@ def _top_level_part(key: str) -> str:
     return head + dot
 
 
-def to_canonical(state_dict: Mapping[str, Any], forced: Optional[str] = None) -> Canonical:
+def to_canonical(state_dict: Mapping[str, Any], forced: Optional[str] = None, *, lenient: bool = False) -> Canonical:
     """Rename a source state dict to canonical names and shapes.
 
-    Every key must be claimed by the layout's pairs or drops; two keys may never land on
-    one name.
+    Every key must be claimed by the layout's pairs or drops (`lenient`: an unclaimed key is left
+    out, with why, as `inspect` and `repair` need of a file with a stray tensor); two keys may never
+    land on one name.
 
     Raises:
         NotConvNeXt: listing every unclaimed or colliding key.
@@ -516,6 +517,9 @@ def to_canonical(state_dict: Mapping[str, Any], forced: Optional[str] = None) ->
             reshaped[new] = fix.name
         out[new] = _fixed(key, value, fixed, fix)
         names[new] = key
+    if lenient:
+        dropped.update({key: f"outside the {layout.name} layout" for key in unclaimed})
+        unclaimed = []
     if unclaimed or collisions:
         parts = []
         if unclaimed:

@@ -13,7 +13,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
-from .architecture import Architecture, canonical_shapes, infer_architecture
+from .architecture import CLASSIFIER_KEYS, Architecture, canonical_shapes, infer_architecture
+from .d2_prediction import backbone_keys, predict_everywhere
 from .diagnose import d2_problems
 from .errors import NonFiniteWeights, UnreadableCheckpoint
 from .layouts import Canonical, LayoutOption, check_pinned_version, classifier_names, parse_layout_option, source_name_of, to_canonical
@@ -80,29 +81,35 @@ def _stored_dtype(dtype: Any, fmt: str) -> Any:
 
 
 def prepare(
-    state_dict: Mapping[str, Any], *, prefix: str = BACKBONE_PREFIX, layout: Union[None, str, LayoutOption] = None
+    state_dict: Mapping[str, Any], *, prefix: str = BACKBONE_PREFIX, layout: Union[None, str, LayoutOption] = None,
+    lenient: bool = False,
 ) -> Tuple[Architecture, Any, Any]:
     """Pure part of the pipeline: (architecture, canonical, target) for an in-memory state dict.
 
     The target is ordered as the official model orders its parameters, whatever the
-    source order, so the same weights always give the same bytes.
+    source order, so the same weights always give the same bytes.  `lenient` (repair) keeps what
+    fits the architecture and leaves out a tensor the file lacks or has in another shape.
     """
-    canonical, arch = recognise(state_dict, layout)
-    ordered = {name: canonical.state_dict[name] for name in canonical_shapes(arch)}
+    canonical, arch = recognise(state_dict, layout, lenient=lenient)
+    ordered = {name: canonical.state_dict[name] for name, shape in canonical_shapes(arch).items()
+               if name in canonical.state_dict and tuple(canonical.state_dict[name].shape) == shape}
     return arch, canonical, to_target(ordered, prefix=prefix)
 
 
-def recognise(state_dict: Mapping[str, Any], layout: Union[None, str, LayoutOption] = None) -> Tuple[Canonical, Architecture]:
+def recognise(
+    state_dict: Mapping[str, Any], layout: Union[None, str, LayoutOption] = None, *, lenient: bool = False
+) -> Tuple[Canonical, Architecture]:
     """The recognising stage, the one place convert, inspect and verify do it: the weights in
     canonical names (their layout found, or the one `layout` names), and the architecture their
-    shapes give.  Only names and shapes are read: handles serve as well as tensors.
+    shapes give (`lenient`: without checking every tensor against it, see `infer_architecture`).
+    Only names and shapes are read: handles serve as well as tensors.
 
     Raises:
         NotConvNeXt: not a ConvNeXt this tool knows, or not the version `layout` pins.
     """
     option = parse_layout_option(layout)
-    canonical = to_canonical(state_dict, forced=option.name if option else None)
-    arch = infer_architecture({k: tuple(v.shape) for k, v in canonical.state_dict.items()}, source_name_of(canonical))
+    canonical = to_canonical(state_dict, forced=option.name if option else None, lenient=lenient)
+    arch = infer_architecture({k: tuple(v.shape) for k, v in canonical.state_dict.items()}, source_name_of(canonical), lenient=lenient)
     check_pinned_version(option, canonical, arch.version)
     return canonical, arch
 
@@ -119,7 +126,10 @@ class Plan:
     streamed: bool  # every written tensor is a handle: its bytes are pulled from the file when written
 
 
-def plan(source: Source, fmt: str, *, ema: bool = False, prefix: str = BACKBONE_PREFIX, layout: Union[None, str, LayoutOption] = None) -> Plan:
+def plan(
+    source: Source, fmt: str, *, ema: bool = False, prefix: str = BACKBONE_PREFIX, layout: Union[None, str, LayoutOption] = None,
+    lenient: bool = False,
+) -> Plan:
     """Select the weights, check every handle fits its storage, and map them to target names.
 
     One writer per format serves every plan: handles are written from where their bytes are
@@ -129,7 +139,7 @@ def plan(source: Source, fmt: str, *, ema: bool = False, prefix: str = BACKBONE_
     state_dict, container = select_state_dict(source.objects, ema=ema)
     check_weight_types(state_dict)
     check_references(source.path, source.storages, state_dict)  # every tensor, dropped ones too: a broken file is refused whole
-    arch, canonical, target = prepare(state_dict, prefix=prefix, layout=layout)
+    arch, canonical, target = prepare(state_dict, prefix=prefix, layout=layout, lenient=lenient)
     check_output_bound(source, target.state_dict)
     streamed = all(isinstance(v, TensorRef) for v in target.state_dict.values())
     return Plan(source, container, arch, canonical, target, streamed)
@@ -294,7 +304,23 @@ def _report(planned: Plan, dst: str, fmt: str, prefix: str) -> ConversionReport:
 def _problems(planned: Plan) -> List[str]:
     """What Detectron2 would have made of the source as it was (names and containers only)."""
     source, canonical = planned.source, planned.canonical
-    return d2_problems(source.path, source.format, source.objects, canonical.layout, canonical.prefix, classifier_names(canonical), source.modules)
+    prediction = predict_everywhere(source.path, source.format, source.objects, backbone_keys(planned.arch, BACKBONE_PREFIX), modules=source.modules)
+    return d2_problems(prediction, source.path, source.format, source.objects, canonical.layout, canonical.prefix,
+                       classifier_names(canonical), source.modules)
+
+
+def _not_repaired(planned: Plan) -> List[str]:
+    """Backbone weights a repaired file cannot give: the source lacks them, or has them in another shape."""
+    expected = canonical_shapes(planned.arch)
+    have = planned.canonical.state_dict
+    out = []
+    for name in sorted(set(expected) - set(CLASSIFIER_KEYS)):
+        if name not in have:
+            out.append(f"{BACKBONE_PREFIX}{name}: not in the file; Detectron2 leaves it as the backbone initialises it")
+        elif tuple(have[name].shape) != expected[name]:
+            out.append(f"{BACKBONE_PREFIX}{name}: shape {list(have[name].shape)} in the file, {list(expected[name])} "
+                       "in the backbone; left out (Detectron2 would skip it)")
+    return out
 
 
 @dataclass
@@ -305,6 +331,7 @@ class RepairReport:
     destination: str
     causes: List[str]  # empty: the file already loads cleanly, nothing was written
     conversion: Optional[ConversionReport] = None
+    not_repaired: List[str] = field(default_factory=list)  # backbone weights no file made from this one can give
 
     @property
     def repaired(self) -> bool:
@@ -329,9 +356,9 @@ def repair(src: str, dst: str, *, force: bool = False) -> RepairReport:
     fmt = output_format(dst)
     # Opened as `convert` opens it (a torch archive by its index, its records copied), so that repairing
     # a 3.4 GB XXLarge costs what converting it costs (~20 MB), not three times the file in memory.
-    planned = plan(open_source(src), fmt)
-    causes = _problems(planned)
+    planned = plan(open_source(src), fmt, lenient=True)
+    causes, missing = _problems(planned), _not_repaired(planned)
     if not causes:
-        return RepairReport(os.path.abspath(src), os.path.abspath(dst), [])
+        return RepairReport(os.path.abspath(src), os.path.abspath(dst), [], None, missing)
     report = _convert(planned, dst, fmt, prefix=BACKBONE_PREFIX, force=force)
-    return RepairReport(os.path.abspath(src), os.path.abspath(dst), causes, report)
+    return RepairReport(os.path.abspath(src), os.path.abspath(dst), causes, report, missing)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Dict, List
 
+from .d2_prediction import FRESH_OUTPUT_NORM
+
 if TYPE_CHECKING:
     from .inspection import InspectReport
     from .pipeline import ConversionReport, RepairReport
@@ -94,24 +96,48 @@ def format_inspection(r: "InspectReport") -> str:
     if r.detector_parts:
         total = sum(r.detector_parts.values())
         lines.append(f"  detector   {total} tensors around the backbone, left out on conversion: {_by_part(r.detector_parts)}")
+    lines += _prediction_lines(r.detectron2)
     if r.problems:
         lines.append("  Detectron2 loading this file as it is:")
         lines += [f"    - {p}" for p in r.problems]
-        lines.append("  fix: convnext-d2 convert SRC DST.pth")
-    else:
+        lines.append("  fix: convnext-d2 repair SRC DST.pth")
+    elif r.detectron2.get("loaded"):  # never "no problem" for a file nothing loads from
         lines.append("  Detectron2 loading this file as it is: no problem found")
     return "\n".join(lines)
+
+
+def _prediction_lines(p: Dict[str, Any]) -> List[str]:
+    """What Detectron2 does with the file (inspect's `detectron2` data), in words."""
+    if not p:
+        return []
+    if p["raises"] is not None:
+        outcome = f"raises: {p['raises']}"
+    else:
+        fresh = sum(1 for k in p["missing"] if FRESH_OUTPUT_NORM.match(k))
+        total = len(p["loaded"]) + len(p["missing"]) - fresh
+        how = {None: "exact names", "file": "matching_heuristics from the file", "url": "matching_heuristics from the URL",
+               "caffe2": "Caffe2 renames and matching_heuristics", "pycls": "pycls .pyth, matching_heuristics"}[p["heuristics"]]
+        outcome = (f"loads {len(p['loaded'])} of {total} backbone weights, {fresh} output norms fresh ({how}"
+                   + ("; 'module.' stripped" if p["module_stripped"] else "")
+                   + f"); {len(p['shape_skipped'])} shape-skipped, {len(p['unused'])} unused")
+    lines = [f"  detectron2 {p['stack']}: {p['reader']}{'; ' if p['reader'] else ''}{outcome}"]
+    lines += [f"             on {stack}: {other}" for stack, other in sorted(p["other_stacks"].items())]
+    return lines
 
 
 def format_repair(r: "RepairReport") -> str:
     """`repair`'s summary: the causes found, then the conversion that fixed them."""
     if not r.repaired:
-        return f"{r.source}\n  fine: Detectron2 loads it as it is; nothing to repair, {r.destination} not written"
+        return (f"{r.source}\n  fine: Detectron2 loads every backbone weight of it as it is; nothing to repair, "
+                f"{r.destination} not written\n  (names, containers and shapes only: `verify` also checks the values for NaN/Inf)")
     lines = [f"{r.source}", f"  {len(r.causes)} cause(s) found:"]
     lines += [f"    - {cause}" for cause in r.causes]
     assert r.conversion is not None
     lines.append("  repaired by converting:")
     lines += ["  " + line for line in format_report(r.conversion).splitlines()[1:] if "note " not in line]
+    if r.not_repaired:
+        lines.append(f"  not repairable ({len(r.not_repaired)}): no file made from this one holds them")
+        lines += [f"    - {why}" for why in r.not_repaired]
     return "\n".join(lines)
 
 

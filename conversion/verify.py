@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
-import re
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -34,6 +33,7 @@ from . import d2_loading as d2l
 from . import lazy_config as lazy
 from . import training_weights as tw
 from . import yaml_config
+from .d2_prediction import FRESH_OUTPUT_NORM, misplaced
 from .architecture import Architecture
 from .containers import select_state_dict
 from .errors import ConversionError, UnusableVerifyInput, describe_exception
@@ -45,7 +45,6 @@ from .read import open_source, read_checkpoint
 from .summaries import summarise_names
 from .target import BACKBONE_PREFIX, to_target
 
-FRESH_OUTPUT_NORM = re.compile(r"^backbone\.norm\d+\.(weight|bias)$")
 # Features are compared in fp32 on CPU; both sides run the same modules, so any difference
 # beyond round-off means different weights.  1e-4 of the output's scale leaves wide margin.
 FEATURE_TOLERANCE = 1e-4
@@ -84,6 +83,7 @@ class VerifyReport:
     renamed: Dict[str, str] = field(default_factory=dict)  # model key -> checkpoint key (heuristics)
     ambiguous: Dict[str, List[str]] = field(default_factory=dict)  # checkpoint key -> model keys
     outside_backbone: Dict[str, str] = field(default_factory=dict)  # model key -> checkpoint key (heuristics)
+    misplaced: Dict[str, str] = field(default_factory=dict)  # backbone key -> the pooled classifier norm it took
     heuristic_shape_misses: Dict[str, str] = field(default_factory=dict)  # model key -> checkpoint key
     non_finite: List[str] = field(default_factory=list)
     dtype_changes: Dict[str, str] = field(default_factory=dict)  # "float16 -> float32": count as str
@@ -113,7 +113,7 @@ def _canonical_of(path: str) -> Canonical:
 def _architecture_of(path: str) -> Architecture:
     """The architecture of the checkpoint's weights (this project's backbone is shaped to fit it):
     recognised as `convert` recognises it, from the file's metadata only."""
-    return recognise(select_state_dict(open_source(path).objects)[0])[1]
+    return recognise(select_state_dict(open_source(path).objects)[0], lenient=True)[1]
 
 
 # ---------------------------------------------------------------- config and model
@@ -150,22 +150,24 @@ def _in_backbone(key: str) -> bool:
 
 
 def _classify_load(
-    report: VerifyReport, inc: Any, model_shapes: Mapping[str, Tuple[int, ...]], ckpt: Sequence[str]
+    report: VerifyReport, inc: Any, model_shapes: Mapping[str, Tuple[int, ...]], loaded_from: Mapping[str, str]
 ) -> List[str]:
-    """Fill the key lists from fvcore's incompatible keys; return the model keys that took a checkpoint value."""
+    """Fill the key lists from fvcore's incompatible keys, and the counts from what really loaded
+    (`loaded_from`: model key -> the file's name of the tensor it received, observed after the
+    heuristics' renames and fvcore's `module.` stripping); return the model keys that took a value."""
     report.shape_skipped = sorted(k for k, *_ in inc.incorrect_shapes)
     # fvcore drops shape-mismatched tensors before loading, so they reappear as missing: count them once.
     missing = {k for k in inc.missing_keys if k not in report.shape_skipped}
     report.fresh = sorted(k for k in missing if FRESH_OUTPUT_NORM.match(k))
     report.missing = sorted(k for k in missing if _in_backbone(k) and not FRESH_OUTPUT_NORM.match(k))
     report.unexpected = sorted(inc.unexpected_keys)
-    skipped, in_file = set(report.shape_skipped), set(ckpt)
     # Not missing is not the same as loaded: Detectron2 forgives pixel_mean/std, and FrozenBatchNorm2d
-    # fills absent running statistics itself; only a key whose checkpoint name is in the file took a value.
-    loaded = [k for k in model_shapes if k not in missing and k not in skipped and report.renamed.get(k, k) in in_file]
+    # fills absent running statistics itself; only a key handed a tensor of the file took a value.
+    loaded = [k for k in model_shapes if k in loaded_from]
     report.loaded = sum(1 for k in loaded if _in_backbone(k))
     report.loaded_outside = len(loaded) - report.loaded
     report.initialised_outside = sum(1 for k in model_shapes if not _in_backbone(k)) - report.loaded_outside
+    report.misplaced = {m: c for m, c in misplaced(loaded_from).items() if _in_backbone(m)}
     return loaded
 
 
@@ -183,17 +185,16 @@ def _heuristic_findings(report: VerifyReport, model_shapes: Shapes, ckpt: Shapes
 
 
 def _dtype_changes(
-    report: VerifyReport, loaded: Sequence[str], model_dtypes: Mapping[str, str], ckpt_dtypes: Mapping[str, str]
+    report: VerifyReport, source_of: Mapping[str, str], model_dtypes: Mapping[str, str], ckpt_dtypes: Mapping[str, str]
 ) -> None:
-    source_of = {m: c for m, c in report.renamed.items()}
-    for key in loaded:
+    for key in source_of:
         src = source_of.get(key, key)
         if src in ckpt_dtypes and ckpt_dtypes[src] != model_dtypes[key]:
             change = f"{ckpt_dtypes[src]} -> {model_dtypes[key]}"
             report.dtype_changes[change] = str(int(report.dtype_changes.get(change, "0")) + 1)
 
 
-def _problems(report: VerifyReport, heuristics_matched_nothing: bool) -> List[str]:
+def _problems(report: VerifyReport, loaded_nothing: bool) -> List[str]:
     """Most telling first: what Detectron2 refuses, what it changes silently, what cannot fit, what stays random."""
     out = []
     for key, models in report.ambiguous.items():
@@ -213,8 +214,13 @@ def _problems(report: VerifyReport, heuristics_matched_nothing: bool) -> List[st
                    f"{summarise_names(report.missing, 4)}")
     if report.non_finite:
         out.append(f"{len(report.non_finite)} loaded weights hold NaN or Inf: {summarise_names(report.non_finite, 4)}")
-    if heuristics_matched_nothing:
-        out.append("matching_heuristics matched nothing")
+    if report.misplaced:
+        pairs = [f"'{c}' into {m}" for m, c in sorted(report.misplaced.items())]
+        out.append(f"matching_heuristics gives {len(pairs)} backbone weight(s) the pooled classifier norm, a tensor "
+                   f"of another module: {summarise_names(pairs, 3)}")
+    if loaded_nothing:  # OK with no backbone weight loaded is impossible, whatever else was found
+        why = "matching_heuristics matched nothing" if report.heuristics else "no name in the file is a backbone key"
+        out.append(f"Detectron2 loads none of the backbone's weights ({why}; after its 'module.' stripping)")
     return out
 
 
@@ -348,11 +354,11 @@ def verify(
     if seen.error is not None:
         report.error = describe_exception(seen.error)
     if seen.incompatible is not None:
-        loaded = _classify_load(report, seen.incompatible, model_shapes, list(seen.checkpoint_shapes))
-        _dtype_changes(report, loaded, model_dtypes, seen.checkpoint_dtypes)
+        loaded = _classify_load(report, seen.incompatible, model_shapes, seen.loaded_from)
+        _dtype_changes(report, seen.loaded_from, model_dtypes, seen.checkpoint_dtypes)
         report.non_finite = d2l.non_finite(model, loaded)
     report.log_warnings = [w.splitlines()[0] for w in seen.warnings() if "not found in the checkpoint" not in w]
-    report.problems = _problems(report, seen.heuristics and report.error is None and report.loaded == 0)
+    report.problems = _problems(report, report.load_attempted and report.error is None and report.loaded == 0)
     report.warnings = ([report.weights_warning] if report.weights_warning else []) + _warnings(report)
     if source is not None and report.error is None and not report.problems:
         _compare_with_source(model.backbone, source, report)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conversion.architecture import Architecture
+from conversion.d2_prediction import SAFETENSORS_PATHS, WEIGHTS_ONLY_DEFAULT, Stack, installed_stack, predict
 from conversion.diagnose import d2_problems
 from conversion.inspection import inspect_checkpoint
 from conversion.synthetic import random_state_dict
@@ -20,6 +21,7 @@ from ..support import CLASSIFIER_NAMES
 ARCH = Architecture((1, 1, 1, 1), (8, 8, 8, 8), num_classes=2, classifier_norm=True)
 SD = random_state_dict(ARCH)
 BACKBONE = {"backbone." + k: v for k, v in SD.items() if k not in CLASSIFIER_NAMES}
+OLD_NUMPY = Stack((1, 9), (0, 6), False, numpy=(1, 24))
 
 
 def _problems(path):
@@ -45,15 +47,16 @@ def test_a_model_zoo_pkl_with_author_has_no_problem(tmp_path):
     assert _problems(tmp_path / "good.pkl") == []
 
 
-def test_a_pkl_pickled_by_numpy_itself_is_fine_only_under_numpy_1(tmp_path):
-    """numpy's own array pickles name numpy._core under numpy 2: flagged there, fine under numpy 1."""
+def test_a_pkl_pickled_by_numpy_itself_is_fine_where_numpy_reads_it(tmp_path):
+    """numpy's own array pickles name numpy._core under numpy 2: numpy >= 1.26 reads them, older numpy
+    (the v0.6 stack's) cannot, which the prediction names as that stack's outcome."""
     with open(tmp_path / "np.pkl", "wb") as f:
         pickle.dump({"model": {k: v.numpy() for k, v in BACKBONE.items()}, "__author__": "x"}, f)
-    problems = _problems(tmp_path / "np.pkl")
-    if int(np.__version__.split(".")[0]) >= 2:
-        _one(problems, "numpy >= 2")
+    report = inspect_checkpoint(str(tmp_path / "np.pkl"))
+    if int(np.__version__.split(".")[0]) >= 2:  # its pickles name numpy._core: fine here, not under numpy < 1.26
+        assert report.problems == [] and "numpy._core" in report.detectron2["other_stacks"]["torch 1.9, detectron2 0.6"]
     else:
-        assert problems == []
+        assert report.problems == []
 
 
 def test_pkl_without_author_names_the_caffe2_misreading(tmp_path):
@@ -85,8 +88,13 @@ def test_nested_model_is_named(tmp_path):
     ids=["namespace", "numpy"],
 )
 def test_objects_weights_only_refuses_are_named(tmp_path, extra, kind):
+    """A problem where torch >= 2.6 is installed; named as another stack's outcome where it is not."""
     torch.save({"model": BACKBONE, **extra}, tmp_path / "x.pth")
-    assert kind in _one(_problems(tmp_path / "x.pth"), "weights_only=True")
+    if installed_stack().torch >= WEIGHTS_ONLY_DEFAULT:
+        assert kind in _one(_problems(tmp_path / "x.pth"), "weights_only=True")
+    else:
+        report = inspect_checkpoint(str(tmp_path / "x.pth"))
+        assert report.problems == [] and kind in report.detectron2["other_stacks"]["torch 2.14, detectron2 0.7, safetensors"]
 
 
 @pytest.mark.parametrize("prefix,fragment", [("", "lack the 'backbone.' prefix"), ("model.", "start with 'model.' instead of 'backbone.'")])
@@ -101,22 +109,30 @@ def test_classifier_keys_mention_the_heuristics_trap(tmp_path):
     assert "backbone.head.weight" in problem and "matching_heuristics" in problem
 
 
-def test_safetensors_cannot_be_read_by_detectron2(tmp_path):
+def test_a_safetensors_file_is_a_problem_only_where_torch_load_cannot_read_its_path(tmp_path):
+    """torch >= 2.13 hands a `.safetensors` path to safetensors.torch.load_file (safetensors installed):
+    Detectron2 then loads it cleanly; older torch reads it as a pickle and fails."""
     safetensors = pytest.importorskip("safetensors.torch", reason="safetensors is installed in the full environment only")
     safetensors.save_file({k: v.contiguous() for k, v in BACKBONE.items()}, str(tmp_path / "x.safetensors"))
-    _one(_problems(tmp_path / "x.safetensors"), "safetensors file")
+    report = inspect_checkpoint(str(tmp_path / "x.safetensors"))
+    if installed_stack().torch >= SAFETENSORS_PATHS:
+        assert report.problems == [] and "safetensors.torch.load_file" in report.detectron2["reader"]
+        assert "torch 1.9, detectron2 0.6" in report.detectron2["other_stacks"]
+    else:
+        _one(report.problems, "safetensors file")
 
 
-def test_numpy_2_pickles_are_named(tmp_path):
-    """The bytes `numpy._core` in a plain pickle: numpy < 1.26 cannot import it."""
-    path = tmp_path / "x.pkl"
-    with open(path, "wb") as f:
-        pickle.dump({"model": {k: v.numpy() for k, v in BACKBONE.items()}, "__author__": "x", "note": "numpy._core"}, f)
-    assert "numpy._core" in _one(d2_problems(str(path), "pickle", {"model": {}, "__author__": "x"}), "numpy >= 2")
+def test_numpy_2_pickles_are_named_for_a_numpy_older_than_1_26():
+    """A pickle naming `numpy._core`: numpy < 1.26 cannot import it."""
+    problems = d2_problems(predict("x.pkl", "pickle", {"model": {}, "__author__": "x"}, {}, OLD_NUMPY, frozenset({"numpy._core.multiarray"})),
+                           "x.pkl", "pickle", {"model": {}, "__author__": "x"}, modules=frozenset({"numpy._core.multiarray"}))
+    assert "numpy._core" in _one(problems, "numpy >= 2")
 
 
 def test_other_layouts_are_named_before_prefix_problems():
-    problems = d2_problems("x.pth", "torch-zip", {"model": {"w": torch.zeros(1)}}, layout="timm", source_prefix="")
+    model = {"backbone.stages.0.0.dwconv.weight": (1,)}
+    loaded = {"model": {"w": torch.zeros(1)}}
+    problems = d2_problems(predict("x.pth", "torch-zip", loaded, model, installed_stack()), "x.pth", "torch-zip", loaded, layout="timm", source_prefix="")
     assert len(problems) == 1 and "names are in the timm layout" in problems[0]
 
 

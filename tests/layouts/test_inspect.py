@@ -17,7 +17,7 @@ from conversion.layouts import from_canonical
 from conversion.synthetic import random_state_dict
 
 from .. import strategies as S
-from ..support import require
+from ..support import TORCH_LOADS_WEIGHTS_ONLY_BY_DEFAULT, require
 from .table import SPECS, _with_head, build_case
 
 D2_PREFIX = "backbone."
@@ -148,6 +148,9 @@ def test_inspect_lists_exactly_the_problem_detectron2_would_hit(tmp_path, capsys
     """Each broken form is diagnosed with its own problem, and nothing else."""
     path = _write_problem_file(str(tmp_path), case)
     report = _inspect_cli(path, capsys)
+    if case == "training-namespace" and not TORCH_LOADS_WEIGHTS_ONLY_BY_DEFAULT:  # torch < 2.6 unpickles it
+        assert report["problems"] == [] and "Namespace" in report["detectron2"]["other_stacks"]["torch 2.14, detectron2 0.7, safetensors"]
+        return
     assert len(report["problems"]) == 1 and problem in report["problems"][0], report["problems"]
     if case == "classifier":
         assert "backbone.head.weight" in report["problems"][0] and "backbone.norm.weight" in report["problems"][0]
@@ -204,8 +207,10 @@ def test_inspect_of_a_safetensors_file_reads_its_header_and_tells_what_a_torch_f
     got = inspect_checkpoint(str(tmp_path / "w.safetensors")).to_dict()
     want = inspect_checkpoint(str(tmp_path / "w.pth")).to_dict()
     assert got["format"] == "safetensors" and got["bytes_read"] == 8 + header
-    assert [p for p in got["problems"] if "safetensors" in p], got["problems"]
-    for key in ("path", "file_bytes", "format", "bytes_read", "problems"):
+    # The same names: the same answer where torch reads .safetensors paths (torch >= 2.13 with safetensors).
+    assert got["problems"] == want["problems"] or [p for p in got["problems"] if "safetensors" in p], got["problems"]
+    assert got["detectron2"]["loaded"] == want["detectron2"]["loaded"] or got["detectron2"]["raises"], got["detectron2"]
+    for key in ("path", "file_bytes", "format", "bytes_read", "problems", "detectron2"):
         got.pop(key), want.pop(key)
     assert got == want
 

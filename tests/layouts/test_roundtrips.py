@@ -15,6 +15,7 @@ import torch
 
 from conversion import convert
 from conversion.architecture import Architecture
+from conversion.d2_prediction import SAFETENSORS_PATHS, installed_stack
 
 from .. import strategies as S
 from ..support import assert_clean_load, assert_loaded_equal, build_d2_model, fill_with_sentinel, load_with_detectron2, require
@@ -145,4 +146,6 @@ def test_roundtrip_safetensors_timm_file(tmp_path, ext):
     case = build_case(SPECS["timm"], arch, CLASSIFIER, "", conv_mlp=True, seed=5)
     report = _roundtrip(str(tmp_path), case, ext, saver="safetensors")
     assert report.layout == "timm" and report.container is None
-    assert any("safetensors" in note for note in report.notes), report.notes
+    # Detectron2 reads a .safetensors path where torch >= 2.13 hands it to safetensors; there only the names fail.
+    expected = "timm layout" if installed_stack().torch >= SAFETENSORS_PATHS else "safetensors"
+    assert any(expected in note for note in report.notes), report.notes
