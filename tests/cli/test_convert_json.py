@@ -38,7 +38,8 @@ def _expected(src: str, dst: str, **differences) -> dict:
         "reshaped": {}, "renamed": {}, "left_out": {}, "read_past": {}, "non_finite": None, "streamed": True,
         "fresh": [f"backbone.norm{i}.{p}" for i in range(4) for p in ("weight", "bias")],
         "notes": [
-            "names lack the 'backbone.' prefix: Detectron2 loads none of them (only log warnings; training starts from random init).",
+            "names lack the 'backbone.' prefix: Detectron2 loads none of them; the model is handed names such as "
+            "'downsample_layers.0.0.bias' (only log warnings; training starts from random init).",
             "classifier tensors head.bias, head.weight, norm.bias, norm.weight are unused by a detection backbone; "
             "under matching_heuristics the pooled 'norm.weight' suffix-matches every '*.norm.weight' in the model.",
         ],

@@ -60,5 +60,5 @@ def test_verify_json_of_a_small_converted_pkl_is_exactly_this(tmp_path, capsys):
         "fresh": OUTPUT_NORMS, "missing": [], "unexpected": [], "shape_skipped": [], "renamed": {}, "ambiguous": {},
         "outside_backbone": {}, "misplaced": {}, "heuristic_shape_misses": {}, "non_finite": [], "dtype_changes": {},
         "log_warnings": [], "error": None, "feature_difference": None, "problems": [], "warnings": [], "fix": None,
-        "ok": True,
+        "weights_from": None, "weights_warning": None, "ok": True,
     }
