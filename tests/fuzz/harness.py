@@ -22,6 +22,7 @@ import hashlib
 import random
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -122,9 +123,9 @@ def _python_raw(rng: random.Random) -> Callable[[bytes, int], bytes]:
 def seeds(corpus: Path) -> Path:
     """`corpus`, filled with the seed checkpoints when it is empty or missing."""
     if not corpus.exists() or not any(corpus.iterdir()):
-        from .seeds import write_seeds
-
-        print(f"{write_seeds(corpus)} seeds written to {corpus}", flush=True)
+        # In a child: building the seeds imports conversion/, and a module imported before atheris
+        # instruments it gives the fuzzer no coverage to follow.
+        subprocess.run([sys.executable, "-m", "tests.fuzz.seeds", str(corpus)], check=True, cwd=HERE.parent.parent)
     return corpus
 
 
@@ -184,6 +185,9 @@ def minimise(data: bytes, trials: int = 400) -> bytes:
 def fuzz(libfuzzer_args: List[str], corpus: Path, findings: Findings) -> None:
     import atheris
 
+    early = sorted(m for m in sys.modules if m == "conversion" or m.startswith("conversion."))
+    if early:  # atheris instruments only what it imports itself: these would run blind
+        raise SystemExit(f"conversion modules imported before instrumenting: {', '.join(early[:5])}")
     with atheris.instrument_imports(include=["conversion"]):
         import conversion.cli  # noqa: F401  (the whole package, through the CLI's imports)
         import conversion.inspection  # noqa: F401
