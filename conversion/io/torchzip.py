@@ -18,7 +18,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
-from ..errors import UnreadableCheckpoint, UnsafeCheckpoint
+from ..errors import UnreadableCheckpoint, UnsafeCheckpoint, printable
 from .handles import FileBytes, Inflated, Location, StorageRef
 from .safe_pickle import Budget, StorageType, safe_load
 
@@ -31,6 +31,8 @@ COMPRESSION_BOUND = 20
 # raises NotImplementedError for some only when the member is read, so they are refused up front;
 # a local header claiming one (torch reads past it) is refused too, as a header that disagrees.
 UNSUPPORTED_FLAGS = 0x0001 | 0x0020 | 0x0040 | 0x2000
+# The MS-DOS directory attribute in a central directory entry's external attributes (miniz honours it).
+DOS_DIRECTORY = 0x10
 
 @dataclass
 class ArchiveIndex:
@@ -138,6 +140,14 @@ def _check_directory(path: str, records: Dict[str, zipfile.ZipInfo]) -> None:
                 )
         if bad or info.flag_bits & UNSUPPORTED_FLAGS or info.volume > 1:
             raise UnreadableCheckpoint(f"{path}: corrupt torch archive (inconsistent directory entry).", "Re-download or re-save it.")
+        if info.external_attr & DOS_DIRECTORY or info.filename.endswith("/") or (info.file_size and not info.compress_size):
+            # torch's reader (miniz) takes such an entry for a directory or an empty file and hands
+            # back a buffer it never filled: its tensors would be whatever memory held.
+            raise UnreadableCheckpoint(
+                f"{path}: corrupt torch archive (member {printable(info.filename)} is marked as a directory or empty, "
+                "so torch reads none of its bytes).",
+                "Re-download or re-save it.",
+            )
 
 
 def _storage_of(pid: Any) -> StorageRef:

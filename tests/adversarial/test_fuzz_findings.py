@@ -149,6 +149,37 @@ def test_zip_flags_torch_reader_refuses_are_refused_before_any_record_is_read(wh
     _refused_leaving_nothing(Run("convert", src, out / f"model_d2{ext}", cwd=tmp_path, capsys=capsys), out)
 
 
+def _with_directory_attribute(data: bytes, record: bytes) -> bytes:
+    """`data` (a torch archive) with the MS-DOS directory bit set in `record`'s central directory entry."""
+    out = bytearray(data)
+    at = out.find(b"PK\x01\x02")
+    while at >= 0:
+        name_len = struct.unpack_from("<H", out, at + 28)[0]
+        if bytes(out[at + 46:at + 46 + name_len]).endswith(record):
+            struct.pack_into("<I", out, at + 38, struct.unpack_from("<I", out, at + 38)[0] | 0x10)
+        at = out.find(b"PK\x01\x02", at + 4)
+    return bytes(out)
+
+
+@pytest.mark.parametrize("ext", [".pth", ".pkl"])
+def test_a_record_torch_reads_as_a_directory_is_refused_not_copied(ext, tmp_path, capsys):
+    """Before: the fuzzer's torch-mmap-and-plain-reads-differ input converted (exit 0) with the
+    record's bytes, while torch's reader (miniz) takes an entry whose external attributes carry the
+    MS-DOS directory bit for a directory, fills nothing, and `torch.load` gives whatever memory held
+    (zeros, or bytes found nowhere in the file): the output could not equal what torch reads."""
+    ones = {"w": torch.ones(64, 64)}
+    src_dir, out = _folders(tmp_path)
+    src = src_dir / "model.pth"
+    src.write_bytes(_with_directory_attribute(_torch_file(ones), b"/data/0"))
+    with zipfile.ZipFile(src) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith("/data/0"))
+        stored = archive.open(info).read()  # Python's zipfile reads the record regardless
+    record = bytes(torch._C.PyTorchFileReader(str(src)).get_record("data/0"))
+    assert len(record) == len(stored) and record != stored, "torch read the record after all: the refusal has no reason"
+    _refused_leaving_nothing(Run("convert", src, out / f"model_d2{ext}", cwd=tmp_path, capsys=capsys), out)
+    assert "marked as a directory" in Run("inspect", src, cwd=tmp_path, capsys=capsys).stderr
+
+
 @pytest.mark.parametrize("record, value", [
     (".data/serialization_id", b"\xff\xfe not utf-8"),
     (".storage_alignment", b"6\x7f\xff\xff\xff"),

@@ -6,8 +6,9 @@ speed.  A run keeps its promises when: it exits 0 or 2; an error is one or two l
 "internal error"; nothing but DST is left in the folders (and nothing at all after an error); the
 process's peak memory stays within a bound of the input's size; a `.pth` written loads with
 `torch.load(weights_only=True)` and a `.pkl` with `pickle`; and, where torch, safetensors or numpy
-read the source themselves (tests.adversarial.judge's independent decoder), every tensor written
-holds the bytes of a tensor they read.
+read the source themselves (tests.adversarial.judge's independent decoder, given at most 1 GiB of
+address space: past it there is no reference to compare with), every tensor written holds the
+bytes of a tensor they read.
 """
 from __future__ import annotations
 
