@@ -88,7 +88,9 @@ class Architecture:
             "num_classes": self.num_classes,
         }
 
-    def describe(self) -> str:
+    @property
+    def description(self) -> str:
+        """One line for messages: `convnext_tiny (V1, depths [...], dims [...])`."""
         name = self.variant or "custom"
         return f"{name} (V{self.version}, depths {list(self.depths)}, dims {list(self.dims)})"
 
@@ -318,6 +320,6 @@ def check_shapes(shapes: Mapping[str, Sequence[int]], arch: Architecture, name_o
         more = len(problems) - _SHOWN_PROBLEMS
         shown = "; ".join(problems[:_SHOWN_PROBLEMS]) + (f"; and {more} more" if more > 0 else "")
         raise NotConvNeXt(
-            f"inconsistent ConvNeXt ({arch.describe()}): {shown}.",
+            f"inconsistent ConvNeXt ({arch.description}): {shown}.",
             "The file is damaged or mixes architectures; re-export it from the model that trained it.",
         )

@@ -67,7 +67,9 @@ def select_state_dict(obj: Any, ema: bool = False) -> Tuple[Dict[str, Any], Opti
         ContainerError: no state dict, or `ema` asked for and none present.
     """
     if not isinstance(obj, Mapping):
-        what = getattr(obj, "cls", None) if type(obj).__name__ == "Placeholder" else None
+        from .io.safe_pickle import Placeholder
+
+        what = obj.cls if isinstance(obj, Placeholder) else None
         raise ContainerError(
             f"checkpoint holds {f'an object of class {what} (read past, not built)' if what else 'a ' + type(obj).__name__}, not a dict of weights.",
             "Save the weights with torch.save(model.state_dict()) or {'model': state_dict}.",

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Any, Dict, List, Mapping, Optional
 
 from .containers import is_array, walk
 from .d2_prediction import FRESH_OUTPUT_NORM, SAFETENSORS_PATHS, Prediction, loads_nothing, misplaced
+from .io.handles import ArrayRef
+from .io.safe_pickle import Placeholder
 from .target import BACKBONE_PREFIX
 
 
@@ -21,6 +24,12 @@ def _type_name(v: Any) -> str:
     """What a value is read as: a handle (a numpy array or a byte string left in the file) names
     the type it stands for."""
     return getattr(v, "stands_for", None) or type(v).__name__
+
+
+def _is_ndarray(v: Any) -> bool:
+    """A numpy array, in memory or as a handle (what torch's weights-only reader refuses)."""
+    np = sys.modules.get("numpy")  # no array exists unless numpy is imported
+    return isinstance(v, ArrayRef) or (np is not None and isinstance(v, np.ndarray))
 
 
 def _has_arrays(obj: Any) -> bool:
@@ -81,7 +90,7 @@ def _reader_problems(path: str, fmt: str, loaded: Any, modules: Optional[frozens
             "('Unsupported type found in checkpoint! model: <class 'dict'>')."
         )
     if not is_pkl and isinstance(loaded, Mapping) and "model" not in loaded:
-        odd = next((f"{k}: {_type_name(v)}" for k, v in loaded.items() if not (is_array(v) and _type_name(v) != "ndarray")), None)
+        odd = next((f"{k}: {_type_name(v)}" for k, v in loaded.items() if not is_array(v) or _is_ndarray(v)), None)
         if odd:
             problems.append(
                 f"no top-level 'model': Detectron2 wraps the whole dict as the model and fails "
@@ -90,8 +99,8 @@ def _reader_problems(path: str, fmt: str, loaded: Any, modules: Optional[frozens
     if not is_pkl and fmt != "pickle":
         # Objects read past (placeholders: Namespace, loggers, configs) and arrays: torch's allowlist has neither.
         unsafe = sorted(
-            {v.cls.rsplit(".", 1)[-1] if type(v).__name__ == "Placeholder" else _type_name(v)
-             for _, v in walk(loaded) if _type_name(v) in ("Placeholder", "ndarray") or isinstance(v, argparse.Namespace)}
+            {v.cls.rsplit(".", 1)[-1] if isinstance(v, Placeholder) else _type_name(v)
+             for _, v in walk(loaded) if isinstance(v, (Placeholder, argparse.Namespace)) or _is_ndarray(v)}
         )
         if unsafe:
             problems.append(

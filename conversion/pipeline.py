@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Union
 
-from .architecture import CLASSIFIER_KEYS, Architecture, canonical_shapes, infer_architecture
+from .architecture import CLASSIFIER_KEYS, Architecture, canonical_shapes
 from .d2_prediction import backbone_keys, predict_everywhere
 from .diagnose import d2_problems
 from .errors import NonFiniteWeights, UnreadableCheckpoint
-from .layouts import Canonical, LayoutOption, check_pinned_version, classifier_names, parse_layout_option, source_name_of, to_canonical
+from .layouts import Canonical, LayoutOption, classifier_names, recognise
 from .containers import check_weight_types, select_state_dict
 from .formats import AUTHOR, output_format
 from .io.handles import ITEM_SIZE, TensorRef, check_references, location_bytes, numel
@@ -53,15 +53,17 @@ class ConversionReport:
     renamed: Dict[str, str]  # target name -> source name, where the layout renamed (not just prefixed)
     fresh: List[str]  # target keys the backbone initialises itself
     dtypes: Dict[str, int]  # dtype -> tensor count, as written
-    dtype_changes: Dict[str, str] = field(default_factory=dict)  # e.g. bfloat16 -> float32 in .pkl
+    stored_as: Dict[str, str] = field(default_factory=dict)  # source dtype -> dtype written (bfloat16 -> float32 in .pkl)
     bytes_written: int = 0
     notes: List[str] = field(default_factory=list)  # what Detectron2 would have made of the source as it was
-    # Target names of tensors holding NaN or Inf; None when not checked (streamed .pth without strict).
+    # Target names of tensors holding NaN or Inf; None when not checked (a streamed conversion without strict).
     non_finite: Optional[List[str]] = None
-    streamed: bool = False  # a torch archive converted without loading it (tensor bytes copied or written one at a time)
+    # Every written tensor was a handle: its bytes went from the source file into the output, never loaded
+    # (False: some tensor was in memory, e.g. numpy arrays pickled inside a torch archive's index).
+    streamed: bool = False
     # A detection / segmentation checkpoint's parts besides the backbone (neck., roi_head., sem_seg_head., ...):
     # top-level prefix -> tensor count, left out of the file.
-    left_out: Dict[str, int] = field(default_factory=dict)
+    detector_parts: Dict[str, int] = field(default_factory=dict)
     # Objects of classes outside the allowlist, read past as inert placeholders: path in the file -> class.
     read_past: Dict[str, str] = field(default_factory=dict)
 
@@ -80,11 +82,19 @@ def _stored_dtype(dtype: Any, fmt: str) -> Any:
     return dtype
 
 
+class Prepared(NamedTuple):
+    """The pure part of a conversion, for weights in memory."""
+
+    arch: Architecture
+    canonical: Canonical
+    target: Target
+
+
 def prepare(
     state_dict: Mapping[str, Any], *, prefix: str = BACKBONE_PREFIX, layout: Union[None, str, LayoutOption] = None,
     lenient: bool = False,
-) -> Tuple[Architecture, Any, Any]:
-    """Pure part of the pipeline: (architecture, canonical, target) for an in-memory state dict.
+) -> Prepared:
+    """The architecture, canonical weights and target of an in-memory state dict.
 
     The target is ordered as the official model orders its parameters, whatever the
     source order, so the same weights always give the same bytes.  `lenient` (repair) keeps what
@@ -93,25 +103,7 @@ def prepare(
     canonical, arch = recognise(state_dict, layout, lenient=lenient)
     ordered = {name: canonical.state_dict[name] for name, shape in canonical_shapes(arch).items()
                if name in canonical.state_dict and tuple(canonical.state_dict[name].shape) == shape}
-    return arch, canonical, to_target(ordered, prefix=prefix)
-
-
-def recognise(
-    state_dict: Mapping[str, Any], layout: Union[None, str, LayoutOption] = None, *, lenient: bool = False
-) -> Tuple[Canonical, Architecture]:
-    """The recognising stage, the one place convert, inspect and verify do it: the weights in
-    canonical names (their layout found, or the one `layout` names), and the architecture their
-    shapes give (`lenient`: without checking every tensor against it, see `infer_architecture`).
-    Only names and shapes are read: handles serve as well as tensors.
-
-    Raises:
-        NotConvNeXt: not a ConvNeXt this tool knows, or not the version `layout` pins.
-    """
-    option = parse_layout_option(layout)
-    canonical = to_canonical(state_dict, forced=option.name if option else None, lenient=lenient)
-    arch = infer_architecture({k: tuple(v.shape) for k, v in canonical.state_dict.items()}, source_name_of(canonical), lenient=lenient)
-    check_pinned_version(option, canonical, arch.version)
-    return canonical, arch
+    return Prepared(arch, canonical, to_target(ordered, prefix=prefix))
 
 
 @dataclass
@@ -292,11 +284,11 @@ def _report(planned: Plan, dst: str, fmt: str, prefix: str) -> ConversionReport:
         renamed=renamed,
         fresh=fresh_output_norms(arch, ALL_OUTPUTS, prefix),
         dtypes=dtypes,
-        dtype_changes=changes,
+        stored_as=changes,
         bytes_written=0,
         notes=_problems(planned),
         streamed=planned.streamed,
-        left_out=dict(canonical.left_out),
+        detector_parts=dict(canonical.detector_parts),
         read_past=placeholders_in(source.objects),
     )
 

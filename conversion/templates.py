@@ -181,17 +181,20 @@ class Layout:
         pairs: the mapping table (first matching pair wins, in both directions).
         drops: source templates of tensors deliberately left out, with the reason.
         prefixes: the only prefixes this layout comes with (None: any).
-        describe: one line for reports and `--from` help.
+        description: one line for reports and `--from` help.
+        post: layout-specific renames after mapping to canonical names (canonical, source names).
+        post_inverse: layout-specific additions after mapping back (source dict, prefix).
     """
 
     name: str
     markers: Tuple[str, ...]
     pairs: Tuple[Pair, ...]
-    describe: str
+    description: str
     drops: Tuple[Tuple[Template, str], ...] = ()
     drop_outside_prefix: Optional[str] = None  # reason to drop every key outside the prefix
     prefixes: Optional[Tuple[str, ...]] = None
-    post: Optional[Callable[[Dict[str, "torch.Tensor"], Dict[str, str]], None]] = None  # layout-specific renames
+    post: Optional[Callable[[Dict[str, "torch.Tensor"], Dict[str, str]], None]] = None
+    post_inverse: Optional[Callable[[Dict[str, Any], str], None]] = None
 
     @property
     def specificity(self) -> int:
