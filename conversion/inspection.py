@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Hashable, Iterable, List, Mapping, Optional, Union
 
@@ -65,10 +66,6 @@ def inspect_checkpoint(path: str, *, layout: Union[None, str, LayoutOption] = No
     check_weight_types(state_dict)
     canonical, arch = recognise(state_dict, layout, lenient=True)
     prediction = predict_everywhere(path_asked, fmt, loaded, backbone_keys(arch, BACKBONE_PREFIX), modules=source.modules)
-    dtypes: Dict[str, int] = {}
-    for tensor in canonical.state_dict.values():
-        name = str(tensor.dtype).replace("torch.", "")
-        dtypes[name] = dtypes.get(name, 0) + 1
     return InspectReport(
         path=os.path.abspath(path),
         file_bytes=os.path.getsize(path),
@@ -82,7 +79,7 @@ def inspect_checkpoint(path: str, *, layout: Union[None, str, LayoutOption] = No
         **arch.report_fields(),
         tensors=len(state_dict),
         parameters=distinct_parameters(state_dict.values()),
-        dtypes=dtypes,
+        dtypes=dict(Counter(str(tensor.dtype).replace("torch.", "") for tensor in canonical.state_dict.values())),
         reshaped={canonical.source_names[k]: fix for k, fix in canonical.reshaped.items()},
         drop_reasons=dict(canonical.dropped),
         detector_parts=dict(canonical.detector_parts),

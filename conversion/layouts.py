@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -400,34 +401,30 @@ def _refuse_known_non_targets(keys: Sequence[str]) -> None:
 
 
 def find_layout(keys: Sequence[str], forced: Optional[str] = None) -> Tuple[Layout, str]:
-    """Pick the layout whose markers the keys carry, and the prefix in front of them.
+    """Pick the layout whose markers the keys carry, and the prefix in front of them; of several,
+    the most specific (more markers, or a fixed prefix).
 
     Raises:
         NotConvNeXt: no layout (or not the forced one) matches, or two match equally; the
             message names the markers looked for and a sample of the keys.
     """
-    if forced is not None:
-        family = FORCED_FAMILIES.get(forced, (forced,))
-        claimed = [(LAYOUTS[name], p) for name in family for p in _claims(LAYOUTS[name], keys)]
-        if claimed:
-            best = max(layout.specificity for layout, _ in claimed)
-            claimed = [(layout, p) for layout, p in claimed if layout.specificity == best]
-        if len(claimed) != 1:
-            markers = " or ".join(f"'{LAYOUTS[name].markers[0]}'" for name in family)
-            where = "under several prefixes: " + ", ".join(p for _, p in claimed) if claimed else "anywhere"
-            raise NotConvNeXt(
-                f"--from {forced}: the keys do not carry its marker {markers} ({where}); "
-                f"keys such as {', '.join(sorted(keys)[:4])}.",
-                "Drop --from to let the layout be recognised.",
-            )
-        return claimed[0]
-    _refuse_known_non_targets(keys)
-    found = [(layout, p) for layout in LAYOUTS.values() for p in _claims(layout, keys)]
+    family = FORCED_FAMILIES.get(forced, (forced,)) if forced is not None else tuple(LAYOUTS)
+    if forced is None:
+        _refuse_known_non_targets(keys)
+    found = [(LAYOUTS[name], p) for name in family for p in _claims(LAYOUTS[name], keys)]
     if found:
         best = max(layout.specificity for layout, _ in found)
         found = [(layout, p) for layout, p in found if layout.specificity == best]
     if len(found) == 1:
         return found[0]
+    if forced is not None:
+        markers = " or ".join(f"'{LAYOUTS[name].markers[0]}'" for name in family)
+        where = "under several prefixes: " + ", ".join(p for _, p in found) if found else "anywhere"
+        raise NotConvNeXt(
+            f"--from {forced}: the keys do not carry its marker {markers} ({where}); "
+            f"keys such as {', '.join(sorted(keys)[:4])}.",
+            "Drop --from to let the layout be recognised.",
+        )
     if not found:
         markers = "; ".join(f"{layout.name}: '{layout.markers[0]}'" for layout in LAYOUTS.values())
         raise NotConvNeXt(
@@ -492,7 +489,7 @@ def to_canonical(state_dict: Mapping[str, Any], forced: Optional[str] = None, *,
     reshaped: Dict[str, str] = {}
     unclaimed: List[str] = []
     collisions: List[str] = []
-    parts: Dict[str, int] = {}
+    parts: Dict[str, int] = Counter()
     detector = detector_outer_prefix(prefix)
     # Keys a layout writes outside its own prefix (HF `classifier`, mmpretrain `head.fc`) sit under
     # whatever wraps the whole model: `model.convnext.` -> `model.classifier`.  Outer wrappers first.
@@ -510,8 +507,7 @@ def to_canonical(state_dict: Mapping[str, Any], forced: Optional[str] = None, *,
             if reason:
                 dropped[key] = reason
             elif not inside and detector is not None and key.startswith(detector) and not _is_convnext_name(key[len(detector):]):
-                part = _top_level_part(key[len(detector):])
-                parts[part] = parts.get(part, 0) + 1
+                parts[_top_level_part(key[len(detector):])] += 1
             else:
                 unclaimed.append(key)
             continue
@@ -530,14 +526,11 @@ def to_canonical(state_dict: Mapping[str, Any], forced: Optional[str] = None, *,
         dropped.update({key: f"outside the {layout.name} layout" for key in unclaimed})
         unclaimed = []
     if unclaimed or collisions:
-        parts = []
-        if unclaimed:
-            more = f" and {len(unclaimed) - 16} more" if len(unclaimed) > 16 else ""
-            parts.append(f"{len(unclaimed)} key(s) outside the {layout.name} layout: {', '.join(sorted(unclaimed)[:16])}{more}")
-        if collisions:
-            parts.append(f"colliding keys: {'; '.join(collisions[:4])}")
+        more = f" and {len(unclaimed) - 16} more" if len(unclaimed) > 16 else ""
+        found = [f"{len(unclaimed)} key(s) outside the {layout.name} layout: {', '.join(sorted(unclaimed)[:16])}{more}"] if unclaimed else []
+        found += [f"colliding keys: {'; '.join(collisions[:4])}"] if collisions else []
         raise NotConvNeXt(
-            f"mixed or unknown naming ({'; '.join(parts)}).",
+            f"mixed or unknown naming ({'; '.join(found)}).",
             "The dict mixes naming schemes or holds non-ConvNeXt weights; convert the backbone's own state dict.",
         )
     if layout.post is not None:

@@ -10,6 +10,7 @@ step alone and the CLI only formats the report.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Union
 
@@ -242,28 +243,18 @@ def _write(planned: Plan, dst: str, fmt: str, *, force: bool, progress: Optional
     tensors, model = writable(source.path, source.storages, planned.target.state_dict, gather=fmt == "torch")
     if fmt == "torch":
         keep = sorted({ref.storage.key for ref in model.values()})
-        # Written anew, never copied: a source's records are whatever its writer put there, and torch's
-        # reader parses them (an alignment that is not a number fails torch.load of the output).
-        small = list(TORCH_SMALL_RECORDS)
-        payload = {"model": model, "__author__": AUTHOR}
-        return write_pth(dst, tensors, payload, keep, small, force=force, source=source.path, progress=progress)
+        # The small records are written anew, never copied: a source's are whatever its writer put there, and
+        # torch's reader parses them (an alignment that is not a number fails torch.load of the output).
+        return write_pth(dst, tensors, {"model": model, "__author__": AUTHOR}, keep, list(TORCH_SMALL_RECORDS),
+                         force=force, source=source.path, progress=progress)
     return write_pkl(dst, tensors, model, AUTHOR, force=force, source=source.path, progress=progress)
 
 
 def _report(planned: Plan, dst: str, fmt: str, prefix: str) -> ConversionReport:
     source, arch, canonical, target = planned.source, planned.arch, planned.canonical, planned.target
-    dtypes: Dict[str, int] = {}
-    changes: Dict[str, str] = {}
-    for tensor in target.state_dict.values():
-        written = _stored_dtype(tensor.dtype, fmt)
-        dtypes[_dtype_name(written)] = dtypes.get(_dtype_name(written), 0) + 1
-        if written != tensor.dtype:
-            changes[_dtype_name(tensor.dtype)] = _dtype_name(written)
-    renamed = {
-        t: canonical.source_names[c]
-        for t, c in target.canonical_names.items()
-        if canonical.source_names[c] != canonical.prefix + c  # a prefix alone is not a rename
-    }
+    dtypes = [tensor.dtype for tensor in target.state_dict.values()]
+    drop_reasons = {canonical.source_names[c]: "classifier only (a detection backbone has no pooled norm or head)" for c in target.dropped}
+    drop_reasons.update(canonical.dropped)
     return ConversionReport(
         source=os.path.abspath(source.path),
         destination=os.path.abspath(dst),
@@ -275,17 +266,14 @@ def _report(planned: Plan, dst: str, fmt: str, prefix: str) -> ConversionReport:
         format=fmt,
         kept=len(target.state_dict),
         parameters=sum(numel(t) for t in target.state_dict.values()),
-        dropped=sorted([canonical.source_names[c] for c in target.dropped] + list(canonical.dropped)),
-        drop_reasons={
-            **{canonical.source_names[c]: "classifier only (a detection backbone has no pooled norm or head)" for c in target.dropped},
-            **canonical.dropped,
-        },
+        dropped=sorted(drop_reasons),
+        drop_reasons=drop_reasons,
         reshaped={prefix + c: fix for c, fix in canonical.reshaped.items()},
-        renamed=renamed,
+        # target name -> source name where the layout renamed: a prefix alone is not a rename
+        renamed={t: canonical.source_names[c] for t, c in target.canonical_names.items() if canonical.source_names[c] != canonical.prefix + c},
         fresh=fresh_output_norms(arch, ALL_OUTPUTS, prefix),
-        dtypes=dtypes,
-        stored_as=changes,
-        bytes_written=0,
+        dtypes=dict(Counter(_dtype_name(_stored_dtype(d, fmt)) for d in dtypes)),
+        stored_as={_dtype_name(d): _dtype_name(_stored_dtype(d, fmt)) for d in dtypes if _stored_dtype(d, fmt) != d},
         notes=_problems(planned),
         streamed=planned.streamed,
         detector_parts=dict(canonical.detector_parts),
@@ -349,8 +337,6 @@ def repair(src: str, dst: str, *, force: bool = False) -> RepairReport:
     # Opened as `convert` opens it (a torch archive by its index, its records copied), so that repairing
     # a 3.4 GB XXLarge costs what converting it costs (~20 MB), not three times the file in memory.
     planned = plan(open_source(src), fmt, lenient=True)
-    causes, missing = _problems(planned), _not_repaired(planned)
-    if not causes:
-        return RepairReport(os.path.abspath(src), os.path.abspath(dst), [], None, missing)
-    report = _convert(planned, dst, fmt, prefix=BACKBONE_PREFIX, force=force)
-    return RepairReport(os.path.abspath(src), os.path.abspath(dst), causes, report, missing)
+    causes = _problems(planned)
+    report = _convert(planned, dst, fmt, prefix=BACKBONE_PREFIX, force=force) if causes else None
+    return RepairReport(os.path.abspath(src), os.path.abspath(dst), causes, report, _not_repaired(planned))
