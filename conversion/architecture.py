@@ -303,14 +303,10 @@ def check_shapes(shapes: Mapping[str, Sequence[int]], arch: Architecture, name_o
     """Raise NotConvNeXt listing every difference between `shapes` and what `arch` needs."""
     expected = canonical_shapes(arch)
     named = name_of or (lambda key: key)
-    problems = []
-    for name in sorted(set(expected) - set(shapes)):
-        problems.append(f"missing {named(name)} {list(expected[name])}")
-    for name in sorted(set(shapes) - set(expected)):
-        problems.append(f"unexpected {named(name)} {list(shapes[name])}")
-    for name in sorted(set(shapes) & set(expected)):
-        if tuple(shapes[name]) != expected[name]:
-            problems.append(f"{named(name)} has shape {list(shapes[name])}, expected {list(expected[name])}")
+    problems = [f"missing {named(name)} {list(expected[name])}" for name in sorted(set(expected) - set(shapes))]
+    problems += [f"unexpected {named(name)} {list(shapes[name])}" for name in sorted(set(shapes) - set(expected))]
+    problems += [f"{named(name)} has shape {list(shapes[name])}, expected {list(expected[name])}"
+                 for name in sorted(set(shapes) & set(expected)) if tuple(shapes[name]) != expected[name]]
     if problems:
         more = len(problems) - _SHOWN_PROBLEMS
         shown = "; ".join(problems[:_SHOWN_PROBLEMS]) + (f"; and {more} more" if more > 0 else "")

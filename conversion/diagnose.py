@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from .containers import is_array, walk
-from .d2_prediction import FRESH_OUTPUT_NORM, SAFETENSORS_PATHS, Prediction, loads_nothing, misplaced
+from .architecture import Architecture
+from .d2_prediction import FRESH_OUTPUT_NORM, SAFETENSORS_PATHS, Prediction, backbone_keys, loads_nothing, misplaced, predict_everywhere
 from .io.handles import ArrayRef
 from .io.safe_pickle import Placeholder
+from .layouts import Canonical, classifier_names
 from .target import BACKBONE_PREFIX
 
 
@@ -168,12 +170,11 @@ def d2_problems(
     as this project read it, for naming the cause of a raise; `classifier_names` are the source's
     names of the classifier tensors (`head.*`, pooled `norm.*`).
     """
+    problems = []
     if prediction.raises is not None or prediction.heuristics == "caffe2":
         problems = _reader_problems(path.split("?", 1)[0], fmt, loaded, modules)
-        if prediction.raises is not None:
-            return problems or [f"Detectron2 raises: {prediction.raises}."]
-    else:
-        problems = []
+    if prediction.raises is not None:
+        return problems or [f"Detectron2 raises: {prediction.raises}."]
     problems += _names_problem(prediction, layout, source_prefix) + _load_problems(prediction)
     classifier = sorted(classifier_names or [])
     if classifier:
@@ -182,3 +183,11 @@ def d2_problems(
             "matching_heuristics the pooled 'norm.weight' suffix-matches every '*.norm.weight' in the model."
         )
     return problems
+
+
+def diagnose(path: str, source: Any, canonical: Canonical, arch: Architecture) -> Tuple[Prediction, List[str]]:
+    """What Detectron2 does with the file as it is (`path`: with a `?matching_heuristics=True` query, as
+    asked), and the problems it would hit: the one recipe of `inspect`, `convert`'s notes and `repair`."""
+    prediction = predict_everywhere(path, source.format, source.objects, backbone_keys(arch, BACKBONE_PREFIX), modules=source.modules)
+    return prediction, d2_problems(prediction, path, source.format, source.objects, canonical.layout, canonical.prefix,
+                                   classifier_names(canonical), source.modules)

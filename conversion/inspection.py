@@ -6,13 +6,12 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Hashable, Iterable, List, Mapping, Optional, Union
 
-from .d2_prediction import backbone_keys, predict_everywhere, split_query
-from .diagnose import d2_problems
-from .layouts import LAYOUTS, LayoutOption, classifier_names, recognise
+from .d2_prediction import split_query
+from .diagnose import diagnose
+from .layouts import LAYOUTS, LayoutOption, recognise
 from .containers import check_weight_types, select_state_dict
 from .io.handles import TensorRef, numel
 from .read import open_source
-from .target import BACKBONE_PREFIX
 
 
 @dataclass
@@ -65,7 +64,7 @@ def inspect_checkpoint(path: str, *, layout: Union[None, str, LayoutOption] = No
     state_dict, container = select_state_dict(loaded)
     check_weight_types(state_dict)
     canonical, arch = recognise(state_dict, layout, lenient=True)
-    prediction = predict_everywhere(path_asked, fmt, loaded, backbone_keys(arch, BACKBONE_PREFIX), modules=source.modules)
+    prediction, problems = diagnose(path_asked, source, canonical, arch)
     return InspectReport(
         path=os.path.abspath(path),
         file_bytes=os.path.getsize(path),
@@ -83,7 +82,7 @@ def inspect_checkpoint(path: str, *, layout: Union[None, str, LayoutOption] = No
         reshaped={canonical.source_names[k]: fix for k, fix in canonical.reshaped.items()},
         drop_reasons=dict(canonical.dropped),
         detector_parts=dict(canonical.detector_parts),
-        problems=d2_problems(prediction, path_asked, fmt, loaded, canonical.layout, canonical.prefix, classifier_names(canonical), source.modules),
+        problems=problems,
         detectron2=prediction.to_dict(),
         bytes_read=bytes_read,
     )

@@ -315,10 +315,8 @@ def source_name_of(canonical: "Canonical") -> Callable[[str], str]:
     tensor the file lacks (so "missing" names a key the user can look for)."""
 
     def name_of(key: str) -> str:
-        if key in canonical.source_names:
-            return canonical.source_names[key]
         hit = LAYOUTS[canonical.layout].rename(key, inverse=True)
-        return canonical.prefix + hit[0] if hit is not None else key
+        return canonical.source_names.get(key) or (canonical.prefix + hit[0] if hit is not None else key)
 
     return name_of
 

@@ -15,10 +15,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Union
 
 from .architecture import CLASSIFIER_KEYS, Architecture, canonical_shapes
-from .d2_prediction import backbone_keys, predict_everywhere
-from .diagnose import d2_problems
+from .diagnose import diagnose
 from .errors import NonFiniteWeights, UnreadableCheckpoint
-from .layouts import Canonical, LayoutOption, classifier_names, recognise
+from .layouts import Canonical, LayoutOption, recognise
 from .containers import check_weight_types, select_state_dict
 from .formats import AUTHOR, output_format
 from .io.handles import ITEM_SIZE, TensorRef, check_references, location_bytes, numel
@@ -283,10 +282,7 @@ def _report(planned: Plan, dst: str, fmt: str, prefix: str) -> ConversionReport:
 
 def _problems(planned: Plan) -> List[str]:
     """What Detectron2 would have made of the source as it was (names and containers only)."""
-    source, canonical = planned.source, planned.canonical
-    prediction = predict_everywhere(source.path, source.format, source.objects, backbone_keys(planned.arch, BACKBONE_PREFIX), modules=source.modules)
-    return d2_problems(prediction, source.path, source.format, source.objects, canonical.layout, canonical.prefix,
-                       classifier_names(canonical), source.modules)
+    return diagnose(planned.source.path, planned.source, planned.canonical, planned.arch)[1]
 
 
 def _not_repaired(planned: Plan) -> List[str]:
