@@ -23,7 +23,7 @@ DOWNSAMPLE_KERNEL = 2
 MLP_RATIO = 4
 
 # Released variants as (depths, dims).  V1 names from the official repo plus timm's
-# small ones; V2 from facebookresearch/ConvNeXt-V2 (it has no "small").
+# small ones; V2 from facebookresearch/ConvNeXt-V2.
 _V1_VARIANTS: Dict[str, Tuple[Tuple[int, ...], Tuple[int, ...]]] = {
     "convnext_atto": ((2, 2, 6, 2), (40, 80, 160, 320)),
     "convnext_femto": ((2, 2, 6, 2), (48, 96, 192, 384)),
@@ -36,14 +36,9 @@ _V1_VARIANTS: Dict[str, Tuple[Tuple[int, ...], Tuple[int, ...]]] = {
     "convnext_xlarge": ((3, 3, 27, 3), (256, 512, 1024, 2048)),
     "convnext_xxlarge": ((3, 4, 30, 3), (384, 768, 1536, 3072)),
 }
+# V2 has V1's sizes but small, xlarge and xxlarge, plus huge.
 _V2_VARIANTS: Dict[str, Tuple[Tuple[int, ...], Tuple[int, ...]]] = {
-    "convnextv2_atto": ((2, 2, 6, 2), (40, 80, 160, 320)),
-    "convnextv2_femto": ((2, 2, 6, 2), (48, 96, 192, 384)),
-    "convnextv2_pico": ((2, 2, 6, 2), (64, 128, 256, 512)),
-    "convnextv2_nano": ((2, 2, 8, 2), (80, 160, 320, 640)),
-    "convnextv2_tiny": ((3, 3, 9, 3), (96, 192, 384, 768)),
-    "convnextv2_base": ((3, 3, 27, 3), (128, 256, 512, 1024)),
-    "convnextv2_large": ((3, 3, 27, 3), (192, 384, 768, 1536)),
+    **{name.replace("convnext_", "convnextv2_"): size for name, size in _V1_VARIANTS.items() if name[9:] not in ("small", "xlarge", "xxlarge")},
     "convnextv2_huge": ((3, 3, 27, 3), (352, 704, 1408, 2816)),
 }
 RELEASED_VARIANTS = {1: _V1_VARIANTS, 2: _V2_VARIANTS}
@@ -88,7 +83,9 @@ class Architecture:
             "num_classes": self.num_classes,
         }
 
-    def describe(self) -> str:
+    @property
+    def description(self) -> str:
+        """One line for messages: `convnext_tiny (V1, depths [...], dims [...])`."""
         name = self.variant or "custom"
         return f"{name} (V{self.version}, depths {list(self.depths)}, dims {list(self.dims)})"
 
@@ -306,18 +303,14 @@ def check_shapes(shapes: Mapping[str, Sequence[int]], arch: Architecture, name_o
     """Raise NotConvNeXt listing every difference between `shapes` and what `arch` needs."""
     expected = canonical_shapes(arch)
     named = name_of or (lambda key: key)
-    problems = []
-    for name in sorted(set(expected) - set(shapes)):
-        problems.append(f"missing {named(name)} {list(expected[name])}")
-    for name in sorted(set(shapes) - set(expected)):
-        problems.append(f"unexpected {named(name)} {list(shapes[name])}")
-    for name in sorted(set(shapes) & set(expected)):
-        if tuple(shapes[name]) != expected[name]:
-            problems.append(f"{named(name)} has shape {list(shapes[name])}, expected {list(expected[name])}")
+    problems = [f"missing {named(name)} {list(expected[name])}" for name in sorted(set(expected) - set(shapes))]
+    problems += [f"unexpected {named(name)} {list(shapes[name])}" for name in sorted(set(shapes) - set(expected))]
+    problems += [f"{named(name)} has shape {list(shapes[name])}, expected {list(expected[name])}"
+                 for name in sorted(set(shapes) & set(expected)) if tuple(shapes[name]) != expected[name]]
     if problems:
         more = len(problems) - _SHOWN_PROBLEMS
         shown = "; ".join(problems[:_SHOWN_PROBLEMS]) + (f"; and {more} more" if more > 0 else "")
         raise NotConvNeXt(
-            f"inconsistent ConvNeXt ({arch.describe()}): {shown}.",
+            f"inconsistent ConvNeXt ({arch.description}): {shown}.",
             "The file is damaged or mixes architectures; re-export it from the model that trained it.",
         )

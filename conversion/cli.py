@@ -41,9 +41,7 @@ def _layout_option(text: str) -> LayoutOption:
     return option
 
 
-def _layout_help() -> str:
-    names = ", ".join(LAYOUTS)
-    return f"read names as this layout instead of recognising it ({names}; add -v1/-v2 to pin the version)"
+LAYOUT_HELP = f"read names as this layout instead of recognising it ({', '.join(LAYOUTS)}; add -v1/-v2 to pin the version)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("dst", metavar="DST", help="file to write; .pth/.pt = torch file, .pkl = Detectron2 model zoo")
     c.add_argument("--ema", action="store_true", help="take the EMA weights of a training checkpoint (model_ema)")
     c.add_argument("--prefix", default=BACKBONE_PREFIX, help=f"prepended to every name (default {BACKBONE_PREFIX!r}; '' for none)")
-    c.add_argument("--from", dest="layout", metavar="LAYOUT", type=_layout_option, help=_layout_help())
+    c.add_argument("--from", dest="layout", metavar="LAYOUT", type=_layout_option, help=LAYOUT_HELP)
     c.add_argument("--force", action="store_true", help="overwrite DST if it exists")
     c.add_argument("--quiet", action="store_true", help="no progress bar and no summary (errors still go to stderr)")
     c.add_argument("--strict", action="store_true", help="refuse weights holding NaN or Inf (default: convert and warn)")
@@ -84,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "(MODEL.WEIGHTS path/to.pth), key=value for a LazyConfig (train.init_checkpoint=path/to.pth).")
     i = sub.add_parser("inspect", parents=[common], help="say what a checkpoint holds and what Detectron2 would make of it")
     i.add_argument("src", metavar="SRC", help="checkpoint to read")
-    i.add_argument("--from", dest="layout", metavar="LAYOUT", type=_layout_option, help=_layout_help())
+    i.add_argument("--from", dest="layout", metavar="LAYOUT", type=_layout_option, help=LAYOUT_HELP)
     return parser
 
 
@@ -161,15 +159,13 @@ def _run(args: argparse.Namespace) -> int:
             )
         _report_written(args, report)
         return EXIT_OK
-    if args.command == "repair":
-        _emit(args, repair(args.src, args.dst, force=args.force), format_repair)
-        return EXIT_OK
     if args.command == "verify":
         return _verify(args)
-    if args.command == "inspect":
+    if args.command == "repair":
+        _emit(args, repair(args.src, args.dst, force=args.force), format_repair)
+    else:  # inspect: argparse restricts the choices
         _emit(args, inspect_checkpoint(args.src, layout=args.layout), format_inspection)
-        return EXIT_OK
-    raise AssertionError(f"unhandled command {args.command}")  # argparse restricts the choices
+    return EXIT_OK
 
 
 def _verify(args: argparse.Namespace) -> int:

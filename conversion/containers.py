@@ -67,7 +67,9 @@ def select_state_dict(obj: Any, ema: bool = False) -> Tuple[Dict[str, Any], Opti
         ContainerError: no state dict, or `ema` asked for and none present.
     """
     if not isinstance(obj, Mapping):
-        what = getattr(obj, "cls", None) if type(obj).__name__ == "Placeholder" else None
+        from .io.safe_pickle import Placeholder
+
+        what = obj.cls if isinstance(obj, Placeholder) else None
         raise ContainerError(
             f"checkpoint holds {f'an object of class {what} (read past, not built)' if what else 'a ' + type(obj).__name__}, not a dict of weights.",
             "Save the weights with torch.save(model.state_dict()) or {'model': state_dict}.",
@@ -96,13 +98,9 @@ def strip_wrapper_prefixes(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
     from .io.safe_pickle import Placeholder  # kept, so the weight check names it (it is not data)
 
     sd = {k: v for k, v in state_dict.items() if is_array(v) or isinstance(v, Placeholder)}
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _WRAPPER_PREFIXES:
-            if sd and all(k.startswith(prefix) for k in sd):
-                sd = {k[len(prefix):]: v for k, v in sd.items()}
-                changed = True
+    for prefix in _WRAPPER_PREFIXES:
+        if sd and all(k.startswith(prefix) for k in sd):  # wrappers nest (DDP around torch.compile): strip again
+            return strip_wrapper_prefixes({k[len(prefix):]: v for k, v in sd.items()})
     return sd
 
 

@@ -14,6 +14,7 @@ Exit 0 when every check passes, 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import sys
@@ -36,12 +37,6 @@ SEED = 0
 MAX_RELATIVE_DIFFERENCE = 1e-4
 
 
-def _d2_model(arch: Architecture) -> torch.nn.Module:
-    from .d2_loading import backbone_for
-
-    return backbone_for(arch)
-
-
 def _timm_model(arch: Architecture, official: Dict[str, torch.Tensor]) -> torch.nn.Module:
     from timm.models.convnext import ConvNeXt, checkpoint_filter_fn
 
@@ -55,6 +50,8 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def run(workdir: str, out=sys.stdout) -> bool:
+    from .d2_loading import backbone_for, load_observed  # detectron2: only once main found it installed
+
     started = time.perf_counter()
     depths, dims = RELEASED_VARIANTS[1][VARIANT]
     arch = Architecture(depths=depths, dims=dims, num_classes=1000, classifier_norm=True)
@@ -73,31 +70,23 @@ def run(workdir: str, out=sys.stdout) -> bool:
         dst = os.path.join(workdir, "convnext_tiny_1k_224_d2" + ext)
         report = convert(src, dst)
         print(format_report(report), file=out)
-        model = _d2_model(arch)
-        from .d2_loading import load_observed
-
+        model = backbone_for(arch)
         seen = load_observed(model, dst)
         if seen.error is not None:
             raise seen.error
-        incompatible = seen.incompatible
-        missing_ok = sorted(incompatible.missing_keys) == sorted(report.fresh)
-        clean = missing_ok and not incompatible.unexpected_keys and not incompatible.incorrect_shapes
-        ok &= clean
-        print(
-            f"  detectron2 DetectionCheckpointer: {len(incompatible.missing_keys)} missing "
-            f"({'only the fresh output norms' if missing_ok else 'UNEXPECTED: ' + str(incompatible.missing_keys)}), "
-            f"{len(incompatible.unexpected_keys)} unexpected, {len(incompatible.incorrect_shapes)} shape-skipped",
-            file=out,
-        )
+        inc = seen.incompatible
+        missing_ok = sorted(inc.missing_keys) == sorted(report.fresh)
+        ok &= missing_ok and not inc.unexpected_keys and not inc.incorrect_shapes
+        print(f"  detectron2 DetectionCheckpointer: {len(inc.missing_keys)} missing "
+              f"({'only the fresh output norms' if missing_ok else 'UNEXPECTED: ' + str(inc.missing_keys)}), "
+              f"{len(inc.unexpected_keys)} unexpected, {len(inc.incorrect_shapes)} shape-skipped", file=out)
         with torch.no_grad():
             ours = model.backbone.stage_outputs(image)
         diffs = [_relative(a, b) for a, b in zip(ours, reference)]
-        worst = max(diffs)
-        ok &= worst <= MAX_RELATIVE_DIFFERENCE
+        ok &= max(diffs) <= MAX_RELATIVE_DIFFERENCE
         stages = ", ".join(f"res{i + 2} {d:.1e}" for i, d in enumerate(diffs))
         print(f"  features vs timm (max |diff| / max |timm|, limit {MAX_RELATIVE_DIFFERENCE:.0e}): {stages}\n", file=out)
-    verdict = "PASS" if ok else "FAIL"
-    print(f"{verdict}: both files load cleanly and match timm ({time.perf_counter() - started:.1f} s)", file=out)
+    print(f"{'PASS' if ok else 'FAIL'}: both files load cleanly and match timm ({time.perf_counter() - started:.1f} s)", file=out)
     return ok
 
 
@@ -111,9 +100,8 @@ def main(argv: Sequence[str] = ()) -> int:
         return 2
     if args.keep:
         os.makedirs(args.keep, exist_ok=True)
-        return 0 if run(args.keep) else 1
-    with tempfile.TemporaryDirectory(prefix="convnext-d2-demo-") as tmp:
-        return 0 if run(tmp) else 1
+    with contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory(prefix="convnext-d2-demo-") as workdir:
+        return 0 if run(workdir) else 1
 
 
 if __name__ == "__main__":

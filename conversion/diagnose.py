@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any, Dict, List, Mapping, Optional
+import sys
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from .containers import is_array, walk
-from .d2_prediction import FRESH_OUTPUT_NORM, SAFETENSORS_PATHS, Prediction, loads_nothing, misplaced
+from .architecture import Architecture
+from .d2_prediction import FRESH_OUTPUT_NORM, SAFETENSORS_PATHS, Prediction, backbone_keys, loads_nothing, misplaced, predict_everywhere
+from .io.handles import ArrayRef
+from .io.safe_pickle import Placeholder
+from .layouts import Canonical, classifier_names
 from .target import BACKBONE_PREFIX
 
 
@@ -21,6 +26,12 @@ def _type_name(v: Any) -> str:
     """What a value is read as: a handle (a numpy array or a byte string left in the file) names
     the type it stands for."""
     return getattr(v, "stands_for", None) or type(v).__name__
+
+
+def _is_ndarray(v: Any) -> bool:
+    """A numpy array, in memory or as a handle (what torch's weights-only reader refuses)."""
+    np = sys.modules.get("numpy")  # no array exists unless numpy is imported
+    return isinstance(v, ArrayRef) or (np is not None and isinstance(v, np.ndarray))
 
 
 def _has_arrays(obj: Any) -> bool:
@@ -81,7 +92,7 @@ def _reader_problems(path: str, fmt: str, loaded: Any, modules: Optional[frozens
             "('Unsupported type found in checkpoint! model: <class 'dict'>')."
         )
     if not is_pkl and isinstance(loaded, Mapping) and "model" not in loaded:
-        odd = next((f"{k}: {_type_name(v)}" for k, v in loaded.items() if not (is_array(v) and _type_name(v) != "ndarray")), None)
+        odd = next((f"{k}: {_type_name(v)}" for k, v in loaded.items() if not is_array(v) or _is_ndarray(v)), None)
         if odd:
             problems.append(
                 f"no top-level 'model': Detectron2 wraps the whole dict as the model and fails "
@@ -90,8 +101,8 @@ def _reader_problems(path: str, fmt: str, loaded: Any, modules: Optional[frozens
     if not is_pkl and fmt != "pickle":
         # Objects read past (placeholders: Namespace, loggers, configs) and arrays: torch's allowlist has neither.
         unsafe = sorted(
-            {v.cls.rsplit(".", 1)[-1] if type(v).__name__ == "Placeholder" else _type_name(v)
-             for _, v in walk(loaded) if _type_name(v) in ("Placeholder", "ndarray") or isinstance(v, argparse.Namespace)}
+            {v.cls.rsplit(".", 1)[-1] if isinstance(v, Placeholder) else _type_name(v)
+             for _, v in walk(loaded) if isinstance(v, (Placeholder, argparse.Namespace)) or _is_ndarray(v)}
         )
         if unsafe:
             problems.append(
@@ -159,12 +170,11 @@ def d2_problems(
     as this project read it, for naming the cause of a raise; `classifier_names` are the source's
     names of the classifier tensors (`head.*`, pooled `norm.*`).
     """
+    problems = []
     if prediction.raises is not None or prediction.heuristics == "caffe2":
         problems = _reader_problems(path.split("?", 1)[0], fmt, loaded, modules)
-        if prediction.raises is not None:
-            return problems or [f"Detectron2 raises: {prediction.raises}."]
-    else:
-        problems = []
+    if prediction.raises is not None:
+        return problems or [f"Detectron2 raises: {prediction.raises}."]
     problems += _names_problem(prediction, layout, source_prefix) + _load_problems(prediction)
     classifier = sorted(classifier_names or [])
     if classifier:
@@ -173,3 +183,11 @@ def d2_problems(
             "matching_heuristics the pooled 'norm.weight' suffix-matches every '*.norm.weight' in the model."
         )
     return problems
+
+
+def diagnose(path: str, source: Any, canonical: Canonical, arch: Architecture) -> Tuple[Prediction, List[str]]:
+    """What Detectron2 does with the file as it is (`path`: with a `?matching_heuristics=True` query, as
+    asked), and the problems it would hit: the one recipe of `inspect`, `convert`'s notes and `repair`."""
+    prediction = predict_everywhere(path, source.format, source.objects, backbone_keys(arch, BACKBONE_PREFIX), modules=source.modules)
+    return prediction, d2_problems(prediction, path, source.format, source.objects, canonical.layout, canonical.prefix,
+                                   classifier_names(canonical), source.modules)

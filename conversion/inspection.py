@@ -2,17 +2,16 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Hashable, Iterable, List, Mapping, Optional, Union
 
-from .d2_prediction import backbone_keys, predict_everywhere, split_query
-from .diagnose import d2_problems
-from .layouts import LAYOUTS, LayoutOption, classifier_names
+from .d2_prediction import split_query
+from .diagnose import diagnose
+from .layouts import LAYOUTS, LayoutOption, recognise
 from .containers import check_weight_types, select_state_dict
 from .io.handles import TensorRef, numel
-from .pipeline import recognise
 from .read import open_source
-from .target import BACKBONE_PREFIX
 
 
 @dataclass
@@ -37,7 +36,7 @@ class InspectReport:
     parameters: int  # of every tensor in the state dict (the backbone's and the detector's), tied ones once
     dtypes: Dict[str, int]
     reshaped: Dict[str, str] = field(default_factory=dict)
-    left_out: Dict[str, str] = field(default_factory=dict)  # source name -> why a conversion leaves it out
+    drop_reasons: Dict[str, str] = field(default_factory=dict)  # source name -> why a conversion leaves it out (but the classifier)
     # A detector's or segmenter's parts around its `backbone.` (neck., roi_head., ...) -> tensor count.
     detector_parts: Dict[str, int] = field(default_factory=dict)
     problems: List[str] = field(default_factory=list)  # what Detectron2 would hit loading the file as is
@@ -65,11 +64,7 @@ def inspect_checkpoint(path: str, *, layout: Union[None, str, LayoutOption] = No
     state_dict, container = select_state_dict(loaded)
     check_weight_types(state_dict)
     canonical, arch = recognise(state_dict, layout, lenient=True)
-    prediction = predict_everywhere(path_asked, fmt, loaded, backbone_keys(arch, BACKBONE_PREFIX), modules=source.modules)
-    dtypes: Dict[str, int] = {}
-    for tensor in canonical.state_dict.values():
-        name = str(tensor.dtype).replace("torch.", "")
-        dtypes[name] = dtypes.get(name, 0) + 1
+    prediction, problems = diagnose(path_asked, source, canonical, arch)
     return InspectReport(
         path=os.path.abspath(path),
         file_bytes=os.path.getsize(path),
@@ -78,16 +73,16 @@ def inspect_checkpoint(path: str, *, layout: Union[None, str, LayoutOption] = No
         container=container,
         has_ema=isinstance(loaded, Mapping) and any(k in loaded for k in ("model_ema", "state_dict_ema")),
         layout=canonical.layout,
-        layout_description=LAYOUTS[canonical.layout].describe,
+        layout_description=LAYOUTS[canonical.layout].description,
         source_prefix=canonical.prefix,
         **arch.report_fields(),
         tensors=len(state_dict),
         parameters=distinct_parameters(state_dict.values()),
-        dtypes=dtypes,
+        dtypes=dict(Counter(str(tensor.dtype).replace("torch.", "") for tensor in canonical.state_dict.values())),
         reshaped={canonical.source_names[k]: fix for k, fix in canonical.reshaped.items()},
-        left_out=dict(canonical.dropped),
-        detector_parts=dict(canonical.left_out),
-        problems=d2_problems(prediction, path_asked, fmt, loaded, canonical.layout, canonical.prefix, classifier_names(canonical), source.modules),
+        drop_reasons=dict(canonical.dropped),
+        detector_parts=dict(canonical.detector_parts),
+        problems=problems,
         detectron2=prediction.to_dict(),
         bytes_read=bytes_read,
     )

@@ -21,9 +21,12 @@ is added or checked), next to the one recognise / map / invert routine they feed
 from __future__ import annotations
 
 import re
+import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
+from .architecture import CLASSIFIER_KEYS, Architecture, infer_architecture
 from .errors import NotConvNeXt
 from .io.handles import shape_of, with_shape
 from .templates import (  # noqa: F401  (Template, _CODECS, the fixes: the tables' vocabulary, re-exported)
@@ -57,7 +60,7 @@ OFFICIAL = Layout(
     name="official",
     markers=("stages.0.0.dwconv.weight",),
     pairs=_OFFICIAL_PAIRS,
-    describe="facebookresearch ConvNeXt / ConvNeXt-V2 (also FCMAE dense files and Detectron2 files)",
+    description="facebookresearch ConvNeXt / ConvNeXt-V2 (also FCMAE dense files and Detectron2 files)",
 )
 
 _TIMM_ROWS = (
@@ -86,7 +89,7 @@ TIMM = Layout(
     markers=("stages.0.blocks.0.conv_dw.weight",),
     pairs=_pairs(*_TIMM_ROWS),
     drops=_TIMM_DROPS,
-    describe="timm convnext_* / convnextv2_* (incl. conv-MLP models), hub and safetensors files",
+    description="timm convnext_* / convnextv2_* (incl. conv-MLP models), hub and safetensors files",
 )
 
 
@@ -99,7 +102,7 @@ TIMM_FEATURES = Layout(
     name="timm-features",
     markers=("stages_0.blocks.0.conv_dw.weight",),
     pairs=_pairs(*[(_features_only(r[0]),) + tuple(r[1:]) for r in _TIMM_ROWS[:10]]),
-    describe="timm features_only models (stem_0, stages_0, ...)",
+    description="timm features_only models (stem_0, stages_0, ...)",
 )
 
 OPEN_CLIP = Layout(
@@ -110,7 +113,7 @@ OPEN_CLIP = Layout(
     drop_outside_prefix="OpenCLIP tensors outside the image trunk (projection head, text tower)",
     # `visual.trunk.`: a whole CLIP model; `trunk.`: the image tower saved alone (`model.visual.state_dict()`).
     prefixes=("visual.trunk.", "trunk."),
-    describe="OpenCLIP ConvNeXt towers (timm trunk under visual.trunk. or trunk.)",
+    description="OpenCLIP ConvNeXt towers (timm trunk under visual.trunk. or trunk.)",
 )
 
 HUGGINGFACE = Layout(
@@ -130,7 +133,7 @@ HUGGINGFACE = Layout(
         ("layernorm.{p}", "norm.{p}"),
         ("classifier.{p}", "head.{p}", None, True),
     ),
-    describe="Hugging Face ConvNext* / ConvNextV2* (ForImageClassification, Model, Backbone)",
+    description="Hugging Face ConvNext* / ConvNextV2* (ForImageClassification, Model, Backbone)",
 )
 
 TORCHVISION = Layout(
@@ -146,7 +149,7 @@ TORCHVISION = Layout(
         ("classifier.0.{p}", "norm.{p}"),
         ("classifier.2.{p}", "head.{p}"),
     ),
-    describe="torchvision convnext_tiny/small/base/large",
+    description="torchvision convnext_tiny/small/base/large",
 )
 
 
@@ -178,7 +181,7 @@ MMPRETRAIN = Layout(
         ("norm3.{p}", "norm.{p}"),
         ("head.fc.{p}", "head.{p}", None, True),
     ),
-    describe="mmpretrain / mmcls ConvNeXt (backbone. prefix, state_dict container)",
+    description="mmpretrain / mmcls ConvNeXt (backbone. prefix, state_dict container)",
     post=_mmpretrain_final_norm,
 )
 
@@ -191,6 +194,13 @@ MMPRETRAIN = Layout(
 # features, and only norm0..2 are fresh.
 _DINOV3_FINAL_NORM = "norm3.{p}"
 
+
+def _dinov3_norms_alias(source: Dict[str, Any], prefix: str) -> None:
+    """Written back, the final norm is saved twice, as the original model saves it: `norm` and its alias `norms.3`."""
+    for p in ("weight", "bias"):
+        if prefix + f"norm.{p}" in source:
+            source[prefix + f"norms.3.{p}"] = source[prefix + f"norm.{p}"]
+
 DINOV3 = Layout(
     name="dinov3",
     markers=OFFICIAL.markers + ("norms.3.weight",),
@@ -200,7 +210,8 @@ DINOV3 = Layout(
         ("head.{p}", "head.{p}"),
     ),
     drops=((Template("norms.{i}.{p}"), "DINOv3 alias of norm (the same tensor)"),),
-    describe="DINOv3 ConvNeXt, original repository (official names plus the norms.3 alias of norm -> norm3)",
+    description="DINOv3 ConvNeXt, original repository (official names plus the norms.3 alias of norm -> norm3)",
+    post_inverse=_dinov3_norms_alias,
 )
 
 DINOV3_HF = Layout(
@@ -217,7 +228,7 @@ DINOV3_HF = Layout(
         # DINOv3ConvNextModel keeps `layer_norm` beside its `model.` encoder (outside the prefix).
         ("layer_norm.{p}", _DINOV3_FINAL_NORM, None, True),
     ),
-    describe="DINOv3 ConvNeXt as transformers writes it (DINOv3ConvNextModel / Backbone, with or without model.)",
+    description="DINOv3 ConvNeXt as transformers writes it (DINOv3ConvNextModel / Backbone, with or without model.)",
 )
 
 LAYOUTS: Dict[str, Layout] = {
@@ -296,7 +307,7 @@ class Canonical:
     dropped: Dict[str, str] = field(default_factory=dict)  # source name -> why it was left out
     reshaped: Dict[str, str] = field(default_factory=dict)  # canonical name -> shape fix applied
     # A detector's or segmenter's other parts (neck, heads), by top-level prefix -> tensor count.
-    left_out: Dict[str, int] = field(default_factory=dict)
+    detector_parts: Dict[str, int] = field(default_factory=dict)
 
 
 def source_name_of(canonical: "Canonical") -> Callable[[str], str]:
@@ -304,18 +315,14 @@ def source_name_of(canonical: "Canonical") -> Callable[[str], str]:
     tensor the file lacks (so "missing" names a key the user can look for)."""
 
     def name_of(key: str) -> str:
-        if key in canonical.source_names:
-            return canonical.source_names[key]
         hit = LAYOUTS[canonical.layout].rename(key, inverse=True)
-        return canonical.prefix + hit[0] if hit is not None else key
+        return canonical.source_names.get(key) or (canonical.prefix + hit[0] if hit is not None else key)
 
     return name_of
 
 
 def classifier_names(canonical: "Canonical") -> List[str]:
     """The source's names of the classifier tensors (`head.*` and the pooled `norm.*`)."""
-    from .architecture import CLASSIFIER_KEYS
-
     return sorted(canonical.source_names[k] for k in CLASSIFIER_KEYS if k in canonical.state_dict)
 
 
@@ -326,7 +333,8 @@ def _check_weight(key: str, value: Any) -> None:
     """A weight is a dense CPU array of a real numeric type; anything else (object, string or
     structured numpy arrays, complex or float8, sparse or meta tensors) is refused, naming it."""
     dtype = str(getattr(value, "dtype", "")).replace("torch.", "")
-    if type(value).__name__ == "ndarray":
+    np = sys.modules.get("numpy")  # no array exists unless numpy is imported
+    if np is not None and isinstance(value, np.ndarray):
         ok = value.dtype.kind in "biuf" and value.dtype.itemsize <= 8 and not value.dtype.hasobject and value.dtype.name in _WEIGHT_DTYPES
     elif hasattr(value, "layout"):  # a torch tensor
         ok = dtype in _WEIGHT_DTYPES and str(value.layout) == "torch.strided" and value.device.type == "cpu"
@@ -390,35 +398,31 @@ def _refuse_known_non_targets(keys: Sequence[str]) -> None:
         )
 
 
-def recognise(keys: Sequence[str], forced: Optional[str] = None) -> Tuple[Layout, str]:
-    """Pick the layout whose markers the keys carry, and the prefix in front of them.
+def find_layout(keys: Sequence[str], forced: Optional[str] = None) -> Tuple[Layout, str]:
+    """Pick the layout whose markers the keys carry, and the prefix in front of them; of several,
+    the most specific (more markers, or a fixed prefix).
 
     Raises:
         NotConvNeXt: no layout (or not the forced one) matches, or two match equally; the
             message names the markers looked for and a sample of the keys.
     """
-    if forced is not None:
-        family = FORCED_FAMILIES.get(forced, (forced,))
-        claimed = [(LAYOUTS[name], p) for name in family for p in _claims(LAYOUTS[name], keys)]
-        if claimed:
-            best = max(layout.specificity for layout, _ in claimed)
-            claimed = [(layout, p) for layout, p in claimed if layout.specificity == best]
-        if len(claimed) != 1:
-            markers = " or ".join(f"'{LAYOUTS[name].markers[0]}'" for name in family)
-            where = "under several prefixes: " + ", ".join(p for _, p in claimed) if claimed else "anywhere"
-            raise NotConvNeXt(
-                f"--from {forced}: the keys do not carry its marker {markers} ({where}); "
-                f"keys such as {', '.join(sorted(keys)[:4])}.",
-                "Drop --from to let the layout be recognised.",
-            )
-        return claimed[0]
-    _refuse_known_non_targets(keys)
-    found = [(layout, p) for layout in LAYOUTS.values() for p in _claims(layout, keys)]
+    family = FORCED_FAMILIES.get(forced, (forced,)) if forced is not None else tuple(LAYOUTS)
+    if forced is None:
+        _refuse_known_non_targets(keys)
+    found = [(LAYOUTS[name], p) for name in family for p in _claims(LAYOUTS[name], keys)]
     if found:
         best = max(layout.specificity for layout, _ in found)
         found = [(layout, p) for layout, p in found if layout.specificity == best]
     if len(found) == 1:
         return found[0]
+    if forced is not None:
+        markers = " or ".join(f"'{LAYOUTS[name].markers[0]}'" for name in family)
+        where = "under several prefixes: " + ", ".join(p for _, p in found) if found else "anywhere"
+        raise NotConvNeXt(
+            f"--from {forced}: the keys do not carry its marker {markers} ({where}); "
+            f"keys such as {', '.join(sorted(keys)[:4])}.",
+            "Drop --from to let the layout be recognised.",
+        )
     if not found:
         markers = "; ".join(f"{layout.name}: '{layout.markers[0]}'" for layout in LAYOUTS.values())
         raise NotConvNeXt(
@@ -476,14 +480,14 @@ def to_canonical(state_dict: Mapping[str, Any], forced: Optional[str] = None, *,
     """
     if forced is not None and forced not in LAYOUTS:
         raise NotConvNeXt(f"unknown layout '{forced}'.", f"Known layouts: {', '.join(LAYOUTS)}.")
-    layout, prefix = recognise(list(state_dict), forced)
+    layout, prefix = find_layout(list(state_dict), forced)
     out: Dict[str, "torch.Tensor"] = {}
     names: Dict[str, str] = {}
     dropped: Dict[str, str] = {}
     reshaped: Dict[str, str] = {}
     unclaimed: List[str] = []
     collisions: List[str] = []
-    left_out: Dict[str, int] = {}
+    parts: Dict[str, int] = Counter()
     detector = detector_outer_prefix(prefix)
     # Keys a layout writes outside its own prefix (HF `classifier`, mmpretrain `head.fc`) sit under
     # whatever wraps the whole model: `model.convnext.` -> `model.classifier`.  Outer wrappers first.
@@ -501,8 +505,7 @@ def to_canonical(state_dict: Mapping[str, Any], forced: Optional[str] = None, *,
             if reason:
                 dropped[key] = reason
             elif not inside and detector is not None and key.startswith(detector) and not _is_convnext_name(key[len(detector):]):
-                part = _top_level_part(key[len(detector):])
-                left_out[part] = left_out.get(part, 0) + 1
+                parts[_top_level_part(key[len(detector):])] += 1
             else:
                 unclaimed.append(key)
             continue
@@ -521,19 +524,34 @@ def to_canonical(state_dict: Mapping[str, Any], forced: Optional[str] = None, *,
         dropped.update({key: f"outside the {layout.name} layout" for key in unclaimed})
         unclaimed = []
     if unclaimed or collisions:
-        parts = []
-        if unclaimed:
-            more = f" and {len(unclaimed) - 16} more" if len(unclaimed) > 16 else ""
-            parts.append(f"{len(unclaimed)} key(s) outside the {layout.name} layout: {', '.join(sorted(unclaimed)[:16])}{more}")
-        if collisions:
-            parts.append(f"colliding keys: {'; '.join(collisions[:4])}")
+        more = f" and {len(unclaimed) - 16} more" if len(unclaimed) > 16 else ""
+        found = [f"{len(unclaimed)} key(s) outside the {layout.name} layout: {', '.join(sorted(unclaimed)[:16])}{more}"] if unclaimed else []
+        found += [f"colliding keys: {'; '.join(collisions[:4])}"] if collisions else []
         raise NotConvNeXt(
-            f"mixed or unknown naming ({'; '.join(parts)}).",
+            f"mixed or unknown naming ({'; '.join(found)}).",
             "The dict mixes naming schemes or holds non-ConvNeXt weights; convert the backbone's own state dict.",
         )
     if layout.post is not None:
         layout.post(out, names)
-    return Canonical(out, layout.name, prefix, names, dropped, reshaped, dict(sorted(left_out.items())))
+    return Canonical(out, layout.name, prefix, names, dropped, reshaped, dict(sorted(parts.items())))
+
+
+def recognise(
+    state_dict: Mapping[str, Any], layout: Union[None, str, LayoutOption] = None, *, lenient: bool = False
+) -> Tuple[Canonical, Architecture]:
+    """The recognising stage, the one place convert, inspect and verify do it: the weights in
+    canonical names (their layout found, or the one `layout` names), and the architecture their
+    shapes give (`lenient`: without checking every tensor against it, see `infer_architecture`).
+    Only names and shapes are read: handles serve as well as tensors.
+
+    Raises:
+        NotConvNeXt: not a ConvNeXt this tool knows, or not the version `layout` pins.
+    """
+    option = parse_layout_option(layout)
+    canonical = to_canonical(state_dict, forced=option.name if option else None, lenient=lenient)
+    arch = infer_architecture({k: tuple(v.shape) for k, v in canonical.state_dict.items()}, source_name_of(canonical), lenient=lenient)
+    check_pinned_version(option, canonical, arch.version)
+    return canonical, arch
 
 
 def from_canonical(
@@ -556,8 +574,6 @@ def from_canonical(
         if fix is SQUEEZE_1X1 and not conv_mlp:
             fix = NO_FIX
         out[new if outside else prefix + new] = _fixed(key, value, fix.to_source(shape_of(value)), fix)
-    if layout == "dinov3":
-        for p in ("weight", "bias"):
-            if prefix + f"norm.{p}" in out:
-                out[prefix + f"norms.3.{p}"] = out[prefix + f"norm.{p}"]
+    if rules.post_inverse is not None:
+        rules.post_inverse(out, prefix)
     return out

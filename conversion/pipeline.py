@@ -10,14 +10,14 @@ step alone and the CLI only formats the report.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Union
 
-from .architecture import CLASSIFIER_KEYS, Architecture, canonical_shapes, infer_architecture
-from .d2_prediction import backbone_keys, predict_everywhere
-from .diagnose import d2_problems
+from .architecture import CLASSIFIER_KEYS, Architecture, canonical_shapes
+from .diagnose import diagnose
 from .errors import NonFiniteWeights, UnreadableCheckpoint
-from .layouts import Canonical, LayoutOption, check_pinned_version, classifier_names, parse_layout_option, source_name_of, to_canonical
+from .layouts import Canonical, LayoutOption, recognise
 from .containers import check_weight_types, select_state_dict
 from .formats import AUTHOR, output_format
 from .io.handles import ITEM_SIZE, TensorRef, check_references, location_bytes, numel
@@ -53,15 +53,17 @@ class ConversionReport:
     renamed: Dict[str, str]  # target name -> source name, where the layout renamed (not just prefixed)
     fresh: List[str]  # target keys the backbone initialises itself
     dtypes: Dict[str, int]  # dtype -> tensor count, as written
-    dtype_changes: Dict[str, str] = field(default_factory=dict)  # e.g. bfloat16 -> float32 in .pkl
+    stored_as: Dict[str, str] = field(default_factory=dict)  # source dtype -> dtype written (bfloat16 -> float32 in .pkl)
     bytes_written: int = 0
     notes: List[str] = field(default_factory=list)  # what Detectron2 would have made of the source as it was
-    # Target names of tensors holding NaN or Inf; None when not checked (streamed .pth without strict).
+    # Target names of tensors holding NaN or Inf; None when not checked (a streamed conversion without strict).
     non_finite: Optional[List[str]] = None
-    streamed: bool = False  # a torch archive converted without loading it (tensor bytes copied or written one at a time)
+    # Every written tensor was a handle: its bytes went from the source file into the output, never loaded
+    # (False: some tensor was in memory, e.g. numpy arrays pickled inside a torch archive's index).
+    streamed: bool = False
     # A detection / segmentation checkpoint's parts besides the backbone (neck., roi_head., sem_seg_head., ...):
     # top-level prefix -> tensor count, left out of the file.
-    left_out: Dict[str, int] = field(default_factory=dict)
+    detector_parts: Dict[str, int] = field(default_factory=dict)
     # Objects of classes outside the allowlist, read past as inert placeholders: path in the file -> class.
     read_past: Dict[str, str] = field(default_factory=dict)
 
@@ -80,11 +82,19 @@ def _stored_dtype(dtype: Any, fmt: str) -> Any:
     return dtype
 
 
+class Prepared(NamedTuple):
+    """The pure part of a conversion, for weights in memory."""
+
+    arch: Architecture
+    canonical: Canonical
+    target: Target
+
+
 def prepare(
     state_dict: Mapping[str, Any], *, prefix: str = BACKBONE_PREFIX, layout: Union[None, str, LayoutOption] = None,
     lenient: bool = False,
-) -> Tuple[Architecture, Any, Any]:
-    """Pure part of the pipeline: (architecture, canonical, target) for an in-memory state dict.
+) -> Prepared:
+    """The architecture, canonical weights and target of an in-memory state dict.
 
     The target is ordered as the official model orders its parameters, whatever the
     source order, so the same weights always give the same bytes.  `lenient` (repair) keeps what
@@ -93,25 +103,7 @@ def prepare(
     canonical, arch = recognise(state_dict, layout, lenient=lenient)
     ordered = {name: canonical.state_dict[name] for name, shape in canonical_shapes(arch).items()
                if name in canonical.state_dict and tuple(canonical.state_dict[name].shape) == shape}
-    return arch, canonical, to_target(ordered, prefix=prefix)
-
-
-def recognise(
-    state_dict: Mapping[str, Any], layout: Union[None, str, LayoutOption] = None, *, lenient: bool = False
-) -> Tuple[Canonical, Architecture]:
-    """The recognising stage, the one place convert, inspect and verify do it: the weights in
-    canonical names (their layout found, or the one `layout` names), and the architecture their
-    shapes give (`lenient`: without checking every tensor against it, see `infer_architecture`).
-    Only names and shapes are read: handles serve as well as tensors.
-
-    Raises:
-        NotConvNeXt: not a ConvNeXt this tool knows, or not the version `layout` pins.
-    """
-    option = parse_layout_option(layout)
-    canonical = to_canonical(state_dict, forced=option.name if option else None, lenient=lenient)
-    arch = infer_architecture({k: tuple(v.shape) for k, v in canonical.state_dict.items()}, source_name_of(canonical), lenient=lenient)
-    check_pinned_version(option, canonical, arch.version)
-    return canonical, arch
+    return Prepared(arch, canonical, to_target(ordered, prefix=prefix))
 
 
 @dataclass
@@ -250,28 +242,18 @@ def _write(planned: Plan, dst: str, fmt: str, *, force: bool, progress: Optional
     tensors, model = writable(source.path, source.storages, planned.target.state_dict, gather=fmt == "torch")
     if fmt == "torch":
         keep = sorted({ref.storage.key for ref in model.values()})
-        # Written anew, never copied: a source's records are whatever its writer put there, and torch's
-        # reader parses them (an alignment that is not a number fails torch.load of the output).
-        small = list(TORCH_SMALL_RECORDS)
-        payload = {"model": model, "__author__": AUTHOR}
-        return write_pth(dst, tensors, payload, keep, small, force=force, source=source.path, progress=progress)
+        # The small records are written anew, never copied: a source's are whatever its writer put there, and
+        # torch's reader parses them (an alignment that is not a number fails torch.load of the output).
+        return write_pth(dst, tensors, {"model": model, "__author__": AUTHOR}, keep, list(TORCH_SMALL_RECORDS),
+                         force=force, source=source.path, progress=progress)
     return write_pkl(dst, tensors, model, AUTHOR, force=force, source=source.path, progress=progress)
 
 
 def _report(planned: Plan, dst: str, fmt: str, prefix: str) -> ConversionReport:
     source, arch, canonical, target = planned.source, planned.arch, planned.canonical, planned.target
-    dtypes: Dict[str, int] = {}
-    changes: Dict[str, str] = {}
-    for tensor in target.state_dict.values():
-        written = _stored_dtype(tensor.dtype, fmt)
-        dtypes[_dtype_name(written)] = dtypes.get(_dtype_name(written), 0) + 1
-        if written != tensor.dtype:
-            changes[_dtype_name(tensor.dtype)] = _dtype_name(written)
-    renamed = {
-        t: canonical.source_names[c]
-        for t, c in target.canonical_names.items()
-        if canonical.source_names[c] != canonical.prefix + c  # a prefix alone is not a rename
-    }
+    dtypes = [tensor.dtype for tensor in target.state_dict.values()]
+    drop_reasons = {canonical.source_names[c]: "classifier only (a detection backbone has no pooled norm or head)" for c in target.dropped}
+    drop_reasons.update(canonical.dropped)
     return ConversionReport(
         source=os.path.abspath(source.path),
         destination=os.path.abspath(dst),
@@ -283,30 +265,24 @@ def _report(planned: Plan, dst: str, fmt: str, prefix: str) -> ConversionReport:
         format=fmt,
         kept=len(target.state_dict),
         parameters=sum(numel(t) for t in target.state_dict.values()),
-        dropped=sorted([canonical.source_names[c] for c in target.dropped] + list(canonical.dropped)),
-        drop_reasons={
-            **{canonical.source_names[c]: "classifier only (a detection backbone has no pooled norm or head)" for c in target.dropped},
-            **canonical.dropped,
-        },
+        dropped=sorted(drop_reasons),
+        drop_reasons=drop_reasons,
         reshaped={prefix + c: fix for c, fix in canonical.reshaped.items()},
-        renamed=renamed,
+        # target name -> source name where the layout renamed: a prefix alone is not a rename
+        renamed={t: canonical.source_names[c] for t, c in target.canonical_names.items() if canonical.source_names[c] != canonical.prefix + c},
         fresh=fresh_output_norms(arch, ALL_OUTPUTS, prefix),
-        dtypes=dtypes,
-        dtype_changes=changes,
-        bytes_written=0,
+        dtypes=dict(Counter(_dtype_name(_stored_dtype(d, fmt)) for d in dtypes)),
+        stored_as={_dtype_name(d): _dtype_name(_stored_dtype(d, fmt)) for d in dtypes if _stored_dtype(d, fmt) != d},
         notes=_problems(planned),
         streamed=planned.streamed,
-        left_out=dict(canonical.left_out),
+        detector_parts=dict(canonical.detector_parts),
         read_past=placeholders_in(source.objects),
     )
 
 
 def _problems(planned: Plan) -> List[str]:
     """What Detectron2 would have made of the source as it was (names and containers only)."""
-    source, canonical = planned.source, planned.canonical
-    prediction = predict_everywhere(source.path, source.format, source.objects, backbone_keys(planned.arch, BACKBONE_PREFIX), modules=source.modules)
-    return d2_problems(prediction, source.path, source.format, source.objects, canonical.layout, canonical.prefix,
-                       classifier_names(canonical), source.modules)
+    return diagnose(planned.source.path, planned.source, planned.canonical, planned.arch)[1]
 
 
 def _not_repaired(planned: Plan) -> List[str]:
@@ -357,8 +333,6 @@ def repair(src: str, dst: str, *, force: bool = False) -> RepairReport:
     # Opened as `convert` opens it (a torch archive by its index, its records copied), so that repairing
     # a 3.4 GB XXLarge costs what converting it costs (~20 MB), not three times the file in memory.
     planned = plan(open_source(src), fmt, lenient=True)
-    causes, missing = _problems(planned), _not_repaired(planned)
-    if not causes:
-        return RepairReport(os.path.abspath(src), os.path.abspath(dst), [], None, missing)
-    report = _convert(planned, dst, fmt, prefix=BACKBONE_PREFIX, force=force)
-    return RepairReport(os.path.abspath(src), os.path.abspath(dst), causes, report, missing)
+    causes = _problems(planned)
+    report = _convert(planned, dst, fmt, prefix=BACKBONE_PREFIX, force=force) if causes else None
+    return RepairReport(os.path.abspath(src), os.path.abspath(dst), causes, report, _not_repaired(planned))

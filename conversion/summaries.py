@@ -49,8 +49,8 @@ def format_report(r: "ConversionReport") -> str:
             reasons.setdefault(r.drop_reasons.get(key, "left out"), []).append(key)
         for reason, keys in reasons.items():
             lines.append(f"  dropped    {len(keys)} tensors, {reason}: {summarise_names(keys)}")
-    if r.left_out:
-        lines.append(f"  left out   {sum(r.left_out.values())} tensors of the detector around the backbone: {_by_part(r.left_out)}")
+    if r.detector_parts:
+        lines.append(f"  left out   {sum(r.detector_parts.values())} tensors of the detector around the backbone: {_by_part(r.detector_parts)}")
     if r.read_past:
         classes = sorted(set(r.read_past.values()))
         lines.append(f"  read past  {len(r.read_past)} non-weight objects, not built (nothing imported or run): {summarise_names(classes)}")
@@ -59,7 +59,7 @@ def format_report(r: "ConversionReport") -> str:
     fixes = sorted(set(r.reshaped.values()))
     if fixes:
         lines.append(f"  reshaped   {len(r.reshaped)} tensors ({'; '.join(fixes)}), values unchanged")
-    for old, new in r.dtype_changes.items():
+    for old, new in r.stored_as.items():
         lines.append(f"  dtype      {old} stored as {new} (numpy has no {old}; exact)")
     if r.fresh:
         modules = sorted({key.rsplit(".", 1)[0] for key in r.fresh})
@@ -91,8 +91,8 @@ def format_inspection(r: "InspectReport") -> str:
     ]
     if r.reshaped:
         lines.append(f"  reshaped   {len(r.reshaped)} tensors on conversion ({'; '.join(sorted(set(r.reshaped.values())))})")
-    if r.left_out:
-        lines.append(f"  left out   {len(r.left_out)} tensors on conversion: {summarise_names(sorted(r.left_out))}")
+    if r.drop_reasons:
+        lines.append(f"  left out   {len(r.drop_reasons)} tensors on conversion: {summarise_names(sorted(r.drop_reasons))}")
     if r.detector_parts:
         total = sum(r.detector_parts.values())
         lines.append(f"  detector   {total} tensors around the backbone, left out on conversion: {_by_part(r.detector_parts)}")

@@ -31,16 +31,12 @@ class Target:
 
 def to_target(canonical: Mapping[str, Any], prefix: str = BACKBONE_PREFIX) -> Target:
     """Prefix every backbone tensor; drop the classifier's `norm.*` and `head.*`."""
-    kept: Dict[str, Any] = {}
-    canonical_names: Dict[str, str] = {}
-    dropped: List[str] = []
-    for name, tensor in canonical.items():
-        if name in CLASSIFIER_KEYS:
-            dropped.append(name)
-            continue
-        kept[prefix + name] = tensor
-        canonical_names[prefix + name] = name
-    return Target(state_dict=kept, canonical_names=canonical_names, dropped=tuple(sorted(dropped)))
+    kept = [name for name in canonical if name not in CLASSIFIER_KEYS]
+    return Target(
+        state_dict={prefix + name: canonical[name] for name in kept},
+        canonical_names={prefix + name: name for name in kept},
+        dropped=tuple(sorted(name for name in canonical if name in CLASSIFIER_KEYS)),
+    )
 
 
 def fresh_output_norms(arch: Architecture, out_features: Sequence[str] = ALL_OUTPUTS, prefix: str = BACKBONE_PREFIX) -> List[str]:

@@ -8,6 +8,7 @@ The tables themselves, and recognition, are in `layouts.py`.
 from __future__ import annotations
 
 import re
+from math import prod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Tuple
 
@@ -16,29 +17,20 @@ if TYPE_CHECKING:
 
 # ---------------------------------------------------------------- templates
 
-
-def _odd(value: int, to_source: bool) -> Optional[int]:
-    """torchvision: stage s is features[2s+1]."""
-    if to_source:
-        return 2 * value + 1
-    return (value - 1) // 2 if value % 2 == 1 else None
+Codec = Callable[[int, bool], Optional[int]]  # (value, to_source) -> the other side's, None: not this field's
 
 
-def _even(value: int, to_source: bool) -> Optional[int]:
-    """torchvision: the downsample before stage i is features[2i] (i=0: the stem)."""
-    if to_source:
-        return 2 * value
-    return value // 2 if value % 2 == 0 else None
+def _codec(encode: Callable[[int], int], decode: Callable[[int], Optional[int]]) -> Codec:
+    return lambda value, to_source: encode(value) if to_source else decode(value)
 
 
-def _plus1(value: int, to_source: bool) -> Optional[int]:
-    """Hugging Face Backbone: output norm i is hidden_states_norms.stage{i+1}."""
-    if to_source:
-        return value + 1
-    return value - 1 if value >= 1 else None
-
-
-_CODECS: Dict[str, Callable[[int, bool], Optional[int]]] = {"odd": _odd, "even": _even, "plus1": _plus1}
+_CODECS: Dict[str, Codec] = {
+    # torchvision: stage s is features[2s+1]; the downsample before stage i is features[2i] (i=0: the stem).
+    "odd": _codec(lambda v: 2 * v + 1, lambda v: (v - 1) // 2 if v % 2 == 1 else None),
+    "even": _codec(lambda v: 2 * v, lambda v: v // 2 if v % 2 == 0 else None),
+    # Hugging Face Backbone: output norm i is hidden_states_norms.stage{i+1}.
+    "plus1": _codec(lambda v: v + 1, lambda v: v - 1 if v >= 1 else None),
+}
 _FIELD = re.compile(r"\{(\w+)(?:\|(\w+)|=([\w|]+))?\}")
 
 
@@ -99,40 +91,6 @@ class Template:
 Shape = Tuple[int, ...]
 
 
-def _elements(shape: Shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _squeeze_1x1(shape: Shape) -> Shape:
-    """timm conv-MLP models store Linear weights as 1x1 convs [out, in, 1, 1]."""
-    return (shape[0], shape[1]) if len(shape) == 4 else shape
-
-
-def _unsqueeze_1x1(shape: Shape) -> Shape:
-    return (shape[0], shape[1], 1, 1) if len(shape) == 2 else shape
-
-
-def _grn_4d(shape: Shape) -> Shape:
-    """Official GRN parameters are [1, 1, 1, E]; timm and mmpretrain store [E]."""
-    return (1, 1, 1, _elements(shape))
-
-
-def _flat(shape: Shape) -> Shape:
-    """GRN [1, 1, 1, E] -> [E] (to source); torchvision layer scale [C, 1, 1] -> official `gamma` [C]."""
-    return (_elements(shape),)
-
-
-def _layer_scale_3d(shape: Shape) -> Shape:
-    return (_elements(shape), 1, 1)
-
-
-def _same(shape: Shape) -> Shape:
-    return shape
-
-
 @dataclass(frozen=True)
 class Fix:
     """A layout's shape fix: its report text and its two shape functions."""
@@ -142,11 +100,14 @@ class Fix:
     to_source: Callable[[Shape], Shape]
 
 
-SQUEEZE_1X1 = Fix("[out,in,1,1] -> [out,in]", _squeeze_1x1, _unsqueeze_1x1)
-GRN_VECTOR = Fix("[E] -> [1,1,1,E]", _grn_4d, _flat)
-LAYER_SCALE_3D = Fix("[C,1,1] -> [C]", _flat, _layer_scale_3d)
+# timm conv-MLP models (and mmpretrain's linear_pw_conv=False) store Linear weights as 1x1 convs.
+SQUEEZE_1X1 = Fix("[out,in,1,1] -> [out,in]", lambda s: s[:2] if len(s) == 4 else s, lambda s: s + (1, 1) if len(s) == 2 else s)
+# Official GRN parameters are [1, 1, 1, E]; timm and mmpretrain store [E].
+GRN_VECTOR = Fix("[E] -> [1,1,1,E]", lambda s: (1, 1, 1, prod(s)), lambda s: (prod(s),))
+# torchvision's layer scale is [C, 1, 1]; the official `gamma` is [C].
+LAYER_SCALE_3D = Fix("[C,1,1] -> [C]", lambda s: (prod(s),), lambda s: (prod(s), 1, 1))
 # The conv-MLP fix is optional in the source direction: only conv-MLP models need it.
-NO_FIX = Fix("", _same, _same)
+NO_FIX = Fix("", lambda s: s, lambda s: s)
 
 
 @dataclass(frozen=True)
@@ -181,17 +142,20 @@ class Layout:
         pairs: the mapping table (first matching pair wins, in both directions).
         drops: source templates of tensors deliberately left out, with the reason.
         prefixes: the only prefixes this layout comes with (None: any).
-        describe: one line for reports and `--from` help.
+        description: one line for reports and `--from` help.
+        post: layout-specific renames after mapping to canonical names (canonical, source names).
+        post_inverse: layout-specific additions after mapping back (source dict, prefix).
     """
 
     name: str
     markers: Tuple[str, ...]
     pairs: Tuple[Pair, ...]
-    describe: str
+    description: str
     drops: Tuple[Tuple[Template, str], ...] = ()
     drop_outside_prefix: Optional[str] = None  # reason to drop every key outside the prefix
     prefixes: Optional[Tuple[str, ...]] = None
-    post: Optional[Callable[[Dict[str, "torch.Tensor"], Dict[str, str]], None]] = None  # layout-specific renames
+    post: Optional[Callable[[Dict[str, "torch.Tensor"], Dict[str, str]], None]] = None
+    post_inverse: Optional[Callable[[Dict[str, Any], str], None]] = None
 
     @property
     def specificity(self) -> int:

@@ -40,7 +40,7 @@ from .errors import ConversionError, UnusableVerifyInput, describe_exception
 from .heuristics import heuristic_assignment
 from .imports import load_imports
 from .layouts import Canonical, to_canonical
-from .pipeline import recognise
+from .layouts import recognise
 from .read import open_source, read_checkpoint
 from .summaries import summarise_names
 from .target import BACKBONE_PREFIX, to_target

@@ -35,7 +35,7 @@ def _expected(src: str, dst: str, **differences) -> dict:
         "variant": None, "version": 1, "depths": [1, 1, 1, 1], "dims": [4, 4, 4, 4], "num_classes": 2,
         "prefix": "backbone.", "kept": 52, "parameters": 1872,
         "dropped": CLASSIFIER, "drop_reasons": {name: CLASSIFIER_ONLY for name in CLASSIFIER},
-        "reshaped": {}, "renamed": {}, "left_out": {}, "read_past": {}, "non_finite": None, "streamed": True,
+        "reshaped": {}, "renamed": {}, "detector_parts": {}, "read_past": {}, "non_finite": None, "streamed": True,
         "fresh": [f"backbone.norm{i}.{p}" for i in range(4) for p in ("weight", "bias")],
         "notes": [
             "names lack the 'backbone.' prefix: Detectron2 loads none of them; the model is handed names such as "
@@ -49,9 +49,9 @@ def _expected(src: str, dst: str, **differences) -> dict:
 
 
 @pytest.mark.parametrize("name, differences", [
-    ("model_d2.pkl", dict(format="pickle", dtypes={"float16": 1, "float32": 51}, dtype_changes={"bfloat16": "float32"},
+    ("model_d2.pkl", dict(format="pickle", dtypes={"float16": 1, "float32": 51}, stored_as={"bfloat16": "float32"},
                           bytes_written=12999)),
-    ("model_d2.pth", dict(format="torch", dtypes={"bfloat16": 1, "float16": 1, "float32": 50}, dtype_changes={},
+    ("model_d2.pth", dict(format="torch", dtypes={"bfloat16": 1, "float16": 1, "float32": 50}, stored_as={},
                           bytes_written=None)),
 ], ids=["pkl", "pth"])
 def test_convert_json_is_exactly_the_report_of_the_file(name, differences, tmp_path, capsys):

@@ -41,7 +41,7 @@ def test_inspect_json_of_a_small_converted_pkl_is_exactly_this(tmp_path, capsys)
         "layout_description": "facebookresearch ConvNeXt / ConvNeXt-V2 (also FCMAE dense files and Detectron2 files)",
         "source_prefix": "backbone.", "version": 1, "variant": None, "depths": [1, 1, 1, 1], "dims": [8, 8, 8, 8],
         "num_classes": None, "tensors": 52, "parameters": 5152, "dtypes": {"float32": 52},
-        "reshaped": {}, "left_out": {}, "detector_parts": {}, "problems": [],
+        "reshaped": {}, "drop_reasons": {}, "detector_parts": {}, "problems": [],
         "detectron2": {
             "stack": installed_stack().describe(), "reader": "pickle.load (a .pkl name)", "raises": None,
             "heuristics": None, "module_stripped": False, "loaded": {k: k for k in TRUNK}, "missing": OUTPUT_NORMS,

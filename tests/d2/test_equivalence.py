@@ -318,7 +318,7 @@ def test_any_v1_architecture_matches_timm(
     original = timm_original(arch, official)
     with tempfile.TemporaryDirectory() as directory:
         backbone = converted_backbone(arch, official, directory, fmt)
-    assert_equivalent(arch, original, backbone, image(PROPERTY_INPUT, input_seed), case=f"{arch.describe()}, .{fmt}")
+    assert_equivalent(arch, original, backbone, image(PROPERTY_INPUT, input_seed), case=f"{arch.description}, .{fmt}")
 
 
 @settings(max_examples=PROPERTY_EXAMPLES // 2)
@@ -332,7 +332,7 @@ def test_any_v2_architecture_matches_timm(case: Tuple[Architecture, Dict[str, to
     original = timm_original(arch, official)
     with tempfile.TemporaryDirectory() as directory:
         backbone = converted_backbone(arch, official, directory, "pth")
-    assert_equivalent(arch, original, backbone, image(PROPERTY_INPUT, input_seed), case=f"{arch.describe()}, .pth")
+    assert_equivalent(arch, original, backbone, image(PROPERTY_INPUT, input_seed), case=f"{arch.description}, .pth")
 
 
 # ---------------------------------------------------------------- CUDA: fp32, bf16, fp16

@@ -145,7 +145,7 @@ def test_the_whole_model_checkpoint_with_tied_heads_converts_with_its_trained_no
     assert sorted(written) == sorted(k for k in state if k.startswith("backbone."))
     for name, value in written.items():
         assert torch.equal(value, state[name]), name
-    assert report.left_out["class_embed."] == 2 * 6 and report.left_out["transformer."] > 0
+    assert report.detector_parts["class_embed."] == 2 * 6 and report.detector_parts["transformer."] > 0
 
 
 def test_assert_loads_clean_takes_a_lazy_config_and_checks_its_own_weights(project):

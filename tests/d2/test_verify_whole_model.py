@@ -284,4 +284,4 @@ def test_a_whole_model_final_pth_with_tied_box_heads_converts_with_its_trained_b
     assert sorted(written) == sorted(k for k in state if k.startswith("backbone."))
     for name, value in written.items():
         assert torch.equal(torch.from_numpy(value), state[name]), name
-    assert report.left_out["sem_seg_head."] == sum(1 for k in state if k.startswith("sem_seg_head."))
+    assert report.detector_parts["sem_seg_head."] == sum(1 for k in state if k.startswith("sem_seg_head."))

@@ -73,7 +73,7 @@ def test_a_whole_model_with_tied_modules_converts_with_the_backbone_bit_equal(ti
     written = read_written(tmp_path / "d2.pth")["model"]
     expected = to_target(_backbone(), prefix="backbone.").state_dict
     assert report.kept == len(written) == len(expected)
-    assert report.left_out == {"bbox_embed.": 2 * TIED_LAYERS, "class_embed.": 2 * TIED_LAYERS, "transformer.": 4 * TIED_LAYERS}
+    assert report.detector_parts == {"bbox_embed.": 2 * TIED_LAYERS, "class_embed.": 2 * TIED_LAYERS, "transformer.": 4 * TIED_LAYERS}
     for name, value in expected.items():
         assert torch.equal(torch.as_tensor(written[name]), value), name
 

@@ -95,7 +95,7 @@ def test_streamed_pkl_widens_bfloat16_exactly(tmp_path):
     sd = random_state_dict(ARCH, dtype=torch.bfloat16)
     torch.save({"model": sd}, tmp_path / "src.pth")
     report = convert(str(tmp_path / "src.pth"), str(tmp_path / "out.pkl"))
-    assert report.streamed and report.dtype_changes == {"bfloat16": "float32"}
+    assert report.streamed and report.stored_as == {"bfloat16": "float32"}
     with open(tmp_path / "out.pkl", "rb") as f:
         data = pickle.load(f, encoding="latin1")
     got = data["model"]["backbone.stages.0.0.gamma"]

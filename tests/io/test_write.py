@@ -86,7 +86,7 @@ def test_dtypes_are_kept_except_bfloat16_in_pkl(dtype, ext):
     for name, tensor in sd.items():
         got = model[name]
         assert got.dtype == expect and torch.equal(got, tensor.to(expect)), name
-    assert report.dtype_changes == ({"bfloat16": "float32"} if expect != dtype else {})
+    assert report.stored_as == ({"bfloat16": "float32"} if expect != dtype else {})
 
 
 @pytest.mark.parametrize("fmt", ["torch", "pickle"])

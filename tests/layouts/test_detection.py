@@ -139,7 +139,7 @@ def test_detectron2_model_final_converts_its_backbone_with_trained_output_norms(
     report = convert(src, dst)
     head = sorted(k for k in segmentor.state_dict() if k.startswith("sem_seg_head."))
     assert (report.layout, report.container, report.source_prefix) == ("official", "model", "backbone.")
-    assert report.left_out == {"sem_seg_head.": len(head)} and len(head) > 0
+    assert report.detector_parts == {"sem_seg_head.": len(head)} and len(head) > 0
     assert (report.fresh, report.dropped) == ([], [])
     assert sorted(torch_load_weights_only(dst)["model"]) == names(TARGET_V1)
     x = image(INPUT, seed=3)
@@ -171,7 +171,7 @@ def test_mmdet_mask_rcnn_with_mmpretrain_names_keeps_norm0_to_3_and_leaves_out_n
     dst = str(tmp_path / "backbone_d2.pth")
     report = convert(src, dst)
     assert (report.layout, report.container, report.source_prefix) == ("mmpretrain", "state_dict", "backbone.")
-    assert report.left_out == {"neck.": 16, "roi_head.": 20, "rpn_head.": 6}
+    assert report.detector_parts == {"neck.": 16, "roi_head.": 20, "rpn_head.": 6}
     assert (report.fresh, report.dropped) == ([], [])
     assert sorted(torch_load_weights_only(dst)["model"]) == names(TARGET_V1)
     x = image(INPUT, seed=4)
@@ -189,7 +189,7 @@ def test_mmseg_upernet_with_official_names_keeps_norm0_to_3_and_leaves_out_its_h
     dst = str(tmp_path / "backbone_d2.pth")
     report = convert(src, dst)
     assert (report.layout, report.source_prefix) == ("official", "backbone.")
-    assert report.left_out == {"auxiliary_head.": 8, "decode_head.": 32}
+    assert report.detector_parts == {"auxiliary_head.": 8, "decode_head.": 32}
     assert (report.fresh, report.dropped) == ([], [])
     x = image(INPUT, seed=5)
     with torch.no_grad():
@@ -204,7 +204,7 @@ def test_from_accepts_a_detection_checkpoint(tmp_path, capsys, forced):
     status, out, err = convert_cli(tmp_path, {"state_dict": sd}, "--from", forced, "--json", capsys=capsys)
     assert status == EXIT_OK, err
     report = json.loads(out)
-    assert report["left_out"] == {"neck.": 16, "roi_head.": 20, "rpn_head.": 6} and report["fresh"] == []
+    assert report["detector_parts"] == {"neck.": 16, "roi_head.": 20, "rpn_head.": 6} and report["fresh"] == []
 
 
 def test_summary_lists_the_left_out_parts_with_counts(tmp_path, capsys):
@@ -213,7 +213,7 @@ def test_summary_lists_the_left_out_parts_with_counts(tmp_path, capsys):
     status, out, err = convert_cli(tmp_path, {"state_dict": sd}, "--json", capsys=capsys)
     assert status == EXIT_OK, err
     report = json.loads(out)
-    assert report["left_out"] == {"auxiliary_head.": 8, "decode_head.": 32} and report["fresh"] == [], report
+    assert report["detector_parts"] == {"auxiliary_head.": 8, "decode_head.": 32} and report["fresh"] == [], report
 
 
 def test_mmdet_checkpoint_whose_backbone_is_a_resnet_is_refused(tmp_path, capsys):
@@ -302,7 +302,7 @@ def test_detectron2_fpn_rcnn_model_final_converts_its_bottom_up_convnext(tmp_pat
     sd = rcnn.state_dict()
     fpn = {f"backbone.{k.split('.')[1]}." for k in sd if k.startswith("backbone.") and not k.startswith("backbone.bottom_up.")}
     expected = {part: sum(k.startswith(part) for k in sd) for part in sorted(fpn | {"proposal_generator.", "roi_heads."})}
-    assert report.left_out == expected and "backbone.fpn_lateral2." in expected
+    assert report.detector_parts == expected and "backbone.fpn_lateral2." in expected
     assert (report.fresh, report.dropped) == ([], [])
     assert sorted(torch_load_weights_only(dst)["model"]) == names(TARGET_V1)
     x = image(INPUT, seed=6)

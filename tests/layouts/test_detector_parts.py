@@ -51,7 +51,7 @@ def test_backbone_reads_back_exactly_and_every_part_is_counted(case):
     layout, canonical, sd, counts = case
     read = to_canonical(sd)
     assert (read.layout, read.prefix) == (layout, "backbone.")
-    assert read.left_out == dict(sorted(counts.items()))
+    assert read.detector_parts == dict(sorted(counts.items()))
     assert sorted(read.state_dict) == sorted(canonical)
     assert all(torch.equal(read.state_dict[k], canonical[k]) for k in canonical)
     assert read.dropped == {}

@@ -23,7 +23,7 @@ from conversion.architecture import Architecture
 from conversion.pipeline import prepare
 from conversion.errors import NotConvNeXt
 from conversion.inspection import inspect_checkpoint
-from conversion.layouts import LAYOUTS, from_canonical, recognise, to_canonical
+from conversion.layouts import LAYOUTS, find_layout, from_canonical, to_canonical
 from conversion.synthetic import random_state_dict
 
 from .. import strategies as S
@@ -280,7 +280,7 @@ def test_inspect_recognises_every_layout_in_every_container(case: LayoutCase, co
 @given(case=layout_cases(dtype=torch.float32))
 def test_exactly_one_layout_claims_each_dict(case: LayoutCase):
     """Recognition picks the true layout; any other forced with --from refuses (or, sharing the spelling, agrees)."""
-    layout, prefix = recognise(list(case.source))
+    layout, prefix = find_layout(list(case.source))
     assert (layout.name, prefix) == (case.spec.name, case.prefix)
     for other in sorted(LAYOUTS):
         if other == case.spec.name:
