@@ -25,17 +25,20 @@ keys are given as name -> shape, so the prediction needs neither detectron2 nor 
 """
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import os
 import re
+import sys
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
 from urllib.parse import parse_qs, urlsplit
 
-from .containers import is_array
+from .containers import is_array, walk
 from .errors import PredictedRaise
 from .heuristics import caffe2_names, heuristic_assignment
-from .io.handles import shape_of
+from .io.allowlist import Placeholder
+from .io.handles import ArrayRef, shape_of
 
 if TYPE_CHECKING:
     from .architecture import Architecture
@@ -143,15 +146,17 @@ def split_query(path: str) -> Tuple[str, Dict[str, List[str]]]:
 
 
 def _unsafe_for_weights_only(objects: Any) -> List[str]:
-    from .containers import walk
-
+    """What torch's weights-only unpickler refuses: objects read past, arrays (handles or numpy's; a
+    numpy array exists only where numpy is imported), argparse namespaces."""
+    numpy = sys.modules.get("numpy")
     found = set()
     for _, v in walk(objects):
-        kind = getattr(v, "stands_for", None) or type(v).__name__
-        if kind == "Placeholder":
+        if isinstance(v, Placeholder):
             found.add(v.cls.rsplit(".", 1)[-1])
-        elif kind in ("ndarray", "Namespace"):
-            found.add(kind)
+        elif isinstance(v, ArrayRef) or (numpy is not None and isinstance(v, numpy.ndarray)):
+            found.add("ndarray")
+        elif isinstance(v, argparse.Namespace):
+            found.add("Namespace")
     return sorted(found)
 
 
@@ -214,7 +219,7 @@ def _shapes(weights: Any) -> Dict[str, Shape]:
     shapes = {}
     for k, v in weights.items():
         if not is_array(v):
-            kind = getattr(v, "cls", None) or getattr(v, "stands_for", None) or type(v).__name__
+            kind = v.cls if isinstance(v, Placeholder) else getattr(v, "stands_for", None) or type(v).__name__
             raise PredictedRaise(f"ValueError: Unsupported type found in checkpoint! {k}: {kind}")
         shapes[str(k)] = shape_of(v)
     return shapes

@@ -90,7 +90,7 @@ def caffe2_name(name: str) -> str:
     """The name Detectron2 gives a Caffe2 blob before matching (its basic and detection renames)."""
     name = _CAFFE2_FIXED.get(name, name)
     for pattern, replacement in _CAFFE2_RENAMES:
-        name = re.sub(pattern, replacement, name) if pattern != "_" else name.replace("_", ".")
+        name = re.sub(pattern, replacement, name)
     name = _fpn_name(name)
     for pattern, replacement in _CAFFE2_LATE_RENAMES:
         name = re.sub(pattern, replacement, name)

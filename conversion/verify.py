@@ -119,14 +119,6 @@ def _architecture_of(path: str) -> Architecture:
 # ---------------------------------------------------------------- config and model
 
 
-def _config(config: Optional[str], checkpoint: Optional[str], overrides: Sequence[str] = ()) -> Any:
-    """The user's YAML (with its overrides), or this project's backbone shaped like the checkpoint."""
-    if config:
-        return yaml_config.load(config, overrides)
-    assert checkpoint is not None
-    return d2l.config_for(None, **d2l.convnext_options(_architecture_of(checkpoint.split("?", 1)[0])))
-
-
 def _no_backbone_report(report: VerifyReport, cfg: Any) -> VerifyReport:
     """The config names no backbone: Detectron2 would build its default, so nothing is loaded."""
     default = cfg.MODEL.BACKBONE.NAME
@@ -279,12 +271,13 @@ def _compare_with_source(backbone: torch.nn.Module, source: str, report: VerifyR
 
 def _setup_yaml(checkpoint: Optional[str], config: Optional[str], overrides: Sequence[str], strict: bool) -> Tuple[VerifyReport, Any]:
     """The report and the model (None: the config names no backbone, nothing to load) for a YAML config or none."""
-    if not config:  # this project's backbone, shaped like the checkpoint: it must be read first
-        tw.resolve(checkpoint, None, "", None)
-    cfg = _config(config, checkpoint, overrides)
-    path, weights_from, differs = tw.resolve(checkpoint, config, "MODEL.WEIGHTS", cfg.MODEL.WEIGHTS if config else None)
-    report = VerifyReport(checkpoint=os.path.abspath(path), config=config, backbone=cfg.MODEL.BACKBONE.NAME,
-                          strict=strict, weights_from=weights_from, weights_warning=differs)
+    if config:
+        cfg = yaml_config.load(config, overrides)
+        resolved = tw.resolve(checkpoint, config, "MODEL.WEIGHTS", cfg.MODEL.WEIGHTS)
+    else:  # this project's backbone, shaped like the checkpoint: it is checked, then read, first
+        resolved = tw.resolve(checkpoint, None, "", None)
+        cfg = d2l.config_for(None, **d2l.convnext_options(_architecture_of(resolved[0].split("?", 1)[0])))
+    report = _report(resolved, config, cfg.MODEL.BACKBONE.NAME, strict)
     if config and not d2l.names_a_backbone(config):
         return _no_backbone_report(report, cfg), None
     model, report.whole_model_reason = yaml_config.build(cfg, config)
@@ -295,13 +288,18 @@ def _setup_yaml(checkpoint: Optional[str], config: Optional[str], overrides: Seq
 def _setup_lazy(checkpoint: Optional[str], config: str, overrides: Sequence[str], strict: bool) -> Tuple[VerifyReport, Any]:
     """The report and the model for a LazyConfig: its `model` instantiated on CPU, or its backbone alone."""
     cfg = lazy.load(config, overrides)
-    path, weights_from, differs = tw.resolve(checkpoint, config, lazy.INIT_CHECKPOINT, lazy.init_checkpoint(cfg))
+    resolved = tw.resolve(checkpoint, config, lazy.INIT_CHECKPOINT, lazy.init_checkpoint(cfg))
     backbone = lazy.target_name(cfg.model.backbone) if lazy.has_backbone_node(cfg) else "?"
-    report = VerifyReport(checkpoint=os.path.abspath(path), config=config, backbone=backbone, strict=strict,
-                          weights_from=weights_from, weights_warning=differs)
+    report = _report(resolved, config, backbone, strict)
     model, report.whole_model_reason = lazy.build(cfg, config)
     report.meta_architecture = lazy.target_name(cfg.model) if report.whole_model_reason is None else None
     return report, model
+
+
+def _report(resolved: Tuple[str, Optional[str], Optional[str]], config: Optional[str], backbone: str, strict: bool) -> VerifyReport:
+    path, weights_from, differs = resolved
+    return VerifyReport(checkpoint=os.path.abspath(path), config=config, backbone=backbone, strict=strict,
+                        weights_from=weights_from, weights_warning=differs)
 
 
 def verify(
