@@ -130,17 +130,12 @@ def build(cfg: Any, path: str) -> Tuple[nn.Module, Optional[str]]:
     """
     from detectron2.config import instantiate
 
-    from .d2_loading import BACKBONE_ATTRIBUTE, BackboneHolder
+    from .d2_loading import BackboneHolder, whole_model
 
     on_cpu(cfg.model)
-    try:
-        model = instantiate(cfg.model)
-    except Exception as err:  # a compiled op, a missing package, the user's bug: the backbone alone, said
-        why = f"instantiating {target_name(cfg.model)} failed ({describe_exception(err)})"
-    else:
-        if isinstance(getattr(model, BACKBONE_ATTRIBUTE, None), nn.Module):
-            return model.eval(), None
-        why = f"{target_name(cfg.model)} has no .{BACKBONE_ATTRIBUTE} module"
+    model, why = whole_model(lambda: instantiate(cfg.model), target_name(cfg.model), "instantiating")
+    if model is not None:
+        return model, None
     if not has_backbone_node(cfg):
         raise _unusable(path, f"{why}, and cfg.model has no backbone node to check alone.",
                         "Make cfg.model (or cfg.model.backbone) instantiable on CPU.")
