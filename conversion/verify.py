@@ -1,22 +1,12 @@
 """`verify`: will training start from these weights?  Load the checkpoint training loads as its
 train_net.py does and report every way it falls short, separating what matters from what does not.
 
-Which file: CKPT when given (a warning when it is not the config's own weights), else the config's
-own `MODEL.WEIGHTS` / LazyConfig `train.init_checkpoint`, resolved as training resolves it
-(`training_weights`).  What is loaded into: for a YAML config, the whole model `build_model(cfg)`
-builds on the CPU when its `MODEL.META_ARCHITECTURE` is registered (the user's package imported),
-otherwise the backbone it names, alone (`yaml_config`); for a LazyConfig `.py`, `instantiate(cfg.model)`
-on the CPU, otherwise `cfg.model.backbone` alone (`lazy_config`); the report says what the backbone
-alone could not check.  Without a config, this project's backbone shaped like the checkpoint.
-
-Problems (exit 1) are what would make training not start from the pretrained weights, or change
-something silently: a backbone weight left without a value (other than the fresh output norms
-`backbone.norm{i}`, which no ImageNet file has), a shape skip, Detectron2 raising, a
-`matching_heuristics` match that is ambiguous or loads a checkpoint tensor into a module outside the
-backbone, NaN/Inf among the loaded weights, a config that names no backbone.  Warnings (exit 0; exit
-1 with `strict`) change nothing in training: checkpoint tensors nobody uses, heuristic near-misses
-Detectron2 skips.  With a source checkpoint, the backbone's features are also compared with the same
-backbone given the source's weights through the converter's mapping.
+The file is CKPT or the config's own weights (`training_weights`); the model is the one the config
+builds on the CPU, else the backbone it names, alone (`yaml_config`, `lazy_config`; the report says
+what the backbone alone could not check), else this project's backbone shaped like the checkpoint.
+Problems (exit 1) would make training not start from the pretrained weights, or change something
+silently; warnings (exit 0; 1 with `strict`) change nothing in training.  With a source checkpoint,
+the backbone's features are also compared with the same backbone given the source's weights.
 """
 from __future__ import annotations
 
@@ -179,8 +169,7 @@ def _heuristic_findings(report: VerifyReport, model_shapes: Shapes, ckpt: Shapes
 def _dtype_changes(
     report: VerifyReport, source_of: Mapping[str, str], model_dtypes: Mapping[str, str], ckpt_dtypes: Mapping[str, str]
 ) -> None:
-    for key in source_of:
-        src = source_of.get(key, key)
+    for key, src in source_of.items():
         if src in ckpt_dtypes and ckpt_dtypes[src] != model_dtypes[key]:
             change = f"{ckpt_dtypes[src]} -> {model_dtypes[key]}"
             report.dtype_changes[change] = str(int(report.dtype_changes.get(change, "0")) + 1)
