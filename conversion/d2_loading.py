@@ -2,29 +2,27 @@
 demo, `conversion.testing` and the suite share.
 
 train_net.py builds the model with `build_model(cfg)` and loads `MODEL.WEIGHTS` with
-`DetectionCheckpointer(model).resume_or_load(path, resume=False)`.  `load_observed` runs exactly
-that and records what happened (the state dict Detectron2 read, fvcore's incompatible keys, every
-log record, the exception if one was raised) without changing the load itself.  This is the one
-place in the package that wraps `DetectionCheckpointer._load_model` and listens to the fvcore and
-detectron2 loggers; it behaves the same on Detectron2 0.7 (sal-detectron2) and v0.6, whose
-checkpointers share fvcore's `resume_or_load -> load -> _load_model` path.
-
-Detectron2 is imported inside the functions that need it (and `conversion.d2`, which registers the
-backbone, on first use), so importing this module needs torch only: the test API's asserts and
-types import in an environment without Detectron2.
+`DetectionCheckpointer(model).resume_or_load(path, resume=False)`; `load_observed` runs exactly that
+and records what happened without changing the load.  The one place that wraps
+`DetectionCheckpointer._load_model` and listens to the fvcore and detectron2 loggers (the same
+`resume_or_load -> load -> _load_model` path on Detectron2 0.7 and v0.6).  Detectron2 is imported
+on first use, so the test API's asserts and types import without it.
 """
 from __future__ import annotations
 
 import logging
+import logging.handlers
+import sys
 import warnings
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Set, Tuple
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
 
 from .architecture import Architecture
-from .errors import plain_text
+from .errors import describe_exception, plain_text
 from .target import BACKBONE_PREFIX
 
 if TYPE_CHECKING:
@@ -34,6 +32,7 @@ if TYPE_CHECKING:
 BACKBONE_ATTRIBUTE = BACKBONE_PREFIX.rstrip(".")
 # The loggers DetectionCheckpointer and fvcore's Checkpointer report through.
 CHECKPOINTER_LOGGERS = ("fvcore", "detectron2")
+
 
 def import_modeling() -> None:
     """Import Detectron2's modeling package (its registries).  Detectron2 0.7 scripts helpers at
@@ -146,29 +145,32 @@ def build_whole_model(cfg: "CfgNode") -> nn.Module:
     return build_model(cfg).eval()
 
 
+def whole_model(build: Callable[[], nn.Module], name: str, verb: str = "building") -> Tuple[Optional[nn.Module], Optional[str]]:
+    """(the model `build` makes, None), or (None, why not): it raised (a missing dataset, a compiled
+    op, the user's bug) or holds no backbone module.  The caller then loads the backbone alone."""
+    try:
+        model = build()
+    except Exception as err:
+        return None, f"{verb} {name} failed ({describe_exception(err)})"
+    if isinstance(getattr(model, BACKBONE_ATTRIBUTE, None), nn.Module):
+        return model.eval(), None
+    return None, f"{name} has no .{BACKBONE_ATTRIBUTE} module"
+
+
+@dataclass
 class LoadObservation:
-    """What `DetectionCheckpointer.resume_or_load` did, seen from the outside.
+    """What `DetectionCheckpointer.resume_or_load` did, seen from the outside."""
 
-    Attributes:
-        checkpoint_shapes / checkpoint_dtypes: of the state dict Detectron2 read from the file.
-        heuristics: whether the file (or a `?matching_heuristics=True` path) asked for them.
-        incompatible: fvcore's (missing_keys, unexpected_keys, incorrect_shapes); None when no
-            model state was loaded (Detectron2 raised, or the path was empty).
-        records: every record the fvcore/detectron2 loggers emitted.
-        error: the exception Detectron2 raised, if any.
-        loaded_from: model key -> the file's name of the tensor it received: what really loaded,
-            read from the dict fvcore hands to `model.load_state_dict` (after the heuristics' renames,
-            `module.` stripping and the shape check), each tensor traced back to its name in the file.
-    """
-
-    def __init__(self) -> None:
-        self.checkpoint_shapes: Dict[str, Tuple[int, ...]] = {}
-        self.checkpoint_dtypes: Dict[str, str] = {}
-        self.heuristics = False
-        self.incompatible: Any = None
-        self.records: List[logging.LogRecord] = []
-        self.error: Optional[BaseException] = None
-        self.loaded_from: Dict[str, str] = {}
+    checkpoint_shapes: Dict[str, Tuple[int, ...]] = field(default_factory=dict)  # of the dict read from the file
+    checkpoint_dtypes: Dict[str, str] = field(default_factory=dict)
+    heuristics: bool = False  # the file (or a `?matching_heuristics=True` path) asked for them
+    # fvcore's (missing_keys, unexpected_keys, incorrect_shapes); None: no model state was loaded.
+    incompatible: Any = None
+    records: List[logging.LogRecord] = field(default_factory=list)  # of the fvcore/detectron2 loggers
+    error: Optional[BaseException] = None  # what Detectron2 raised
+    # model key -> the file's name of the tensor it received: what really loaded, read from the dict
+    # fvcore hands to `model.load_state_dict` (after renames, `module.` stripping, the shape check).
+    loaded_from: Dict[str, str] = field(default_factory=dict)
 
     @property
     def missing(self) -> List[str]:
@@ -187,21 +189,11 @@ class LoadObservation:
         return [plain_text(r.getMessage()) for r in self.records if r.levelno >= logging.WARNING]
 
 
-class _Collect(logging.Handler):
-    def __init__(self, into: List[logging.LogRecord]) -> None:
-        super().__init__(level=logging.DEBUG)
-        self.into = into
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.into.append(record)
-
-
 @contextmanager
 def capture_checkpointer_logs() -> Iterator[List[logging.LogRecord]]:
     """Collect every record of the fvcore and detectron2 loggers, at every level, and keep them off
     the console (the caller reports what happened); the loggers are restored afterwards."""
-    records: List[logging.LogRecord] = []
-    handler = _Collect(records)
+    handler = logging.handlers.BufferingHandler(capacity=sys.maxsize)  # never flushed: keeps every record
     loggers = [logging.getLogger(name) for name in CHECKPOINTER_LOGGERS]
     saved = [(lg.level, lg.propagate) for lg in loggers]
     for lg in loggers:
@@ -209,7 +201,7 @@ def capture_checkpointer_logs() -> Iterator[List[logging.LogRecord]]:
         lg.setLevel(logging.DEBUG)
         lg.propagate = False
     try:
-        yield records
+        yield handler.buffer
     finally:
         for lg, (level, propagate) in zip(loggers, saved):
             lg.removeHandler(handler)

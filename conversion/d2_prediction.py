@@ -1,41 +1,25 @@
-"""What Detectron2's `DetectionCheckpointer` will do with a file, predicted from its metadata alone
-(docs/design.md, "How Detectron2 reads a file").  The one model `inspect`, `repair`, `verify` and
-`convert`'s notes share, written in the order the real code runs:
-
-1. the reader, by extension and torch version: `.pkl` -> `pickle.load(encoding="latin1")`; anything
-   else -> `torch.load(path, map_location="cpu")`, which from torch 2.6 unpickles with
-   `weights_only=True` (no numpy arrays, no arbitrary objects; a plain `pickle.dump` file is refused
-   by every torch for its missing magic number) and from torch 2.13 hands a path ending in
-   `.safetensors` to `safetensors.torch.load_file` when safetensors is installed;
-2. the container rule: a `.pkl` dict with `model` and `__author__` is taken as it is, any other
-   `.pkl` is Caffe2 blobs (`blobs` unwrapped, `*_momentum` dropped, names renamed, heuristics on);
-   a `.pyth` is pycls's `model_state` (heuristics on); any other torch-read dict without `model` is
-   wrapped whole as `{"model": dict}`;
-3. `matching_heuristics`: a true `matching_heuristics` key beside `model` (any reader), or, on
-   Detectron2 0.7 and for the torch reader only, `?matching_heuristics=True` after the path (v0.6
-   knows no query: the path with it is not found);
-4. the heuristics themselves (heuristics.py), on the names as the file spells them, *before*
-   `module.` is stripped;
-5. fvcore strips `module.` once, and only when every name starts with it (never `_orig_mod.`);
-6. exact names: a name equal to a model key of the same shape loads; of another shape it is
-   skipped; any other name is unused.
-
-Every value of the weights must be a tensor or an array by step 4 (fvcore raises otherwise).  Model
-keys are given as name -> shape, so the prediction needs neither detectron2 nor the file's bytes.
+"""What Detectron2's `DetectionCheckpointer` will do with a file, predicted from its metadata alone:
+the one model `inspect`, `repair`, `verify` and `convert`'s notes share.  `predict` runs the steps in
+the order the real code does (reader, container rule, `matching_heuristics`, the heuristics, fvcore's
+`module.` stripping, exact names), each described in docs/design.md, "How Detectron2 reads a file".
+Model keys are given as name -> shape, so a prediction needs neither detectron2 nor the file's bytes.
 """
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import os
 import re
+import sys
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
 from urllib.parse import parse_qs, urlsplit
 
-from .containers import is_array
+from .containers import is_array, walk
 from .errors import PredictedRaise
 from .heuristics import caffe2_names, heuristic_assignment
-from .io.handles import shape_of
+from .io.allowlist import Placeholder
+from .io.handles import ArrayRef, shape_of
 
 if TYPE_CHECKING:
     from .architecture import Architecture
@@ -143,15 +127,17 @@ def split_query(path: str) -> Tuple[str, Dict[str, List[str]]]:
 
 
 def _unsafe_for_weights_only(objects: Any) -> List[str]:
-    from .containers import walk
-
+    """What torch's weights-only unpickler refuses: objects read past, arrays (handles or numpy's; a
+    numpy array exists only where numpy is imported), argparse namespaces."""
+    numpy = sys.modules.get("numpy")
     found = set()
     for _, v in walk(objects):
-        kind = getattr(v, "stands_for", None) or type(v).__name__
-        if kind == "Placeholder":
+        if isinstance(v, Placeholder):
             found.add(v.cls.rsplit(".", 1)[-1])
-        elif kind in ("ndarray", "Namespace"):
-            found.add(kind)
+        elif isinstance(v, ArrayRef) or (numpy is not None and isinstance(v, numpy.ndarray)):
+            found.add("ndarray")
+        elif isinstance(v, argparse.Namespace):
+            found.add("Namespace")
     return sorted(found)
 
 
@@ -180,7 +166,7 @@ def _read(name: str, fmt: str, objects: Any, stack: Stack, modules: Optional[fro
     return reader, objects
 
 
-def _container(name: str, loaded: Any, query: Mapping[str, List[str]], stack: Stack) -> Tuple[Mapping[str, Any], Optional[str]]:
+def _container(name: str, loaded: Any, query: Mapping[str, List[str]]) -> Tuple[Mapping[str, Any], Optional[str]]:
     """(the checkpoint dict `_load_model` gets, what turned heuristics on)."""
     if not isinstance(loaded, Mapping):
         raise PredictedRaise(f"a {type(loaded).__name__}, not a dict: TypeError")
@@ -214,7 +200,7 @@ def _shapes(weights: Any) -> Dict[str, Shape]:
     shapes = {}
     for k, v in weights.items():
         if not is_array(v):
-            kind = getattr(v, "cls", None) or getattr(v, "stands_for", None) or type(v).__name__
+            kind = v.cls if isinstance(v, Placeholder) else getattr(v, "stands_for", None) or type(v).__name__
             raise PredictedRaise(f"ValueError: Unsupported type found in checkpoint! {k}: {kind}")
         shapes[str(k)] = shape_of(v)
     return shapes
@@ -242,21 +228,20 @@ def predict(
         if query and stack.detectron2 < URL_QUERY:
             raise PredictedRaise(f"AssertionError: Checkpoint {os.path.basename(path)} not found (detectron2 < 0.7 reads no query)")
         out.reader, loaded = _read(name, fmt, objects, stack, modules)
-        checkpoint, out.heuristics = _container(name, loaded, query, stack)
+        checkpoint, out.heuristics = _container(name, loaded, query)
         shapes = _shapes(checkpoint["model"])
         names = {k: k for k in shapes}  # the name handed on -> the file's name
         if out.heuristics:
             if checkpoint.get("__author__") == "Caffe2":
-                renamed = caffe2_names(list(shapes))
-                shapes = {r: shapes[o] for r, o in renamed.items()}
-                names = dict(renamed)
+                names = caffe2_names(list(shapes))  # renamed -> the file's name
+                shapes = {r: shapes[o] for r, o in names.items()}
             assignment = heuristic_assignment(model, shapes)
             if assignment.ambiguous:
                 key, keys = next(iter(sorted(assignment.ambiguous.items())))
                 raise PredictedRaise(f"ValueError: Cannot match one checkpoint key to multiple keys in the model "
                                          f"('{names[key]}' matches {', '.join(keys)})")
-            names = {handed: names[c] for handed, c in assignment.handed_on(list(shapes)).items()}
-            shapes = {handed: shapes[c] for handed, c in assignment.handed_on(list(shapes)).items()}
+            handed_on = assignment.handed_on(list(shapes))
+            names, shapes = {h: names[c] for h, c in handed_on.items()}, {h: shapes[c] for h, c in handed_on.items()}
         stripped, out.module_stripped = _strip_module(names)
         shapes = {k[len(MODULE_PREFIX):] if out.module_stripped else k: s for k, s in shapes.items()}
     except PredictedRaise as err:

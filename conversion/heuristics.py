@@ -1,19 +1,12 @@
 """Detectron2's `matching_heuristics`, computed ahead of loading (no detectron2 needed).
 
-The rule (detectron2/checkpoint/c2_model_loading.py, `align_and_update_state_dicts`): each
-model key takes the *longest* checkpoint key that equals it or is a dotted suffix of it
-(`backbone.stages.0.0.norm.weight` takes `stages.0.0.norm.weight` over `norm.weight`).  A
-pair whose shapes differ is warned about and skipped.  One checkpoint key taken by two
-model keys (with equal shapes) raises `ValueError("Cannot match one checkpoint key to
-multiple keys in the model.")`.  The dict handed on holds each matched tensor under its model
-key and every unmatched checkpoint key under its own name; when nothing matched, the checkpoint's
-dict is handed on unchanged.  A file Detectron2 takes for Caffe2 blobs (a `.pkl` without `model`
-and `__author__`) has its names rewritten first (`caffe2_names`).
-
-Two traps follow for ConvNeXt: the classifier's pooled `norm.weight` is a suffix of every
-`*.norm.weight` in a detector (block norms included), so it floods the log with shape
-warnings, or, where widths agree, fills a block norm the file lacks with the pooled
-classifier's tensor, or is claimed twice and aborts the load.
+The rule (detectron2/checkpoint/c2_model_loading.py, `align_and_update_state_dicts`): each model
+key takes the *longest* checkpoint key that equals it or is a dotted suffix of it; a pair of other
+shapes is skipped with a warning; one checkpoint key taken by two model keys raises.  Caffe2 blobs
+(a `.pkl` without `model` and `__author__`) are renamed first (`caffe2_names`).  The trap for
+ConvNeXt: the classifier's pooled `norm.weight` is a suffix of every `*.norm.weight` in a detector,
+so it floods the log with shape warnings, or fills a block norm the file lacks where widths agree,
+or is claimed twice and aborts the load.
 """
 from __future__ import annotations
 
@@ -90,7 +83,7 @@ def caffe2_name(name: str) -> str:
     """The name Detectron2 gives a Caffe2 blob before matching (its basic and detection renames)."""
     name = _CAFFE2_FIXED.get(name, name)
     for pattern, replacement in _CAFFE2_RENAMES:
-        name = re.sub(pattern, replacement, name) if pattern != "_" else name.replace("_", ".")
+        name = re.sub(pattern, replacement, name)
     name = _fpn_name(name)
     for pattern, replacement in _CAFFE2_LATE_RENAMES:
         name = re.sub(pattern, replacement, name)

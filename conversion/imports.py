@@ -16,14 +16,14 @@ import importlib.util
 import os
 import sys
 from types import ModuleType
-from typing import Dict, Optional, Sequence
+from typing import Optional, Sequence, Set
 
 from .errors import UnusableImport, describe_exception
 
 # A file already loaded (by resolved path) is not executed again: a second
 # `@BACKBONE_REGISTRY.register()` of the same class would make Detectron2's registry raise, and
 # a test suite calls the gate many times in one process.
-_LOADED_FILES: Dict[str, ModuleType] = {}
+_LOADED_FILES: Set[str] = set()
 
 _FILE_HINT = "Pass the backbone's own .py file instead (e.g. --import path/to/backbone.py): it is loaded without its package."
 
@@ -69,15 +69,19 @@ def _module_name_for(path: str) -> str:
     return f"convnext_d2_import_{stem}_{digest}"
 
 
-def load_file(path: str) -> ModuleType:
-    """Execute one `.py` file as its own module (its package's `__init__` is not run)."""
+def load_file(path: str) -> None:
+    """Execute one `.py` file as its own module (its package's `__init__` is not run); it must register
+    something new in Detectron2's BACKBONE_REGISTRY (or META_ARCH_REGISTRY), or it is the wrong file."""
+    from .d2_loading import registered_names  # torch and Detectron2 are imported by now
+
     if not os.path.exists(path):
         raise UnusableImport(f"--import {path}: no such file.", "Check the path (relative to the current directory).")
     if os.path.isdir(path):
         raise UnusableImport(f"--import {path}: is a directory, not a .py file.", "Pass the backbone's .py file itself.")
     resolved = os.path.realpath(path)
     if resolved in _LOADED_FILES:
-        return _LOADED_FILES[resolved]
+        return
+    before = registered_names()
     name = _module_name_for(resolved)
     spec = importlib.util.spec_from_file_location(name, resolved)
     if spec is None or spec.loader is None:
@@ -105,8 +109,12 @@ def load_file(path: str) -> ModuleType:
                 "Import the module by name instead (its package's __init__ then runs), or make its imports absolute.",
             ) from None
         raise UnusableImport(f"--import {path}: running it raised {describe_exception(err)}.", "Fix the file (or pass the right one).") from None
-    _LOADED_FILES[resolved] = module
-    return module
+    if not registered_names() - before:
+        raise UnusableImport(
+            f"--import {path}: the file registers no backbone (nothing new in Detectron2's BACKBONE_REGISTRY).",
+            "Pass the file that holds the @BACKBONE_REGISTRY.register() of your backbone.",
+        )
+    _LOADED_FILES.add(resolved)
 
 
 def import_module_spec(name: str) -> ModuleType:
@@ -133,29 +141,15 @@ def load_imports(specs: Sequence[str]) -> None:
     """Import every spec in order so that its `@BACKBONE_REGISTRY.register()` takes effect.
 
     A module name is imported as Python does (its packages' `__init__` run); a path to a `.py`
-    file is executed as a module of its own.  A file must register something new in Detectron2's
-    BACKBONE_REGISTRY (or META_ARCH_REGISTRY): a file that registers nothing is the wrong file.
+    file is executed as a module of its own (`load_file`).
 
     Raises:
         UnusableImport: a spec that cannot be used (exit 2), naming it and the cause.
     """
-    if not specs:
-        return
-    _import_detectron2()
-    from .d2_loading import registered_names  # torch and Detectron2 are imported by now
-
+    if specs:
+        _import_detectron2()
     for spec in specs:
-        if not is_file_spec(spec):
+        if is_file_spec(spec):
+            load_file(spec)
+        else:
             import_module_spec(spec)
-            continue
-        resolved = os.path.realpath(spec)
-        if resolved in _LOADED_FILES:
-            continue
-        before = registered_names()
-        load_file(spec)
-        if not registered_names() - before:
-            _LOADED_FILES.pop(resolved, None)
-            raise UnusableImport(
-                f"--import {spec}: the file registers no backbone (nothing new in Detectron2's BACKBONE_REGISTRY).",
-                "Pass the file that holds the @BACKBONE_REGISTRY.register() of your backbone.",
-            )

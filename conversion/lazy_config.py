@@ -1,15 +1,10 @@
 """LazyConfig `.py` training configs (detrex and Detectron2's new-style configs), read as training reads them.
 
-detrex's `train_net.py` does `cfg = LazyConfig.load(path)`, applies the command line's `key=value`
-overrides, builds `model = instantiate(cfg.model)` and loads `cfg.train.init_checkpoint` with
-`DetectionCheckpointer(model).resume_or_load(path, resume=False)`.  The same steps here, with two
-differences that do not change which names load: every `device` under `cfg.model` is set to `cpu`
-(a CI runner has no GPU), and the model is put in eval mode.
-
-A LazyConfig is Python: loading it runs the user's code, as training does.  It is only ever
-loaded when `--config` names it (never found or guessed).  Every way a config is unusable (a syntax
-error, an exception or a missing import while it runs, no `model`, no `model.backbone`, an
-override naming an unknown key) is an `UnusableVerifyInput` saying so, never a traceback.
+detrex's `train_net.py` does `cfg = LazyConfig.load(path)`, applies `key=value` overrides, builds
+`instantiate(cfg.model)` and loads `cfg.train.init_checkpoint` with `DetectionCheckpointer`.  The
+same steps here, but on the CPU (every `device` under `cfg.model`) and in eval mode, which do not
+change which names load.  Loading a LazyConfig runs the user's code, as training does: only ever
+when `--config` names it (never found or guessed), and every failure is an `UnusableVerifyInput`.
 """
 from __future__ import annotations
 
@@ -51,9 +46,7 @@ def load(path: str, overrides: Sequence[str] = ()) -> Any:
     except SyntaxError as err:
         raise _unusable(path, f"a syntax error at line {err.lineno} ({err.msg}).",
                         "Fix the config; training could not load it either.") from None
-    except BaseException as err:  # the user's code raised (or imported a missing module) while loading
-        if isinstance(err, KeyboardInterrupt):
-            raise
+    except (Exception, SystemExit) as err:  # the user's code raised (or imported a missing module, or exited)
         raise _unusable(path, f"loading it raised {describe_exception(err)}.",
                         "Fix the config or install what it imports; training could not load it either.") from None
     if "model" not in cfg:
@@ -130,17 +123,12 @@ def build(cfg: Any, path: str) -> Tuple[nn.Module, Optional[str]]:
     """
     from detectron2.config import instantiate
 
-    from .d2_loading import BACKBONE_ATTRIBUTE, BackboneHolder
+    from .d2_loading import BackboneHolder, whole_model
 
     on_cpu(cfg.model)
-    try:
-        model = instantiate(cfg.model)
-    except Exception as err:  # a compiled op, a missing package, the user's bug: the backbone alone, said
-        why = f"instantiating {target_name(cfg.model)} failed ({describe_exception(err)})"
-    else:
-        if isinstance(getattr(model, BACKBONE_ATTRIBUTE, None), nn.Module):
-            return model.eval(), None
-        why = f"{target_name(cfg.model)} has no .{BACKBONE_ATTRIBUTE} module"
+    model, why = whole_model(lambda: instantiate(cfg.model), target_name(cfg.model), "instantiating")
+    if model is not None:
+        return model, None
     if not has_backbone_node(cfg):
         raise _unusable(path, f"{why}, and cfg.model has no backbone node to check alone.",
                         "Make cfg.model (or cfg.model.backbone) instantiable on CPU.")

@@ -7,10 +7,7 @@ opens a relative path from the working directory and downloads a `detectron2://`
 gate that checks some other file passes while training loads something else, so `verify` checks
 the config's own weights unless given a checkpoint, and warns when the two differ.  Nothing here is
 downloaded: a remote path is unusable input (download it first, then name the local file).
-
-Overrides come after the options, as train_net.py takes them: `KEY VALUE` pairs for a YAML config
-(`MODEL.WEIGHTS path/to.pth`), `key=value` for a LazyConfig (`train.init_checkpoint=path/to.pth`).
-Pure functions: no Detectron2 here.
+Overrides come after the options, as train_net.py takes them.  Pure functions: no Detectron2 here.
 """
 from __future__ import annotations
 
@@ -101,33 +98,11 @@ def check_local_file(path: str, named: str) -> str:
     return path
 
 
-def config_weights(config: str, key: str, value: Optional[str]) -> str:
-    """The weights a config names (its `key`), checked as `check_local_file` checks a path.
-
-    Raises:
-        UnusableVerifyInput: the config names none, or they are not a usable local file.
-    """
-    if not value:
-        raise UnusableVerifyInput(
-            f"--config {config} names no weights ({key} is empty) and no CKPT was given.",
-            f"Pass CKPT, or set {key} (in the config or as an override after the options).",
-        )
-    return check_local_file(value, f"{key} of {config}")
-
-
 def same_file(a: str, b: str) -> bool:
     """Whether two checkpoint paths (query suffixes included) name the same file the same way."""
     pa, _, qa = a.partition("?")
     pb, _, qb = b.partition("?")
     return os.path.realpath(pa) == os.path.realpath(pb) and qa == qb
-
-
-def differs_warning(checkpoint: str, key: str, value: Optional[str]) -> Optional[str]:
-    """The warning when CKPT is not the file the config trains from (None when they agree or the config names none)."""
-    if not value or (not REMOTE.match(value) and same_file(checkpoint, value)):
-        return None
-    return (f"CKPT {checkpoint} is not the config's own weights: training loads {key} = {value} "
-            "(verify without CKPT to check that file, or set it to this one)")
 
 
 def resolve(
@@ -143,6 +118,12 @@ def resolve(
         if not config:
             raise UnusableVerifyInput("no CKPT and no --config: nothing names the weights to check.",
                                       "Pass CKPT, or --config with the training config (its own weights are checked).")
-        return config_weights(config, key, value), key, None
+        if not value:
+            raise UnusableVerifyInput(f"--config {config} names no weights ({key} is empty) and no CKPT was given.",
+                                      f"Pass CKPT, or set {key} (in the config or as an override after the options).")
+        return check_local_file(value, f"{key} of {config}"), key, None
     check_local_file(checkpoint, "")
-    return checkpoint, None, differs_warning(checkpoint, key, value) if config else None
+    if not config or not value or (not REMOTE.match(value) and same_file(checkpoint, value)):
+        return checkpoint, None, None
+    return checkpoint, None, (f"CKPT {checkpoint} is not the config's own weights: training loads {key} = {value} "
+                              "(verify without CKPT to check that file, or set it to this one)")

@@ -1,22 +1,12 @@
 """`verify`: will training start from these weights?  Load the checkpoint training loads as its
 train_net.py does and report every way it falls short, separating what matters from what does not.
 
-Which file: CKPT when given (a warning when it is not the config's own weights), else the config's
-own `MODEL.WEIGHTS` / LazyConfig `train.init_checkpoint`, resolved as training resolves it
-(`training_weights`).  What is loaded into: for a YAML config, the whole model `build_model(cfg)`
-builds on the CPU when its `MODEL.META_ARCHITECTURE` is registered (the user's package imported),
-otherwise the backbone it names, alone (`yaml_config`); for a LazyConfig `.py`, `instantiate(cfg.model)`
-on the CPU, otherwise `cfg.model.backbone` alone (`lazy_config`); the report says what the backbone
-alone could not check.  Without a config, this project's backbone shaped like the checkpoint.
-
-Problems (exit 1) are what would make training not start from the pretrained weights, or change
-something silently: a backbone weight left without a value (other than the fresh output norms
-`backbone.norm{i}`, which no ImageNet file has), a shape skip, Detectron2 raising, a
-`matching_heuristics` match that is ambiguous or loads a checkpoint tensor into a module outside the
-backbone, NaN/Inf among the loaded weights, a config that names no backbone.  Warnings (exit 0; exit
-1 with `strict`) change nothing in training: checkpoint tensors nobody uses, heuristic near-misses
-Detectron2 skips.  With a source checkpoint, the backbone's features are also compared with the same
-backbone given the source's weights through the converter's mapping.
+The file is CKPT or the config's own weights (`training_weights`); the model is the one the config
+builds on the CPU, else the backbone it names, alone (`yaml_config`, `lazy_config`; the report says
+what the backbone alone could not check), else this project's backbone shaped like the checkpoint.
+Problems (exit 1) would make training not start from the pretrained weights, or change something
+silently; warnings (exit 0; 1 with `strict`) change nothing in training.  With a source checkpoint,
+the backbone's features are also compared with the same backbone given the source's weights.
 """
 from __future__ import annotations
 
@@ -119,14 +109,6 @@ def _architecture_of(path: str) -> Architecture:
 # ---------------------------------------------------------------- config and model
 
 
-def _config(config: Optional[str], checkpoint: Optional[str], overrides: Sequence[str] = ()) -> Any:
-    """The user's YAML (with its overrides), or this project's backbone shaped like the checkpoint."""
-    if config:
-        return yaml_config.load(config, overrides)
-    assert checkpoint is not None
-    return d2l.config_for(None, **d2l.convnext_options(_architecture_of(checkpoint.split("?", 1)[0])))
-
-
 def _no_backbone_report(report: VerifyReport, cfg: Any) -> VerifyReport:
     """The config names no backbone: Detectron2 would build its default, so nothing is loaded."""
     default = cfg.MODEL.BACKBONE.NAME
@@ -187,8 +169,7 @@ def _heuristic_findings(report: VerifyReport, model_shapes: Shapes, ckpt: Shapes
 def _dtype_changes(
     report: VerifyReport, source_of: Mapping[str, str], model_dtypes: Mapping[str, str], ckpt_dtypes: Mapping[str, str]
 ) -> None:
-    for key in source_of:
-        src = source_of.get(key, key)
+    for key, src in source_of.items():
         if src in ckpt_dtypes and ckpt_dtypes[src] != model_dtypes[key]:
             change = f"{ckpt_dtypes[src]} -> {model_dtypes[key]}"
             report.dtype_changes[change] = str(int(report.dtype_changes.get(change, "0")) + 1)
@@ -279,12 +260,13 @@ def _compare_with_source(backbone: torch.nn.Module, source: str, report: VerifyR
 
 def _setup_yaml(checkpoint: Optional[str], config: Optional[str], overrides: Sequence[str], strict: bool) -> Tuple[VerifyReport, Any]:
     """The report and the model (None: the config names no backbone, nothing to load) for a YAML config or none."""
-    if not config:  # this project's backbone, shaped like the checkpoint: it must be read first
-        tw.resolve(checkpoint, None, "", None)
-    cfg = _config(config, checkpoint, overrides)
-    path, weights_from, differs = tw.resolve(checkpoint, config, "MODEL.WEIGHTS", cfg.MODEL.WEIGHTS if config else None)
-    report = VerifyReport(checkpoint=os.path.abspath(path), config=config, backbone=cfg.MODEL.BACKBONE.NAME,
-                          strict=strict, weights_from=weights_from, weights_warning=differs)
+    if config:
+        cfg = yaml_config.load(config, overrides)
+        resolved = tw.resolve(checkpoint, config, "MODEL.WEIGHTS", cfg.MODEL.WEIGHTS)
+    else:  # this project's backbone, shaped like the checkpoint: it is checked, then read, first
+        resolved = tw.resolve(checkpoint, None, "", None)
+        cfg = d2l.config_for(None, **d2l.convnext_options(_architecture_of(resolved[0].split("?", 1)[0])))
+    report = _report(resolved, config, cfg.MODEL.BACKBONE.NAME, strict)
     if config and not d2l.names_a_backbone(config):
         return _no_backbone_report(report, cfg), None
     model, report.whole_model_reason = yaml_config.build(cfg, config)
@@ -295,13 +277,18 @@ def _setup_yaml(checkpoint: Optional[str], config: Optional[str], overrides: Seq
 def _setup_lazy(checkpoint: Optional[str], config: str, overrides: Sequence[str], strict: bool) -> Tuple[VerifyReport, Any]:
     """The report and the model for a LazyConfig: its `model` instantiated on CPU, or its backbone alone."""
     cfg = lazy.load(config, overrides)
-    path, weights_from, differs = tw.resolve(checkpoint, config, lazy.INIT_CHECKPOINT, lazy.init_checkpoint(cfg))
+    resolved = tw.resolve(checkpoint, config, lazy.INIT_CHECKPOINT, lazy.init_checkpoint(cfg))
     backbone = lazy.target_name(cfg.model.backbone) if lazy.has_backbone_node(cfg) else "?"
-    report = VerifyReport(checkpoint=os.path.abspath(path), config=config, backbone=backbone, strict=strict,
-                          weights_from=weights_from, weights_warning=differs)
+    report = _report(resolved, config, backbone, strict)
     model, report.whole_model_reason = lazy.build(cfg, config)
     report.meta_architecture = lazy.target_name(cfg.model) if report.whole_model_reason is None else None
     return report, model
+
+
+def _report(resolved: Tuple[str, Optional[str], Optional[str]], config: Optional[str], backbone: str, strict: bool) -> VerifyReport:
+    path, weights_from, differs = resolved
+    return VerifyReport(checkpoint=os.path.abspath(path), config=config, backbone=backbone, strict=strict,
+                        weights_from=weights_from, weights_warning=differs)
 
 
 def verify(

@@ -12,8 +12,6 @@ from __future__ import annotations
 import os
 from typing import Any, Optional, Sequence, Tuple
 
-import torch
-
 from . import d2_loading as d2l
 from .errors import UnusableVerifyInput, describe_exception
 from .training_weights import apply_yaml_overrides
@@ -66,12 +64,7 @@ def build(cfg: Any, config: Optional[str]) -> Tuple[Any, Optional[str]]:
     if meta not in META_ARCH_REGISTRY:
         why = f"MODEL.META_ARCHITECTURE '{meta}' is not registered (--import the module that registers it)"
     else:
-        try:
-            model = d2l.build_whole_model(cfg)
-        except Exception as err:  # a missing dataset, a compiled op, the user's bug: fall back, say why
-            why = f"building {meta} failed ({describe_exception(err)})"
-        else:
-            if isinstance(getattr(model, d2l.BACKBONE_ATTRIBUTE, None), torch.nn.Module):
-                return model, None
-            why = f"{meta} has no .{d2l.BACKBONE_ATTRIBUTE} module"
+        model, why = d2l.whole_model(lambda: d2l.build_whole_model(cfg), meta)
+        if model is not None:
+            return model, None
     return _backbone_only(cfg), why

@@ -19,16 +19,10 @@ def assert_loads_clean(
 ) -> Any:
     """Assert that training would start from `checkpoint`'s weights, as `convnext-d2 verify` decides.
 
-    Args:
-        checkpoint: the Detectron2 checkpoint; a `?matching_heuristics=True` suffix is honoured, as
-            Detectron2 honours it.  None: the config's own weights (`MODEL.WEIGHTS`, or a
-            LazyConfig's `train.init_checkpoint`), the file training loads.
-        config: the training config, a YAML or a LazyConfig `.py` (loading one runs its code, as
-            training does); default: this project's backbone, shaped like the checkpoint.
-        imports: modules or `.py` files that register the config's backbone, in order.
-        source: the original checkpoint; the backbone's features are then compared with it.
-        strict: warnings (e.g. unused checkpoint tensors, a checkpoint other than the config's) fail too.
-        overrides: train_net-style overrides: `KEY VALUE` items for a YAML, `key=value` for a LazyConfig.
+    The arguments are `conversion.verify.verify`'s (paths may be `os.PathLike`): `checkpoint` None
+    checks the config's own weights, the file training loads; a LazyConfig `config` runs its code,
+    as training does; `strict` makes warnings (unused checkpoint tensors, a checkpoint other than
+    the config's) fail too.
 
     Returns:
         verify's report (`.ok`, `.problems`, `.warnings`, ...), for further assertions.

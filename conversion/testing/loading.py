@@ -21,9 +21,7 @@ TORCH_HAS_WEIGHTS_ONLY = "weights_only" in inspect.signature(torch.load).paramet
 def torch_load_weights_only(path: Any) -> Any:
     """Read a written .pth as Detectron2 does on torch >= 2.6 (`weights_only=True`); older torch
     (the legacy environment) has no such mode and reads it plainly."""
-    if TORCH_HAS_WEIGHTS_ONLY:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    return torch.load(path, map_location="cpu")
+    return torch.load(path, map_location="cpu", **({"weights_only": True} if TORCH_HAS_WEIGHTS_ONLY else {}))
 
 
 # What the real DetectionCheckpointer did with a file: the harness's observation (one type for
@@ -97,6 +95,4 @@ def assert_loaded_equal(model: torch.nn.Module, expected: Mapping[str, torch.Ten
 def build_d2_model(arch: Architecture, out_features: Optional[Sequence[str]] = None) -> torch.nn.Module:
     """A Detectron2-style model holding the real backbone at `.backbone`, built from config as
     `verify` builds it (`conversion.d2_loading.backbone_for`)."""
-    if out_features is None:
-        return backbone_for(arch)
-    return backbone_for(arch, OUT_FEATURES=list(out_features))
+    return backbone_for(arch, **({} if out_features is None else {"OUT_FEATURES": list(out_features)}))

@@ -1,23 +1,10 @@
 """The convnext-d2 pytest plugin (entry point `pytest11`, installed with the package).
 
 Inert unless asked: it adds namespaced options and two fixtures, and only when
-`--convnext-d2-checkpoint PATH` or `--convnext-d2-config CONFIG` is given does it add gate tests:
-
-    pytest --convnext-d2-config configs/tiny.yaml \
-           --convnext-d2-import mypkg/modeling/backbone/convnext.py \
-           [--convnext-d2-checkpoint weights/convnext_tiny_d2.pth] \
-           [--convnext-d2-source convnext_tiny_22k_1k_224.pth] [--convnext-d2-strict]
-
-Without a checkpoint the gate checks the config's own weights (`MODEL.WEIGHTS`, or a LazyConfig's
-`train.init_checkpoint`): the file training loads.  A LazyConfig `.py` is Python: the gate runs it
-(as training does), and only when `--convnext-d2-config` names it.
-
-The gate tests are named `test_convnext_d2_roundtrip_*` (so `-k roundtrip` selects them) and fail
-with verify's report, or, for unusable input (a missing file), with the CLI's error lines.
-
-Fixtures: `convnext_d2_gate` (the options, or a skip when no checkpoint was given) and
-`convnext_d2_write_checkpoint` (`write_synthetic_checkpoint` into the test's tmp_path).
-Importing this module imports neither detectron2 nor hypothesis.
+`--convnext-d2-checkpoint PATH` or `--convnext-d2-config CONFIG` is given (without a checkpoint,
+the config's own weights are gated) does it add the gate tests `test_convnext_d2_roundtrip_*`
+(`-k roundtrip` selects them), which fail with verify's report or, for unusable input, the CLI's
+error lines (docs/ci-gate.md).  Importing this module imports neither detectron2 nor hypothesis.
 """
 from __future__ import annotations
 

@@ -31,29 +31,23 @@ WRAPPER_PREFIXES = ("", "module.", "_orig_mod.", "module._orig_mod.")
 TARGET_PREFIXES = ("backbone.", "", "model.backbone.", "encoder.")
 
 
+@st.composite
 def architectures(
-    version: Optional[int] = None,
-    layer_scale: Optional[bool] = None,
-    classifier: Optional[bool] = None,
-) -> st.SearchStrategy[Architecture]:
+    draw: Any, version: Optional[int] = None, layer_scale: Optional[bool] = None, classifier: Optional[bool] = None
+) -> Architecture:
     """Random ConvNeXt architectures: depths 1..4 per stage, small dims, optional classifier."""
-
-    @st.composite
-    def build(draw: Any) -> Architecture:
-        v = version if version is not None else draw(st.sampled_from((1, 2)))
-        depths = tuple(draw(st.lists(st.integers(1, MAX_DEPTH), min_size=4, max_size=4)))
-        dims = tuple(draw(st.lists(st.sampled_from(DIM_CHOICES), min_size=4, max_size=4)))
-        has_classifier = classifier if classifier is not None else draw(st.booleans())
-        return Architecture(
-            depths=depths,
-            dims=dims,
-            version=v,
-            layer_scale=(layer_scale if layer_scale is not None else draw(st.booleans())) if v == 1 else False,
-            num_classes=draw(st.integers(1, 7)) if has_classifier else None,
-            classifier_norm=has_classifier,
-        )
-
-    return build()
+    v = version if version is not None else draw(st.sampled_from((1, 2)))
+    depths = tuple(draw(st.lists(st.integers(1, MAX_DEPTH), min_size=4, max_size=4)))
+    dims = tuple(draw(st.lists(st.sampled_from(DIM_CHOICES), min_size=4, max_size=4)))
+    has_classifier = classifier if classifier is not None else draw(st.booleans())
+    return Architecture(
+        depths=depths,
+        dims=dims,
+        version=v,
+        layer_scale=(layer_scale if layer_scale is not None else draw(st.booleans())) if v == 1 else False,
+        num_classes=draw(st.integers(1, 7)) if has_classifier else None,
+        classifier_norm=has_classifier,
+    )
 
 
 def dtypes() -> st.SearchStrategy[torch.dtype]:

@@ -314,6 +314,8 @@ def sessions(tmp_path_factory) -> Dict[str, Any]:
             "other": write_synthetic_checkpoint(tmp / "other.pth", layout="timm", variant=SMALL, seed=7),
         }
         files["atto"] = write_synthetic_checkpoint(tmp / "atto.pth", layout="detectron2", variant="convnext_atto")
+        # Every backbone weight behind `backbone.`, and the classifier too: unused tensors, warnings only.
+        files["warned"] = write_synthetic_checkpoint(tmp / "warned.pth", layout="official", variant=SMALL, prefix="backbone.")
         files["lazy"] = str(_lazy_config(tmp, files["atto"]))
         gate_runs = {
             "lazy": ["--convnext-d2-config", files["lazy"], "-k", "roundtrip"],
@@ -322,6 +324,8 @@ def sessions(tmp_path_factory) -> Dict[str, Any]:
             "missing": ["--convnext-d2-checkpoint", files["missing"]],
             "features-equal": ["--convnext-d2-checkpoint", files["good"], "--convnext-d2-source", files["source"], "-k", "roundtrip"],
             "features-differ": ["--convnext-d2-checkpoint", files["good"], "--convnext-d2-source", files["other"], "-k", "features"],
+            "warned": ["--convnext-d2-checkpoint", files["warned"], "-k", "roundtrip"],
+            "warned-strict": ["--convnext-d2-checkpoint", files["warned"], "--convnext-d2-strict", "-k", "roundtrip"],
         }
         steps.update({name: Step("pytest", other, tuple(args)) for name, args in gate_runs.items()})
         # Last, in this checkout, whose conftest loads the plugin (no `-p`) and defines the old names.
@@ -386,6 +390,16 @@ def test_the_gate_compares_features_with_a_source(gate):
     assert "PASSED convnext-d2::test_convnext_d2_roundtrip_features_equal_the_source" in _outcomes(stdout), stdout
     status, stdout = gate["runs"]["features-differ"]
     assert status == 1 and "features differ from the source" in stdout, stdout
+
+
+def test_the_strict_option_makes_warnings_fail_the_gate(gate):
+    """Unused checkpoint tensors are warnings: the gate passes on them, and fails with `--convnext-d2-strict`."""
+    status, stdout = gate["runs"]["warned"]
+    assert status == 0 and "PASSED convnext-d2::test_convnext_d2_roundtrip_checkpoint_loads_clean" in _outcomes(stdout), stdout
+    status, stdout = gate["runs"]["warned-strict"]
+    assert status == 1, stdout
+    assert "FAILED convnext-d2::test_convnext_d2_roundtrip_checkpoint_loads_clean" in _outcomes(stdout), stdout
+    assert "checkpoint tensors unused by the model" in stdout, stdout
 
 
 def test_the_builder_fixture_writes_into_the_tests_tmp_path(sessions):
