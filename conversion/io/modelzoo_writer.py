@@ -12,10 +12,9 @@ import zlib
 from typing import Any, Dict, Optional
 
 from ..errors import UnreadableCheckpoint
-from .atomic import write_atomically
 from .crc import ReadBack
 from .handles import ITEM_SIZE, TensorRef, numel
-from .output import Output, Progress, check_read_back, expected_crcs
+from .output import Output, Progress, expected_crcs, write_checked
 from .pickle_writer import OpcodeWriter
 from .tensor_bytes import Tensors, widened
 
@@ -26,7 +25,6 @@ NUMPY_DTYPES = {
     "int16": "<i2", "int8": "|i1", "uint8": "|u1", "bool": "|b1", "bfloat16": "<f4",
 }
 _NDARRAY, _BYTEARRAY = object(), object()  # memo keys of the globals the pickle names
-_LABEL = "written pickle"
 
 
 class _Array:
@@ -57,8 +55,8 @@ def write_pkl_to(
 ) -> None:
     """Write the model-zoo pickle of `model` to the open binary file `f`, every byte declared to
     `read_back`, holding no more than one tensor's bytes."""
-    out = Output(f, tensors, read_back)
-    w = OpcodeWriter(_Labelled(out), protocol=4)
+    out = Output(f, tensors, read_back, "written pickle")
+    w = OpcodeWriter(out, protocol=4)
     arrays = {name: _Array(ref, tensors) for name, ref in model.items()}
     copied = [a for a in arrays.values() if a.copied]
     for array, crc in zip(copied, expected_crcs(tensors, [a.run for a in copied])):  # type: ignore[misc]
@@ -81,11 +79,11 @@ def write_pkl_to(
             w.global_name(_BYTEARRAY, "builtins", "bytearray")
             if obj.copied:
                 w.large_bytes_header(obj.nbytes)
-                out.copy(obj.run, obj.expected, _LABEL, obj.ref.storage.key)  # type: ignore[arg-type]
+                out.copy(obj.run, obj.expected, out.label, obj.ref.storage.key)  # type: ignore[arg-type]
             else:
                 data = obj.stored_bytes()
                 w.large_bytes_header(len(data))
-                out.write(data, _LABEL)
+                out.write(data)
             w.write(b"\x85R\x87R")  # TUPLE1 REDUCE TUPLE3 REDUCE
             w.forget()  # arrays are never shared: no memo entry is referred to again
             done += obj.nbytes
@@ -101,30 +99,10 @@ def write_pkl_to(
     w.stop()
 
 
-class _Labelled:
-    """The output as the opcode writer sees it: a file whose `write` is declared to the read-back."""
-
-    def __init__(self, out: Output) -> None:
-        self.out = out
-
-    def write(self, data: bytes) -> None:
-        self.out.write(data, _LABEL)
-
-
 def write_pkl(
     dst: str, tensors: Tensors, model: Dict[str, TensorRef], author: str, *, force: bool, source: str, progress: Progress = None
 ) -> int:
-    """Atomically write a Detectron2 model-zoo .pkl, checked by its read-back once synced: every
-    byte reads back with the CRC meant, and a copied array with its source's CRC (a failing array
-    whose source record fails its own CRC is blamed on the source)."""
-    read_back = ReadBack()
-
-    def verify(tmp: str) -> None:
-        with open(tmp, "rb") as f:
-            check_read_back(read_back, f.fileno(), dst, "pickle", tensors)
-
-    with tensors:
-        return write_atomically(
-            dst, force=force, source=source, write=lambda f: write_pkl_to(f, tensors, model, author, progress, read_back),
-            verify=verify, read_back=read_back,
-        )
+    """Atomically write a Detectron2 model-zoo .pkl (write_pkl_to), checked by its read-back once
+    synced: every byte reads back with the CRC meant, a copied array with its source's CRC."""
+    fill = lambda f, read_back: write_pkl_to(f, tensors, model, author, progress, read_back)  # noqa: E731
+    return write_checked(dst, tensors, fill, "pickle", force=force, source=source)

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator, List, Optional
 
 from ..errors import UnreadableCheckpoint, VerificationFailed
 from . import crc as _crc
+from .atomic import write_atomically
 from .crc import ReadBack
 from .handles import FileBytes
 from .tensor_bytes import Tensors
@@ -68,15 +69,16 @@ def copies_through(copier: Copier) -> Iterator[None]:
 
 class Output:
     """The open binary file `f` being written from its current position, every byte declared to
-    `read_back` (None: nothing is checked, as for bytes built in memory by `write.encode`)."""
+    `read_back` (None: nothing is checked, as for bytes built in memory by `write.encode`) under
+    `label` unless the write names another (what a failure is reported as)."""
 
-    def __init__(self, f: Any, tensors: Tensors, read_back: Optional[ReadBack]) -> None:
-        self.f, self.tensors, self.read_back, self.at = f, tensors, read_back, f.tell()
+    def __init__(self, f: Any, tensors: Tensors, read_back: Optional[ReadBack], label: str = "") -> None:
+        self.f, self.tensors, self.read_back, self.at, self.label = f, tensors, read_back, f.tell(), label
 
-    def write(self, data: bytes, label: str) -> None:
+    def write(self, data: bytes, label: str = "") -> None:
         self.f.write(data)
         if self.read_back is not None:
-            self.read_back.wrote(self.at, data, label)
+            self.read_back.wrote(self.at, data, label or self.label)
         self.at += len(data)
 
     def copy(self, run: FileBytes, expected: int, label: str, key: str) -> None:
@@ -104,23 +106,30 @@ def expected_crcs(tensors: Tensors, runs: List[FileBytes]) -> List[int]:
     return [run.crc if run.crc is not None else next(computed) for run in runs]
 
 
-def check_read_back(read_back: ReadBack, fd: int, shown: str, what: str, source: Tensors) -> None:
-    """The verdict on the synced file: every declared stretch reads back with its CRC.  A copied
-    record that fails is blamed on the source if the source's own record fails its recorded CRC
-    too (exit 2, re-download), otherwise on the writing (exit 1).  Errors name `shown` (the
-    destination), not the temporary file."""
-    try:
-        bad = read_back.failure(fd)
-    except (EOFError, OSError) as err:
-        raise VerificationFailed(f"{shown}: written {what} does not read back ({err}).", "Report this as a bug.") from None
-    if bad is None:
-        return
-    loc = source.storages.get(bad.key) if bad.key is not None else None
-    if isinstance(loc, FileBytes) and loc.crc is not None:
+def write_checked(dst: str, tensors: Tensors, fill: Callable[[Any, ReadBack], None], what: str, *, force: bool, source: str) -> int:
+    """Atomically write `dst` with `fill(file, read_back)`; the verdict, once the file is synced:
+    every declared stretch reads back with its CRC.  A copied record that fails is blamed on the
+    source if the source's own record fails its recorded CRC too (exit 2, re-download), otherwise
+    on the writing (exit 1).  Errors name `dst`, not the temporary file.  Returns the size."""
+    read_back = ReadBack()
+
+    def verify(tmp: str) -> None:
         try:
-            intact = _crc.crc_of_range(source.fd, loc.offset, loc.nbytes) == loc.crc
-        except EOFError:
-            intact = False
-        if not intact:
-            raise UnreadableCheckpoint(f"{source.path}: record data/{bad.key} fails its CRC-32: the archive is corrupt.", "Re-download or re-save it.")
-    raise VerificationFailed(f"{shown}: {bad.label} does not read back as written.", "Report this as a bug.")
+            with open(tmp, "rb") as f:
+                bad = read_back.failure(f.fileno())
+        except (EOFError, OSError) as err:
+            raise VerificationFailed(f"{dst}: written {what} does not read back ({err}).", "Report this as a bug.") from None
+        if bad is None:
+            return
+        loc = tensors.storages.get(bad.key) if bad.key is not None else None
+        if isinstance(loc, FileBytes) and loc.crc is not None:
+            try:
+                intact = _crc.crc_of_range(tensors.fd, loc.offset, loc.nbytes) == loc.crc
+            except EOFError:
+                intact = False
+            if not intact:
+                raise UnreadableCheckpoint(f"{tensors.path}: record data/{bad.key} fails its CRC-32: the archive is corrupt.", "Re-download or re-save it.")
+        raise VerificationFailed(f"{dst}: {bad.label} does not read back as written.", "Report this as a bug.")
+
+    with tensors:
+        return write_atomically(dst, force=force, source=source, write=lambda f: fill(f, read_back), verify=verify, read_back=read_back)

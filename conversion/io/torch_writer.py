@@ -21,10 +21,9 @@ import struct
 import zlib
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .atomic import write_atomically
 from .crc import ReadBack
 from .handles import ITEM_SIZE, FileBytes, StorageRef, TensorRef, location_bytes, numel
-from .output import Output, Progress, check_read_back, expected_crcs
+from .output import Output, Progress, expected_crcs, write_checked
 from .pickle_writer import OpcodeWriter
 from .tensor_bytes import Gathered, Tensors
 
@@ -173,14 +172,5 @@ def write_pth(
     dst: str, tensors: Tensors, payload: Any, keep: List[str], small: Sequence[Tuple[str, bytes]], *, force: bool, source: str, progress: Progress = None
 ) -> int:
     """Atomically write the archive to `dst` (write_pth_to), checked by its read-back once synced."""
-    read_back = ReadBack()
-
-    def verify(tmp: str) -> None:
-        with open(tmp, "rb") as f:
-            check_read_back(read_back, f.fileno(), dst, "archive", tensors)
-
-    with tensors:
-        return write_atomically(
-            dst, force=force, source=source, write=lambda f: write_pth_to(f, tensors, payload, keep, small, progress, read_back),
-            verify=verify, read_back=read_back,
-        )
+    fill = lambda f, read_back: write_pth_to(f, tensors, payload, keep, small, progress, read_back)  # noqa: E731
+    return write_checked(dst, tensors, fill, "archive", force=force, source=source)
