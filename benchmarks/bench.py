@@ -137,7 +137,7 @@ def run_in_turns(contenders: List[dict], repeat: int) -> Dict[str, Dict[str, flo
     for turn in range(repeat):
         for c in contenders:
             results[c["name"]].append(run(c["argv"], c.get("probe", True), c.get("root", ROOT)))
-            if turn < repeat - 1:  # the last turn's outputs are kept, to be compared
+            if turn < repeat - 1 or not c.get("compared"):  # outputs compared afterwards are kept from the last turn
                 _remove(c.get("cleanup", ()))
     return {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in results.items()}
 
@@ -179,14 +179,14 @@ def main(argv: Sequence[str] = ()) -> int:
             contenders = [
                 {"name": "cp", "argv": ["cp", src, out("cp.pth")], "probe": False, "cleanup": [out("cp.pth")]},
                 {"name": DURABLE, "argv": ["sh", "-c", 'cp "$0" "$1" && sync "$1"', src, out("durable.pth")], "probe": False, "cleanup": [out("durable.pth")]},
-                {"name": "baseline load/rename/save", "argv": [out("baseline.py"), src, out("base.pth"), "0"], "cleanup": [out("base.pth")]},
+                {"name": "baseline load/rename/save", "argv": [out("baseline.py"), src, out("base.pth"), "0"], "cleanup": [out("base.pth")], "compared": True},
                 {"name": "baseline, mmap load", "argv": [out("baseline.py"), src, out("base_mmap.pth"), "1"], "cleanup": [out("base_mmap.pth")]},
             ]
             for label, root in trees:
                 tag = "before" if label else "ours"
                 contenders += [
-                    {"name": f"convnext-d2 convert -> .pth{label}", "argv": ["-m", "conversion", "convert", src, out(f"{tag}.pth")], "cleanup": [out(f"{tag}.pth")], "root": root},
-                    {"name": f"convnext-d2 convert -> .pkl{label}", "argv": ["-m", "conversion", "convert", src, out(f"{tag}.pkl")], "cleanup": [out(f"{tag}.pkl")], "root": root},
+                    {"name": f"convnext-d2 convert -> .pth{label}", "argv": ["-m", "conversion", "convert", src, out(f"{tag}.pth")], "cleanup": [out(f"{tag}.pth")], "root": root, "compared": True},
+                    {"name": f"convnext-d2 convert -> .pkl{label}", "argv": ["-m", "conversion", "convert", src, out(f"{tag}.pkl")], "cleanup": [out(f"{tag}.pkl")], "root": root, "compared": True},
                     {"name": f"convnext-d2 inspect{label}", "argv": ["-m", "conversion", "inspect", src, "--json"], "root": root},
                 ]
             load_before = os.getloadavg()  # the machine may be shared: quote the load with the numbers
