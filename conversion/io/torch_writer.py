@@ -10,8 +10,9 @@ kernel; anything else (bytes in memory, a deflated record, a non-contiguous view
 order) is written from a buffer.  The index has the opcodes torch uses (protocol 2,
 `torch._utils._rebuild_tensor_v2`, typed-storage persistent ids; conversion/io/pickle_writer.py),
 records are 64-byte aligned as torch aligns them, and the zip headers, central directory and end
-records are laid out here, field by field as Python's `zipfile` lays them out (the bytes are the
-ones earlier versions wrote through it), torch's reader and `zipfile` both read them.
+records are laid out here, field by field as Python's `zipfile` lays them out (the bytes earlier
+versions wrote through it, but for zip64 fields, written only where 32 bits do not hold a value);
+torch's reader (1.9 to 2.x) and `zipfile` read them.
 """
 from __future__ import annotations
 
@@ -31,8 +32,11 @@ from .tensor_bytes import Gathered, Tensors
 # archive to take them from: torch.save's own values.
 TORCH_SMALL_RECORDS = ((".format_version", b"1"), (".storage_alignment", b"64"), ("byteorder", b"little"), ("version", b"3\n"))
 ALIGNMENT = 64  # torch's PyTorchStreamWriter aligns record data to 64 bytes (mmap-able)
-_ZIP64_LIMIT = (1 << 31) - 1  # beyond it, sizes and offsets go in zip64 fields (zipfile's threshold)
-_ZIP_COUNT_LIMIT = (1 << 16) - 1
+# A size or offset goes in a zip64 field only where 32 bits cannot hold it (0xFFFFFFFF is the
+# field's "see zip64" mark), a count where 16 bits cannot.  Not at 2 GiB as Python's `zipfile`
+# does (what versions up to 0.x wrote): torch 1.9's reader refuses an archive whose directory
+# has zip64 offsets below 4 GiB (tests/io/test_writers.py).
+_ZIP64_LIMIT, _ZIP_COUNT_LIMIT = 0xFFFFFFFE, 0xFFFE
 _DOS_DATE = (1 << 5) | 1  # 1980-01-01, 00:00:00: a fixed date, so that the same input gives the same bytes
 
 _STORAGE, _CPU = "storage", "cpu"  # one object each: the memo writes them once per index, as torch.save does

@@ -227,3 +227,38 @@ def test_streamed_pkl_writes_slices_of_a_shared_record_exactly(tmp_path):
     for name in (a, b, "stages.1.0.pwconv1.weight"):
         assert np.array_equal(got["backbone." + name], sd[name].numpy()), name
 
+
+
+@pytest.mark.parametrize("hole", [(1 << 31) + 100, (1 << 32) + 100], ids=["past-2-GiB", "past-4-GiB"])
+def test_an_archive_past_2_and_4_gib_is_read_by_torch_and_zipfile(tmp_path, hole):
+    """A first record of `hole` zero bytes (a hole in a sparse file; never read, so its CRC is left
+    0): past 4 GiB its local header, the directory entries after it and the end records need zip64
+    fields, past 2 GiB none (torch 1.9 refuses zip64 offsets below 4 GiB); all laid out by the
+    writer's own code, and torch, zipfile and the project's reader read the tensors back."""
+    import zlib
+
+    from conversion.io.tensor_bytes import writable
+    from conversion.io.torch_writer import TORCH_SMALL_RECORDS, _Entry, central_directory, encode_index
+    from conversion.io.torchzip import read_index
+
+    sd = {"backbone." + k: v for k, v in random_state_dict(ARCH).items()}
+    tensors, model = writable(None, {}, sd, gather=True)
+    records = [("data/unreferenced", None), ("data.pkl", encode_index({"model": model, "__author__": "x"}))]
+    records += list(TORCH_SMALL_RECORDS) + [(f"data/{key}", tensors.storage_bytes(key)) for key in sorted(tensors.storages)]
+    entries = []
+    with open(tmp_path / "far.pth", "wb") as f:
+        for name, data in records:
+            entries.append(_Entry(f"archive/{name}", f.tell(), hole if data is None else len(data), 0 if data is None else zlib.crc32(data)))
+            f.write(entries[-1].local_header())
+            f.seek(hole, os.SEEK_CUR) if data is None else f.write(data)
+        f.write(central_directory(entries, f.tell()))
+    with zipfile.ZipFile(tmp_path / "far.pth") as zf:
+        infos = zf.infolist()
+        assert infos[0].file_size == hole and min(i.header_offset for i in infos[1:]) > hole
+        assert all(zf.read(i) == dict(records)[i.filename[len("archive/"):]] for i in infos[1:])
+    with open(tmp_path / "far.pth", "rb") as f:
+        f.seek(-200, os.SEEK_END)
+        assert (b"PK\x06\x06" in f.read()) == (hole > 1 << 32), "zip64 end records exactly where 32 bits do not hold the offset"
+    loaded = torch.load(tmp_path / "far.pth", map_location="cpu")["model"]
+    assert list(loaded) == list(sd) and all(torch.equal(loaded[k], sd[k]) for k in sd)
+    assert set(read_index(str(tmp_path / "far.pth")).objects["model"]) == set(sd)
