@@ -39,6 +39,7 @@ from conversion.architecture import RELEASED_VARIANTS, Architecture, canonical_s
 
 # `cp` then an fsync of the copy (coreutils' `sync FILE`): what `cp` costs once the copy is on disk.
 DURABLE = "durable cp (cp, then sync of the copy)"
+BASELINE_NAME = "baseline load/rename/save"
 VARIANTS = {"tiny": "convnext_tiny", "large": "convnext_large", "xxlarge": "convnext_xxlarge"}
 
 # Runs a command in a child and reports its own peak RSS and bytes read, measured from inside.
@@ -156,6 +157,7 @@ def main(argv: Sequence[str] = ()) -> int:
     ap.add_argument("--variants", default="tiny,large,xxlarge")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--workdir", default=None, help="where the synthetic checkpoints go (needs ~8x the largest)")
+    ap.add_argument("--no-baseline", action="store_true", help="leave out torch's load/rename/save (about 4 GB and 10-50 s a run on XXLarge)")
     ap.add_argument("--markdown", default=None, help="also write the table to this file")
     ap.add_argument("--before", default=None, help="another checkout of convnext-d2 (e.g. `git worktree add DIR main`) "
                     "whose convert and inspect run in the same turns, for a before/after table; outputs are compared byte for byte")
@@ -179,9 +181,12 @@ def main(argv: Sequence[str] = ()) -> int:
             contenders = [
                 {"name": "cp", "argv": ["cp", src, out("cp.pth")], "probe": False, "cleanup": [out("cp.pth")]},
                 {"name": DURABLE, "argv": ["sh", "-c", 'cp "$0" "$1" && sync "$1"', src, out("durable.pth")], "probe": False, "cleanup": [out("durable.pth")]},
-                {"name": "baseline load/rename/save", "argv": [out("baseline.py"), src, out("base.pth"), "0"], "cleanup": [out("base.pth")], "compared": True},
-                {"name": "baseline, mmap load", "argv": [out("baseline.py"), src, out("base_mmap.pth"), "1"], "cleanup": [out("base_mmap.pth")]},
             ]
+            if not args.no_baseline:
+                contenders += [
+                    {"name": BASELINE_NAME, "argv": [out("baseline.py"), src, out("base.pth"), "0"], "cleanup": [out("base.pth")], "compared": True},
+                    {"name": "baseline, mmap load", "argv": [out("baseline.py"), src, out("base_mmap.pth"), "1"], "cleanup": [out("base_mmap.pth")]},
+                ]
             for label, root in trees:
                 tag = "before" if label else "ours"
                 contenders += [
@@ -192,9 +197,9 @@ def main(argv: Sequence[str] = ()) -> int:
             load_before = os.getloadavg()  # the machine may be shared: quote the load with the numbers
             medians = run_in_turns(contenders, args.repeat)
             load_after = os.getloadavg()
-            cp, durable, base = medians["cp"], medians[DURABLE], medians["baseline load/rename/save"]
+            cp, durable, base = medians["cp"], medians[DURABLE], medians.get(BASELINE_NAME, {"wall": float("nan")})
             inspected = json.loads(subprocess.run([sys.executable, "-m", "conversion", "inspect", src, "--json"], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT)).stdout)
-            same = _same_tensors(out("ours.pth"), out("base.pth"))
+            same = None if args.no_baseline else _same_tensors(out("ours.pth"), out("base.pth"))
             identical = {ext: _same_bytes(out(f"ours{ext}"), out(f"before{ext}")) for ext in (".pth", ".pkl")} if args.before else {}
             for c in contenders:
                 r = medians[c["name"]]
