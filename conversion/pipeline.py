@@ -236,7 +236,8 @@ def _non_finite(planned: Plan, strict: bool) -> Optional[List[str]]:
 def _write(planned: Plan, dst: str, fmt: str, *, force: bool, progress: Optional[Callable[[int, int], None]]) -> int:
     """The one writer per format, for every source; returns the bytes written."""
     from .io.tensor_bytes import writable
-    from .stream import TORCH_SMALL_RECORDS, write_pth, write_pkl
+    from .io.modelzoo_writer import write_pkl
+    from .io.torch_writer import TORCH_SMALL_RECORDS, write_pth
 
     source = planned.source
     tensors, model = writable(source.path, source.storages, planned.target.state_dict, gather=fmt == "torch")

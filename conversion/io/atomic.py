@@ -24,22 +24,8 @@ import tempfile
 from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Tuple
 
 from ..errors import DestinationError
+from ..formats import check_destination  # the destination rules live with the formats
 from .crc import ReadBack
-
-
-def check_destination(path: str, *, force: bool, source: str = "") -> str:
-    from ..formats import check_destination as check  # the destination rules live with the formats
-
-    return check(path, force=force, source=source)
-
-
-def temp_beside(path: str, directory: str) -> Tuple[int, str]:
-    """A named temporary file in the destination's directory, so the final rename is atomic."""
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".convnext-d2-", suffix=os.path.splitext(path)[1], dir=directory)
-    except OSError as err:
-        raise DestinationError(f"{path}: cannot write in {directory} ({err.strerror}).", "Choose a writable directory.") from None
-    return fd, tmp
 
 
 _NO_ANONYMOUS_FILES = {errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOTSUP}
@@ -173,43 +159,29 @@ def write_atomically(
         DestinationError: a destination that must not be written, or an OSError while writing.
     """
     directory = check_destination(path, force=force, source=source)
-    fd = anonymous_beside(path, directory)
-    if fd is not None:
-        return _write_anonymous(fd, path, directory, force, write, verify, read_back)
-    fd, tmp = temp_beside(path, directory)
+    fd, tmp = anonymous_beside(path, directory), ""
     try:
-        try:  # mkstemp makes 0600; a checkpoint is an ordinary file (some filesystems refuse chmod: fine)
-            os.chmod(tmp, 0o666 & ~umask())
-        except OSError:
-            pass
+        if fd is None:
+            try:  # a named file in the destination's directory, so that the final rename is atomic
+                fd, tmp = tempfile.mkstemp(prefix=".convnext-d2-", suffix=os.path.splitext(path)[1], dir=directory)
+            except OSError as err:
+                raise DestinationError(f"{path}: cannot write in {directory} ({err.strerror}).", "Choose a writable directory.") from None
+            mask = os.umask(0)
+            os.umask(mask)
+            with contextlib.suppress(OSError):  # mkstemp makes 0600; a checkpoint is an ordinary file (some filesystems refuse chmod: fine)
+                os.chmod(tmp, 0o666 & ~mask)
         with os.fdopen(fd, "w+b") as f:
-            size = _fill(f, write, lambda: verify(tmp), read_back)
-        os.replace(tmp, path)
-    except OSError as err:
-        unlink_quietly(tmp)
-        raise DestinationError(f"{path}: write failed ({err.strerror or err}).", "Check free space and permissions.") from None
-    except BaseException:
-        unlink_quietly(tmp)
+            size = _fill(f, write, lambda: verify(tmp or f"/proc/self/fd/{f.fileno()}"), read_back)
+            if not tmp:
+                _publish(f.fileno(), path, directory, force)
+        if tmp:
+            os.replace(tmp, path)
+    except BaseException as err:
+        if tmp:
+            unlink_quietly(tmp)
+        if isinstance(err, OSError):
+            raise DestinationError(f"{path}: write failed ({err.strerror or err}).", "Check free space and permissions.") from None
         raise
-    return size
-
-
-def _write_anonymous(
-    fd: int,
-    path: str,
-    directory: str,
-    force: bool,
-    write: Callable[[BinaryIO], None],
-    verify: Callable[[str], None],
-    read_back: Optional[ReadBack],
-) -> int:
-    """write_atomically through an unnamed file: any failure before `_publish` leaves nothing at all."""
-    try:
-        with os.fdopen(fd, "w+b") as f:
-            size = _fill(f, write, lambda: verify(f"/proc/self/fd/{f.fileno()}"), read_back)
-            _publish(f.fileno(), path, directory, force)
-    except OSError as err:
-        raise DestinationError(f"{path}: write failed ({err.strerror or err}).", "Check free space and permissions.") from None
     return size
 
 
@@ -304,12 +276,6 @@ class _Writeback:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-
-
-def umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def unlink_quietly(path: str) -> None:

@@ -1,9 +1,9 @@
 """CRC-32 of file ranges, the read-back check every streamed writer runs on what it wrote.
 
 zlib.crc32 releases the GIL, so ranges are checked by a pool of threads, one per core.  A writer
-that copies large records reports each one to a `ReadBack` as soon as it is in the file, so the
-record is read back on another core while the next one is copied (and while the file is synced);
-the writer's verify step then collects those CRCs and checks the rest of the file itself.
+declares every stretch it writes to a `ReadBack`, with the CRC it must read back with; a record
+copied from the source is read back on another core while the next one is copied (and while the
+file is synced), the rest when the file is finished.
 """
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import os
 import threading
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple
 
 # Each thread reads through its own 1 MiB buffer (it stays in the CPU's
 # cache between the read and the CRC): measured on XXLarge's written file, 1.3 s against 2.1 s for
@@ -59,17 +60,30 @@ def crcs_of_ranges(fd: int, ranges: Sequence[Range]) -> List[int]:
     return crcs
 
 
-class ReadBack:
-    """The read-back of one file being written, started record by record while it is written.
+@dataclass
+class Span:
+    """A stretch of the written file and the CRC-32 it must read back with; `key` names the source
+    storage a copied span came from (to blame the source when it fails), `label` what it is."""
 
-    The writer calls `written(start, size)` once a record's bytes are in the file; its CRC-32 is
-    then read from the file (the written bytes, through the file's own descriptor, not the source)
-    on a pool thread while the writer goes on.  The writer's verify step asks `crcs(fd, ranges)`
-    for every range it finds when it parses the finished file: a range reported while writing is
-    answered by the CRC already computed, any other (the small records the writer does not
-    report) is read then.  Reported ranges must come in file order without overlapping: the
-    writers here only append, so a reported record is never written again (the order is checked,
-    and the verify step's parse of the finished file must find each record where it was reported).
+    start: int
+    size: int
+    expected: int
+    label: str
+    key: Optional[str] = None
+    started: "Optional[Future[int]]" = None  # its read-back, begun while the writer went on
+
+
+class ReadBack:
+    """Every byte of one file being written, declared with the CRC-32 it must read back with.
+
+    The writers only append: a stretch written from memory (`wrote`) expects the CRC of those
+    bytes; a run copied from the source in the kernel (`copied`) expects the source's CRC (the
+    record's own, or computed from the source before the copy), and is read back at once on a pool
+    thread while the writer goes on (and while the file is synced).  `failure` then reads the rest
+    and compares: the file is exactly the declared stretches, end to end, each reading back with
+    its CRC, so every byte on disk is what the writer meant, and a copied record is also proven
+    equal to the source's recorded bytes.  No structure is parsed back: that what the writer means
+    is a valid archive or pickle is its own tests' business (read by torch, zipfile and pickle).
 
     The object is bound to the file by `write_atomically` (`attach`), which also `close`s it, so
     that no thread still reads the descriptor when it is closed, on every path out.
@@ -78,55 +92,68 @@ class ReadBack:
     def __init__(self) -> None:
         self._fd: Optional[int] = None
         self._pool: Optional[ThreadPoolExecutor] = None
-        self._started: Dict[Range, "Future[int]"] = {}
+        self.spans: List[Span] = []
+        self._from_memory: Optional[Span] = None  # the last span, while it grows by `wrote`
         self._end = 0
         self._then: Optional[Callable[[int, int], None]] = None
 
     def attach(self, fd: int, then: Optional[Callable[[int, int], None]] = None) -> None:
-        """Bind to the written file's descriptor; `then(start, size)` runs after each reported
-        record is handed to the pool (the atomic writer starts its writeback there)."""
+        """Bind to the written file's descriptor; `then(start, size)` runs after each copied run is
+        handed to the pool (the atomic writer starts its writeback there)."""
         self._fd, self._then = fd, then
         self._pool = ThreadPoolExecutor(max_workers=_CRC_WORKERS, thread_name_prefix="convnext-d2-crc")
 
-    def written(self, start: int, size: int) -> None:
-        """The record at [start, start + size) is complete: read it back in the background.
-
-        Raises:
-            ValueError: a record reported before the end of the previous one (a writer bug).
-        """
-        if start < self._end:
-            raise ValueError(f"record at {start} reported before the end of the previous one ({self._end})")
+    def _append(self, start: int, size: int) -> None:
+        if start != self._end:
+            raise ValueError(f"bytes declared at {start}, not where the previous ones end ({self._end}): the writers only append")
         self._end = start + size
-        if size == 0:  # an empty array's record: nothing to read back, and no range to find (its CRC is 0)
-            return
-        if self._pool is None or self._fd is None:  # not bound to a file: the verify step reads it all
-            return
-        self._started[(start, size)] = self._pool.submit(crc_of_range, self._fd, start, size)
-        if self._then is not None:
-            self._then(start, size)
 
-    def crcs(self, fd: int, ranges: Sequence[Range]) -> List[int]:
-        """The CRC-32 of each range: the background result for a reported range, the rest read
-        now from `fd` (in parallel).  `ranges` are all the records the verify step found in the
-        finished file, so every reported record must be among them.
+    def wrote(self, start: int, data: bytes, label: str) -> None:
+        """`data` was written from memory at `start` (joined to the previous stretch of the same label)."""
+        self._append(start, len(data))
+        last = self._from_memory
+        if last is not None and last.label == label:
+            last.size, last.expected = last.size + len(data), zlib.crc32(data, last.expected)
+        elif data:
+            self._from_memory = Span(start, len(data), zlib.crc32(data), label)
+            self.spans.append(self._from_memory)
+
+    def copied(self, start: int, size: int, expected: int, label: str, key: Optional[str] = None) -> None:
+        """A run of `size` bytes was copied to `start`: read it back in the background."""
+        self._append(start, size)
+        self._from_memory = None
+        if size == 0:  # an empty array's record: nothing to read back
+            return
+        span = Span(start, size, expected, label, key)
+        self.spans.append(span)
+        if self._pool is not None and self._fd is not None:
+            span.started = self._pool.submit(crc_of_range, self._fd, start, size)
+            if self._then is not None:
+                self._then(start, size)
+
+    def failure(self, fd: int) -> Optional[Span]:
+        """The first declared stretch that does not read back with its CRC (the rest read now, in
+        parallel), or None when the whole file does.
 
         Raises:
-            EOFError: the file ends inside a range.
-            ValueError: a reported record is not where the finished file's structure puts one.
+            EOFError: the file is shorter or longer than what was declared.
         """
-        lost = set(self._started).difference(ranges)
-        if lost:
-            start, size = min(lost)
-            raise ValueError(f"the record written at {start} ({size} bytes) is not where the file's structure puts one")
-        rest = [r for r in ranges if r not in self._started]
-        read_now = dict(zip(rest, crcs_of_ranges(fd, rest)))
-        return [self._started[r].result() if r in self._started else read_now[r] for r in ranges]
+        size = os.fstat(fd).st_size
+        if size != self._end:
+            raise EOFError(f"the file has {size} bytes, {self._end} were written")
+        rest = [s for s in self.spans if s.started is None]
+        read_now = dict(zip(map(id, rest), crcs_of_ranges(fd, [(s.start, s.size) for s in rest])))
+        for span in self.spans:
+            if (span.started.result() if span.started is not None else read_now[id(span)]) != span.expected:
+                return span
+        return None
 
     def close(self) -> None:
-        """Stop: drop the records not yet begun, wait for those being read."""
+        """Stop: drop the runs not yet begun, wait for those being read."""
         if self._pool is not None:
-            for future in self._started.values():
-                future.cancel()
+            for span in self.spans:
+                if span.started is not None:
+                    span.started.cancel()
             self._pool.shutdown(wait=True)
             self._pool = None
         self._fd = None

@@ -1,12 +1,9 @@
-"""Torch zip archives as torch's own reader sees them: the only module that touches `zipfile`'s
-internals.
+"""Torch zip archives as torch's own reader sees them (the writer is conversion/io/torch_writer.py).
 
 Reading: the central directory, every local header and data descriptor, and the end records are
 checked against each other the way torch's reader checks them (Python's `zipfile` trusts the
 directory and reads past disagreements); `data.pkl` is unpickled by the one safe unpickler with
-storages as references, so no tensor byte is read.  Writing: entries are laid out by the caller
-(records copied byte for byte, 64-byte aligned as torch aligns them) and handed to `zipfile` only
-to write the central directory.
+storages as references, so no tensor byte is read.
 """
 from __future__ import annotations
 
@@ -22,7 +19,6 @@ from ..errors import UnreadableCheckpoint, UnsafeCheckpoint, printable
 from .handles import FileBytes, Inflated, Location, StorageRef
 from .safe_pickle import Budget, StorageType, safe_load
 
-ALIGNMENT = 64  # torch's PyTorchStreamWriter aligns record data to 64 bytes (mmap-able)
 # A deflated member may inflate to at most this many times its stored size (plus 64 KiB): torch
 # writes stored members, and a pickled index compresses ~5x; zip bombs reach ~1000x.
 COMPRESSION_BOUND = 20
@@ -272,21 +268,6 @@ def inflate(path: str, member: Inflated) -> bytes:
     return data
 
 
-def _aligned_info(name: str, offset: int, size: int, crc: int) -> zipfile.ZipInfo:
-    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
-    info.compress_type = zipfile.ZIP_STORED
-    info.file_size = info.compress_size = size
-    info.CRC = crc
-    info.header_offset = offset
-    # Pad the local header's extra field so the data starts on a 64-byte boundary (torch uses id "FB").
-    base = offset + 30 + len(name.encode("utf-8")) + 4
-    pad = (-base) % ALIGNMENT
-    info.extra = struct.pack("<HH", 0x4246, pad) + b"Z" * pad
-    info.create_system = 0
-    info.flag_bits = 0
-    return info
-
-
 def _data_offset(f: Any, info: zipfile.ZipInfo) -> int:
     """Where an entry's bytes start: after its *local* header (whose extra field may differ).
 
@@ -322,18 +303,3 @@ def _descriptor_agrees(f: Any, at: int, info: zipfile.ZipInfo) -> bool:
     short = struct.unpack("<III", tail[:12]) if len(tail) >= 12 else None
     wide = struct.unpack("<IQQ", tail[:20]) if len(tail) >= 20 else None  # zip64 descriptors
     return want in (short, wide)
-
-
-def add_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, end: int) -> None:
-    """Hand an entry the caller wrote itself to `zf`, so that it writes the central directory (and
-    zip64 records where needed) after `end`."""
-    zf.filelist.append(info)
-    zf.NameToInfo[info.filename] = info
-    zf.start_dir = end
-
-
-def local_header(info: zipfile.ZipInfo) -> bytes:
-    """The local file header `zipfile` would write for `info`, without a zip64 extra (as torch writes
-    them: sizes in the local header, the directory carries zip64 fields where they are needed)."""
-    return info.FileHeader(zip64=False)
-

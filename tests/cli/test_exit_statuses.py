@@ -18,7 +18,7 @@ from conversion.architecture import Architecture
 from conversion.cli import main
 from conversion.synthetic import random_state_dict
 
-from ..support import copy_flipping_its_last_byte, require
+from ..support import require
 from .test_cli import assert_plain_error
 
 SMALL = Architecture((1, 1, 2, 1), (8, 8, 16, 16), num_classes=3, classifier_norm=True)
@@ -58,9 +58,13 @@ def _destination(tmp: Path, monkeypatch) -> List[str]:
 
 
 def _verification_failed(tmp: Path, monkeypatch) -> List[str]:
-    from conversion import stream
+    real_fsync = os.fsync
 
-    monkeypatch.setattr(stream, "_copy_range", copy_flipping_its_last_byte(stream._copy_range))  # a copy gone wrong
+    def lose_the_tail(fd: int) -> None:  # the written file's last byte lost on the way to disk
+        os.ftruncate(fd, os.fstat(fd).st_size - 1)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", lose_the_tail)
     torch.save({"model": random_state_dict(SMALL)}, tmp / "src.pth")
     return ["convert", "src.pth", "out.pth"]
 

@@ -193,7 +193,7 @@ def fuzz(libfuzzer_args: List[str], corpus: Path, findings: Findings) -> None:
         import conversion.inspection  # noqa: F401
         import conversion.pipeline  # noqa: F401
         import conversion.io.torchzip, conversion.io.legacy_torch, conversion.io.safe_pickle  # noqa: F401,E401
-        import conversion.io.safetensors_header, conversion.io.modelzoo_pkl  # noqa: F401,E401
+        import conversion.io.safetensors_header  # noqa: F401
     from .mutators import mutate
 
     target = Target(findings)

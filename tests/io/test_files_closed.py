@@ -25,7 +25,7 @@ from conversion.architecture import Architecture
 from conversion.errors import ConversionError
 from conversion.inspection import inspect_checkpoint
 from conversion.read import load_checkpoint
-from conversion.stream import read_index
+from conversion.io.torchzip import read_index
 from conversion.synthetic import random_state_dict
 
 SMALL = Architecture(depths=(1, 1, 1, 1), dims=(4, 4, 4, 4), num_classes=2, classifier_norm=True)

@@ -203,7 +203,7 @@ def test_the_index_writer_writes_what_the_standard_pickler_writes():
     """Shared shapes and storage keys (memo references), over 256 memo entries (LONG_BINPUT),
     over 1000 items (two SETITEMS batches), large offsets and numels (BININT, LONG1): byte for byte."""
     from conversion.io.handles import StorageRef, TensorRef, contiguous_stride
-    from conversion.stream import encode_index
+    from conversion.io.torch_writer import encode_index
 
     shared_shape = (3, 4)
     big = StorageRef("big", "FloatStorage", 3 << 31)
@@ -226,7 +226,7 @@ def test_a_readers_handle_subclass_is_written_as_the_plain_handle_it_is(tmp_path
 
     from conversion.io.handles import InMemory, StorageRef, TensorRef
     from conversion.io.tensor_bytes import writable
-    from conversion.stream import TORCH_SMALL_RECORDS, write_pth
+    from conversion.io.torch_writer import TORCH_SMALL_RECORDS, write_pth
 
     @dataclass(frozen=True)
     class NoteRef(TensorRef):
@@ -242,21 +242,19 @@ def test_a_readers_handle_subclass_is_written_as_the_plain_handle_it_is(tmp_path
 
 
 @pytest.mark.parametrize("ext", [".pth", ".pkl"])
-def test_a_source_that_shrinks_while_it_converts_is_refused_and_nothing_is_left(tmp_path, monkeypatch, ext):
-    """The safetensors file is cut short after its tensors were copied (another process rewriting
-    it): computing the source's CRCs meets its end; a clear error, exit-2 class, nothing written."""
-    from conversion import stream
+def test_a_source_that_shrinks_while_it_converts_is_refused_and_nothing_is_left(tmp_path, ext):
+    """The safetensors file is cut short after its first tensor was copied (another process
+    rewriting it): the next copy meets its end; a clear error, exit-2 class, nothing written."""
     from conversion.errors import UnreadableCheckpoint
+    from conversion.io.output import copies_through, copy_range
 
     st, _, _ = _sources(tmp_path, torch.float32)
-    real_copy = stream._copy_range
 
     def copy_then_cut_the_source(src_fd, dst_fd, src_offset, count):
-        real_copy(src_fd, dst_fd, src_offset, count)
+        copy_range(src_fd, dst_fd, src_offset, count)
         os.truncate(st, 1000)
 
-    monkeypatch.setattr(stream, "_copy_range", copy_then_cut_the_source)
-    with pytest.raises(UnreadableCheckpoint, match=r"src\.safetensors: the file ends inside a tensor"):
+    with copies_through(copy_then_cut_the_source), pytest.raises(UnreadableCheckpoint, match=r"src\.safetensors: the file ends inside a tensor"):
         convert(str(st), str(tmp_path / f"out{ext}"))
     assert not (tmp_path / f"out{ext}").exists() and sorted(os.listdir(tmp_path)) == ["src.pth", "src.safetensors"]
 
