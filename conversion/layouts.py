@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 from .errors import NotConvNeXt
+from .io.dtypes import REAL_DTYPES as _WEIGHT_DTYPES  # what a weight may be: a real numeric type
 from .io.handles import shape_of, with_shape
 from .templates import (  # noqa: F401  (Template, _CODECS, the fixes: the tables' vocabulary, re-exported)
     _CODECS,
@@ -317,9 +318,6 @@ def classifier_names(canonical: "Canonical") -> List[str]:
     from .architecture import CLASSIFIER_KEYS
 
     return sorted(canonical.source_names[k] for k in CLASSIFIER_KEYS if k in canonical.state_dict)
-
-
-_WEIGHT_DTYPES = ("float16", "bfloat16", "float32", "float64", "int8", "uint8", "int16", "int32", "int64", "bool")
 
 
 def _check_weight(key: str, value: Any) -> None:

@@ -41,8 +41,10 @@ from .io import crc as _crc
 from .io.crc import ReadBack
 from .io.modelzoo_pkl import array_digests
 from .io.pickle_writer import OpcodeWriter
-from .io.handles import ITEM_SIZE, FileBytes, StorageRef, TensorRef, location_bytes, numel
-from .io.tensor_bytes import Gathered, Tensors, widened
+from .io.dtypes import ITEM_SIZE, widened
+from .io.dtypes import PICKLED_NUMPY as NUMPY_DTYPES  # numpy spellings of what a .pkl stores (bfloat16 widened)
+from .io.handles import FileBytes, StorageRef, TensorRef, location_bytes, numel
+from .io.tensor_bytes import Gathered, Tensors
 from .io.torchzip import (  # noqa: F401  (read_index, _data_offset: this module's readers, used by tests)
     _aligned_info,
     _data_offset,
@@ -284,13 +286,6 @@ def write_pth(
 
 
 # ---------------------------------------------------------------- torch archive -> Detectron2 .pkl
-
-# numpy spellings of the storage dtypes (little-endian, as torch archives are); bfloat16 has none
-# and is widened to float32 exactly (a bf16 value is the top half of the float32 with that value).
-NUMPY_DTYPES = {
-    "float32": "<f4", "float16": "<f2", "float64": "<f8", "int64": "<i8", "int32": "<i4",
-    "int16": "<i2", "int8": "|i1", "uint8": "|u1", "bool": "|b1", "bfloat16": "<f4",
-}
 
 
 class _Array:

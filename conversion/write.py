@@ -59,10 +59,10 @@ def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _check_written(path: str, state_dict: Mapping[str, torch.Tensor], fmt: str, shown_as: str = "") -> None:
     from .errors import ConversionError
-    from .read import load_checkpoint  # read back exactly as a user's file would be read
+    from .read import materialize, open_source  # read back exactly as a user's file would be read
 
     try:
-        data = load_checkpoint(path)
+        data = materialize(open_source(path))
     except ConversionError as err:  # the file just written does not read: a verification failure
         shown = shown_as or path
         cause = err.message.replace(path + ": ", "").replace(path, shown)  # name the destination, not the temp file

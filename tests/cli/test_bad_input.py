@@ -420,14 +420,13 @@ def test_a_failed_rename_leaves_neither_the_destination_nor_a_temporary_file(des
 
 
 def test_a_file_that_reads_back_different_is_never_installed(destination, tmp_path, monkeypatch, capsys):
-    """A legacy torch source's storages carry no CRC: the writer computes the expected one from the
-    source, and a copy that went wrong (its last byte flipped in the written file) fails the
-    read-back (exit 1); nothing is installed.  The same for a torch zip source's records below."""
+    """A plain pickle's arrays carry no CRC: the writer computes the expected one from the source,
+    and a copy that went wrong (its last byte flipped in the written file) fails the read-back
+    (exit 1); nothing is installed.  The same for a torch zip source's records below."""
     from conversion import stream
 
-    legacy = io.BytesIO()
-    torch.save({"model": _good_state_dict()}, legacy, _use_new_zipfile_serialization=False)
-    (tmp_path / GOOD).write_bytes(legacy.getvalue())
+    arrays = {k: v.double().numpy() for k, v in _good_state_dict().items()}  # over 4 KiB: runs of the file
+    (tmp_path / GOOD).write_bytes(pickle.dumps({"model": arrays}, protocol=4))
     before = snapshot(tmp_path)
     monkeypatch.setattr(stream, "_copy_range", copy_flipping_its_last_byte(stream._copy_range))
 
