@@ -40,7 +40,7 @@ DTYPES: Dict[str, DType] = {row.name: row for row in _TABLE}
 ITEM_SIZE = {row.name: row.itemsize for row in _TABLE}
 STORAGE_DTYPES = {row.storage: row.name for row in _TABLE}  # storage class -> dtype name
 STORAGE_OF = {row.name: row.storage for row in _TABLE}  # dtype name -> storage class
-SAFETENSORS_STORAGE = {row.safetensors: row.storage for row in _TABLE if row.safetensors}
+SAFETENSORS = {row.safetensors: row for row in _TABLE if row.safetensors}  # header dtype code -> row
 REAL_DTYPES = tuple(row.name for row in _TABLE if not row.name.startswith("complex"))  # what a weight may be
 
 # A `.pkl` holds numpy arrays, and numpy has no bfloat16: a bfloat16 tensor is stored as float32,

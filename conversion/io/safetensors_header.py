@@ -13,8 +13,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
-from .dtypes import ITEM_SIZE, SAFETENSORS_STORAGE, STORAGE_DTYPES
-from .handles import FileBytes, StorageRef, TensorRef, contiguous_stride
+from .dtypes import SAFETENSORS
+from .handles import FileBytes, StorageRef, TensorRef, contiguous_stride, numel
 
 # The longest header read (safetensors' own bound); `read.sniff` takes a longer one for no header.
 MAX_HEADER_BYTES = 100_000_000
@@ -50,21 +50,17 @@ def _handles(header: Dict[str, Any], data_bytes: int, data_start: int) -> Option
     storages: Dict[str, FileBytes] = {}
     for name in sorted(k for k in header if k != "__metadata__"):
         entry = header[name]
-        if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str) or entry["dtype"] not in SAFETENSORS_STORAGE:
+        if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str) or entry["dtype"] not in SAFETENSORS:
             return None
         shape, offsets = entry.get("shape"), entry.get("data_offsets")
         if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
             return None
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
             return None
-        storage = SAFETENSORS_STORAGE[entry["dtype"]]
-        numel = 1
-        for d in shape:
-            numel *= d
-        begin, end = offsets
-        if not 0 <= begin <= end <= data_bytes or end - begin != numel * ITEM_SIZE[STORAGE_DTYPES[storage]]:
+        dtype, shape, (begin, end) = SAFETENSORS[entry["dtype"]], tuple(shape), offsets
+        if not 0 <= begin <= end <= data_bytes or end - begin != numel(shape) * dtype.itemsize:
             return None
-        out[name] = TensorRef(StorageRef(name, storage, numel), 0, tuple(shape), contiguous_stride(tuple(shape)))
+        out[name] = TensorRef(StorageRef(name, dtype.storage, numel(shape)), 0, shape, contiguous_stride(shape))
         storages[name] = FileBytes(data_start + begin, end - begin)
     # As safetensors' own reader requires: the tensors' byte ranges tile the data section exactly
     # (no gap, no overlap, nothing after), so no byte of the file is read twice or not at all.
