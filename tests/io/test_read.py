@@ -95,6 +95,24 @@ def test_unreadable_bytes_give_a_clear_error(tmp_path, content, match):
         read_as_convert_does(str(path))
 
 
+@pytest.mark.parametrize(
+    "head, fmt",
+    [
+        (b"PK\x03\x04" + b"\x00" * 5, "torch-zip"),
+        ((93).to_bytes(8, "little") + b"{", "safetensors"),
+        ((1).to_bytes(8, "little") + b"{", "pickle"),  # a header too short to be one
+        ((10 ** 9).to_bytes(8, "little") + b"{", "pickle"),  # longer than any header this reader takes
+        (b"\x80\x02\x8a\x0al\xfc\x9cF\xf9", "pickle"),  # a legacy torch file: told by its first pickle
+        (b"PK", "pickle"),
+    ],
+    ids=["zip", "safetensors", "short-header", "huge-header", "legacy", "two-bytes"],
+)
+def test_the_format_is_sniffed_from_the_first_bytes_by_one_rule(head, fmt):
+    from conversion.read import sniff
+
+    assert sniff(head) == fmt
+
+
 def test_missing_file_and_directory_are_named(tmp_path):
     with pytest.raises(UnreadableCheckpoint, match="no such file"):
         read_as_convert_does(str(tmp_path / "nope.pth"))
