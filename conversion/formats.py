@@ -44,15 +44,6 @@ def check_source(path: str) -> None:
         raise UnreadableCheckpoint(f"{path}: not a regular file (a FIFO, socket or device).", "Pass the checkpoint file itself.")
 
 
-def is_torch_zip(path: str) -> bool:
-    """Whether the file starts like a torch.save zip archive (cheap: four bytes)."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == ZIP_MAGIC
-    except OSError:
-        return False
-
-
 def _same_file(a: str, b: str) -> bool:
     try:
         return os.path.samefile(a, b)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, NamedTuple
 
 from .architecture import CLASSIFIER_KEYS, Architecture, infer_architecture
 from .errors import NotConvNeXt
+from .io.dtypes import REAL_DTYPES as _WEIGHT_DTYPES  # what a weight may be: a real numeric type
 from .io.handles import shape_of, with_shape
 from .templates import (  # noqa: F401  (Template, _CODECS, the fixes: the tables' vocabulary, re-exported)
     _CODECS,
@@ -324,9 +325,6 @@ def source_name_of(canonical: "Canonical") -> Callable[[str], str]:
 def classifier_names(canonical: "Canonical") -> List[str]:
     """The source's names of the classifier tensors (`head.*` and the pooled `norm.*`)."""
     return sorted(canonical.source_names[k] for k in CLASSIFIER_KEYS if k in canonical.state_dict)
-
-
-_WEIGHT_DTYPES = ("float16", "bfloat16", "float32", "float64", "int8", "uint8", "int16", "int32", "int64", "bool")
 
 
 def _check_weight(key: str, value: Any) -> None:

@@ -20,7 +20,8 @@ from .errors import NonFiniteWeights, UnreadableCheckpoint
 from .layouts import Canonical, LayoutOption, recognise
 from .containers import check_weight_types, select_state_dict
 from .formats import AUTHOR, output_format
-from .io.handles import ITEM_SIZE, TensorRef, check_references, location_bytes, numel
+from .io.dtypes import ITEM_SIZE, PICKLE_WIDENS
+from .io.handles import TensorRef, check_references, location_bytes, numel
 from .io.safe_pickle import BUDGET_SLACK
 from .read import Source, open_source, placeholders_in
 from .target import ALL_OUTPUTS, BACKBONE_PREFIX, Target, fresh_output_norms, to_target
@@ -77,9 +78,7 @@ def _dtype_name(dtype: Any) -> str:
 
 def _stored_dtype(dtype: Any, fmt: str) -> Any:
     """The dtype written: as is, except bfloat16 in a .pkl (numpy has none), widened to float32."""
-    if fmt == "pickle" and _dtype_name(dtype) == "bfloat16":
-        return "float32"
-    return dtype
+    return PICKLE_WIDENS.get(_dtype_name(dtype), dtype) if fmt == "pickle" else dtype
 
 
 class Prepared(NamedTuple):

@@ -31,7 +31,7 @@ from .heuristics import heuristic_assignment
 from .imports import load_imports
 from .layouts import Canonical, to_canonical
 from .layouts import recognise
-from .read import open_source, read_checkpoint
+from .read import materialize, open_source
 from .summaries import summarise_names
 from .target import BACKBONE_PREFIX, to_target
 
@@ -96,8 +96,7 @@ class VerifyReport:
 
 def _canonical_of(path: str) -> Canonical:
     """A checkpoint's weights in canonical names, read as `convert` reads them."""
-    loaded, _ = read_checkpoint(path)
-    return to_canonical(select_state_dict(loaded)[0])
+    return to_canonical(select_state_dict(materialize(open_source(path)))[0])
 
 
 def _architecture_of(path: str) -> Architecture:

@@ -146,6 +146,15 @@ def bytes_at(path: Any, location: Any) -> bytes:
         return f.read(location.nbytes)
 
 
+def read_as_convert_does(path: Any) -> Any:
+    """The file at `path` read whole by the path `convert` takes: opened once by `open_source` (the
+    one way in) and its handles materialized.  The tests that read files whole go through here, so
+    a change to that path is one edit."""
+    from conversion.read import materialize, open_source
+
+    return materialize(open_source(str(path)))
+
+
 def read_written(path: Any) -> Dict[str, Any]:
     """A file the converter wrote, decoded without conversion/: `torch.load(weights_only=True)` for a
     torch file, the standard unpickler for a `.pkl` (numpy arrays; the file is the test's own output)."""

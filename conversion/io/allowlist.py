@@ -15,7 +15,9 @@ import re
 from typing import TYPE_CHECKING, Any, Callable, Dict, Tuple
 
 from ..errors import UnreadableCheckpoint, UnsafeCheckpoint
-from .handles import ITEM_SIZE, STORAGE_DTYPES, ArrayRef, ByteSwapped, FileBytes, InMemory, Latin1Text, StorageRef, TensorRef, contiguous_stride, extent
+from .dtypes import ITEM_SIZE, STORAGE_DTYPES
+from .dtypes import STORAGE_OF as _STORAGE_OF  # numpy has no bfloat16: an array never names its row
+from .handles import ArrayRef, ByteSwapped, FileBytes, InMemory, Latin1Text, StorageRef, TensorRef, contiguous_stride, extent
 
 if TYPE_CHECKING:
     from .safe_pickle import SafeUnpickler
@@ -232,9 +234,6 @@ def _array_ref(u: "SafeUnpickler", data: Any, dt: Any, shape: Tuple[int, ...], f
     return ArrayRef(storage, 0, shape, stride, array_dtype=native.str, array_name=name)
 
 
-_STORAGE_OF = {dtype: storage for storage, dtype in STORAGE_DTYPES.items() if dtype != "bfloat16"}
-
-
 def _ndarray(u: "SafeUnpickler", args: tuple) -> Any:
     """numpy.ndarray(shape, dtype, buffer): how Detectron2's model-zoo .pkl spells arrays."""
     if len(args) != 3:
@@ -395,7 +394,7 @@ def _rebuild_parameter(u: "SafeUnpickler", args: tuple) -> Any:
 def _load_from_bytes(u: "SafeUnpickler", args: tuple) -> Any:
     if u.load_from_bytes is None or len(args) != 1 or not (isinstance(args[0], bytes) or (isinstance(args[0], Payload) and args[0].kind in ("bytes", "latin1"))):
         raise _refuse("torch.storage._load_from_bytes")
-    # A payload of raw bytes goes as it is (the caller may read the inner archive in place); one
+    # A payload of raw bytes goes as it is (the caller reads it from the file, counted); one
     # spelled as text, decoded.
     data = args[0]
     return u.load_from_bytes(u.payload_bytes(data) if isinstance(data, Payload) and data.kind == "latin1" else data)

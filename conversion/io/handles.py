@@ -1,7 +1,7 @@
 """Tensor handles: what a reader knows about a tensor before (or instead of) reading its bytes.
 
 A `StorageRef` names a run of bytes (a torch archive's storage record, a safetensors file's data
-section, a legacy file's storage, an inner archive's bytes); a `TensorRef` is a strided view into one.
+section, a legacy file's storage read whole); a `TensorRef` is a strided view into one.
 Readers hand out containers whose leaves are these handles (or, through the Python API, tensors and
 arrays already in memory); a handle is plain data (`shape`, `dtype`, where its elements are), and the
 module functions below (`numel`, `is_contiguous`, `with_shape`) work on every kind of leaf, so nothing
@@ -12,28 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Dict, Optional, Tuple, Union
 
-# Storage class names in persistent ids -> dtype names (torch/storage.py, _utils.py).
-STORAGE_DTYPES = {
-    "FloatStorage": "float32",
-    "HalfStorage": "float16",
-    "BFloat16Storage": "bfloat16",
-    "DoubleStorage": "float64",
-    "LongStorage": "int64",
-    "IntStorage": "int32",
-    "ShortStorage": "int16",
-    "CharStorage": "int8",
-    "ByteStorage": "uint8",
-    "BoolStorage": "bool",
-    "ComplexFloatStorage": "complex64",
-    "ComplexDoubleStorage": "complex128",
-}
-ITEM_SIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1, "complex64": 8, "complex128": 16}
+from .dtypes import ITEM_SIZE, STORAGE_DTYPES
 
 
 @dataclass(frozen=True)
 class FileBytes:
     """A storage's bytes as one run of the source file, stored as they are (a stored zip record, a
-    safetensors tensor, a legacy torch storage, a pickled payload outside any frame)."""
+    safetensors tensor, a pickled payload outside any frame)."""
 
     offset: int  # absolute offset in the source file of the storage's first byte
     nbytes: int
@@ -51,7 +36,8 @@ class Inflated:
 
 @dataclass(frozen=True)
 class InMemory:
-    """A storage's bytes already in memory (an inner archive's storage, a payload inside a frame)."""
+    """A storage's bytes already in memory (a legacy file's or an inner archive's storage, a small
+    array, a payload inside a frame)."""
 
     data: bytes
 

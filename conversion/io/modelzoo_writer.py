@@ -13,17 +13,13 @@ from typing import Any, Dict, Optional
 
 from ..errors import UnreadableCheckpoint
 from .crc import ReadBack
-from .handles import ITEM_SIZE, TensorRef, numel
+from .dtypes import ITEM_SIZE, widened
+from .dtypes import PICKLED_NUMPY as NUMPY_DTYPES  # numpy spellings of what a .pkl stores (bfloat16 widened)
+from .handles import TensorRef, numel
 from .output import Output, Progress, expected_crcs, write_checked
 from .pickle_writer import OpcodeWriter
-from .tensor_bytes import Tensors, widened
+from .tensor_bytes import Tensors
 
-# numpy spellings of the storage dtypes (little-endian, as torch archives are); bfloat16 has none
-# and is widened to float32 exactly (a bf16 value is the top half of the float32 with that value).
-NUMPY_DTYPES = {
-    "float32": "<f4", "float16": "<f2", "float64": "<f8", "int64": "<i8", "int32": "<i4",
-    "int16": "<i2", "int8": "|i1", "uint8": "|u1", "bool": "|b1", "bfloat16": "<f4",
-}
 _NDARRAY, _BYTEARRAY = object(), object()  # memo keys of the globals the pickle names
 
 

@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Set, Tuple, Union
 
 from ..errors import UnreadableCheckpoint
+from .dtypes import DTYPES, ITEM_SIZE, STORAGE_OF
 from .handles import (
-    ITEM_SIZE,
     ByteSwapped,
-    STORAGE_DTYPES,
     FileBytes,
     Inflated,
     InMemory,
@@ -31,13 +30,6 @@ from .handles import (
     view_shape,
 )
 
-# numpy spellings of the storage dtypes, little-endian as torch files are; bfloat16 (which numpy
-# lacks) as its raw 16 bits.
-RAW_NUMPY = {
-    "float32": "<f4", "float16": "<f2", "float64": "<f8", "int64": "<i8", "int32": "<i4", "int16": "<i2",
-    "int8": "|i1", "uint8": "|u1", "bool": "|b1", "bfloat16": "<u2", "complex64": "<c8", "complex128": "<c16",
-}
-STORAGE_OF_DTYPE = {dtype: storage for storage, dtype in STORAGE_DTYPES.items()}
 FLOATING = ("float32", "float16", "float64", "bfloat16")
 
 
@@ -107,19 +99,19 @@ class Tensors:
         return self._pread(loc.offset, loc.nbytes)
 
     def array(self, ref: TensorRef) -> Any:
-        """The handle's elements as a C-ordered numpy array of its shape (bfloat16 as raw uint16)."""
+        """The handle's elements as a C-ordered numpy array of its shape (bfloat16 as its raw bits, `DTYPES`)."""
         import numpy as np
 
         dtype, size = ref.dtype, ITEM_SIZE[ref.dtype]
         if numel(ref) == 0:
-            return np.zeros(ref.shape, RAW_NUMPY[dtype])
+            return np.zeros(ref.shape, DTYPES[dtype].numpy)
         loc = self.storages[ref.storage.key]
         span = extent(0, view_shape(ref), ref.stride)
         if isinstance(loc, FileBytes):  # only the bytes the view reaches are read
             data, first = self._pread(loc.offset + ref.offset * size, span * size), 0
         else:
             data, first = self.storage_bytes(ref.storage.key), ref.offset
-        flat = np.frombuffer(data, RAW_NUMPY[dtype], count=span, offset=first * size)
+        flat = np.frombuffer(data, DTYPES[dtype].numpy, count=span, offset=first * size)
         view = np.lib.stride_tricks.as_strided(flat, view_shape(ref), [st * size for st in ref.stride], writeable=False)
         return np.ascontiguousarray(view).reshape(ref.shape)
 
@@ -213,13 +205,6 @@ def read_spelled(fd: int, loc: Union[Latin1Text, ByteSwapped]) -> bytes:
     return read_latin1_text(fd, loc) if isinstance(loc, Latin1Text) else read_byte_swapped(fd, loc)
 
 
-def widened(raw: bytes) -> bytes:
-    """bfloat16 bits -> float32 bytes, exactly (a bf16 value is the top half of that float32)."""
-    import numpy as np
-
-    return (np.frombuffer(raw, "<u2").astype("<u4") << 16).tobytes()
-
-
 def non_finite(tensors: Tensors, model: Mapping[str, TensorRef]) -> list:
     """Names of floating tensors holding NaN or Inf, one tensor's bytes in memory at a time."""
     import numpy as np
@@ -279,5 +264,5 @@ def writable(
             key = next(free)
             located[key] = InMemory(data)
         shape = tuple(int(d) for d in value.shape)
-        out[name] = TensorRef(StorageRef(key, STORAGE_OF_DTYPE[dtype], numel(shape)), 0, shape, contiguous_stride(shape))
+        out[name] = TensorRef(StorageRef(key, STORAGE_OF[dtype], numel(shape)), 0, shape, contiguous_stride(shape))
     return Tensors(path, located), out

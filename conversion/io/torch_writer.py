@@ -23,7 +23,8 @@ import zlib
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .crc import ReadBack
-from .handles import ITEM_SIZE, FileBytes, StorageRef, TensorRef, location_bytes, numel
+from .dtypes import ITEM_SIZE
+from .handles import FileBytes, StorageRef, TensorRef, location_bytes, numel
 from .output import Output, Progress, expected_crcs, write_checked
 from .pickle_writer import OpcodeWriter
 from .tensor_bytes import Gathered, Tensors

@@ -38,8 +38,6 @@ class ArchiveIndex:
     folder: str  # the archive's top folder ("archive" for files torch.save wrote to a handle)
     objects: Any  # the unpickled index (dicts with TensorRef leaves)
     records: Dict[str, zipfile.ZipInfo]  # name inside the folder -> zip entry
-    bytes_read: int = 0
-    source: Any = None  # the open file the index came from, where it was not a path
     data_offsets: Dict[str, int] = field(default_factory=dict)  # name inside the folder -> where its bytes start
 
     def storages(self) -> Dict[str, Location]:
@@ -55,70 +53,56 @@ class ArchiveIndex:
                 out[name[len("data/"):]] = Inflated(info.filename, info.file_size, info.CRC)
         return out
 
-    def storage_bytes(self) -> Dict[str, bytearray]:
-        """Every storage record's bytes (CRC-checked by zipfile), for the loaded path."""
-        out: Dict[str, bytearray] = {}
-        f = open(self.path, "rb") if self.source is None else self.source
+    def record_bytes(self, f: Any, key: str) -> bytes:
+        """One storage record's bytes, read from the archive open as `f` (a pickled tensor's inner
+        archive, in memory), CRC-checked and inflated where deflated."""
+        info = self.records["data/" + key]
         try:
             with zipfile.ZipFile(f) as zf:
-                for name, info in self.records.items():
-                    if name.startswith("data/"):
-                        out[name[len("data/"):]] = bytearray(zf.read(info))
+                return zf.read(info)
         except Exception as err:  # noqa: BLE001 - any failure to parse the file's bytes is the same fact
             raise UnreadableCheckpoint(f"{self.path}: corrupt torch archive ({type(err).__name__}: {str(err)[:120]}).", "Re-download or re-save it.") from None
-        finally:
-            if self.source is None:
-                f.close()
-        return out
 
 
-class _CountingFile(io.RawIOBase):
-    """Counts the bytes actually read from a file (the 'reads at most 1 MiB' promise of inspect)."""
+@dataclass(frozen=True)
+class _EndRecord:
+    """The archive's end records (the zip64 one where present), parsed once."""
 
-    def __init__(self, f: Any) -> None:
-        self._f, self.count = f, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        return self._f.seek(offset, whence)
-
-    def tell(self) -> int:
-        return self._f.tell()
-
-    def readinto(self, b: Any) -> int:
-        n = self._f.readinto(b)
-        self.count += n or 0
-        return n
-
-    def read(self, n: int = -1) -> bytes:
-        data = self._f.read(n)
-        self.count += len(data)
-        return data
+    entries_here: int
+    entries: int
+    directory_size: int
+    directory_offset: int
+    malformed: bool  # a comment length that disagrees with the file's end, or a zip64 record of another size
+    zip64_misplaced: bool  # a zip64 locator that points at no zip64 record just before it
 
 
-def _check_end_records(f: Any, path: str) -> None:
-    """Single-disk archive, as torch's reader requires: the end records' disk numbers must be 0
-    (Python's zipfile ignores them, so a damaged one would otherwise go unnoticed)."""
+def _end_record(f: Any, path: str) -> Optional[_EndRecord]:
+    """The end records, found from the file's end; None where there is none (zipfile reports that).
+    Single-disk, as torch's reader requires: the disk numbers must be 0 (Python's zipfile ignores
+    them, so a damaged one would otherwise go unnoticed)."""
     size = f.seek(0, os.SEEK_END)
-    f.seek(max(0, size - (1 << 16) - 22))
+    base = f.seek(max(0, size - (1 << 16) - 22))
     tail = f.read()
     at = tail.rfind(b"PK\x05\x06")
     if at < 0 or len(tail) < at + 22:
-        return  # zipfile reports a missing end record itself
-    disk, cd_disk, here, total = struct.unpack("<HHHH", tail[at + 4:at + 12])
-    bad = (disk, cd_disk) != (0, 0) or here != total
+        return None
+    disk, cd_disk, here, total, cd_size, cd_offset, comment = struct.unpack("<HHHHIIH", tail[at + 4:at + 22])
+    multi_disk = (disk, cd_disk) != (0, 0) or here != total
+    malformed, misplaced = comment != len(tail) - at - 22, False
     loc = at - 20
     if loc >= 0 and tail[loc:loc + 4] == b"PK\x06\x07":
-        z64_disk, _, disks = struct.unpack("<IQI", tail[loc + 4:loc + 20])
-        bad = bad or z64_disk != 0 or disks != 1
-    if bad:
+        z64_disk, z64_at, disks = struct.unpack("<IQI", tail[loc + 4:loc + 20])
+        multi_disk = multi_disk or z64_disk != 0 or disks != 1
+        f.seek(z64_at)
+        rec = f.read(56)
+        misplaced = len(rec) < 56 or rec[:4] != b"PK\x06\x06" or z64_at + 56 != base + loc
+        if not misplaced:
+            rec_size, _made, _needed, disk, cd_disk, here, total, cd_size, cd_offset = struct.unpack("<QHHIIQQQQ", rec[4:56])
+            malformed = malformed or rec_size != 44 or bool(disk) or bool(cd_disk)
+    if multi_disk:
         raise UnreadableCheckpoint(f"{path}: corrupt torch archive (multi-disk end record).", "Re-download or re-save it.")
     f.seek(0)
+    return _EndRecord(here, total, cd_size, cd_offset, malformed, misplaced)
 
 
 def _check_directory(path: str, records: Dict[str, zipfile.ZipInfo]) -> None:
@@ -154,35 +138,21 @@ def _storage_of(pid: Any) -> StorageRef:
     return StorageRef(pid[2], pid[1].name, pid[4])
 
 
-def _check_totals(f: Any, path: str, zf: zipfile.ZipFile) -> None:
+def _check_totals(f: Any, path: str, zf: zipfile.ZipFile, end: Optional[_EndRecord]) -> None:
     """The end records must describe the directory exactly (entries, size, offset; the zip64 record
     well-formed where present), as torch's reader requires; Python's zipfile reads past a mismatch."""
-    size = f.seek(0, os.SEEK_END)
-    f.seek(max(0, size - (1 << 16) - 22))
-    base = f.tell()
-    tail = f.read()
-    at = tail.rfind(b"PK\x05\x06")
-    if at < 0 or len(tail) < at + 22:
+    if end is None:
         raise UnreadableCheckpoint(f"{path}: corrupt torch archive (no end record).", "Re-download or re-save it.")
-    here, total, cd_size, cd_offset, comment = struct.unpack("<HHIIH", tail[at + 8:at + 22])
-    bad = comment != len(tail) - at - 22
-    loc = at - 20
-    if loc >= 0 and tail[loc:loc + 4] == b"PK\x06\x07":
-        (z64_at,) = struct.unpack("<Q", tail[loc + 8:loc + 16])
-        f.seek(z64_at)
-        rec = f.read(56)
-        if len(rec) < 56 or rec[:4] != b"PK\x06\x06" or z64_at + 56 != base + loc:
-            raise UnreadableCheckpoint(f"{path}: corrupt torch archive (zip64 end record).", "Re-download or re-save it.")
-        rec_size, _made, _needed, disk, cd_disk, here, total, cd_size, cd_offset = struct.unpack("<QHHIIQQQQ", rec[4:56])
-        bad = bad or rec_size != 44 or disk or cd_disk
-    infos = zf.infolist()
+    if end.zip64_misplaced:
+        raise UnreadableCheckpoint(f"{path}: corrupt torch archive (zip64 end record).", "Re-download or re-save it.")
     f.seek(zf.start_dir)
-    directory = f.read(cd_size)  # walked by its own length fields (zipfile truncates a name that overruns)
+    directory = f.read(end.directory_size)  # walked by its own length fields (zipfile truncates a name that overruns)
     pos = count = 0
     while pos + 46 <= len(directory) and directory[pos:pos + 4] == b"PK\x01\x02":
         n, e, c = struct.unpack_from("<HHH", directory, pos + 28)
         pos, count = pos + 46 + n + e + c, count + 1
-    if bad or here != total or total != len(infos) or count != total or pos != cd_size or cd_offset != zf.start_dir:
+    if (end.malformed or end.entries_here != end.entries or end.entries != len(zf.infolist()) or count != end.entries
+            or pos != end.directory_size or end.directory_offset != zf.start_dir):
         raise UnreadableCheckpoint(f"{path}: corrupt torch archive (end record disagrees with the directory).", "Re-download or re-save it.")
     f.seek(0)
 
@@ -199,13 +169,12 @@ def read_index(source: Any, name: str = "", budget: Optional[Budget] = None) -> 
         UnreadableCheckpoint: not a readable torch archive, or one torch's reader would refuse.
     """
     path = name or str(source)
-    raw = open(source, "rb") if isinstance(source, str) else source
+    f = open(source, "rb") if isinstance(source, str) else source
     try:
-        counting = _CountingFile(raw)
         try:
-            _check_end_records(counting, path)
-            with zipfile.ZipFile(counting) as zf:
-                _check_totals(counting, path, zf)
+            end = _end_record(f, path)
+            with zipfile.ZipFile(f) as zf:
+                _check_totals(f, path, zf, end)
                 names = [i.filename for i in zf.infolist()]
                 pkl = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
                 if len(pkl) != 1:
@@ -221,7 +190,7 @@ def read_index(source: Any, name: str = "", budget: Optional[Budget] = None) -> 
                 offsets = {}
                 for key, info in records.items():  # local headers must agree with the directory, as torch checks
                     try:
-                        offsets[key] = _data_offset(counting, info)
+                        offsets[key] = _data_offset(f, info)
                     except UnreadableCheckpoint as err:
                         raise UnreadableCheckpoint(f"{path}: {err.message}", err.hint) from None
                 if "byteorder" in records and zf.read(folder + "/byteorder").strip() != b"little":
@@ -244,10 +213,10 @@ def read_index(source: Any, name: str = "", budget: Optional[Budget] = None) -> 
             raise type(err)(f"{path}: {err.message}", err.hint) from None
         except Exception as err:
             raise UnreadableCheckpoint(f"{path}: corrupt index ({type(err).__name__}: {str(err)[:160]}).", "Re-download or re-save it.") from None
-        return ArchiveIndex(path, folder, objects, records, counting.count, None if isinstance(source, str) else source, offsets)
+        return ArchiveIndex(path, folder, objects, records, offsets)
     finally:
         if isinstance(source, str):
-            raw.close()
+            f.close()
 
 
 def inflate(path: str, member: Inflated) -> bytes:

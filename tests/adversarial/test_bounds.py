@@ -24,9 +24,8 @@ import torch
 
 from conversion.cli import main
 from conversion.errors import ConversionError, UnreadableCheckpoint
-from conversion.read import load_checkpoint
 
-from ..support import torch_load_weights_only
+from ..support import read_as_convert_does, torch_load_weights_only
 
 from ..cli.test_cli import assert_plain_error, run_cli
 from . import assemble as A
@@ -74,7 +73,7 @@ def test_a_junk_entry_nested_beyond_the_depth_limit_is_refused_before_anything_i
 def test_nesting_at_the_depth_limit_is_read(tmp_path):
     """100 levels in all (the junk list is 99 deep under the top-level dict) is data: read, not refused."""
     src = _write(tmp_path, A.spliced(A.nested_lists(99), "pkl"), "pkl")
-    junk = load_checkpoint(str(src))["junk"]
+    junk = read_as_convert_does(str(src))["junk"]
     depth = 0
     while isinstance(junk, list):
         junk, depth = (junk[0] if junk else None), depth + 1
@@ -180,7 +179,7 @@ def test_a_tensor_outside_its_storage_is_refused_on_the_loaded_path_too(size, st
     path.write_bytes(A.tensor_archive(size, stride, offset, numel, record))
 
     with pytest.raises(UnreadableCheckpoint, match=r"'w'") as err:
-        load_checkpoint(str(path))
+        read_as_convert_does(str(path))
 
     assert says in err.value.message
 
@@ -190,7 +189,7 @@ def test_a_well_formed_minimal_archive_reads(tmp_path):
     path = tmp_path / "t.pth"
     path.write_bytes(A.tensor_archive((2, 2), (2, 1), 0, 4, 16))
 
-    assert torch.equal(load_checkpoint(str(path))["w"], torch.zeros(2, 2))
+    assert torch.equal(read_as_convert_does(str(path))["w"], torch.zeros(2, 2))
     assert torch.equal(torch_load_weights_only(path)["w"], torch.zeros(2, 2))  # torch agrees it is valid
 
 

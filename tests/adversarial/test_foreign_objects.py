@@ -24,9 +24,8 @@ import torch
 from conversion import convert
 from conversion.cli import main
 from conversion.errors import UnreadableCheckpoint
-from conversion.read import load_checkpoint
 
-from ..support import require, torch_load_weights_only
+from ..support import read_as_convert_does, require, torch_load_weights_only
 from ..cli.test_cli import assert_plain_error
 from . import assemble as A
 
@@ -153,7 +152,7 @@ def test_nothing_of_a_foreign_class_is_called(tmp_path: Path):
         calls.clear()
         src = tmp_path / "w.pkl"
         src.write_bytes(data)
-        loaded = load_checkpoint(str(src))
+        loaded = read_as_convert_does(str(src))
     finally:
         _forget("loud_module")
 
@@ -249,7 +248,7 @@ def test_numpy_arrays_pickled_under_numpy_1_or_2_read_under_the_installed_numpy(
     src.write_bytes(data)
     assert (core + ".multiarray").encode() in data
 
-    loaded = load_checkpoint(str(src))
+    loaded = read_as_convert_does(str(src))
 
     assert set(loaded["model"]) == set(sd)
     for k, v in sd.items():
@@ -286,4 +285,4 @@ def test_an_array_that_numpy_would_refuse_is_an_unreadable_checkpoint(tmp_path):
                                      pickle.SHORT_BINBYTES + b"\x08" + b"\0" * 8), "pkl", where="weight"))
 
     with pytest.raises(UnreadableCheckpoint, match="not plain numeric data"):
-        load_checkpoint(str(src))
+        read_as_convert_does(str(src))

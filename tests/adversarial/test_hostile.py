@@ -48,9 +48,8 @@ from hypothesis import strategies as st
 from conversion import convert
 from conversion.cli import main
 from conversion.errors import ConversionError, UnreadableCheckpoint, UnsafeCheckpoint
-from conversion.read import load_checkpoint
 
-from ..support import TORCH_HAS_WEIGHTS_ONLY, require
+from ..support import TORCH_HAS_WEIGHTS_ONLY, read_as_convert_does, require
 
 if not TORCH_HAS_WEIGHTS_ONLY:
     # The corpus's oracle decodes every file independently with torch's own weights_only reader (and
@@ -181,7 +180,7 @@ def test_containers_carry_a_benign_program_unchanged():
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "benign.bin"
             path.write_bytes(wrap(benign))
-            loaded = load_checkpoint(str(path))
+            loaded = read_as_convert_does(str(path))
         assert loaded == {"model": collections.OrderedDict(epoch=7)}, f"{name}: {loaded!r}"
 
 
@@ -207,12 +206,12 @@ def test_hostile_file_is_refused_by_the_reader_and_runs_nothing(case: HostileCas
 
     if case.payload in READ_PAST:
         # A class outside the allowlist is read past: an inert placeholder naming it, nothing called.
-        loaded = load_checkpoint(str(hostile.path))["model"]  # program puts the payload under 'model'
+        loaded = read_as_convert_does(str(hostile.path))["model"]  # program puts the payload under 'model'
         assert not hostile.sentinel.exists(), f"{case.id}: code from the file ran"
         assert type(loaded).__name__ == "Placeholder" and loaded.cls == READ_PAST[case.payload], repr(loaded)
         return
     with pytest.raises(ConversionError) as err:
-        load_checkpoint(str(hostile.path))
+        read_as_convert_does(str(hostile.path))
 
     assert not hostile.sentinel.exists(), f"{case.id}: code from the file ran"
     # Every file here asks for something other than tensor data: "unsafe", not merely "unreadable".
@@ -257,7 +256,7 @@ def test_refusal_names_what_the_file_asked_for(payload: str, container: str, nam
     hostile = build_hostile(HostileCase(payload, container), tmp_path, sentinels)
 
     with pytest.raises(UnsafeCheckpoint) as err:
-        load_checkpoint(str(hostile.path))
+        read_as_convert_does(str(hostile.path))
 
     assert names in err.value.message, f"the refusal does not say what was refused: {err.value.message}"
 
@@ -285,7 +284,7 @@ def test_a_hostile_pickle_after_a_valid_one_is_never_parsed(tmp_path: Path, sent
     (tmp_path / "out").mkdir()
     monkeypatch.chdir(tmp_path)
 
-    assert load_checkpoint(str(hostile.path)) == {"epoch": 3}
+    assert read_as_convert_does(str(hostile.path)) == {"epoch": 3}
     status = main(["convert", hostile.path.name, "out/model_d2.pth"])
 
     assert not hostile.sentinel.exists(), "code from the trailing pickle ran"
@@ -440,7 +439,7 @@ def test_a_fifo_source_is_refused_without_blocking(tmp_path: Path):
 
     def read() -> None:
         try:
-            load_checkpoint(str(fifo))
+            read_as_convert_does(str(fifo))
         except BaseException as err:  # noqa: BLE001 - recorded and judged below
             result["error"] = err
 
@@ -453,7 +452,7 @@ def test_a_fifo_source_is_refused_without_blocking(tmp_path: Path):
         os.close(fd)
         reader.join(10)
 
-    assert not blocked, f"load_checkpoint blocked on a FIFO for more than {HANG_S} s"
+    assert not blocked, f"reading blocked on a FIFO for more than {HANG_S} s"
     assert isinstance(result.get("error"), UnreadableCheckpoint), result
 
 
@@ -462,7 +461,7 @@ def test_a_symlink_loop_is_refused(tmp_path: Path, capsys):
     (tmp_path / "b.pth").symlink_to("a.pth")
 
     with pytest.raises(UnreadableCheckpoint):
-        load_checkpoint(str(tmp_path / "a.pth"))
+        read_as_convert_does(str(tmp_path / "a.pth"))
     err = _refused_by_cli_leaving_nothing("a.pth", tmp_path, capsys)
     assert "a.pth" in err, err
 
@@ -473,7 +472,7 @@ def test_a_character_device_is_refused(device: str, tmp_path: Path, capsys):
     if not os.path.exists(device):
         pytest.skip(f"{device} does not exist on this system")
     with pytest.raises(UnreadableCheckpoint):
-        load_checkpoint(device)
+        read_as_convert_does(device)
     _refused_by_cli_leaving_nothing(device, tmp_path, capsys)
 
 
@@ -543,7 +542,7 @@ def test_absurd_safetensors_header_is_refused(name: str, tmp_path: Path, capsys)
     src.write_bytes(SAFETENSORS_CASES[name])
 
     with pytest.raises(ConversionError):
-        load_checkpoint(str(src))
+        read_as_convert_does(str(src))
     _refused_by_cli_leaving_nothing(src.name, tmp_path, capsys)
 
 

@@ -20,9 +20,8 @@ import pytest
 from conversion.errors import ConversionError, UnreadableCheckpoint, UnsafeCheckpoint
 from conversion.io.handles import FileBytes, StorageRef, TensorRef, check_references, contiguous_stride
 from conversion.io.legacy_torch import LEGACY_TORCH_MAGIC
-from conversion.read import load_checkpoint
 
-from ..support import torch_load_weights_only
+from ..support import read_as_convert_does, torch_load_weights_only
 from . import assemble as A
 
 NDARRAY = A.global_("numpy", "ndarray")
@@ -102,7 +101,7 @@ def test_a_malformed_object_is_refused_with_its_own_reason(case, tmp_path):
     path.write_bytes(A.spliced(fragment, "torch-zip"))
 
     with pytest.raises(ConversionError) as err:
-        load_checkpoint(str(path))
+        read_as_convert_does(str(path))
 
     assert says in err.value.message, f"{case}: refused for another reason: {err.value.message}"
 
@@ -185,7 +184,7 @@ def test_a_malformed_legacy_torch_file_is_refused_with_its_own_reason(case, tmp_
     path.write_bytes(_legacy_file(**fields))
 
     with pytest.raises(kind) as err:
-        load_checkpoint(str(path))
+        read_as_convert_does(str(path))
 
     assert says in err.value.message, f"{case}: refused for another reason: {err.value.message}"
 
@@ -195,7 +194,7 @@ def test_the_legacy_file_builder_makes_files_torch_reads(tmp_path):
     path = tmp_path / "legacy.pth"
     path.write_bytes(_legacy_file(_pid(), tensor=True, payload=struct.pack("<4f", 1, 2, 3, 4)))
 
-    ours = load_checkpoint(str(path))["w"]
+    ours = read_as_convert_does(str(path))["w"]
     theirs = torch_load_weights_only(path)["w"]
     assert ours.tolist() == theirs.tolist() == [1.0, 2.0, 3.0, 4.0]
 

@@ -12,11 +12,10 @@ import torch
 from conversion.architecture import Architecture
 from conversion.containers import select_state_dict
 from conversion.layouts import to_canonical
-from conversion.read import read_checkpoint
 from conversion.synthetic import random_state_dict
 from conversion.testing import synthetic_layouts, write_synthetic_checkpoint
 
-from ..support import read_written, require
+from ..support import read_as_convert_does, read_written, require
 
 SMALL = Architecture((1, 1, 2, 1), (8, 16, 24, 32), num_classes=5, classifier_norm=True)
 SMALL_BACKBONE_ONLY = Architecture((1, 1, 2, 1), (8, 16, 24, 32))
@@ -38,7 +37,7 @@ KNOWN_NAME = {
 
 
 def _read(path):
-    loaded, _ = read_checkpoint(str(path))
+    loaded = read_as_convert_does(str(path))
     return select_state_dict(loaded)
 
 
@@ -100,7 +99,7 @@ def test_the_detectron2_layout_holds_what_convert_writes(tmp_path, ext):
 @pytest.mark.parametrize("container", ["bare", "model", "state_dict", "training"])
 def test_containers_and_dtypes_are_as_asked(tmp_path, container):
     path = write_synthetic_checkpoint(tmp_path / "w.pth", variant=SMALL, container=container, dtype=torch.float16)
-    raw = read_checkpoint(path)[0] if container == "training" else None
+    raw = read_as_convert_does(path) if container == "training" else None
     state_dict, found = _read(path)
     assert {v.dtype for v in state_dict.values()} == {torch.float16}
     assert (found or "bare") == {"bare": "bare", "model": "model", "state_dict": "state_dict", "training": "model"}[container]

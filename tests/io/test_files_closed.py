@@ -24,9 +24,10 @@ from conversion import convert
 from conversion.architecture import Architecture
 from conversion.errors import ConversionError
 from conversion.inspection import inspect_checkpoint
-from conversion.read import load_checkpoint
 from conversion.io.torchzip import read_index
 from conversion.synthetic import random_state_dict
+
+from ..support import read_as_convert_does
 
 SMALL = Architecture(depths=(1, 1, 1, 1), dims=(4, 4, 4, 4), num_classes=2, classifier_norm=True)
 
@@ -78,7 +79,7 @@ def _sources(folder: Path) -> dict:
 
 
 READS: dict = {
-    "load": lambda src, out: load_checkpoint(str(src)),
+    "load": lambda src, out: read_as_convert_does(str(src)),
     "inspect": lambda src, out: inspect_checkpoint(str(src)),
     "convert-pth": lambda src, out: convert(str(src), str(out / "model_d2.pth")),
     "convert-pkl": lambda src, out: convert(str(src), str(out / "model_d2.pkl")),
@@ -112,5 +113,5 @@ def test_the_archive_index_reader_closes_the_archive_it_opened_by_path(kind, tmp
         except ConversionError:
             assert kind != "torch-zip"
         else:
-            index.storage_bytes()  # reads the storages by path too
+            assert index.storages()  # located, with the file closed
     assert _held_open(src) == []

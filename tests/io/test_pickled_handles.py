@@ -18,10 +18,10 @@ from conversion.architecture import Architecture
 from conversion.errors import UnreadableCheckpoint
 from conversion.io.handles import ArrayRef, ByteSwapped, FileBytes, InMemory, TensorRef, numel
 from conversion.io.safe_pickle import PAYLOAD_THRESHOLD, Payload
-from conversion.read import load_checkpoint, open_pickled, open_source
+from conversion.read import materialize, open_source
 from conversion.synthetic import random_state_dict
 
-from ..support import bytes_at, read_written
+from ..support import bytes_at, read_as_convert_does, read_written
 
 SD = random_state_dict(Architecture((1, 1, 2, 1), (8, 16, 24, 32), num_classes=5, classifier_norm=True), seed=5)
 
@@ -42,14 +42,15 @@ def _torch_load(path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_a_legacy_file_gives_tensor_refs_whose_storages_are_runs_of_the_file(tmp_path, dtype):
+def test_a_legacy_file_gives_tensor_refs_over_its_storages_read_whole(tmp_path, dtype):
+    """Legacy files never come large (big checkpoints are zip archives): read whole, one pass."""
     path = tmp_path / "legacy.pth"
     sd = {k: v.to(dtype) for k, v in SD.items()}
     sd["stages.0.0.gamma_t"] = sd["stages.0.0.gamma"].expand(3, -1).t()  # a strided view shares its storage
     torch.save({"model": sd, "epoch": 3}, path, _use_new_zipfile_serialization=False)
     oracle = _torch_load(path)["model"]
 
-    source = open_pickled(str(path))
+    source = open_source(str(path))
 
     assert source.format == "torch-legacy" and source.objects["epoch"] == 3
     model = source.objects["model"]
@@ -60,9 +61,8 @@ def test_a_legacy_file_gives_tensor_refs_whose_storages_are_runs_of_the_file(tmp
         assert (ref.shape, ref.stride, ref.offset) == (tuple(want.shape), want.stride(), want.storage_offset()), name
         assert ref.dtype == str(want.dtype).replace("torch.", "")
         location = source.storages[ref.storage.key]
-        assert isinstance(location, FileBytes)
-        assert bytes_at(path, location) == _storage_bytes(want), name
-    assert source.bytes_read < 64 * 1024  # the pickles and the 8-byte counts, never the storages
+        assert isinstance(location, InMemory) and location.data == _storage_bytes(want), name
+    assert source.bytes_read == path.stat().st_size
 
 
 @pytest.mark.parametrize("protocol", [3, 4, 5])
@@ -77,7 +77,7 @@ def test_a_plain_pickle_gives_array_refs_over_runs_of_the_file(tmp_path, protoco
     with open(path, "rb") as f:
         oracle = pickle.load(f)
 
-    source = open_pickled(str(path))
+    source = open_source(str(path))
 
     assert source.format == "pickle" and source.objects["__author__"] == "x"
     assert isinstance(source.objects["blob"], Payload) and bytes_at(path, source.objects["blob"].location) == oracle["blob"]
@@ -107,7 +107,7 @@ def test_reading_whole_is_the_handles_materialized_and_equals_numpys_reading(tmp
     with open(path, "rb") as f:
         oracle = pickle.load(f)
 
-    loaded = load_checkpoint(str(path))
+    loaded = read_as_convert_does(str(path))
 
     assert (loaded["blob"], type(loaded["blob"]), loaded["big"], type(loaded["big"])) == (oracle["blob"], bytearray, oracle["big"], bytes)
     for name, want in oracle["model"].items():
@@ -150,8 +150,8 @@ def test_a_python_2_model_zoo_pickle_reads_as_numpy_reads_it(tmp_path):
     path = tmp_path / "py2.pkl"
     path.write_bytes(data)
 
-    source = open_pickled(str(path))
-    loaded = load_checkpoint(str(path))
+    source = open_source(str(path))
+    loaded = read_as_convert_does(str(path))
 
     assert isinstance(source.storages[source.objects["model"]["large"].storage.key], FileBytes)
     assert isinstance(source.storages[source.objects["model"]["small"].storage.key], InMemory)
@@ -165,7 +165,7 @@ def test_a_payload_declared_past_the_end_is_refused_by_both_readers_alike(tmp_pa
         pickle.dump({"model": {"w": np.ones((300, 300), np.float32)}, "__author__": "x"}, f, protocol=4)
     path.write_bytes(path.read_bytes()[:-1000])
     with pytest.raises(UnreadableCheckpoint, match=r"cut\.pkl: 'w': the pickle declares 360000 bytes where fewer are left") as whole:
-        load_checkpoint(str(path))
+        read_as_convert_does(str(path))
     with pytest.raises(UnreadableCheckpoint) as handles:
         open_source(str(path))
     assert handles.value.message == whole.value.message
@@ -176,7 +176,7 @@ def test_a_legacy_storage_past_the_end_is_refused_by_both_readers_alike(tmp_path
     torch.save({"w": torch.ones(300, 300)}, path, _use_new_zipfile_serialization=False)
     path.write_bytes(path.read_bytes()[:-4])
     with pytest.raises(UnreadableCheckpoint, match=r"cut\.pth: storage \S+ is truncated or its size disagrees with the index") as whole:
-        load_checkpoint(str(path))
+        read_as_convert_does(str(path))
     with pytest.raises(UnreadableCheckpoint) as handles:
         open_source(str(path))
     assert handles.value.message == whole.value.message
@@ -196,36 +196,28 @@ def test_arrays_sharing_one_payload_still_spend_the_budget_once_each(tmp_path):
     parts += [pickle.APPENDS, pickle.STOP]
     path = tmp_path / "shared.pkl"
     path.write_bytes(b"".join(parts))
-    for read in (load_checkpoint, lambda p: open_source(p)):
+    for read in (read_as_convert_does, lambda p: open_source(p)):
         with pytest.raises(UnreadableCheckpoint, match="builds more data than it holds"):
             read(str(path))
 
 
 def test_tensors_pickled_with_plain_pickle_come_back_through_their_inner_archives(tmp_path):
     """pickle.dump of torch tensors: each storage is torch.storage._load_from_bytes(a torch file of
-    that storage); the inner file is read by the same rules, in place when it was left in the file
-    (its storage then a run of the source file), in memory when short."""
+    that storage); the inner file is read whole by the same rules, its storage kept in memory."""
     sd = dict(SD)
     path = tmp_path / "tensors.pkl"
     with open(path, "wb") as f:
         pickle.dump({"model": sd, "__author__": "x"}, f)
 
-    source = open_pickled(str(path))
-    loaded = load_checkpoint(str(path))["model"]
+    source = open_source(str(path))
+    loaded = read_as_convert_does(str(path))["model"]
 
-    in_file = 0
     for name, want in sd.items():
         ref = source.objects["model"][name]
         assert type(ref) is TensorRef and ref.shape == tuple(want.shape), name
         location = source.storages[ref.storage.key]
-        if want.numel() * want.element_size() > PAYLOAD_THRESHOLD:  # its inner file is longer still: left in the file
-            assert isinstance(location, FileBytes), name
-            assert bytes_at(path, location) == want.numpy().tobytes(), name
-            in_file += 1
-        else:
-            assert isinstance(location, (FileBytes, InMemory)), name
+        assert isinstance(location, InMemory) and location.data == want.numpy().tobytes(), name
         assert loaded[name].dtype == want.dtype and torch.equal(loaded[name], want), name
-    assert in_file and source.bytes_read < 64 * 1024
 
 
 def test_the_same_pickle_of_tensors_converts_to_the_same_bytes_every_time(tmp_path):
@@ -244,15 +236,13 @@ def test_the_same_pickle_of_tensors_converts_to_the_same_bytes_every_time(tmp_pa
 
 @pytest.mark.parametrize("kind", ["legacy", "pickle"])
 def test_materializing_the_handles_gives_what_reading_whole_gives(tmp_path, kind):
-    from conversion.read import materialize_source
-
     path = tmp_path / ("w.pth" if kind == "legacy" else "w.pkl")
     if kind == "legacy":
         torch.save({"model": SD, "epoch": 3}, path, _use_new_zipfile_serialization=False)
     else:
         with open(path, "wb") as f:
             pickle.dump({"model": {k: v.numpy() for k, v in SD.items()}, "blob": b"\x07" * 5000}, f, protocol=4)
-    got, want = materialize_source(open_pickled(str(path))), load_checkpoint(str(path))
+    got, want = materialize(open_source(str(path))), read_as_convert_does(str(path))
     assert sorted(got) == sorted(want) and sorted(got["model"]) == sorted(want["model"])
     for name, value in want["model"].items():
         assert type(got["model"][name]) is type(value), name
@@ -272,7 +262,7 @@ def test_an_array_keeps_numpys_dtype_and_one_without_a_torch_storage_type_is_ref
     path = tmp_path / "w.pkl"
     with open(path, "wb") as f:
         pickle.dump({"model": {k: (v.numpy() * 10).astype(dtype) for k, v in SD.items()}, "__author__": "x"}, f, protocol=4)
-    ref = open_pickled(str(path)).objects["model"]["downsample_layers.0.0.weight"]
+    ref = open_source(str(path)).objects["model"]["downsample_layers.0.0.weight"]
     assert (ref.dtype, ref.storage.storage_type) == (np.dtype(dtype).name, storage)
     if storage in ("uint32", "float128"):
         says = rf"'downsample_layers\.0\.0\.weight' is not a weight tensor \(dtype {np.dtype(dtype).name}\)"
@@ -295,12 +285,12 @@ def test_long_byte_strings_anywhere_come_back_as_what_they_were(tmp_path, protoc
     path = tmp_path / "w.pkl"
     with open(path, "wb") as f:
         pickle.dump(obj, f, protocol=protocol)
-    got = load_checkpoint(str(path))
+    got = read_as_convert_does(str(path))
     for key in (big, "t", "s", "f", "ba", "__author__", "text", text, "ts"):
         assert got[key] == obj[key] and type(got[key]) is type(obj[key]), key
     assert type(got["ba"][0]) is bytearray
     # Read as handles, a str stays a str (only `_codecs.encode`'s argument is left in the file).
-    handles = open_pickled(str(path)).objects
+    handles = open_source(str(path)).objects
     assert type(handles["text"]) is str and handles["text"] == text and handles[text] == "a str key"
     assert handles["ts"] == obj["ts"]
 
@@ -312,8 +302,8 @@ def test_the_source_lists_the_modules_its_pickles_name(tmp_path):
     with open(zoo, "wb") as f:
         pickle.dump({"model": {k: v.numpy() for k, v in SD.items()}, "__author__": "x"}, f)
     core = "numpy._core.multiarray" if int(np.__version__.split(".")[0]) >= 2 else "numpy.core.multiarray"
-    assert {"torch._utils", core} <= open_pickled(str(legacy)).modules
-    assert {"numpy", core} <= open_pickled(str(zoo)).modules and "torch._utils" not in open_pickled(str(zoo)).modules
+    assert {"torch._utils", core} <= open_source(str(legacy)).modules
+    assert {"numpy", core} <= open_source(str(zoo)).modules and "torch._utils" not in open_source(str(zoo)).modules
 
 
 @pytest.mark.parametrize("short_by", [7, 40, 1001])
@@ -331,7 +321,7 @@ def test_a_frame_shorter_than_its_contents_is_refused_as_pickle_refuses_it(tmp_p
     with pytest.raises(pickle.UnpicklingError):  # the oracle: Python's own pure-Python reader refuses it
         pickle._Unpickler(io.BytesIO(bytes(data))).load()
 
-    for read in (lambda: open_pickled(str(path)), lambda: load_checkpoint(str(path))):
+    for read in (lambda: open_source(str(path)), lambda: read_as_convert_does(str(path))):
         with pytest.raises(UnreadableCheckpoint, match="frame"):
             read()
 
@@ -346,7 +336,7 @@ def test_a_big_endian_pickle_converts_to_its_values_in_native_order(tmp_path):
     path = tmp_path / "big.pkl"
     with open(path, "wb") as f:
         pickle.dump({"model": arrays}, f, protocol=4)
-    assert any(isinstance(loc, ByteSwapped) for loc in open_pickled(str(path)).storages.values())
+    assert any(isinstance(loc, ByteSwapped) for loc in open_source(str(path)).storages.values())
     convert(str(path), str(tmp_path / "w.pth"))
     convert(str(path), str(tmp_path / "w.pkl"))
     pth, pkl = read_written(tmp_path / "w.pth")["model"], read_written(tmp_path / "w.pkl")["model"]

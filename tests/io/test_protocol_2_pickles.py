@@ -11,8 +11,9 @@ import pytest
 from conversion.errors import UnreadableCheckpoint
 from conversion.io.handles import InMemory
 from conversion.io.safe_pickle import PAYLOAD_THRESHOLD
-from conversion.read import load_checkpoint, open_pickled
+from conversion.read import open_source
 
+from ..support import read_as_convert_does
 from .test_pickled_handles import SD
 
 
@@ -35,7 +36,7 @@ def test_protocol_2_spells_bytes_as_text_and_its_arrays_stay_in_the_file(tmp_pat
     with open(path, "rb") as f:
         oracle = pickle.load(f)["model"]
 
-    source = open_pickled(str(path))
+    source = open_source(str(path))
 
     # The threshold is on the text's length: 1 to 2 bytes of UTF-8 for each byte it spells.
     long_ones = [name for name, want in oracle.items() if want.nbytes > PAYLOAD_THRESHOLD]
@@ -48,7 +49,7 @@ def test_protocol_2_spells_bytes_as_text_and_its_arrays_stay_in_the_file(tmp_pat
                 assert isinstance(location, Latin1Text if name in long_ones else InMemory), name
             got = read_latin1_text(f.fileno(), location) if isinstance(location, Latin1Text) else location.data
             assert got == want.tobytes(), name
-    whole = load_checkpoint(str(path))["model"]
+    whole = read_as_convert_does(str(path))["model"]
     assert all(np.array_equal(whole[k], v) and whole[k].dtype == v.dtype for k, v in oracle.items())
 
 
@@ -70,9 +71,9 @@ def test_protocol_2_text_that_does_not_spell_the_arrays_bytes_is_refused_when_re
     data[at:at + 2] = "\u0100".encode("utf-8") if change == "a-character-over-255" else b"ab"
     path.write_bytes(bytes(data))
 
-    assert open_pickled(str(path)).objects["model"][name].shape == arrays[name].shape
+    assert open_source(str(path)).objects["model"][name].shape == arrays[name].shape
     with pytest.raises(UnreadableCheckpoint, match=says):
-        load_checkpoint(str(path))
+        read_as_convert_does(str(path))
     (tmp_path / "out").mkdir()
     for ext in (".pth", ".pkl"):
         with pytest.raises(UnreadableCheckpoint, match=f"p2.pkl: .*{says}"):

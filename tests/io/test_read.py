@@ -12,8 +12,9 @@ import torch
 from conversion.architecture import Architecture
 from conversion.errors import ContainerError, UnreadableCheckpoint, UnsafeCheckpoint
 from conversion.containers import select_state_dict, strip_wrapper_prefixes
-from conversion.read import load_checkpoint
 from conversion.synthetic import random_state_dict
+
+from ..support import read_as_convert_does
 
 SD = random_state_dict(Architecture((1, 1, 1, 1), (4, 4, 4, 4)), seed=3)
 
@@ -47,14 +48,14 @@ def test_every_pickle_based_format_reads_whatever_its_name(tmp_path, torch_reade
     path = tmp_path / name
     with open(path, "wb") as f:
         writer({"model": SD}, f)
-    _same(load_checkpoint(str(path))["model"], SD)
+    _same(read_as_convert_does(str(path))["model"], SD)
 
 
 def test_training_checkpoint_args_and_numpy_are_read_as_data(tmp_path, torch_reader):
     import numpy as np
 
     torch.save({"model": SD, "args": argparse.Namespace(lr=0.004, model="convnext_tiny"), "mean": np.ones(3)}, tmp_path / "ckpt.pth")
-    loaded = load_checkpoint(str(tmp_path / "ckpt.pth"))
+    loaded = read_as_convert_does(str(tmp_path / "ckpt.pth"))
     # Training args are read past as an inert placeholder naming the class (never built); arrays are data.
     assert type(loaded["args"]).__name__ == "Placeholder" and loaded["args"].cls == "argparse.Namespace"
     assert loaded["mean"].tolist() == [1.0, 1.0, 1.0]
@@ -78,7 +79,7 @@ def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path, monk
     with open(path, "wb") as f:
         save({"model": SD, "x": _Boom()}, f)
     with pytest.raises(UnsafeCheckpoint, match="refusing"):
-        load_checkpoint(str(path))
+        read_as_convert_does(str(path))
     assert not (tmp_path / "SENTINEL_SHOULD_NOT_EXIST").exists()
 
 
@@ -91,14 +92,32 @@ def test_unreadable_bytes_give_a_clear_error(tmp_path, content, match):
     path = tmp_path / "bad.pth"
     path.write_bytes(content)
     with pytest.raises(UnreadableCheckpoint, match=match):
-        load_checkpoint(str(path))
+        read_as_convert_does(str(path))
+
+
+@pytest.mark.parametrize(
+    "head, fmt",
+    [
+        (b"PK\x03\x04" + b"\x00" * 5, "torch-zip"),
+        ((93).to_bytes(8, "little") + b"{", "safetensors"),
+        ((1).to_bytes(8, "little") + b"{", "pickle"),  # a header too short to be one
+        ((10 ** 9).to_bytes(8, "little") + b"{", "pickle"),  # longer than any header this reader takes
+        (b"\x80\x02\x8a\x0al\xfc\x9cF\xf9", "pickle"),  # a legacy torch file: told by its first pickle
+        (b"PK", "pickle"),
+    ],
+    ids=["zip", "safetensors", "short-header", "huge-header", "legacy", "two-bytes"],
+)
+def test_the_format_is_sniffed_from_the_first_bytes_by_one_rule(head, fmt):
+    from conversion.read import sniff
+
+    assert sniff(head) == fmt
 
 
 def test_missing_file_and_directory_are_named(tmp_path):
     with pytest.raises(UnreadableCheckpoint, match="no such file"):
-        load_checkpoint(str(tmp_path / "nope.pth"))
+        read_as_convert_does(str(tmp_path / "nope.pth"))
     with pytest.raises(UnreadableCheckpoint, match="is a directory"):
-        load_checkpoint(str(tmp_path))
+        read_as_convert_does(str(tmp_path))
 
 
 @pytest.mark.parametrize("key", ["model", "state_dict", "module"])

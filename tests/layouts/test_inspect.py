@@ -17,7 +17,7 @@ from conversion.layouts import from_canonical
 from conversion.synthetic import random_state_dict
 
 from .. import strategies as S
-from ..support import TORCH_LOADS_WEIGHTS_ONLY_BY_DEFAULT, require
+from ..support import TORCH_LOADS_WEIGHTS_ONLY_BY_DEFAULT, read_as_convert_does, require
 from .table import SPECS, _with_head, build_case
 
 D2_PREFIX = "backbone."
@@ -218,13 +218,12 @@ def test_inspect_of_a_safetensors_file_reads_its_header_and_tells_what_a_torch_f
 def test_a_safetensors_file_whose_header_overruns_it_is_refused_as_the_whole_reader_refuses_it(tmp_path):
     from conversion.errors import UnreadableCheckpoint
     from conversion.inspection import inspect_checkpoint
-    from conversion.read import load_checkpoint
-
+    
     _safetensors_file(tmp_path / "w.safetensors", random_state_dict(Architecture((1, 1, 1, 1), (8, 8, 8, 8))))
     data = (tmp_path / "w.safetensors").read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) - 100])  # tensors declared past the end
     with pytest.raises(UnreadableCheckpoint) as whole:
-        load_checkpoint(str(tmp_path / "cut.safetensors"))
+        read_as_convert_does(str(tmp_path / "cut.safetensors"))
     with pytest.raises(UnreadableCheckpoint, match="cut.safetensors") as inspected:
         inspect_checkpoint(str(tmp_path / "cut.safetensors"))
     assert inspected.value.message == whole.value.message
