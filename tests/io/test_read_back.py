@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import pickle
 import struct
 import sys
 import threading
@@ -27,6 +28,8 @@ from conversion.io.output import copies_through, copy_range
 from conversion.synthetic import random_state_dict
 
 ARCH = Architecture((1, 2, 1, 1), (8, 16, 8, 16), num_classes=5, classifier_norm=True)
+# Wide enough that a float64 pickle of it has over ten arrays past the size a reader leaves in the file.
+WIDE = Architecture((1, 2, 1, 1), (32, 64, 32, 64), num_classes=5, classifier_norm=True)
 CLASSIFIER = 4  # head.weight, head.bias, norm.weight, norm.bias: dropped, so not written
 THREAD_PREFIX = "convnext-d2-"  # the read-back pool and the writeback thread
 
@@ -305,18 +308,22 @@ def _lose_the_tail_with(fsync, fd):
 
 
 @pytest.mark.parametrize("source, ext, fault, named", [
-    ("zip", ".pth", "copy", False), ("zip", ".pkl", "copy", False), ("legacy", ".pth", "copy", False),
-    ("legacy", ".pkl", "copy", True), ("zip", ".pth", "memory", False), ("zip", ".pkl", "memory", True),
-    ("zip", ".pth", "tail", False), ("legacy", ".pkl", "tail", False),
+    ("zip", ".pth", "copy", False), ("zip", ".pkl", "copy", False), ("pickle", ".pth", "copy", False),
+    ("pickle", ".pkl", "copy", True), ("zip", ".pth", "memory", False), ("zip", ".pkl", "memory", True),
+    ("zip", ".pth", "tail", False), ("pickle", ".pkl", "tail", False),
 ])
 def test_a_file_that_reads_back_different_is_never_installed(tmp_path, monkeypatch, capsys, source, ext, fault, named):
-    """A copy gone wrong (a torch zip's records carry their CRC; a legacy file's storages none, so
+    """A copy gone wrong (a torch zip's records carry their CRC; a plain pickle's arrays none, so
     the writer computes it from the source), a byte written from memory that reads back different,
     or a tail lost on the way to disk: exit 1 naming the destination (not the temporary file, not
     blaming the source), the existing destination kept as it was, nothing else left, no thread."""
     from conversion.cli import main
 
-    torch.save({"model": random_state_dict(ARCH)}, tmp_path / "src.pth", _use_new_zipfile_serialization=source == "zip")
+    src = tmp_path / ("src.pth" if source == "zip" else "src.pkl")
+    if source == "zip":
+        torch.save({"model": random_state_dict(ARCH)}, src)
+    else:  # float64 arrays: each over the size the reader leaves in the file, so they are copied as runs
+        src.write_bytes(pickle.dumps({"model": {k: v.double().numpy() for k, v in random_state_dict(WIDE).items()}}, protocol=4))
     dst = tmp_path / f"out{ext}"
     dst.write_bytes(b"previous")
     if named:
@@ -328,14 +335,14 @@ def test_a_file_that_reads_back_different_is_never_installed(tmp_path, monkeypat
     copier = _flip_in_the_eleventh_copy() if fault == "copy" else copy_range
 
     with copies_through(copier):
-        status = main(["convert", str(tmp_path / "src.pth"), str(dst), "--force"])
+        status = main(["convert", str(src), str(dst), "--force"])
 
     err = capsys.readouterr().err
     assert status == 1, f"a failed read-back is a verification problem (exit 1), got {status}:\n{err}"
     assert f"{dst}: " in err and "does not read back" in err and ".convnext-d2-" not in err, err
     assert "re-download" not in err.lower(), f"the source is fine; the hint blames it:\n{err}"
     assert dst.read_bytes() == b"previous"
-    assert sorted(os.listdir(tmp_path)) == sorted(["src.pth", dst.name])
+    assert sorted(os.listdir(tmp_path)) == sorted([src.name, dst.name])
     assert _read_back_threads() == []
 
 
