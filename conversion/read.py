@@ -18,9 +18,9 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 from .errors import UnreadableCheckpoint
 from .formats import ZIP_MAGIC, check_source, is_torch_zip
-from .io.handles import ITEM_SIZE, STORAGE_DTYPES, ArrayRef, ByteSwapped, FileBytes, Inflated, InMemory, Latin1Text, Location, StorageRef, TensorRef, contiguous_stride
+from .io.handles import ITEM_SIZE, STORAGE_DTYPES, ArrayRef, FileBytes, Inflated, InMemory, Location, StorageRef, TensorRef, contiguous_stride
 from .io.legacy_torch import LEGACY_TORCH_MAGIC, read_inner_file, read_inner_in_file, read_legacy
-from .io.tensor_bytes import IN_FILE, SPELLED, read_run, read_spelled, spelled_bytes
+from .io.tensor_bytes import read_run
 from .io.safe_pickle import BUDGET_SLACK, Budget, Payload, Placeholder, SafeUnpickler
 
 _NUMPY_OF = {
@@ -30,7 +30,7 @@ _NUMPY_OF = {
 # Reading a pickle's metadata: a small read-ahead, so that stepping over a payload wastes little.
 _METADATA_BUFFER = 1024
 # What `_tensors` is given per storage key: raw bytes (a torch archive's records) or a location.
-StorageBytes = Union[bytes, bytearray, FileBytes, Inflated, InMemory, Latin1Text, ByteSwapped]
+StorageBytes = Union[bytes, bytearray, FileBytes, Inflated, InMemory]
 
 
 def read_location(fd: Optional[int], location: Location) -> bytearray:
@@ -47,8 +47,6 @@ def read_location(fd: Optional[int], location: Location) -> bytearray:
         raise NotImplementedError("Inflated locations are read by the torch archive reader (io.torchzip), not here.")
     if fd is None:
         raise ValueError("a location in the file needs the source file open")
-    if isinstance(location, SPELLED):
-        return bytearray(read_spelled(fd, location))
     try:
         return read_run(fd, location.offset, location.nbytes)
     except EOFError as short:
@@ -66,16 +64,14 @@ def _tensors(storages: Dict[str, StorageBytes], fd: Optional[int] = None) -> Cal
 
     def raw(key: str) -> Any:
         data = storages.get(key)
-        return read_location(fd, data) if isinstance(data, IN_FILE + (Inflated, InMemory)) else data
+        return read_location(fd, data) if isinstance(data, (FileBytes, Inflated, InMemory)) else data
 
     def build(ref: Any) -> Any:
         import numpy as np
 
         if isinstance(ref, Payload):
             data = read_location(fd, ref.location)
-            if ref.kind == "latin1":  # bytes spelled as latin-1 text (protocol 2)
-                return spelled_bytes(bytes(data), f"the {ref.nbytes}-byte text at offset {ref.location.offset}")
-            return data if ref.kind == "bytearray" else bytes(data) if ref.kind == "bytes" else data.decode("latin1")
+            return data if ref.stands_for == "bytearray" else bytes(data) if ref.stands_for == "bytes" else data.decode("latin1")
         if isinstance(ref, ArrayRef):  # its own storage: arrays never share bytes
             array = np.frombuffer(raw(ref.storage.key), ref.array_dtype)
             fortran = len(ref.shape) > 1 and ref.stride != contiguous_stride(ref.shape)

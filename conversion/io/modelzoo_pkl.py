@@ -15,8 +15,7 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple, Union
 
 from .crc import crcs_of_ranges
 from .handles import ArrayRef, FileBytes, InMemory, Location
-from .safe_pickle import BUDGET_SLACK, SafeUnpickler
-from .tensor_bytes import SPELLED, read_spelled
+from .safe_pickle import BUDGET_SLACK, Budget, SafeUnpickler
 
 __all__ = ["ArrayPayload", "read_array_payloads", "array_digests"]
 
@@ -31,19 +30,16 @@ class ArrayPayload:
     payload: Union[FileBytes, InMemory]
 
 
-def _payloads(obj: Any, storages: Dict[str, Location], fd: int) -> Any:
+def _payloads(obj: Any, storages: Dict[str, Location]) -> Any:
     """The pickle's objects with each array as an `ArrayPayload` (plain containers only: the
     writers' pickles hold dicts of arrays and strings).  An array whose bytes protocol 2 spelled
-    as text, or in the other byte order (never in the writers' pickles), comes back decoded, in memory."""
+    as text, or in the other byte order (never in the writers' pickles), is already decoded, in memory."""
     if isinstance(obj, ArrayRef):
-        loc = storages[obj.storage.key]
-        if isinstance(loc, SPELLED):
-            loc = InMemory(read_spelled(fd, loc))
-        return ArrayPayload(obj.shape, obj.array_dtype, loc)
+        return ArrayPayload(obj.shape, obj.array_dtype, storages[obj.storage.key])
     if isinstance(obj, dict):
-        return {k: _payloads(v, storages, fd) for k, v in obj.items()}
+        return {k: _payloads(v, storages) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_payloads(v, storages, fd) for v in obj]
+        return [_payloads(v, storages) for v in obj]
     return obj
 
 
@@ -60,9 +56,9 @@ def read_array_payloads(path: str) -> Any:
     """
     with open(path, "rb", buffering=io.DEFAULT_BUFFER_SIZE) as f:
         size = os.fstat(f.fileno()).st_size
-        u = SafeUnpickler(f, size=size, budget=2 * size + BUDGET_SLACK, skip_payloads=True, payload_threshold=0)
+        u = SafeUnpickler(f, size=size, budget=Budget(2 * size + BUDGET_SLACK), skip_payloads=True, payload_threshold=0)
         obj = u.load()
-        return _payloads(obj, dict(u.storages), f.fileno())
+        return _payloads(obj, dict(u.storages))
 
 
 def _walk_payloads(obj: Any, found: List[ArrayPayload]) -> None:
