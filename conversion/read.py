@@ -25,7 +25,7 @@ from .io.handles import ArrayRef, FileBytes, Inflated, InMemory, Location, Stora
 from .io.legacy_torch import LEGACY_TORCH_MAGIC, read_inner_file, read_legacy
 from .io.safe_pickle import BUDGET_SLACK, Budget, Payload, Placeholder, SafeUnpickler
 from .io.safetensors_header import MAX_HEADER_BYTES, read_header
-from .io.tensor_bytes import SPELLED, read_run, read_spelled, spelled_bytes
+from .io.tensor_bytes import read_run
 from .io.torchzip import inflate, read_index
 
 # Reading a pickle's metadata: a small read-ahead, so that stepping over a payload wastes little.
@@ -215,8 +215,6 @@ def _location_bytes(path: str, fd: int, location: Location) -> Any:
         return bytearray(location.data)
     if isinstance(location, Inflated):
         return bytearray(inflate(path, location))
-    if isinstance(location, SPELLED):
-        return bytearray(read_spelled(fd, location))
     try:
         data = read_run(fd, location.offset, location.nbytes)
     except EOFError as short:
@@ -240,9 +238,7 @@ def _builder(path: str, storages: Dict[str, Location], fd: int) -> Callable[[Any
 
         if isinstance(ref, Payload):
             data = _location_bytes(path, fd, ref.location)
-            if ref.kind == "latin1":  # bytes spelled as latin-1 text (protocol 2)
-                return spelled_bytes(bytes(data), f"the {ref.nbytes}-byte text at offset {ref.location.offset}")
-            return data if ref.kind == "bytearray" else bytes(data) if ref.kind == "bytes" else data.decode("latin1")
+            return data if ref.stands_for == "bytearray" else bytes(data) if ref.stands_for == "bytes" else data.decode("latin1")
         location = storages.get(ref.storage.key)
         if isinstance(ref, ArrayRef):  # its own storage: arrays never share bytes
             array = np.frombuffer(_location_bytes(path, fd, location), ref.array_dtype)

@@ -42,29 +42,8 @@ class InMemory:
     data: bytes
 
 
-@dataclass(frozen=True)
-class Latin1Text:
-    """A storage's bytes spelled as text: a run of the file holding UTF-8 text whose characters,
-    each below 256, are the bytes (how pickle protocol 2 writes `bytes` in Python 3:
-    `_codecs.encode(text, 'latin1')`).  Decoded (and its length checked) when read."""
-
-    offset: int  # absolute offset in the source file of the text's first byte
-    text_nbytes: int  # the UTF-8 text's length in the file
-    nbytes: int  # the bytes it spells (what the array needs)
-
-
-@dataclass(frozen=True)
-class ByteSwapped:
-    """A storage's bytes as a run of the file in the other byte order (a numpy array pickled
-    big-endian): swapped to little-endian, element by element, when read."""
-
-    offset: int  # absolute offset in the source file of the run's first byte
-    nbytes: int
-    dtype: str  # the numpy dtype the run holds, e.g. ">f4" (complex numbers swap each part)
-
-
 # Where one storage's bytes are; a `Source` maps storage keys to these (see read.Source.storages).
-Location = Union[FileBytes, Inflated, InMemory, Latin1Text, ByteSwapped]
+Location = Union[FileBytes, Inflated, InMemory]
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,9 @@ from typing import Any, Dict, Mapping, Optional, Set, Tuple, Union
 from ..errors import UnreadableCheckpoint
 from .dtypes import DTYPES, ITEM_SIZE, STORAGE_OF
 from .handles import (
-    ByteSwapped,
     FileBytes,
     Inflated,
     InMemory,
-    Latin1Text,
     StorageRef,
     TensorRef,
     contiguous_stride,
@@ -41,9 +39,7 @@ class Gathered:
     ref: TensorRef
 
 
-WriteLocation = Union[FileBytes, Inflated, InMemory, Latin1Text, ByteSwapped, Gathered]
-SPELLED = (Latin1Text, ByteSwapped)  # runs of the file that hold the bytes in another spelling
-IN_FILE = (FileBytes,) + SPELLED  # the locations read from the source file
+WriteLocation = Union[FileBytes, Inflated, InMemory, Gathered]
 
 
 class Tensors:
@@ -55,7 +51,7 @@ class Tensors:
         self._inflated: Tuple[str, bytes] = ("", b"")  # the last member inflated: its tensors share it
 
     def __enter__(self) -> "Tensors":
-        if self.path is not None and any(isinstance(loc, IN_FILE) for loc in self.storages.values()):
+        if self.path is not None and any(isinstance(loc, FileBytes) for loc in self.storages.values()):
             self._file = open(self.path, "rb")
         return self
 
@@ -91,11 +87,6 @@ class Tensors:
 
                 self._inflated = (loc.member, inflate(str(self.path), loc))
             return self._inflated[1]
-        if isinstance(loc, SPELLED):
-            try:
-                return read_spelled(self.fd, loc)
-            except UnreadableCheckpoint as err:
-                raise UnreadableCheckpoint(f"{self.path}: {err.message}", err.hint) from None
         return self._pread(loc.offset, loc.nbytes)
 
     def array(self, ref: TensorRef) -> Any:
@@ -152,57 +143,6 @@ def read_run(fd: int, offset: int, count: int) -> bytearray:
     return out
 
 
-def spelled_bytes(text: bytes, what: str) -> bytes:
-    """The bytes UTF-8 `text` spells, each of its characters one byte (pickle protocol 2's `bytes`).
-
-    Raises:
-        UnreadableCheckpoint: a character of 256 or more (or text that is not UTF-8), naming `what`.
-    """
-    try:
-        return text.decode("utf-8", "surrogatepass").encode("latin1")
-    except UnicodeError:
-        raise UnreadableCheckpoint(f"{what} is not latin-1 text.", "The file is corrupt; re-download or re-save it.") from None
-
-
-def read_latin1_text(fd: int, loc: Latin1Text) -> bytes:
-    """The bytes a `Latin1Text` spells, read from the file and decoded: the one place such a
-    storage is read.
-
-    Raises:
-        UnreadableCheckpoint: the file ends inside the text, or the text does not spell exactly
-            `loc.nbytes` bytes.
-    """
-    what = f"the {loc.text_nbytes}-byte text at offset {loc.offset} (an array's {loc.nbytes} bytes, pickle protocol 2)"
-    try:
-        text = bytes(read_run(fd, loc.offset, loc.text_nbytes))
-    except EOFError:
-        raise UnreadableCheckpoint(f"the file ends inside {what}.", "The file is truncated; re-download or re-save it.") from None
-    data = spelled_bytes(text, what)
-    if len(data) != loc.nbytes:
-        raise UnreadableCheckpoint(f"{what} spells {len(data)} bytes.", "The file is corrupt; re-download or re-save it.")
-    return data
-
-
-def read_byte_swapped(fd: int, loc: ByteSwapped) -> bytes:
-    """The bytes of a `ByteSwapped` run in little-endian order: the one place such a storage is read.
-
-    Raises:
-        UnreadableCheckpoint: the file ends inside the run.
-    """
-    import numpy as np
-
-    try:
-        raw = read_run(fd, loc.offset, loc.nbytes)
-    except EOFError:
-        raise UnreadableCheckpoint(f"the file ends inside the {loc.nbytes}-byte array at offset {loc.offset}.",
-                                   "The file is truncated; re-download or re-save it.") from None
-    dtype = np.dtype(loc.dtype)
-    return np.frombuffer(raw, dtype).astype(dtype.newbyteorder("<")).tobytes()
-
-
-def read_spelled(fd: int, loc: Union[Latin1Text, ByteSwapped]) -> bytes:
-    """The bytes a `SPELLED` location stands for, decoded: what every reader of one calls."""
-    return read_latin1_text(fd, loc) if isinstance(loc, Latin1Text) else read_byte_swapped(fd, loc)
 
 
 def non_finite(tensors: Tensors, model: Mapping[str, TensorRef]) -> list:

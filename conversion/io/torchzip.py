@@ -207,7 +207,7 @@ def read_index(source: Any, name: str = "", budget: Optional[Budget] = None) -> 
             ) from None
         held = sum(i.file_size for k, i in records.items() if k.startswith("data/"))
         try:
-            allowance = budget or 2 * len(data) + held + (1 << 20)
+            allowance = budget or Budget(2 * len(data) + held + (1 << 20))
             objects, _ = safe_load(io.BytesIO(data), size=len(data), budget=allowance, persistent_load=_storage_of)
         except UnreadableCheckpoint as err:
             raise type(err)(f"{path}: {err.message}", err.hint) from None

@@ -89,17 +89,18 @@ FORMAT = {"torch-zip": "torch-zip", "safetensors": "safetensors", "torch-legacy"
           "tensors-pickle": "pickle", "model-zoo-pkl": "pickle"}
 
 
-# Legacy torch files and pickled tensors' inner archives never come large (big checkpoints are zip
-# archives, safetensors files or model-zoo pickles): they are read whole, once.
-READ_WHOLE = ("torch-legacy", "tensors-pickle")
+# Read whole by design, formats nobody converts at gigabyte size (big checkpoints are zip archives,
+# safetensors files or model-zoo pickles written by Python 3): legacy torch files and pickled
+# tensors' inner archives; protocol 2, which spells each array's bytes as text the unpickler decodes
+# as it reads the pickle; arrays in the other byte order, swapped in memory.  Memory and reads about
+# the file's size, once.
+READ_WHOLE = ("torch-legacy", "tensors-pickle", "numpy-pickle-protocol-2", "numpy-pickle-big-endian")
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="counts reads through Linux's /proc/self/io")
-@pytest.mark.parametrize("kind", list(FORMAT))
-def test_inspect_reads_under_a_mebibyte_of_a_100_mb_file(tmp_path, monkeypatch, kind):
+def _inspect_a_tiny_file(tmp_path, monkeypatch, kind):
     """ConvNeXt-Tiny (182 tensors, 110 MB): the metadata is what scales with the tensor count, so the
-    file is a real Tiny; its values do not matter to inspect (zeros: quick to build).  The formats
-    read whole are read once."""
+    file is a real Tiny; its values do not matter to inspect (zeros: quick to build).  Returns
+    (the report, the bytes the second inspect read)."""
     sd = {name: torch.zeros(shape) for name, shape in canonical_shapes(TINY).items()}
     path = _save(sd, str(tmp_path), kind)
     del sd
@@ -111,11 +112,23 @@ def test_inspect_reads_under_a_mebibyte_of_a_100_mb_file(tmp_path, monkeypatch, 
     read = _rchar() - before
     assert report.file_bytes > 100e6 and report.format == FORMAT[kind]
     assert report.variant == "convnext_tiny" and report.parameters > 27e6
-    if kind in READ_WHOLE:
-        assert report.file_bytes <= read < report.file_bytes + (1 << 20), f"inspect read {read} bytes of a {report.file_bytes}-byte {kind} file"
-    else:
-        assert read < 1 << 20, f"inspect read {read} bytes of a {report.file_bytes}-byte {kind} file"
+    return report, read
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="counts reads through Linux's /proc/self/io")
+@pytest.mark.parametrize("kind", [kind for kind in FORMAT if kind not in READ_WHOLE])
+def test_inspect_reads_under_a_mebibyte_of_a_100_mb_file(tmp_path, monkeypatch, kind):
+    report, read = _inspect_a_tiny_file(tmp_path, monkeypatch, kind)
+    assert read < 1 << 20, f"inspect read {read} bytes of a {report.file_bytes}-byte {kind} file"
     assert report.bytes_read is not None and report.bytes_read <= read
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="counts reads through Linux's /proc/self/io")
+@pytest.mark.parametrize("kind", READ_WHOLE)
+def test_inspect_reads_a_format_read_whole_once_and_says_so(tmp_path, monkeypatch, kind):
+    report, read = _inspect_a_tiny_file(tmp_path, monkeypatch, kind)
+    assert report.file_bytes <= read < report.file_bytes + (1 << 20), f"inspect read {read} bytes of a {report.file_bytes}-byte {kind} file"
+    assert 0.9 * report.file_bytes < report.bytes_read <= read, "bytes_read counts the arrays read with the pickle"
 
 
 @pytest.mark.parametrize("kind", ["torch-legacy", "numpy-pickle", "model-zoo-pkl"])
