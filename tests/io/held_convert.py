@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import runpy
+import signal
 import stat
 import sys
 import time
@@ -71,6 +72,9 @@ def main(argv: List[str]) -> None:
 
         atomic.anonymous_beside = lambda path, directory: None
     MOMENTS[moment](marker)
+    # Ctrl-C as a terminal delivers it: a suite started as a background job hands its children
+    # SIGINT ignored (POSIX shells do that without job control), and the SIGINT tests would wait out.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.argv = ["convnext-d2", *cli_args]
     runpy.run_module("conversion", run_name="__main__", alter_sys=True)
 
