@@ -118,7 +118,8 @@ def _open(path: str) -> Source:
             if header is None:
                 return Source(path, fmt, _load_safetensors(path))
             return Source(path, fmt, header.tensors, None, raw.bytes_read, header.storages)
-        return _read_pickled(io.BufferedReader(raw, _METADATA_BUFFER), path, size, raw)
+        with io.BufferedReader(raw, _METADATA_BUFFER) as buffered:  # closed here, not by the collector
+            return _read_pickled(buffered, path, size, raw)
 
 
 def _read_pickled(f: Any, path: str, size: int, raw: CountingFile) -> Source:

@@ -14,7 +14,9 @@ import pytest
 
 from conversion.errors import UnreadableCheckpoint, UnsafeCheckpoint
 from conversion.io.safe_pickle import BUDGET_SLACK, OPCODES, Budget, Placeholder, SafeUnpickler
-from conversion.read import load_checkpoint, open_source
+from conversion.read import open_source
+
+from ..support import read_as_convert_does
 
 PROTOCOLS = range(pickle.HIGHEST_PROTOCOL + 1)
 # Opcodes no checkpoint needs: out-of-band buffers (protocol 5 with a buffer_callback) and the
@@ -67,7 +69,7 @@ def test_every_protocol_reads_numpy_arrays_and_scalars_as_numpy_does(tmp_path, p
     path = tmp_path / "arrays.pkl"
     path.write_bytes(pickle.dumps({"model": arrays}, protocol=protocol))
 
-    got = load_checkpoint(str(path))["model"]
+    got = read_as_convert_does(str(path))["model"]
 
     for name, want in arrays.items():
         assert type(got[name]) is type(want) and got[name].dtype == want.dtype and np.array_equal(got[name], want), name
@@ -101,7 +103,7 @@ def test_an_opcode_outside_the_table_is_refused_by_name(tmp_path, name):
     path.write_bytes(pickle.PROTO + b"\x05" + pickle.EMPTY_DICT + getattr(pickle, name) + b"\x01\x00\x00\x00" + pickle.STOP)
     says = "the copyreg extension registry (EXT opcode)" if name.startswith("EXT") else f"the pickle uses the {name} opcode"
 
-    for read in (open_source, load_checkpoint):
+    for read in (open_source, read_as_convert_does):
         with pytest.raises(UnsafeCheckpoint, match=f"refused.pkl: refusing to load: .*{re.escape(says)}"):
             read(str(path))
 
