@@ -27,10 +27,9 @@ from conversion.errors import UnreadableCheckpoint
 from conversion.read import load_checkpoint
 
 from ..support import require, torch_load_weights_only
-from ..cli.test_cli import assert_plain_error
+from ..support.cli import EXIT_USAGE, assert_plain_error
 from . import assemble as A
 
-EXIT_USAGE = 2
 
 
 class TrainingConfig:

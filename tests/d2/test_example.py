@@ -12,9 +12,9 @@ import pytest
 
 from conversion.testing import write_synthetic_checkpoint
 
-from ..cli.test_cli import assert_plain_error
+from ..support.cli import assert_plain_error
 from ..support import require
-from .test_gate import Outcome, Step, run_in_one_interpreter, shared_interpreter
+from .interpreter import Outcome, Step, run_in_one_interpreter, shared_interpreter
 
 require("detectron2")
 

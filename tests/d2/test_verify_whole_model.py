@@ -254,7 +254,7 @@ def test_meta_architecture_failing_to_build_falls_back_to_the_backbone_with_the_
 
 
 def test_meta_architecture_failing_to_build_in_a_real_process_prints_no_traceback(tmp_path):
-    from ..cli.test_cli import ROOT, run_cli
+    from ..support.cli import ROOT, run_cli
 
     path = _converted(tmp_path, random_state_dict(APART, seed=3))
     done = run_cli("verify", path, "--config", _yaml(tmp_path, APART, meta="NeedsItsDataset"), "--import", IMPORTS[0], "--json",

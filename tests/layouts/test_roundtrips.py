@@ -19,7 +19,7 @@ from conversion.d2_prediction import SAFETENSORS_PATHS, installed_stack
 
 from .. import strategies as S
 from ..support import assert_clean_load, assert_loaded_equal, build_d2_model, fill_with_sentinel, load_with_detectron2, require
-from .table import CLASSIFIER, POOLED_NORM, NO_HEAD, OUTPUT_NORMS, FINAL_NORM, SPECS, _with_head, LayoutCase, build_case
+from ..support.table import CLASSIFIER, POOLED_NORM, NO_HEAD, OUTPUT_NORMS, FINAL_NORM, SPECS, _with_head, LayoutCase, build_case
 
 # ---------------------------------------------------------------- round trips through Detectron2
 
