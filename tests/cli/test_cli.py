@@ -26,11 +26,11 @@ from conversion.errors import ContainerError
 from conversion.layouts import LAYOUTS
 
 from ..strategies import wrap
-from ..support import random_canonical_state_dict, torch_load_weights_only
+from ..support import CLASSIFIER_NAMES, output_norm_names, random_canonical_state_dict, torch_load_weights_only
 from ..support.cli import EXIT_OK, EXIT_USAGE, assert_plain_error, run_cli, run_in_process
 
-CLASSIFIER = ["head.bias", "head.weight", "norm.bias", "norm.weight"]
-FRESH = [f"backbone.norm{i}.{p}" for i in range(4) for p in ("weight", "bias")]
+CLASSIFIER = sorted(CLASSIFIER_NAMES)
+FRESH = output_norm_names()
 # The smallest released variant, so the summary has a real variant name to print.
 ATTO = Architecture(*RELEASED_VARIANTS[1]["convnext_atto"], num_classes=10, classifier_norm=True)
 # A tiny custom network for tests that do not care about the variant's name.

@@ -17,9 +17,11 @@ from conversion.architecture import Architecture
 from conversion.layouts import from_canonical
 from conversion.synthetic import random_state_dict
 
+from ..support import CLASSIFIER_NAMES
+
 ARCH = Architecture((1, 1, 2, 1), (8, 16, 24, 32), num_classes=3, classifier_norm=True)
 SOURCE = random_state_dict(ARCH, seed=7)  # canonical (official) names, classifier included
-CLASSIFIER = ("norm.weight", "norm.bias", "head.weight", "head.bias")
+CLASSIFIER = CLASSIFIER_NAMES
 LAYOUTS = ("official", "timm", "huggingface", "torchvision")
 PREFIXES = ("backbone.", "", "module.backbone.", "module.module.backbone.", "_orig_mod.backbone.",
             "module._orig_mod.backbone.", "model.", "backbone.bottom_up.", "module.")
