@@ -27,10 +27,9 @@ from conversion.errors import ConversionError, UnreadableCheckpoint
 
 from ..support import read_as_convert_does, torch_load_weights_only
 
-from ..cli.test_cli import assert_plain_error, run_cli
+from ..support.cli import EXIT_USAGE, assert_plain_error, run_cli
 from . import assemble as A
 
-EXIT_USAGE = 2
 CONTAINERS = ("pkl", "torch-zip", "torch-legacy")
 _SUFFIX = {"pkl": ".pkl", "torch-zip": ".pth", "torch-legacy": ".pth"}
 

@@ -25,7 +25,7 @@ from typing import List, Tuple
 
 import pytest
 
-from ..cli.test_cli import ROOT, assert_plain_error
+from ..support.cli import PROCESS_TIMEOUT_S, ROOT, assert_plain_error
 from ..fuzz.oracle import lay_out
 from ..support import torch_load_weights_only
 
@@ -39,7 +39,6 @@ EXIT_STATUSES = (0, 2)
 RSS_BASE_BYTES = 128 * 2**20
 # What a reader may hold per byte of its source (pickled containers cost ~100x their opcodes).
 RSS_PER_SOURCE_BYTE = 128
-PROCESS_TIMEOUT_S = 120
 
 
 def corpus_input(path: Path) -> bytes:

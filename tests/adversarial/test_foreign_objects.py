@@ -26,10 +26,9 @@ from conversion.cli import main
 from conversion.errors import UnreadableCheckpoint
 
 from ..support import read_as_convert_does, require, torch_load_weights_only
-from ..cli.test_cli import assert_plain_error
+from ..support.cli import EXIT_USAGE, assert_plain_error
 from . import assemble as A
 
-EXIT_USAGE = 2
 
 
 class TrainingConfig:

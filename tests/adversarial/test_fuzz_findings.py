@@ -29,10 +29,9 @@ from conversion.io import safe_pickle
 from conversion.read import open_source
 from conversion.synthetic import random_state_dict
 
-from ..cli.test_cli import assert_plain_error, run_in_process
+from ..support.cli import EXIT_OK, EXIT_USAGE, assert_plain_error, run_in_process
 from ..support import require, torch_load_weights_only
 
-EXIT_OK, EXIT_USAGE = 0, 2
 SMALL = Architecture(depths=(1, 1, 1, 1), dims=(4, 4, 4, 4))
 ZERO_WIDTH = Architecture(depths=(1, 1, 1, 1), dims=(4, 0, 4, 4))  # stage 1 has no channels
 SURROGATE = "\ud800"  # a lone surrogate: a str Python holds, and no encoding can write

@@ -13,10 +13,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Sequence
 
 import pytest
 import torch
@@ -28,56 +26,18 @@ from conversion.errors import ContainerError
 from conversion.layouts import LAYOUTS
 
 from ..strategies import wrap
-from ..support import random_canonical_state_dict, torch_load_weights_only
+from ..support import CLASSIFIER_NAMES, output_norm_names, random_canonical_state_dict, torch_load_weights_only
+from ..support.cli import EXIT_OK, EXIT_USAGE, assert_plain_error, run_cli, run_in_process
 
-ROOT = Path(__file__).resolve().parents[2]
-PROG = "convnext-d2:"
-EXIT_OK, EXIT_USAGE = 0, 2
-# A process that imports torch takes ~2 s; a hung one must not hang the suite.
-PROCESS_TIMEOUT_S = 120
-
-CLASSIFIER = ["head.bias", "head.weight", "norm.bias", "norm.weight"]
-FRESH = [f"backbone.norm{i}.{p}" for i in range(4) for p in ("weight", "bias")]
+CLASSIFIER = sorted(CLASSIFIER_NAMES)
+FRESH = output_norm_names()
 # The smallest released variant, so the summary has a real variant name to print.
 ATTO = Architecture(*RELEASED_VARIANTS[1]["convnext_atto"], num_classes=10, classifier_norm=True)
 # A tiny custom network for tests that do not care about the variant's name.
 SMALL = Architecture(depths=(1, 1, 2, 1), dims=(8, 8, 16, 16), num_classes=3, classifier_norm=True)
 
 
-# ---------------------------------------------------------------- helpers (test_bad_input.py uses them too)
-
-
-def run_cli(*args: object, cwd: Path) -> subprocess.CompletedProcess:
-    """Run `python -m conversion ARGS` in `cwd` with this checkout importable, as a user would."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    return subprocess.run(
-        [sys.executable, "-m", "conversion", *map(str, args)],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=PROCESS_TIMEOUT_S,
-    )
-
-
-def error_lines(stderr: str, usage: bool = False) -> List[str]:
-    """The lines of an error a user reads; with `usage`, argparse's usage block must lead and is set aside."""
-    lines = stderr.splitlines()
-    if usage:
-        assert lines and lines[0].startswith("usage: convnext-d2"), f"expected argparse usage first:\n{stderr}"
-        lines = [line for line in lines if not (line.startswith("usage:") or line.startswith(" "))]
-    return lines
-
-
-def assert_plain_error(stderr: str, usage: bool = False) -> None:
-    """The contract (docs/design.md): errors are one or two plain lines on stderr, never a traceback (unless --debug)."""
-    assert "Traceback" not in stderr, f"a traceback escaped:\n{stderr}"
-    lines = error_lines(stderr, usage)
-    assert 1 <= len(lines) <= 2, f"expected one or two error lines, got {len(lines)}:\n{stderr}"
-    # argparse names a subcommand's parser "convnext-d2 convert"; our own errors always say "convnext-d2:".
-    start = re.compile(r"convnext-d2( [a-z]+)?: ") if usage else re.compile(re.escape(PROG) + " ")
-    assert all(start.match(line) for line in lines), f"every error line should start with {PROG!r}:\n{stderr}"
+# ---------------------------------------------------------------- helpers
 
 
 def kept_names(sd: Dict[str, torch.Tensor], prefix: str = "backbone.") -> List[str]:
@@ -88,20 +48,6 @@ def kept_names(sd: Dict[str, torch.Tensor], prefix: str = "backbone.") -> List[s
 def written_model(path: Path) -> Dict[str, torch.Tensor]:
     """The `model` dict of a written .pth, read the way Detectron2 on torch >= 2.6 reads it."""
     return torch_load_weights_only(path)["model"]
-
-
-def run_in_process(*args: object, cwd: Path, capsys: pytest.CaptureFixture) -> Tuple[int, str, str]:
-    """(exit status, stdout, stderr) of `convnext-d2 ARGS` run in-process from `cwd`."""
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        status = main([str(a) for a in args])
-    except SystemExit as done:  # argparse refuses arguments by exiting, as the installed command does
-        status = done.code if isinstance(done.code, int) else 2
-    finally:
-        os.chdir(old)
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 # ---------------------------------------------------------------- checkpoints

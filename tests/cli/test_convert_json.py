@@ -17,8 +17,10 @@ from conversion.architecture import Architecture
 from conversion.cli import main
 from conversion.synthetic import random_state_dict
 
+from ..support import CLASSIFIER_NAMES
+
 SMALL = Architecture(depths=(1, 1, 1, 1), dims=(4, 4, 4, 4), num_classes=2, classifier_norm=True)
-CLASSIFIER = ["head.bias", "head.weight", "norm.bias", "norm.weight"]
+CLASSIFIER = sorted(CLASSIFIER_NAMES)
 CLASSIFIER_ONLY = "classifier only (a detection backbone has no pooled norm or head)"
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 import shlex
-from pathlib import Path
 from typing import List
 
 import pytest
@@ -14,8 +13,8 @@ import pytest
 from conversion.cli import build_parser
 
 from ..support import plugin_option_names
+from ..support.cli import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 DOCS = ["docs/zh-CN.md", "docs/ci-gate.md", "README.md", "examples/dimaskdino-ci/README.md"]
 _FENCE = re.compile(r"```(?:bash|sh|console)\n(.*?)```", re.S)
 _INLINE = re.compile(r"`((?:convnext-d2|python -m conversion) [^`]+)`")

@@ -19,10 +19,9 @@ from conversion.cli import main
 from conversion.synthetic import random_state_dict
 
 from ..support import require
-from .test_cli import assert_plain_error
+from ..support.cli import EXIT_PROBLEM, EXIT_USAGE, assert_plain_error
 
 SMALL = Architecture((1, 1, 2, 1), (8, 8, 16, 16), num_classes=3, classifier_norm=True)
-EXIT_PROBLEM, EXIT_USAGE = 1, 2
 
 
 class _RunsCode:

@@ -142,7 +142,9 @@ def _verify_args(case: str, tmp: Path) -> Tuple[List[object], int]:
     from ..support import require
 
     require("detectron2")
-    from ..d2.test_verify import OFFICIAL, STYLES, _broken, _yaml
+    from ..d2.verify_cases import OFFICIAL, STYLES
+    from ..d2.verify_cases import broken_source as _broken
+    from ..d2.verify_cases import project_yaml as _yaml
 
     fork = {"backbone." + k: v for k, v in OFFICIAL.items() if not k.startswith("head.")}
     torch.save({"model": fork}, tmp / "fork.pth")

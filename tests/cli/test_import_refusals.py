@@ -6,8 +6,7 @@ from __future__ import annotations
 from conversion.cli import main
 
 from ..support import require
-
-EXIT_USAGE = 2
+from ..support.cli import EXIT_USAGE
 
 
 def test_an_import_file_with_a_relative_import_is_refused_saying_so(tmp_path, capsys):

@@ -10,14 +10,14 @@ from conversion.d2_prediction import installed_stack
 from conversion.synthetic import random_state_dict
 from conversion.write import encode
 
-from ..support import require
+from ..support import output_norm_names, require
 
 ARCH = Architecture((1, 1, 1, 1), (8, 8, 8, 8))
 BLOCK = ("dwconv.bias", "dwconv.weight", "gamma", "norm.bias", "norm.weight", "pwconv1.bias", "pwconv1.weight",
          "pwconv2.bias", "pwconv2.weight")
 TRUNK = sorted([f"backbone.downsample_layers.{i}.{j}.{p}" for i in range(4) for j in (0, 1) for p in ("bias", "weight")]
                + [f"backbone.stages.{s}.0.{p}" for s in range(4) for p in BLOCK])
-OUTPUT_NORMS = [f"backbone.norm{i}.{p}" for i in range(4) for p in ("bias", "weight")]
+OUTPUT_NORMS = sorted(output_norm_names())
 FILE_BYTES = 26127  # this project's own model-zoo pickle writer: the same bytes in every environment
 
 

@@ -17,9 +17,11 @@ from conversion.architecture import Architecture
 from conversion.layouts import from_canonical
 from conversion.synthetic import random_state_dict
 
+from ..support import CLASSIFIER_NAMES
+
 ARCH = Architecture((1, 1, 2, 1), (8, 16, 24, 32), num_classes=3, classifier_norm=True)
 SOURCE = random_state_dict(ARCH, seed=7)  # canonical (official) names, classifier included
-CLASSIFIER = ("norm.weight", "norm.bias", "head.weight", "head.bias")
+CLASSIFIER = CLASSIFIER_NAMES
 LAYOUTS = ("official", "timm", "huggingface", "torchvision")
 PREFIXES = ("backbone.", "", "module.backbone.", "module.module.backbone.", "_orig_mod.backbone.",
             "module._orig_mod.backbone.", "model.", "backbone.bottom_up.", "module.")
@@ -139,3 +141,16 @@ def observe(model: torch.nn.Module, path: str, file_weights: Dict[str, Any]) -> 
         out.unexpected = sorted(seen.unexpected)
         out.shape_skipped = sorted(k for k, *_ in seen.incorrect_shapes)
     return out
+
+
+def assert_prediction_matches(prediction, seen) -> None:
+    """The prediction (`predict_everywhere`) against what the real checkpointer did: the same error or
+    none, each target loaded from one of the predicted source tensors, the same unused and skipped names."""
+    assert (prediction["raises"] is None) == (seen.error is None), (prediction["raises"], seen.error)
+    if seen.error is not None:
+        return
+    assert sorted(prediction["loaded"]) == sorted(seen.loaded), (prediction["loaded"], seen.loaded)
+    wrong = {m: c for m, c in prediction["loaded"].items() if seen.loaded[m] and c not in seen.loaded[m]}
+    assert not wrong, f"predicted the wrong source tensor: {wrong} (observed {seen.loaded})"
+    assert prediction["unused"] == seen.unexpected
+    assert prediction["shape_skipped"] == seen.shape_skipped

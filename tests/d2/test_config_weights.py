@@ -13,14 +13,13 @@ from conversion.architecture import Architecture
 from conversion.cli import main
 from conversion.testing import write_synthetic_checkpoint
 
-from ..cli.test_cli import assert_plain_error
+from ..support.cli import EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, assert_plain_error
 from ..support import require, verify_json
 
 require("detectron2")
 from conversion.d2 import BACKBONE_NAME  # noqa: E402
 
 SMALL = Architecture((1, 1, 2, 1), (8, 16, 24, 32), num_classes=5, classifier_norm=True)
-EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
 LAZY_ATTO = str(Path(__file__).resolve().parents[1] / "detrex_like_configs" / "dino_convnext_atto.py")
 
 

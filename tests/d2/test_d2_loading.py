@@ -14,12 +14,12 @@ from conversion.architecture import RELEASED_VARIANTS, Architecture
 from conversion.errors import describe_exception, plain_text
 from conversion.testing import loading
 
-from ..support import require
+from ..support import output_norm_names, require
 
 ATTO = Architecture(*RELEASED_VARIANTS[1]["convnext_atto"])
 ATTO_V2 = Architecture(*RELEASED_VARIANTS[2]["convnextv2_atto"], version=2, layer_scale=False)
 XXLARGE = Architecture(*RELEASED_VARIANTS[1]["convnext_xxlarge"])
-FRESH = [f"backbone.norm{i}.{p}" for i in range(4) for p in ("weight", "bias")]
+FRESH = output_norm_names()
 
 
 # ---------------------------------------------------------------- pure parts (every environment)

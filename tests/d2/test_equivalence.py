@@ -35,6 +35,17 @@ from tests.support import (
     random_canonical_state_dict,
     require,
 )
+from tests.support.equivalence import assert_stages_close, image, timm_original
+from tests.support.tolerances import (
+    CPU_FP32_ATOL_SCALE,
+    CPU_FP32_RTOL,
+    CUDA_DTYPES,
+    CUDA_SAME_DTYPE_REL,
+    CUDA_VS_FP32_REFERENCE_REL,
+    NO_WORSE_THAN_ORIGINAL_FACTOR,
+    NORM_MOVES_OUTPUTS_ATOL,
+    UNIT_ROUNDOFF,
+)
 
 require("timm")
 require("detectron2")
@@ -43,43 +54,9 @@ from timm.models.convnext import ConvNeXt, checkpoint_filter_fn  # noqa: E402
 
 pytestmark = pytest.mark.detectron2
 
-# ---------------------------------------------------------------- tolerances
-#
-# A stage output `got` matches its reference `ref` when, elementwise,
-#     |got - ref| <= ATOL_SCALE * max|ref| + RTOL * |ref|.
-# The absolute part is scaled by the tensor's largest magnitude because near-zero entries
-# carry the absolute rounding error of the large ones they were summed from.
-
-# fp32 on CPU: both sides run the same torch ops in the same order (conv, permute,
-# layer_norm, linear, GELU, scale, add), so they should agree to the last bit; what
-# may legitimately differ is the blocking a kernel picks for a different memory layout,
-# which re-associates sums: a few ulp (fp32 ulp = 1.2e-7) per op, over <= ~40 ops.
-# 1e-5 (~80 ulp) covers that with margin and still catches real mistakes: a LayerNorm
-# eps of 1e-5 instead of the official 1e-6 moves the outputs by 5e-5..8e-4 of max|ref|.
-CPU_FP32_RTOL = 1e-5
-CPU_FP32_ATOL_SCALE = 1e-5
-
 # The official LayerNorm eps (facebookresearch/ConvNeXt models/convnext.py), written out
 # here rather than imported from conversion.d2 so that a wrong eps there fails this file.
 OFFICIAL_LAYER_NORM_EPS = 1e-6
-
-# CUDA.  Unit roundoff u: fp32 2^-24; fp16 2^-11 = 4.9e-4 (10-bit mantissa); bf16
-# 2^-8 = 3.9e-3 (7 stored bits, 8 with the implicit one).  cuDNN runs fp32 convolutions
-# in TF32 (u = 2^-11) by default on Ampere and later, so CUDA "fp32" is held to the
-# fp16 budget against the CPU reference.  Errors accumulate over the blocks of a stage and
-# are partly renormalised by each LayerNorm; on CPU, ConvNeXt-Tiny at CUDA_INPUT in bf16/fp16
-# lands at 1.3e-2 / 1.9e-3 of max|ref| against fp32, i.e. 3-4 u.  The bound is 16 u: room for
-# a different GPU accumulation order, while a structural mistake (a missing layer scale,
-# a swapped weight) moves outputs by O(max|ref|) and still fails.
-CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-CUDA_VS_FP32_REFERENCE_REL = {torch.float32: 16 * 2**-11, torch.float16: 16 * 2**-11, torch.bfloat16: 16 * 2**-8}
-# The Detectron2 backbone may be no less accurate than the original in the same dtype:
-# its error against the fp32 reference is at most twice timm's, plus one u of max|ref|.
-NO_WORSE_THAN_ORIGINAL_FACTOR = 2.0
-UNIT_ROUNDOFF = {torch.float32: 2**-11, torch.float16: 2**-11, torch.bfloat16: 2**-8}  # fp32 as TF32
-# D2 against timm, both on CUDA in the same dtype: the same kernels on the same inputs,
-# so the difference is zero unless a kernel picks another algorithm; allow 4 u.
-CUDA_SAME_DTYPE_REL = {torch.float32: 1e-5, torch.float16: 4 * 2**-11, torch.bfloat16: 4 * 2**-8}
 
 # ---------------------------------------------------------------- inputs and sizes
 
@@ -97,24 +74,6 @@ PROPERTY_EXAMPLES = 10  # each builds two models and writes two files: ~0.3 s
 
 
 # ---------------------------------------------------------------- the two sides
-
-
-def timm_original(arch: Architecture, official: Dict[str, torch.Tensor]) -> ConvNeXt:
-    """timm's ConvNeXt for `arch`, loaded from official names through timm's own filter, strictly."""
-    model = ConvNeXt(
-        depths=arch.depths,
-        dims=arch.dims,
-        num_classes=arch.num_classes or 0,
-        ls_init_value=1e-6 if arch.version == 1 and arch.layer_scale else None,
-        use_grn=arch.version == 2,
-    )
-    state = checkpoint_filter_fn(official, model)
-    if arch.num_classes is None:
-        # timm keeps the classifier's pooled norm even with num_classes=0; a headless source
-        # has none, so it keeps timm's own init (it never touches a stage output).
-        state.update({k: v for k, v in model.state_dict().items() if k.startswith("head.norm.")})
-    model.load_state_dict(state, strict=True)
-    return model.eval()
 
 
 def converted_backbone(
@@ -156,37 +115,7 @@ def channels_first_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch
     return y.permute(0, 3, 1, 2)
 
 
-def image(shape: Sequence[int], seed: int) -> torch.Tensor:
-    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed))
-
-
 # ---------------------------------------------------------------- comparing
-
-
-def differences(ref: torch.Tensor, got: torch.Tensor) -> Tuple[float, float]:
-    """(max abs difference, max abs difference / max|ref|), computed in fp64."""
-    ref, got = ref.detach().double().cpu(), got.detach().double().cpu()
-    diff = (got - ref).abs().max().item()
-    return diff, diff / max(ref.abs().max().item(), 1e-30)
-
-
-def assert_stages_close(
-    refs: Sequence[torch.Tensor], gots: Sequence[torch.Tensor], *, rtol: float, atol_scale: float, case: str
-) -> None:
-    """Every stage within `atol_scale * max|ref| + rtol * |ref|`; prints the measured differences."""
-    assert len(gots) == len(refs), f"{case}: {len(gots)} outputs, expected {len(refs)}"
-    worst = (0.0, 0.0)
-    failures = []
-    for i, (ref, got) in enumerate(zip(refs, gots)):
-        assert got.shape == ref.shape, f"{case} stage {i}: shape {tuple(got.shape)}, expected {tuple(ref.shape)}"
-        ref64, got64 = ref.detach().double().cpu(), got.detach().double().cpu()
-        bound = atol_scale * ref64.abs().max() + rtol * ref64.abs()
-        abs_diff, rel_diff = differences(ref64, got64)
-        worst = (max(worst[0], abs_diff), max(worst[1], rel_diff))
-        if not bool(((got64 - ref64).abs() <= bound).all()):
-            failures.append(f"stage {i}: max abs {abs_diff:.3e}, {rel_diff:.3e} of max|ref|")
-    print(f"[equivalence] {case}: max abs diff {worst[0]:.3e}, max rel (to max|ref|) {worst[1]:.3e}")
-    assert failures == [], f"{case}: outside rtol={rtol}, atol={atol_scale}*max|ref|: " + "; ".join(failures)
 
 
 def after_output_norms(backbone: torch.nn.Module, refs: Sequence[torch.Tensor]) -> List[torch.Tensor]:
@@ -277,7 +206,8 @@ def test_tiny_output_norms_are_not_the_identity(tiny_backbone: torch.nn.Module) 
         raw = tiny_backbone.stage_outputs(x)
         outputs = tiny_backbone(x)
     for i in range(4):
-        assert not torch.allclose(raw[i], outputs[f"res{i + 2}"], atol=1e-2), f"norm{i} left res{i + 2} unchanged"
+        moved = not torch.allclose(raw[i], outputs[f"res{i + 2}"], atol=NORM_MOVES_OUTPUTS_ATOL)
+        assert moved, f"norm{i} left res{i + 2} unchanged"
 
 
 def test_tiny_outputs_have_the_declared_shapes_and_strides(tiny_backbone: torch.nn.Module) -> None:

@@ -12,13 +12,12 @@ import pytest
 
 from conversion.testing import write_synthetic_checkpoint
 
-from ..cli.test_cli import assert_plain_error
 from ..support import require
-from .test_gate import Outcome, Step, run_in_one_interpreter, shared_interpreter
+from ..support.cli import ROOT, assert_plain_error
+from .interpreter import Outcome, Step, run_in_one_interpreter, shared_interpreter
 
 require("detectron2")
 
-ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "dimaskdino-ci"
 BACKBONE_FILE = Path("dimaskdino_ci") / "modeling" / "backbone" / "convnext.py"
 CONFIG = Path("configs") / "dimaskdino_convnext_tiny.yaml"

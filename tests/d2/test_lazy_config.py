@@ -24,14 +24,13 @@ from conversion.cli import main  # noqa: E402
 from conversion.pipeline import convert  # noqa: E402
 from conversion.testing.synthetic import synthetic_state_dict  # noqa: E402
 
-from ..cli.test_cli import assert_plain_error  # noqa: E402
+from ..support.cli import EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, assert_plain_error  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "detrex_like_configs"
 ATTO = str(CONFIGS / "dino_convnext_atto.py")
 DETREX_TINY = str(CONFIGS / "dino_convnext_tiny_384_4scale_12ep.py")
 WEIGHTS = "weights/convnext_atto_d2.pth"  # what dino_convnext_atto.py's train.init_checkpoint names
 FRESH = [f"backbone.norm{i}.{p}" for i in (1, 2, 3) for p in ("bias", "weight")]
-EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
 
 
 def _official() -> Dict[str, torch.Tensor]:

@@ -23,7 +23,9 @@ from conversion.pipeline import repair
 from conversion.read import open_source
 
 from ..support import FULL_ENVIRONMENT, build_d2_model, require
-from .differential import ARCH, CONTAINERS, DROPS, LAYOUTS, PREFIXES, WRITERS, Variant, observe, valid, write
+from .differential import (
+    ARCH, CONTAINERS, DROPS, LAYOUTS, PREFIXES, WRITERS, Variant, assert_prediction_matches, observe, valid, write,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -70,17 +72,6 @@ def predicted(path: str):
             return None
         return predict_everywhere(path, source.format, source.objects, backbone_keys(ARCH, "backbone."),
                                   modules=source.modules).to_dict()
-
-
-def assert_prediction_matches(prediction, seen) -> None:
-    assert (prediction["raises"] is None) == (seen.error is None), (prediction["raises"], seen.error)
-    if seen.error is not None:
-        return
-    assert sorted(prediction["loaded"]) == sorted(seen.loaded), (prediction["loaded"], seen.loaded)
-    wrong = {m: c for m, c in prediction["loaded"].items() if seen.loaded[m] and c not in seen.loaded[m]}
-    assert not wrong, f"predicted the wrong source tensor: {wrong} (observed {seen.loaded})"
-    assert prediction["unused"] == seen.unexpected
-    assert prediction["shape_skipped"] == seen.shape_skipped
 
 
 def verdict_from(seen) -> bool:

@@ -12,8 +12,7 @@ from conversion.inspection import inspect_checkpoint
 from conversion.pipeline import repair
 
 from ..support import build_d2_model, require
-from .differential import ARCH, Variant, observe, write
-from .test_prediction_differential import assert_prediction_matches
+from .differential import ARCH, Variant, assert_prediction_matches, observe, write
 
 pytestmark = [pytest.mark.filterwarnings("ignore")]
 TRUNK = 61  # the test backbone's weights an ImageNet file gives (its 8 output norms stay fresh)

@@ -22,7 +22,7 @@ from conversion.architecture import Architecture
 from conversion.cli import main
 from conversion.synthetic import random_state_dict
 
-from ..support import require
+from ..support import CLASSIFIER_NAMES, output_norm_names, require
 
 require("detectron2")
 from conversion.d2_loading import build_whole_model, config_for, load_observed  # noqa: E402
@@ -33,8 +33,8 @@ HIDDEN = 32  # the decoder's width (GroupNorm(32, .) needs a multiple of 32)
 # The backbone's last width decides the trap: equal to HIDDEN, the pooled norm.weight fits decoder.norm.
 APART = Architecture((1, 2, 1, 1), (8, 16, 32, 48), num_classes=5, classifier_norm=True)
 EQUAL = Architecture((1, 2, 1, 1), (8, 16, 32, HIDDEN), num_classes=5, classifier_norm=True)
-CLASSIFIER = ["head.bias", "head.weight", "norm.bias", "norm.weight"]
-FRESH = [f"backbone.norm{i}.{p}" for i in range(4) for p in ("bias", "weight")]
+CLASSIFIER = sorted(CLASSIFIER_NAMES)
+FRESH = sorted(output_norm_names())
 DECODER_NORM = ["sem_seg_head.predictor.decoder.norm.bias", "sem_seg_head.predictor.decoder.norm.weight"]
 REFINE_NORM = ["sem_seg_head.predictor.refine_decoder.norm.bias", "sem_seg_head.predictor.refine_decoder.norm.weight"]
 
@@ -254,7 +254,7 @@ def test_meta_architecture_failing_to_build_falls_back_to_the_backbone_with_the_
 
 
 def test_meta_architecture_failing_to_build_in_a_real_process_prints_no_traceback(tmp_path):
-    from ..cli.test_cli import ROOT, run_cli
+    from ..support.cli import ROOT, run_cli
 
     path = _converted(tmp_path, random_state_dict(APART, seed=3))
     done = run_cli("verify", path, "--config", _yaml(tmp_path, APART, meta="NeedsItsDataset"), "--import", IMPORTS[0], "--json",

@@ -37,7 +37,7 @@ from ..support import TORCH_HAS_WEIGHTS_ONLY, random_canonical_state_dict
 if not TORCH_HAS_WEIGHTS_ONLY:
     # The fault tests read outputs back with torch's weights_only loader, which torch 1.9 lacks.
     pytest.skip("the fault tests need torch >= 1.13 (weights_only) to read outputs back", allow_module_level=True)
-from ..cli.test_cli import PROCESS_TIMEOUT_S, ROOT, assert_plain_error
+from ..support.cli import PROCESS_TIMEOUT_S, ROOT, assert_plain_error
 
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 TEMP_PREFIX = ".convnext-d2-"  # write.py's temporary files beside the destination

@@ -17,7 +17,8 @@ from conversion.architecture import Architecture, canonical_shapes
 from conversion.inspection import inspect_checkpoint
 from conversion.synthetic import random_state_dict
 
-from ..layouts.test_inspect import _no_whole_file_reads, _safetensors_file
+from ..support.safetensors_files import refuse_mapped_safetensors_reads as _no_whole_file_reads
+from ..support.safetensors_files import write_safetensors as _safetensors_file
 
 TINY = Architecture((3, 3, 9, 3), (96, 192, 384, 768), num_classes=1000, classifier_norm=True)
 

@@ -9,13 +9,16 @@ import pickle
 import numpy as np
 import pytest
 
+from conversion.architecture import Architecture
 from conversion.errors import UnreadableCheckpoint
 from conversion.io.handles import InMemory
 from conversion.io.safe_pickle import PAYLOAD_THRESHOLD
 from conversion.read import open_source
+from conversion.synthetic import random_state_dict
 
 from ..support import read_as_convert_does
-from .test_pickled_handles import SD
+
+SD = random_state_dict(Architecture((1, 1, 2, 1), (8, 16, 24, 32), num_classes=5, classifier_norm=True), seed=5)
 
 
 def _protocol_2_pickle(path, arrays) -> bytes:

@@ -25,7 +25,7 @@ from conversion.io.safe_pickle import BUDGET_SLACK
 from conversion.target import to_target
 from conversion.testing.synthetic import synthetic_state_dict
 
-from ..cli.test_cli import assert_plain_error
+from ..support.cli import assert_plain_error
 from ..support import read_written
 
 HEAD_WIDTH = 1024  # a head large enough that its tied copies, charged per view, exceed the reader's budget

@@ -28,10 +28,11 @@ from conversion.architecture import Architecture
 from conversion.errors import NotConvNeXt
 
 from ..support import assert_clean_load, build_d2_model, fill_with_sentinel, load_with_detectron2, require, torch_load_weights_only
-from ..d2.test_equivalence import CPU_FP32_ATOL_SCALE, CPU_FP32_RTOL, assert_stages_close, differences, image
-from .test_layout_equivalence import MEASURED, mmpretrain_models, randomise_
-from .cli_support import EXIT_OK, convert_cli, refusal
-from .names import DEPTHS, DIMS, TARGET_V1, names
+from ..support.equivalence import assert_stages_close, differences, image
+from ..support.tolerances import CPU_FP32_ATOL_SCALE, CPU_FP32_RTOL
+from ..support.originals import MEASURED, mmpretrain_models, randomise_
+from ..support.cli import EXIT_OK, convert_cli, refusal
+from ..support.names import DEPTHS, DIMS, TARGET_V1, names
 
 require("detectron2")
 pytestmark = pytest.mark.detectron2

@@ -18,7 +18,8 @@ from conversion.synthetic import random_state_dict
 
 from .. import strategies as S
 from ..support import TORCH_LOADS_WEIGHTS_ONLY_BY_DEFAULT, read_as_convert_does, require
-from .table import SPECS, _with_head, build_case
+from ..support.safetensors_files import write_safetensors as _safetensors_file
+from ..support.table import SPECS, _with_head, build_case
 
 D2_PREFIX = "backbone."
 
@@ -174,27 +175,6 @@ def test_inspect_finds_no_problem_in_a_converted_file(tmp_path, capsys, layout, 
 
 
 # ---------------------------------------------------------------- inspect reads metadata only
-
-
-def _safetensors_file(path, sd) -> int:
-    """Save `sd` with the real safetensors writer; return the header's length from the file's first 8 bytes."""
-    require("safetensors.torch").save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
-    with open(path, "rb") as f:
-        return int.from_bytes(f.read(8), "little")
-
-
-def _no_whole_file_reads(monkeypatch) -> None:
-    """safetensors' own readers map the file (bytes read through a map are not in rchar): make them
-    unusable, so every byte inspect reads goes through a read call and is counted."""
-    st = require("safetensors")
-    st_torch = require("safetensors.torch")
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("inspect read the tensors of a safetensors file")
-
-    monkeypatch.setattr(st_torch, "load_file", refuse)
-    monkeypatch.setattr(st_torch, "safe_open", refuse, raising=False)
-    monkeypatch.setattr(st, "safe_open", refuse)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)

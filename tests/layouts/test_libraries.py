@@ -19,8 +19,8 @@ from conversion.layouts import from_canonical
 from conversion.synthetic import random_state_dict
 
 from ..support import require, torch_load_weights_only
-from .cli_support import EXIT_OK, convert_cli
-from .names import DEPTHS, DIMS, OUTPUT_NORMS, TRUNK_V1, TRUNK_V2, names
+from ..support.cli import EXIT_OK, convert_cli
+from ..support.names import DEPTHS, DIMS, OUTPUT_NORMS, TRUNK_V1, TRUNK_V2, names
 
 NORM3 = ["backbone.norm3.weight", "backbone.norm3.bias"]
 FRESH_ALL = sorted(OUTPUT_NORMS)
@@ -109,7 +109,7 @@ def test_dinov3_original_names_are_the_repositorys(tmp_path):
 
 @pytest.fixture(scope="module")
 def clip_model(tmp_path_factory):
-    from .test_layout_equivalence import create_open_clip_model
+    from ..support.originals import create_open_clip_model
 
     return create_open_clip_model(str(tmp_path_factory.mktemp("open_clip")))
 
@@ -146,13 +146,13 @@ def test_from_open_clip_reads_the_tower_alone(tmp_path, capsys, clip_model):
 
 
 def _mm_backbone(**kwargs) -> torch.nn.Module:
-    from .test_layout_equivalence import mmpretrain_models
+    from ..support.originals import mmpretrain_models
 
     return mmpretrain_models().build_backbone(dict(type="ConvNeXt", arch={"depths": list(DEPTHS), "channels": list(DIMS)}, **kwargs))
 
 
 def _mm_classifier(**backbone) -> torch.nn.Module:
-    from .test_layout_equivalence import mmpretrain_models
+    from ..support.originals import mmpretrain_models
 
     return mmpretrain_models().build_classifier(dict(
         type="ImageClassifier", backbone=dict(type="ConvNeXt", arch={"depths": list(DEPTHS), "channels": list(DIMS)}, **backbone),

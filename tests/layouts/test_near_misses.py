@@ -14,7 +14,7 @@ import torch
 from ..support import require
 from conversion.errors import NotConvNeXt
 
-from .cli_support import convert_cli, refusal
+from ..support.cli import convert_cli, refusal
 
 timm = require("timm")
 
@@ -72,7 +72,7 @@ def _dinov3_hf() -> Dict[str, torch.Tensor]:
 
 def _open_clip_tower() -> Dict[str, torch.Tensor]:
     """`model.visual.state_dict()` of a real open_clip tower (timm convnext_atto trunk)."""
-    from .test_layout_equivalence import create_open_clip_model
+    from ..support.originals import create_open_clip_model
     import tempfile
 
     with tempfile.TemporaryDirectory() as directory:
@@ -81,7 +81,7 @@ def _open_clip_tower() -> Dict[str, torch.Tensor]:
 
 def _mmdet_style() -> Dict[str, torch.Tensor]:
     """mmpretrain's ConvNeXt as mmdet uses it (out_indices 0-3, per-pixel norms) under `backbone.`, plus a neck."""
-    from .test_layout_equivalence import mmpretrain_models
+    from ..support.originals import mmpretrain_models
 
     models = mmpretrain_models()
     backbone = models.build_backbone(
@@ -141,7 +141,7 @@ def test_detection_checkpoint_with_a_convnext_tensor_outside_its_backbone_is_mix
 
 
 def _mmpretrain_patch_2() -> Dict[str, torch.Tensor]:
-    from .test_layout_equivalence import mmpretrain_models
+    from ..support.originals import mmpretrain_models
 
     backbone = mmpretrain_models().build_backbone(dict(type="ConvNeXt", arch={"depths": DEPTHS, "channels": DIMS}, stem_patch_size=2))
     return {"backbone." + k: v for k, v in backbone.state_dict().items()}

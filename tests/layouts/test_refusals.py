@@ -17,7 +17,7 @@ from conversion.synthetic import random_state_dict
 from conversion.errors import NotConvNeXt
 
 from ..support import require
-from .cli_support import refusal
+from ..support.cli import refusal
 
 # ---------------------------------------------------------------- bad input
 

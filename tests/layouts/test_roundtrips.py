@@ -18,8 +18,8 @@ from conversion.architecture import Architecture
 from conversion.d2_prediction import SAFETENSORS_PATHS, installed_stack
 
 from .. import strategies as S
-from ..support import assert_clean_load, assert_loaded_equal, build_d2_model, fill_with_sentinel, load_with_detectron2, require
-from .table import CLASSIFIER, POOLED_NORM, NO_HEAD, OUTPUT_NORMS, FINAL_NORM, SPECS, _with_head, LayoutCase, build_case
+from ..support import CLASSIFIER_NAMES, assert_clean_load, assert_loaded_equal, build_d2_model, fill_with_sentinel, load_with_detectron2, require
+from ..support.table import CLASSIFIER, POOLED_NORM, NO_HEAD, OUTPUT_NORMS, FINAL_NORM, SPECS, _with_head, LayoutCase, build_case
 
 # ---------------------------------------------------------------- round trips through Detectron2
 
@@ -67,8 +67,8 @@ ROUNDTRIPS = (
 )
 ROUNDTRIP_ARCH = Architecture((1, 2, 1, 1), (8, 16, 8, 16))
 D2_PREFIX = "backbone."
-# Written out, not taken from the converter: the classifier it must drop, the output norms it may keep.
-CLASSIFIER_NAMES = ("norm.weight", "norm.bias", "head.weight", "head.bias")
+# Written out, not taken from the converter: the output norms it may keep (the classifier it must drop is
+# tests/support's CLASSIFIER_NAMES).
 OUTPUT_NORM_NAMES = {
     i: (f"backbone.norm{i}.weight", f"backbone.norm{i}.bias") for i in range(4)
 }

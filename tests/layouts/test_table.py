@@ -28,7 +28,7 @@ from conversion.synthetic import random_state_dict
 
 from .. import strategies as S
 from ..support import require, require_torchvision_convnext
-from .table import CLASSIFIER, POOLED_NORM, NO_HEAD, OUTPUT_NORMS, FINAL_NORM, SPECS, SHARED_NAMES, OPEN_CLIP_EXTRAS, _with_head, LayoutCase, build_case, layout_cases, assert_same_tensors
+from ..support.table import CLASSIFIER, POOLED_NORM, NO_HEAD, OUTPUT_NORMS, FINAL_NORM, SPECS, SHARED_NAMES, OPEN_CLIP_EXTRAS, _with_head, LayoutCase, build_case, layout_cases, assert_same_tensors
 
 # ---------------------------------------------------------------- the table itself
 
@@ -40,11 +40,17 @@ def test_capability_table_covers_every_layout():
 
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_declared_layout_prefixes_agree_with_the_table(name):
-    """A layout that pins its prefixes (OpenCLIP's `visual.trunk.`) pins exactly the table's."""
-    declared = LAYOUTS[name].prefixes
-    table = sorted({p for v in SPECS[name].versions for p in SPECS[name].prefixes[v]})
-    if declared is not None:
-        assert sorted(declared) == table
+    """The layout finds its files under every prefix the table says its library writes them under, and a
+    layout that pins its prefixes (OpenCLIP's `visual.trunk.`) pins exactly the table's."""
+    spec, declared = SPECS[name], LAYOUTS[name].prefixes
+    table = sorted({p for v in spec.versions for p in spec.prefixes[v]})
+    assert declared is None or sorted(declared) == table
+    head = NO_HEAD if NO_HEAD in spec.heads else spec.heads[0]
+    for version in spec.versions:
+        arch = _with_head(Architecture((1, 1, 1, 1), (8, 8, 8, 8), version=version), head, 3)
+        for prefix in spec.prefixes[version]:
+            layout, found = recognise(list(build_case(spec, arch, head, prefix).source), name)
+            assert (layout.name, found) == (name, prefix), f"{name} V{version} under {prefix!r}"
 
 
 @pytest.mark.parametrize(
@@ -141,7 +147,7 @@ def _library_model(which: str):
             return transformers.DINOv3ConvNextModel(config), "dinov3-hf", "model.", False, FINAL_NORM
         return transformers.DINOv3ConvNextBackbone(config), "dinov3-hf", "model.", False, NO_HEAD
     if which.startswith("mmpretrain"):
-        from .test_layout_equivalence import mmpretrain_models
+        from ..support.originals import mmpretrain_models
 
         models = mmpretrain_models()
         arch = {"depths": list(depths), "channels": list(dims)}

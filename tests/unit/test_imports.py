@@ -152,7 +152,7 @@ def test_a_module_that_does_not_exist_says_where_to_run(monkeypatch):
 def test_cli_verify_with_an_unusable_import_exits_2_in_two_plain_lines(tmp_path, capsys, spec, monkeypatch):
     from conversion.testing import write_synthetic_checkpoint
 
-    from ..cli.test_cli import assert_plain_error
+    from ..support.cli import assert_plain_error
 
     ckpt = write_synthetic_checkpoint(tmp_path / "w.pth", layout="detectron2", variant="convnext_atto")
     monkeypatch.chdir(tmp_path)
@@ -177,7 +177,7 @@ def test_cli_verify_with_an_unusable_import_exits_2_in_two_plain_lines(tmp_path,
 def test_cli_verify_with_an_unusable_config_exits_2_in_two_plain_lines(tmp_path, capsys, case, text, expected):
     from conversion.testing import write_synthetic_checkpoint
 
-    from ..cli.test_cli import assert_plain_error
+    from ..support.cli import assert_plain_error
 
     ckpt = write_synthetic_checkpoint(tmp_path / "w.pth", layout="detectron2", variant="convnext_atto")
     config = tmp_path / f"{case}.yaml"

@@ -21,10 +21,11 @@ from conversion.containers import select_state_dict
 from conversion.write import encode
 
 from .. import strategies as S
+from ..support import CLASSIFIER_NAMES
 
 TINY = Architecture((1, 1, 1, 1), (4, 8, 4, 8), num_classes=3, classifier_norm=True)
 # The classifier of an official file, written out (not the converter's own list).
-CLASSIFIER_KEYS = ("norm.weight", "norm.bias", "head.weight", "head.bias")
+CLASSIFIER_KEYS = CLASSIFIER_NAMES
 
 
 @given(S.official_state_dicts(), S.target_prefixes())

@@ -4,7 +4,7 @@ A *capability table* (`SPECS`) says, per layout, which ConvNeXt versions the lib
 whether V1 layer scale may be absent, which classifier parts it keeps, the prefixes it comes
 under, and whether it has timm's conv-MLP form.  Sources are built from canonical dicts with
 `from_canonical` (the layout tables are invertible) and drawn by hypothesis within the table
-(`layout_cases`).  The tests pinning the table to the libraries' own models are in test_table.py.
+(`layout_cases`).  The tests pinning the table to the libraries' own models are in tests/layouts/test_table.py.
 """
 from __future__ import annotations
 
@@ -20,8 +20,6 @@ from conversion.layouts import LAYOUTS, from_canonical, to_canonical
 from conversion.synthetic import random_state_dict
 
 from .. import strategies as S
-
-EXIT_USAGE = 2
 
 # ---------------------------------------------------------------- the capability table
 
