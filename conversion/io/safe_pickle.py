@@ -296,6 +296,8 @@ class SafeUnpickler:
         return self._track(tuple(items), items) if items else ()
 
     def tuple_n(self, n: int) -> None:
+        if len(self.stack) < n:  # a slice would quietly take fewer: refused as CPython's unpickler refuses it
+            raise pickle.UnpicklingError("unpickling stack underflow")
         items = self.stack[len(self.stack) - n:]
         del self.stack[len(self.stack) - n:]
         self.push(self._tuple_of(items))

@@ -127,3 +127,26 @@ def test_a_byte_that_is_no_opcode_is_refused_as_unreadable(tmp_path):
     with pytest.raises(UnreadableCheckpoint, match=r"not a readable checkpoint .*invalid load key, b'\\xff'") as err:
         open_source(str(path))
     assert not isinstance(err.value, UnsafeCheckpoint)
+
+
+# Opcodes that take N items off the stack, each given a stack one short (a MARK keeps the items
+# below it out of reach, as pickle's own unpickler keeps them).
+SHORT_STACKS = {
+    "TUPLE1": pickle.TUPLE1, "TUPLE2": pickle.BININT1 + b"\x01" + pickle.TUPLE2,
+    "TUPLE3": pickle.BININT1 + b"\x01" + pickle.BININT1 + b"\x02" + pickle.TUPLE3,
+    "TUPLE2-above-a-mark": pickle.BININT1 + b"\x01" + pickle.MARK + pickle.BININT1 + b"\x02" + pickle.TUPLE2,
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHORT_STACKS))
+def test_an_opcode_given_too_few_items_is_refused_as_pickle_refuses_it(tmp_path, name):
+    """A fuzz finding after the opcode table replaced CPython's dispatch: TUPLE1 on an empty stack
+    took what the stack had (nothing) and built an empty tuple, so a file pickle refuses converted."""
+    data = pickle.PROTO + b"\x04" + SHORT_STACKS[name] + pickle.STOP
+    with pytest.raises(pickle.UnpicklingError):  # "stack underflow", or "unexpected MARK found"
+        pickle.loads(data)
+    path = tmp_path / "short.pkl"
+    path.write_bytes(data)
+
+    with pytest.raises(UnreadableCheckpoint, match="stack underflow"):
+        open_source(str(path))

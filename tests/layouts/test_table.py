@@ -49,7 +49,7 @@ def test_declared_layout_prefixes_agree_with_the_table(name):
     for version in spec.versions:
         arch = _with_head(Architecture((1, 1, 1, 1), (8, 8, 8, 8), version=version), head, 3)
         for prefix in spec.prefixes[version]:
-            layout, found = recognise(list(build_case(spec, arch, head, prefix).source), name)
+            layout, found = find_layout(list(build_case(spec, arch, head, prefix).source), name)
             assert (layout.name, found) == (name, prefix), f"{name} V{version} under {prefix!r}"
 
 
