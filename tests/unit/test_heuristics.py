@@ -8,15 +8,18 @@ import logging
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from conversion.architecture import RELEASED_VARIANTS, Architecture, canonical_shapes
-from conversion.heuristics import heuristic_assignment
+from conversion.errors import PredictedRaise
+from conversion.heuristics import caffe2_names, heuristic_assignment
 from conversion.target import to_target
 
 from ..support import capture_checkpointer_logs, require
 
 require("detectron2")
-from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts  # noqa: E402
+from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts, convert_c2_detectron_names  # noqa: E402
 
 DECODER_WIDTH = 256  # MaskDINO / DI-MaskDINO transformer hidden dim
 DECODER_LAYERS = 9
@@ -139,3 +142,46 @@ def test_heuristic_assignment_equals_detectron2s_on_a_built_whole_model(tmp_path
     outside = sorted(m for m, c in ours.taken.items() if not m.startswith("backbone.") and m != c)
     expected = ["sem_seg_head.predictor.decoder.norm.bias", "sem_seg_head.predictor.decoder.norm.weight"]
     assert outside == (expected if last_width == 32 else []), outside
+
+
+# Pieces of Caffe2 Detectron blob names: every rename rule of Detectron2's (basic names, RPN, boxes,
+# masks, keypoints, DensePose, FPN levels) has its tokens here, and the fixed names whole.
+C2_TOKENS = (
+    "conv1", "res", "res2", "res3", "res5", "0", "1", "2", "branch1", "branch2a", "branch2b", "branch2c", "w", "b",
+    "bn", "s", "gn", "running", "mean", "var", "riv", "gamma", "beta", "fpn", "inner", "sum", "lateral", "norm",
+    "conv", "rpn", "fpn2", "bbox", "pred", "cls", "logits", "score", "fc6", "fc7", "head", "mask", "[mask]", "fcn",
+    "conv5", "kps", "lowres", "body", "AnnIndex", "Index", "UV", "U", "V", "pred_b", "pred_w",
+)
+c2_names = st.builds(lambda parts, sep: sep.join(parts), st.lists(st.sampled_from(C2_TOKENS), min_size=1, max_size=5),
+                     st.sampled_from(["_", "."]))
+
+
+@given(st.lists(c2_names, min_size=1, max_size=8, unique=True))
+def test_caffe2_renames_equal_detectron2s(names):
+    """What `inspect` predicts for a `.pkl` Detectron2 takes for Caffe2 blobs rests on this: the
+    names it matches are the ones Detectron2's own `convert_c2_detectron_names` gives."""
+    try:
+        _, want = convert_c2_detectron_names({n: torch.zeros(5) for n in names})
+    except AssertionError:  # two names renamed to one: Detectron2 asserts they are not
+        with pytest.raises(PredictedRaise):
+            caffe2_names(names)
+        return
+    assert caffe2_names(names) == want
+
+
+# Blob names as Caffe2 Detectron's model zoo spells them, one or more per rename rule.
+C2_ZOO_NAMES = (
+    "conv1_w", "res_conv1_bn_s", "res_conv1_bn_b", "res2_0_branch1_w", "res2_0_branch1_bn_s", "res2_0_branch2a_w",
+    "res2_0_branch2a_bn_riv", "res2_0_branch2a_bn_running_mean", "res2_0_branch2b_gn_s", "res2_0_branch2b_gn_bias",
+    "res2_0_branch2c_bn_gamma", "res2_0_branch2c_bn_beta", "res3_1_branch2b_bn_running_var",
+    "fpn_inner_res5_2_sum_w", "fpn_inner_res4_5_sum_lateral_b", "fpn_res5_2_sum_w", "fpn_res2_2_sum_norm_s",
+    "conv_rpn_fpn2_w", "rpn_bbox_pred_fpn2_b", "rpn_cls_logits_fpn2_w", "conv_rpn_b", "rpn_bbox_pred_w",
+    "rpn_cls_logits_b", "bbox_pred_w", "cls_score_b", "fc6_w", "fc7_b", "head_conv1_w", "_[mask]_fcn1_w",
+    "conv5_mask_w", "mask_fcn_logits_b", "conv_fcn1_w", "kps_score_lowres_w", "kps_score_w", "body_conv_fcn1_w",
+    "AnnIndex_lowres_w", "Index_UV_lowres_b", "U_lowres_w", "V_lowres_b", "pred_b", "pred_w",
+)
+
+
+def test_caffe2_renames_equal_detectron2s_on_model_zoo_names():
+    _, want = convert_c2_detectron_names({n: torch.zeros(5) for n in C2_ZOO_NAMES})
+    assert caffe2_names(list(C2_ZOO_NAMES)) == want
