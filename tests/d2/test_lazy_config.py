@@ -110,9 +110,12 @@ def test_every_device_under_the_model_is_set_to_cpu(project, capsys):
     from conversion import lazy_config
 
     cfg = lazy_config.load(ATTO)
+    cfg.model.backbone.device = "cuda"  # a part that takes a device of its own, one level down
+    cfg.model.heads = [{"device": "cuda"}]  # and one inside a list
     assert cfg.model.device == "cuda" and cfg.train.device == "cuda"
     lazy_config.on_cpu(cfg.model)
     assert cfg.model.device == "cpu" and cfg.train.device == "cuda", "only the model's devices change"
+    assert cfg.model.backbone.device == "cpu" and cfg.model.heads[0].device == "cpu", "every device under the model"
 
 
 def test_several_configs_give_one_verdict_line_each_and_the_worst_exit_status(project, capsys):

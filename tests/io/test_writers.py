@@ -259,6 +259,9 @@ def test_an_archive_past_2_and_4_gib_is_read_by_torch_and_zipfile(tmp_path, hole
     with open(tmp_path / "far.pth", "rb") as f:
         f.seek(-200, os.SEEK_END)
         assert (b"PK\x06\x06" in f.read()) == (hole > 1 << 32), "zip64 end records exactly where 32 bits do not hold the offset"
+        f.seek(infos[0].header_offset)
+        needed = struct.unpack("<4sH", f.read(6))[1]  # the local header's "version needed to extract"
+    assert needed == (zipfile.ZIP64_VERSION if hole > 1 << 32 else zipfile.DEFAULT_VERSION), "the version zipfile writes"
     loaded = torch.load(tmp_path / "far.pth", map_location="cpu")["model"]
     assert list(loaded) == list(sd) and all(torch.equal(loaded[k], sd[k]) for k in sd)
     assert set(read_index(str(tmp_path / "far.pth")).objects["model"]) == set(sd)
