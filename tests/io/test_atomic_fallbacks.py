@@ -134,3 +134,15 @@ def test_a_destination_that_appears_while_writing_is_not_overwritten(lacks, tmp_
         atomic.write_atomically(str(path), force=False, source="", write=write, verify=lambda written: None)
 
     assert path.read_bytes() == b"someone else's" and os.listdir(tmp_path) == ["model_d2.pkl"]
+
+
+def test_each_way_refuses_an_existing_destination_without_force_and_leaves_it_as_it_was(way, tmp_path):
+    """Without --force an existing file is never replaced, whichever way the file is written: the
+    named ways end in a rename, which would replace it, so the refusal must come before writing."""
+    path = tmp_path / "model_d2.pkl"
+    path.write_bytes(b"the user's file")
+
+    with pytest.raises(DestinationError, match="destination exists"):
+        _write(path, [])
+
+    assert path.read_bytes() == b"the user's file" and os.listdir(tmp_path) == ["model_d2.pkl"]
