@@ -22,7 +22,7 @@ from .containers import check_weight_types, select_state_dict
 from .formats import AUTHOR, output_format
 from .io.dtypes import ITEM_SIZE, PICKLE_WIDENS
 from .io.handles import TensorRef, check_references, location_bytes, numel
-from .io.safe_pickle import BUDGET_SLACK
+from .io.safe_pickle import allowance
 from .read import Source, open_source, placeholders_in
 from .target import ALL_OUTPUTS, BACKBONE_PREFIX, Target, fresh_output_norms, to_target
 
@@ -145,18 +145,18 @@ def _leaf_bytes(value: Any) -> int:
 
 
 def check_output_bound(source: Source, target: Mapping[str, Any]) -> None:
-    """Refuse to write more tensor data than the file holds (twice over, plus `BUDGET_SLACK`).
+    """Refuse to write more tensor data than the file holds (twice over, plus a slack: `allowance`).
 
     The reader charges a shared storage once, so a crafted file can name one storage under every
     backbone key; a `.pkl` writes each array out in full, so the output would be many times the
     file.  The bytes written, each tensor counted in full whatever it shares, must fit twice what
     the file holds (its size, or its storages' bytes where a deflated zip holds more) plus
-    `BUDGET_SLACK`: the reader's own budget.  An honest file's backbone shares nothing, so its kept
+    slack (`io.safe_pickle.allowance`): the reader's own budget.  An honest file's backbone shares nothing, so its kept
     tensors are at most its own bytes (twice, where a `.pkl` widens bfloat16 to float32).
     """
     held = max(os.path.getsize(source.path), sum(location_bytes(loc) for loc in source.storages.values()))
     wanted = sum(_leaf_bytes(v) for v in target.values())
-    if wanted > 2 * held + BUDGET_SLACK:
+    if wanted > allowance(held):
         raise UnreadableCheckpoint(
             f"{source.path}: the backbone's tensors would write {wanted} bytes from a file holding {held} "
             "(its weights are views of the same storage: crafted references).",

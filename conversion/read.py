@@ -23,7 +23,7 @@ from .formats import ZIP_MAGIC, check_source
 from .io.dtypes import DTYPES, ITEM_SIZE
 from .io.handles import ArrayRef, FileBytes, Inflated, InMemory, Location, StorageRef, TensorRef, contiguous_stride
 from .io.legacy_torch import LEGACY_TORCH_MAGIC, read_inner_file, read_legacy
-from .io.safe_pickle import BUDGET_SLACK, Budget, Payload, Placeholder, SafeUnpickler
+from .io.safe_pickle import Budget, Payload, Placeholder, SafeUnpickler
 from .io.safetensors_header import MAX_HEADER_BYTES, read_header
 from .io.tensor_bytes import read_run
 from .io.torchzip import inflate, read_index
@@ -127,7 +127,7 @@ def _read_pickled(f: Any, path: str, size: int, raw: CountingFile) -> Source:
     unpickler kept under the file's one budget: a plain pickle's large payloads stay in the file; a
     legacy torch file is read on after its magic number, whole."""
     storages: Dict[str, Location] = {}
-    budget = Budget(2 * size + BUDGET_SLACK)  # the file's one budget, for all its pickles
+    budget = Budget.for_file(size)  # the file's one budget, for all its pickles
     u = SafeUnpickler(f, size=size, budget=budget, load_from_bytes=_inner_archive(storages, raw, budget), skip_payloads=True)
     obj = u.load()
     if isinstance(obj, int) and obj == LEGACY_TORCH_MAGIC:

@@ -20,7 +20,7 @@ from ..formats import ZIP_MAGIC
 from .allowlist import StorageType
 from .dtypes import ITEM_SIZE, STORAGE_DTYPES
 from .handles import InMemory, Location, StorageRef
-from .safe_pickle import BUDGET_SLACK, Budget, SafeUnpickler, safe_load
+from .safe_pickle import Budget, SafeUnpickler, safe_load
 
 __all__ = ["LEGACY_TORCH_MAGIC", "read_legacy", "read_inner_file"]
 
@@ -66,7 +66,7 @@ def read_legacy(
             a storage truncated or whose size disagrees with its index.
     """
     declared: Dict[str, StorageRef] = {}
-    budget = budget or Budget(2 * size + BUDGET_SLACK)
+    budget = budget or Budget.for_file(size)
 
     def left() -> int:
         return size - f.tell()

@@ -44,7 +44,7 @@ from ..errors import UnreadableCheckpoint, UnsafeCheckpoint
 from .allowlist import ONLY_DATA, Payload, Pending, Placeholder, Rebuilder, StorageType, corrupt, resolve
 from .handles import FileBytes, Location
 
-__all__ = ["MAX_DEPTH", "MAX_OBJECTS", "BUDGET_SLACK", "Budget", "OPCODES", "PAYLOAD_THRESHOLD", "Payload", "Placeholder",
+__all__ = ["MAX_DEPTH", "MAX_OBJECTS", "BUDGET_SLACK", "Budget", "allowance", "OPCODES", "PAYLOAD_THRESHOLD", "Payload", "Placeholder",
            "StorageType", "SafeUnpickler", "safe_load"]
 
 MAX_DEPTH = 100  # a state dict is 2-4 levels deep; a training checkpoint rarely more than 10
@@ -65,6 +65,17 @@ class Budget:
 
     def __init__(self, nbytes: int) -> None:
         self.nbytes, self.objects = nbytes, 0
+
+    @classmethod
+    def for_file(cls, size: int) -> "Budget":
+        """The allowance of a file of `size` bytes (`allowance`)."""
+        return cls(allowance(size))
+
+
+def allowance(size: int) -> int:
+    """The bytes a file of `size` bytes may build or have written from it: twice itself, plus
+    `BUDGET_SLACK` (the one rule; the reader's budget and convert's output bound both use it)."""
+    return 2 * size + BUDGET_SLACK
 
 
 class SafeUnpickler:
@@ -523,6 +534,6 @@ def safe_load(file: Any, *, size: int, budget: Optional[Budget] = None, **hooks:
         UnsafeCheckpoint: the pickle names something that can only run code.
         UnreadableCheckpoint: malformed, out of bounds, or building more than it holds.
     """
-    u = SafeUnpickler(file, size=size, budget=Budget(2 * size + BUDGET_SLACK) if budget is None else budget, **hooks)
+    u = SafeUnpickler(file, size=size, budget=Budget.for_file(size) if budget is None else budget, **hooks)
     obj = u.load()
     return obj, u.placeholders
